@@ -1,0 +1,238 @@
+"""Validation: raw batches become typed rows, and every row that fails says why.
+
+Casts run vectorised over whole columns; only a column that fails to cast as a whole is walked value
+by value, to find which rows are bad and say so. Bad rows are set aside, never dropped silently.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipelines.sources.files import RawBatch, Reject
+from pipelines.sources.registry import DATASET_FIELDS, SourceConfig, SourceError
+
+UTC_US = pa.timestamp("us", "UTC")
+ARROW_TYPES = {
+    "string": pa.string(),
+    "int": pa.int64(),
+    "float": pa.float64(),
+    "datetime": UTC_US,
+    "date": pa.date32(),
+    "bool": pa.bool_(),
+}
+_TRUE = {"true", "t", "yes", "y", "1"}
+_FALSE = {"false", "f", "no", "n", "0"}
+
+
+@dataclass
+class ValidBatch:
+    """Typed rows ready to load: key, dataset fields, and extra columns kept as metadata."""
+
+    ids: pa.Array
+    fields: dict[str, pa.Array]
+    metadata: dict[str, pa.Array]
+    lines: np.ndarray
+    rejects: list[Reject] = field(default_factory=list)
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.ids)
+
+
+def check_columns(source: SourceConfig, names: list[str]) -> None:
+    """A file without a required or key column cannot be loaded at all: a clear error, not rows."""
+    needed = dict.fromkeys([*source.validation.required_columns, *source.primary_key])
+    missing = [c for c in needed if c not in names]
+    if missing:
+        raise SourceError(f"source '{source.id}': missing required column(s) {missing}; found {names}")
+
+
+def _python_parse(kind: str, text: str, fmt: str | None):
+    text = text.strip()
+    if kind == "int":
+        return int(text)
+    if kind == "float":
+        return float(text)
+    if kind == "bool":
+        low = text.lower()
+        if low in _TRUE:
+            return True
+        if low in _FALSE:
+            return False
+        raise ValueError(text)
+    if kind == "date":
+        return dt.date.fromisoformat(text)
+    if kind == "datetime":
+        value = dt.datetime.strptime(text, fmt) if fmt else dt.datetime.fromisoformat(text)
+        return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value.astimezone(dt.UTC)
+    return text
+
+
+def _vector_cast(array: pa.Array, kind: str, fmt: str | None) -> pa.Array:
+    """The whole column cast at once; raises if any value does not parse."""
+    target = ARROW_TYPES[kind]
+    if array.type == target:
+        return array
+    if not pa.types.is_string(array.type) and not pa.types.is_large_string(array.type):
+        if kind == "datetime" and pa.types.is_timestamp(array.type):
+            if array.type.tz is None:
+                return pc.assume_timezone(array, "UTC").cast(UTC_US)
+            return array.cast(UTC_US)
+        return array.cast(target)
+    if kind == "datetime":
+        if fmt:
+            parsed = pc.strptime(array, format=fmt, unit="us", error_is_null=True)
+            if parsed.null_count != array.null_count:
+                raise pa.ArrowInvalid("unparseable datetime")
+            return parsed.cast(UTC_US) if parsed.type.tz else pc.assume_timezone(parsed, "UTC")
+        try:
+            return pc.assume_timezone(array.cast(pa.timestamp("us")), "UTC")
+        except pa.ArrowInvalid:
+            return array.cast(UTC_US)
+    if kind == "bool":
+        return _bool_vector(pc.utf8_lower(pc.utf8_trim_whitespace(array)))
+    return array.cast(target)
+
+
+def _bool_vector(lowered: pa.Array) -> pa.Array:
+    true = pc.is_in(lowered, pa.array(sorted(_TRUE)))
+    false = pc.is_in(lowered, pa.array(sorted(_FALSE)))
+    if pc.any(pc.and_(pc.invert(pc.or_(true, false)), pc.is_valid(lowered))).as_py():
+        raise pa.ArrowInvalid("unparseable boolean")
+    return pc.if_else(pc.is_null(lowered), pa.scalar(None, pa.bool_()), true)
+
+
+def parse_column(array: pa.Array, kind: str, fmt: str | None) -> tuple[pa.Array, np.ndarray]:
+    """ARRAY as KIND, plus a mask of the rows whose non-null value did not parse (those become null)."""
+    bad = np.zeros(len(array), dtype=bool)
+    try:
+        return _vector_cast(array, kind, fmt), bad
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        pass
+    values = []
+    for index, item in enumerate(array.to_pylist()):
+        if item is None:
+            values.append(None)
+            continue
+        try:
+            values.append(_python_parse(kind, str(item), fmt))
+        except (ValueError, OverflowError):
+            bad[index] = True
+            values.append(None)
+    return pa.array(values, ARROW_TYPES[kind]), bad
+
+
+def _decode(array: pa.Array) -> tuple[pa.Array, np.ndarray]:
+    """Binary CSV cells as text; cells that are not valid UTF-8 become null and are marked bad."""
+    bad = np.zeros(len(array), dtype=bool)
+    if not pa.types.is_binary(array.type):
+        return array, bad
+    try:
+        return array.cast(pa.string()), bad
+    except pa.ArrowInvalid:
+        pass
+    values = []
+    for index, item in enumerate(array.to_pylist()):
+        try:
+            values.append(None if item is None else item.decode("utf-8"))
+        except UnicodeDecodeError:
+            bad[index] = True
+            values.append(None)
+    return pa.array(values, pa.string()), bad
+
+
+class _Reasons:
+    """The first reason each row failed for."""
+
+    def __init__(self, n: int):
+        self.bad = np.zeros(n, dtype=bool)
+        self.reason = np.empty(n, dtype=object)
+
+    def add(self, mask: np.ndarray, describe) -> None:
+        fresh = mask & ~self.bad
+        for index in np.flatnonzero(fresh):
+            self.reason[index] = describe(index)
+        self.bad |= mask
+
+
+def _raw_text(value) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return str(value)
+
+
+def validate(source: SourceConfig, raw: RawBatch) -> ValidBatch:
+    table = raw.table
+    check_columns(source, table.column_names)
+    n = table.num_rows
+    reasons = _Reasons(n)
+    rules = source.validation
+    columns: dict[str, pa.Array] = {}
+    for name in table.column_names:
+        array = table.column(name).combine_chunks()
+        array, bad = _decode(array)
+        reasons.add(bad, lambda i, name=name: f"bad encoding in column '{name}' (not valid UTF-8)")
+        columns[name] = array
+
+    required = dict.fromkeys([*rules.required_columns, *source.primary_key])
+    for name in required:
+        missing = pc.is_null(columns[name]).to_numpy(zero_copy_only=False) & ~reasons.bad
+        reasons.add(missing, lambda i, name=name: f"missing required value for '{name}'")
+
+    typed: dict[str, pa.Array] = {}
+    for name, kind in effective_types(source).items():
+        if name not in columns:
+            continue
+        source_array = columns[name]
+        parsed, bad = parse_column(source_array, kind, rules.formats.get(name))
+        reasons.add(
+            bad,
+            lambda i, name=name, kind=kind, a=source_array: f"column '{name}': cannot parse {a[i].as_py()!r} as {kind}",
+        )
+        typed[name] = parsed
+
+    rejects = list(raw.rejects)
+    if reasons.bad.any():
+        for index in np.flatnonzero(reasons.bad):
+            row = {name: _raw_text(table.column(name)[index].as_py()) for name in table.column_names}
+            rejects.append(Reject(int(raw.lines[index]), str(reasons.reason[index]), row))
+        keep = pa.array(~reasons.bad)
+        columns = {k: pc.filter(v, keep) for k, v in columns.items()}
+        typed = {k: pc.filter(v, keep) for k, v in typed.items()}
+        lines = raw.lines[~reasons.bad]
+    else:
+        lines = raw.lines
+    return _shape(source, columns, typed, lines, rejects)
+
+
+def effective_types(source: SourceConfig) -> dict[str, str]:
+    """Declared types, plus the dataset's own for columns that feed its fields and were not declared."""
+    types = dict(source.validation.data_types)
+    for target, kind in (("timestamp", "datetime"), ("value", "float")):
+        types.setdefault(source.dataset_column(target), kind)
+    return types
+
+
+def _shape(source, columns, typed, lines, rejects) -> ValidBatch:
+    """Map validated input columns onto the dataset: key, fields, and the rest as metadata."""
+
+    def column(name):
+        return typed.get(name, columns[name])
+
+    keys = [column(name).cast(pa.string()) for name in source.primary_key]
+    ids = keys[0] if len(keys) == 1 else pc.binary_join_element_wise(*keys, "|")
+    fields, used = {}, {"id"}
+    for target in DATASET_FIELDS[source.dataset]:
+        name = source.dataset_column(target)
+        if name in columns:
+            fields[target] = column(name)
+            used.add(name)
+    metadata = {name: column(name) for name in columns if name not in used}
+    return ValidBatch(ids, fields, metadata, lines, rejects)
