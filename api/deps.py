@@ -1,0 +1,65 @@
+"""Dependencies: a session per request (the request owns the transaction) and the caller's key."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Annotated
+
+from fastapi import Depends, Request
+from sqlalchemy.orm import Session
+
+from api.envelope import ApiError
+from pipelines import keys
+from pipelines.db import new_session
+from pipelines.models import ApiKey
+from pipelines.settings import get_settings
+
+
+def get_session() -> Iterator[Session]:
+    session = new_session()
+    try:
+        yield session
+        session.commit()
+    except Exception:
+        session.rollback()
+        raise
+    finally:
+        session.close()
+
+
+SessionDep = Annotated[Session, Depends(get_session)]
+
+
+def _current_key(request: Request, session: SessionDep) -> ApiKey:
+    if get_settings().auth_disabled:
+        return ApiKey(id="key_auth_disabled", name="auth disabled", prefix="", key_hash="", scopes=["admin"])
+    supplied = request.headers.get("x-api-key")
+    if not supplied:
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        supplied = token if scheme.lower() == "bearer" and token.startswith("ingot_") else None
+    if not supplied:
+        raise ApiError(401, "an API key is required (X-API-Key header)", headers={"WWW-Authenticate": "ApiKey"})
+    key = keys.authenticate(session, supplied)
+    if key is None:
+        raise ApiError(401, "the API key is not valid or was revoked", headers={"WWW-Authenticate": "ApiKey"})
+    request.state.api_key_id = key.id
+    return key
+
+
+CurrentKey = Annotated[ApiKey, Depends(_current_key)]
+
+
+def require(scope: str):
+    """A dependency that lets the request through only with a key holding SCOPE."""
+
+    def check(key: CurrentKey) -> ApiKey:
+        if not keys.grants(key, scope):
+            raise ApiError(403, f"this API key lacks the '{scope}' scope")
+        return key
+
+    return Depends(check)
+
+
+ReadKey = Annotated[ApiKey, require("read")]
+WriteKey = Annotated[ApiKey, require("write")]
+AdminKey = Annotated[ApiKey, require("admin")]

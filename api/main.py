@@ -1,0 +1,36 @@
+"""create_app(): the control plane, its routes and its envelope."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import APIRouter, FastAPI
+
+from api import envelope
+from api.routes import health, ingestion, jobs, sources
+from pipelines import __version__
+from pipelines.logs import configure
+from pipelines.settings import get_settings
+
+log = logging.getLogger("ingot.api")
+
+
+def create_app() -> FastAPI:
+    settings = get_settings()
+    configure(settings.log_level, settings.log_format)
+    if settings.auth_disabled:
+        log.warning("AUTHENTICATION IS DISABLED (INGOT_AUTH_DISABLED): every caller is an admin")
+    app = FastAPI(
+        title="Ingot control plane",
+        version=__version__,
+        description="Start, stop and watch ingestion and export jobs.",
+        responses=envelope.ERROR_RESPONSES,
+    )
+    envelope.install(app)
+    app.include_router(health.root)
+    api = APIRouter(prefix="/api/v1")
+    api.include_router(health.router)
+    for module in (sources, ingestion, jobs):
+        api.include_router(module.router)
+    app.include_router(api)
+    return app

@@ -1,0 +1,126 @@
+"""Starting ingestion, its status, and the rows it set aside."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Body, Query, Request
+from sqlalchemy import select
+
+from api.deps import ReadKey, SessionDep, WriteKey
+from api.envelope import ApiError, Envelope, ok
+from api.registry import registry_or_error
+from api.schemas import IngestionStarted, IngestionStatus, QuarantineList, StartIngestion
+from pipelines import jobs, pagination
+from pipelines.models import ACTIVE_STATES, FINAL_STATES, Job, QuarantineRow
+from worker.dispatch import send_job
+from worker.queues import JOB_TASKS
+
+router = APIRouter(prefix="/ingestion", tags=["ingestion"])
+
+
+@router.post("/start", status_code=202, response_model=Envelope[IngestionStarted])
+def start(
+    request: Request,
+    session: SessionDep,
+    key: WriteKey,
+    body: Annotated[StartIngestion | None, Body()] = None,
+) -> dict:
+    body = body or StartIngestion()
+    registry = registry_or_error()
+    if body.sources:
+        requested = list(dict.fromkeys(body.sources))
+        unknown = [s for s in requested if s not in registry.ids()]
+        if unknown:
+            raise ApiError(404, f"unknown source(s): {', '.join(unknown)}", {"sources": unknown})
+        invalid = {s: registry.errors[s] for s in requested if s in registry.errors}
+        if invalid:
+            raise ApiError(422, "source declaration(s) are invalid", {"sources": invalid})
+    else:
+        requested = registry.enabled()
+        if not requested:
+            raise ApiError(422, "no enabled source is declared")
+    jobs.lock_sources(session)
+    busy = jobs.busy_sources(session, requested)
+    if busy:
+        raise ApiError(409, f"source(s) already have an ingestion job queued or running: {', '.join(busy)}",
+                       {"sources": busy})
+    job = jobs.create_job(
+        session,
+        kind="ingestion",
+        queue=JOB_TASKS["ingestion"][1],
+        params={"sources": requested, "options": body.options.model_dump(exclude_none=True)},
+        sources=requested,
+        request_id=request.state.request_id,
+        api_key_id=key.id,
+        timeout_seconds=body.options.timeout,
+        send=send_job,
+    )
+    return ok(request, {"job_id": job.id, "status": job.state, "sources": requested},
+              message="ingestion job queued")
+
+
+@router.get("/status", response_model=Envelope[IngestionStatus])
+def ingestion_status(request: Request, session: SessionDep, _key: ReadKey) -> dict:
+    current = session.scalars(
+        select(Job).where(Job.kind == "ingestion", Job.state.in_(ACTIVE_STATES))
+        .order_by(Job.created_at.desc()).limit(1)
+    ).first()
+    last = session.scalars(
+        select(Job).where(Job.kind == "ingestion", Job.state.in_(FINAL_STATES))
+        .order_by(Job.finished_at.desc()).limit(1)
+    ).first()
+    return ok(
+        request,
+        {
+            "is_running": current is not None,
+            "current_job": current and {
+                "id": current.id,
+                "started_at": current.started_at,
+                "progress": current.progress,
+                "records_processed": current.records_processed,
+                "errors": current.records_failed,
+            },
+            "last_completed": last and {
+                "id": last.id,
+                "completed_at": last.finished_at,
+                "records_processed": last.records_processed,
+                "duration": (last.finished_at - last.started_at).total_seconds()
+                if last.started_at and last.finished_at else None,
+                "state": last.state,
+            },
+        },
+    )
+
+
+@router.get("/quarantine", response_model=Envelope[QuarantineList])
+def list_quarantine(
+    request: Request,
+    session: SessionDep,
+    _key: ReadKey,
+    source: str | None = None,
+    job_id: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    cursor: str | None = None,
+) -> dict:
+    query = select(QuarantineRow).order_by(QuarantineRow.id).limit(limit + 1)
+    if source:
+        query = query.where(QuarantineRow.source == source)
+    if job_id:
+        query = query.where(QuarantineRow.job_id == job_id)
+    if cursor:
+        try:
+            (after,) = pagination.decode(cursor, 1)
+            query = query.where(QuarantineRow.id > int(after))
+        except (pagination.BadCursor, TypeError, ValueError):
+            raise ApiError(422, "cursor is not valid") from None
+    rows = list(session.scalars(query))
+    more = len(rows) > limit
+    rows = rows[:limit]
+    next_cursor = pagination.encode([rows[-1].id]) if more else None
+    data = [
+        {"id": r.id, "source": r.source, "job_id": r.job_id, "file": r.file, "line": r.line,
+         "reason": r.reason, "raw": r.raw, "created_at": r.created_at}
+        for r in rows
+    ]
+    return ok(request, {"rows": data}, next_cursor=next_cursor)

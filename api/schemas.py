@@ -1,0 +1,124 @@
+"""Response and request models: what the OpenAPI document shows and the routes return."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from api.envelope import UTCDateTime
+from pipelines.models import Job
+
+
+class JobOut(BaseModel):
+    id: str
+    kind: str
+    state: str
+    progress: int
+    records_processed: int
+    records_failed: int
+    params: dict[str, Any]
+    result: dict[str, Any]
+    error: str | None
+    created_at: UTCDateTime
+    started_at: UTCDateTime | None
+    finished_at: UTCDateTime | None
+    request_id: str | None
+    celery_task_id: str | None
+    attempts: int
+    sources: list[str]
+
+    @classmethod
+    def of(cls, job: Job) -> JobOut:
+        return cls.model_validate(job, from_attributes=True)
+
+
+class JobList(BaseModel):
+    jobs: list[JobOut]
+
+
+class IngestionOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    batch_size: int | None = Field(default=None, ge=1, le=1_000_000)
+    timeout: int | None = Field(default=None, ge=1, le=7 * 24 * 3600, description="job timeout in seconds")
+    mode: Literal["incremental", "full"] = "incremental"
+
+
+class StartIngestion(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    sources: list[str] | None = Field(default=None, max_length=1000)
+    options: IngestionOptions = Field(default_factory=IngestionOptions)
+
+
+class IngestionStarted(BaseModel):
+    job_id: str
+    status: str
+    sources: list[str]
+
+
+class CurrentJob(BaseModel):
+    id: str
+    started_at: UTCDateTime | None
+    progress: int
+    records_processed: int
+    errors: int
+
+
+class LastCompleted(BaseModel):
+    id: str
+    completed_at: UTCDateTime | None
+    records_processed: int
+    duration: float | None
+    state: str
+
+
+class IngestionStatus(BaseModel):
+    is_running: bool
+    current_job: CurrentJob | None
+    last_completed: LastCompleted | None
+
+
+class QuarantineOut(BaseModel):
+    id: int
+    source: str
+    job_id: str | None
+    file: str | None
+    line: int | None
+    reason: str
+    raw: dict[str, Any]
+    created_at: UTCDateTime
+
+
+class QuarantineList(BaseModel):
+    rows: list[QuarantineOut]
+
+
+class SourceSummary(BaseModel):
+    id: str
+    name: str
+    type: str | None
+    enabled: bool
+    last_sync: UTCDateTime | None
+    status: str
+
+
+class SourceList(BaseModel):
+    sources: list[SourceSummary]
+
+
+class SyncStats(BaseModel):
+    total_records: int
+    successful: int
+    failed: int
+    last_error: str | None
+    last_sync: UTCDateTime | None
+
+
+class SourceDetail(SourceSummary):
+    config: dict[str, Any]
+    validation: dict[str, Any]
+    schedule: str | None
+    sync_stats: SyncStats
+    error: str | None = None

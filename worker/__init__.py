@@ -1,0 +1,1 @@
+"""Ingot's Celery shell: the app, its queues, and thin tasks over `pipelines`."""

@@ -1,0 +1,42 @@
+"""Sending job messages, and asking the broker whether a message still exists."""
+
+from __future__ import annotations
+
+import logging
+from functools import lru_cache
+
+import redis
+
+from pipelines import embedded
+from pipelines.models import Job
+from pipelines.settings import get_settings
+from worker.app import app
+from worker.queues import JOB_TASKS
+
+log = logging.getLogger(__name__)
+# kombu's Redis transport keeps priorities 3, 6 and 9 in sibling lists named with this separator.
+_PRIORITY_KEYS = ("", "\x06\x163", "\x06\x166", "\x06\x169")
+
+
+def send_job(job: Job) -> None:
+    """Send JOB's message. A broker that is down loses nothing: the reaper re-sends queued jobs."""
+    task, _queue = JOB_TASKS[job.kind]
+    try:
+        app.send_task(task, args=[job.id], queue=job.queue, task_id=job.celery_task_id)
+    except Exception:
+        log.exception("could not send job %s; the reaper will re-send it", job.id)
+
+
+@lru_cache
+def broker_redis() -> redis.Redis:
+    return redis.Redis.from_url(embedded.redis_url(get_settings()))
+
+
+def message_exists(queue: str, task_id: str) -> bool:
+    """Is TASK_ID's message waiting in QUEUE, or delivered and not yet acknowledged?"""
+    client = broker_redis()
+    needle = task_id.encode()
+    for suffix in _PRIORITY_KEYS:
+        if any(needle in raw for raw in client.lrange(queue + suffix, 0, -1)):
+            return True
+    return any(needle in raw for raw in client.hvals("unacked"))
