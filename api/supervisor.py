@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 
 import httpx
 from rich.console import Console
-from rich.panel import Panel
 
 from pipelines import embedded, keys, migrate
 from pipelines.db import session_scope
@@ -134,18 +133,18 @@ class Supervisor:
         s = self.settings
         api = f"http://{s.api_host}:{s.api_port}"
         user, _, password = s.flower_credentials().partition(":")
-        console.print(
-            Panel.fit(
-                f"API        {api}\n"
-                f"API docs   {api}/docs\n"
-                f"Flower     http://{s.api_host}:{s.flower_port}  (user {user}, password {password})\n"
-                f"Admin key  {api_key}\n"
-                f"Data       {s.home}\n\n"
-                f"Try:  curl -H 'X-API-Key: {api_key}' {api}/api/v1/jobs\n"
-                "Ctrl-C stops everything.",
-                title="Ingot is up",
-            )
-        )
+        lines = [
+            "[bold green]Ingot is up[/bold green]",
+            f"  API        {api}",
+            f"  API docs   {api}/docs",
+            f"  Flower     http://{s.api_host}:{s.flower_port}   user {user}   password {password}",
+            f"  Admin key  {api_key}",
+            f"  Data       {s.home}",
+            f"  Try        curl -H 'X-API-Key: {api_key}' {api}/api/v1/jobs",
+            "  Ctrl-C stops everything.",
+        ]
+        for line in lines:
+            console.print(line, soft_wrap=True)
 
     def _ingest_demo(self, api_key: str) -> None:
         from api.client import Client, IngotError
