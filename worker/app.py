@@ -12,7 +12,7 @@ from worker.queues import Queues
 
 def create_app() -> Celery:
     settings = get_settings()
-    app = Celery("ingot")
+    app = Celery("ingot", include=["worker.tasks.ingest", "worker.tasks.housekeeping"])
     app.conf.update(
         broker_url=embedded.celery_broker_url(embedded.redis_url(settings)),
         broker_connection_retry_on_startup=True,
@@ -48,5 +48,3 @@ def create_app() -> Celery:
 app = create_app()
 
 import worker.signals  # noqa: E402,F401  (connects per-process set-up)
-import worker.tasks.housekeeping  # noqa: E402,F401
-import worker.tasks.ingest  # noqa: E402,F401

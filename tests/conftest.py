@@ -1,0 +1,286 @@
+"""Real services for every test: PostgreSQL and Redis (embedded unless INGOT_TEST_*_URL is set).
+
+They start in pytest_configure, before any test module imports the project, so every module and
+every worker process the tests start sees the same INGOT_* environment.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psycopg
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+_state: dict = {}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _test_database(base_url: str) -> str:
+    """A fresh database on BASE_URL's server, named for this run."""
+    name = f"ingot_test_{secrets.token_hex(4)}"
+    libpq = base_url.replace("postgresql+psycopg://", "postgresql://", 1)
+    with psycopg.connect(libpq, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    _state["drop_database"] = (libpq, name)
+    prefix, _, rest = base_url.partition("//")
+    authority, _, path_query = rest.partition("/")
+    _db, _, query = path_query.partition("?")
+    url = f"{prefix}//{authority}/{name}" + (f"?{query}" if query else "")
+    return url.replace("postgresql://", "postgresql+psycopg://", 1)
+
+
+def pytest_configure(config) -> None:
+    home = Path(tempfile.mkdtemp(prefix="ingot-test-"))
+    _state["home"] = home
+    os.environ.update(
+        INGOT_HOME=str(home),
+        INGOT_SOURCES_FILE=str(home / "sources.toml"),
+        INGOT_LOG_FORMAT="console",
+        INGOT_LOG_LEVEL="WARNING",
+        INGOT_HEARTBEAT_SECONDS="0.5",
+        INGOT_HEARTBEAT_STALE_SECONDS="4",
+        INGOT_REAPER_INTERVAL_SECONDS="1",
+        INGOT_QUEUED_GRACE_SECONDS="3",
+        INGOT_WORKER_CONCURRENCY="1",
+    )
+    for name in ("INGOT_DATABASE_URL", "INGOT_REDIS_URL", "INGOT_AUTH_DISABLED", "INGOT_DATA_ROOTS"):
+        os.environ.pop(name, None)
+    (home / "sources.toml").write_text("")
+
+    from pipelines import embedded
+
+    base = os.environ.get("INGOT_TEST_DATABASE_URL") or embedded.postgres_url(home)
+    os.environ["INGOT_DATABASE_URL"] = _test_database(base)
+    redis_url = os.environ.get("INGOT_TEST_REDIS_URL")
+    if not redis_url:
+        _state["redis"] = embedded.EmbeddedRedis(home)
+        redis_url = _state["redis"].start()
+    os.environ["INGOT_REDIS_URL"] = redis_url
+
+    from pipelines import migrate
+
+    migrate.upgrade()
+
+
+def pytest_unconfigure(config) -> None:
+    from pipelines.db import dispose_engine
+
+    dispose_engine()
+    if "drop_database" in _state:
+        libpq, name = _state["drop_database"]
+        try:
+            with psycopg.connect(libpq, autocommit=True) as conn:
+                conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        except psycopg.Error:
+            pass
+    if "redis" in _state:
+        _state["redis"].stop()
+    shutil.rmtree(_state["home"], ignore_errors=True)
+
+
+# --- per-test state ------------------------------------------------------------------------------
+
+TABLES = "jobs, quarantine, observations, source_state, api_keys"
+
+
+@pytest.fixture(autouse=True)
+def clean_state():
+    yield
+    from pipelines.db import get_engine
+    from sqlalchemy import text
+
+    with get_engine().begin() as conn:
+        conn.execute(text(f"TRUNCATE {TABLES}"))
+    from worker.dispatch import broker_redis
+    from worker.queues import Queues
+
+    client = broker_redis()
+    client.delete(*[q.value for q in Queues], "unacked", "unacked_index")
+
+
+@pytest.fixture
+def home() -> Path:
+    return _state["home"]
+
+
+@pytest.fixture
+def write_sources(home):
+    """Write the sources.toml every process reads (INGOT_SOURCES_FILE)."""
+
+    def write(text: str) -> Path:
+        path = home / "sources.toml"
+        path.write_text(text)
+        return path
+
+    yield write
+    (home / "sources.toml").write_text("")
+
+
+@pytest.fixture
+def data_dir(home) -> Path:
+    path = home / "data"
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
+def session():
+    from pipelines.db import new_session
+
+    s = new_session()
+    yield s
+    s.rollback()
+    s.close()
+
+
+def make_key(scopes: list[str]) -> str:
+    from pipelines import keys
+    from pipelines.db import session_scope
+
+    with session_scope() as s:
+        _row, key = keys.create_key(s, "test", scopes)
+    return key
+
+
+@pytest.fixture
+def admin_key() -> str:
+    return make_key(["admin"])
+
+
+# --- real processes ------------------------------------------------------------------------------
+
+
+class WorkerProcess:
+    """A real `ingot worker` (with beat, so the reaper runs) in its own process group."""
+
+    def __init__(self, concurrency: int = 1, beat: bool = True):
+        argv = [sys.executable, "-m", "api.cli", "worker", "--concurrency", str(concurrency)]
+        if beat:
+            argv.append("--beat")
+        self.log = open(_state["home"] / f"worker-{time.time_ns()}.log", "w")
+        self.process = subprocess.Popen(argv, cwd=ROOT, env=dict(os.environ), start_new_session=True,
+                                        stdout=self.log, stderr=subprocess.STDOUT)
+        self.name = None
+
+    def wait_ready(self, timeout: float = 60) -> WorkerProcess:
+        from worker.app import app
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, self.output()
+            replies = app.control.ping(timeout=0.5) or []
+            for reply in replies:
+                for name in reply:
+                    if name.startswith(f"ingot-{self.process.pid}@"):
+                        self.name = name
+                        return self
+        raise AssertionError(f"worker did not come up:\n{self.output()}")
+
+    def pool_pids(self) -> list[int]:
+        import psutil
+
+        return [c.pid for c in psutil.Process(self.process.pid).children(recursive=True)
+                if "beat" not in " ".join(c.cmdline()).lower()]
+
+    def output(self) -> str:
+        self.log.flush()
+        return Path(self.log.name).read_text()[-5000:]
+
+    def kill(self) -> None:
+        import signal
+
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.process.wait()
+
+    def stop(self) -> None:
+        import signal
+
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self.log.close()
+
+
+@pytest.fixture
+def start_worker():
+    started: list[WorkerProcess] = []
+
+    def start(**kwargs) -> WorkerProcess:
+        worker = WorkerProcess(**kwargs).wait_ready()
+        started.append(worker)
+        return worker
+
+    yield start
+    for worker in started:
+        worker.stop()
+
+
+@pytest.fixture
+def worker(start_worker) -> WorkerProcess:
+    return start_worker()
+
+
+@pytest.fixture(scope="session")
+def api_url() -> str:
+    """The real API over real HTTP: uvicorn in a thread of the test process."""
+    import uvicorn
+
+    from api.main import create_app
+
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        assert time.monotonic() < deadline, "API did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(10)
+
+
+@pytest.fixture
+def client(api_url, admin_key):
+    from api.client import Client
+
+    with Client(api_url, admin_key) as c:
+        yield c
+
+
+def wait_for(condition, timeout: float = 30, interval: float = 0.1, message: str = "condition"):
+    """Poll CONDITION until it returns something truthy; fail after TIMEOUT seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {message}")
+        time.sleep(interval)
+
+
+free_port = _free_port

@@ -1,0 +1,144 @@
+"""Reading and validation: typed rows out, every bad row set aside with its line and reason."""
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipelines.sources.files import read_file
+from pipelines.sources.registry import SourceConfig, SourceError
+from pipelines.validate import validate
+
+
+def source(**overrides) -> SourceConfig:
+    body = {
+        "id": "s",
+        "type": "file",
+        "path": "x",
+        "validation": {
+            "required_columns": ["id", "timestamp", "px"],
+            "data_types": {"timestamp": "datetime", "px": "float", "qty": "int"},
+        },
+        "mapping": {"px": "value"},
+    }
+    body.update(overrides)
+    return SourceConfig(**body)
+
+
+def run(cfg, path, batch_rows=1000):
+    batches = [validate(cfg, raw) for raw in read_file(cfg, path, batch_rows)]
+    rows, rejects = [], []
+    for batch in batches:
+        for i in range(batch.num_rows):
+            rows.append({
+                "line": int(batch.lines[i]),
+                "id": batch.ids[i].as_py(),
+                **{k: v[i].as_py() for k, v in batch.fields.items()},
+                "metadata": {k: v[i].as_py() for k, v in batch.metadata.items()},
+            })
+        rejects += [(r.line, r.reason, r.raw) for r in batch.rejects]
+    return rows, sorted(rejects, key=lambda r: r[0])
+
+
+def test_csv_bad_rows_are_quarantined_with_line_and_reason(tmp_path):
+    path = tmp_path / "a.csv"
+    path.write_bytes(
+        b"id,timestamp,px,qty,note\n"
+        b"a,2026-01-01T00:00:00Z,1.5,10,ok\n"           # 2
+        b"b,2026-01-01T01:00:00,abc,11,bad float\n"     # 3
+        b"c,2026-01-01T02:00:00,2.5,12\n"               # 4 too few columns
+        b"\n"                                            # 5 empty line
+        b"d,,3.5,13,no timestamp\n"                      # 6
+        b"e,yesterday,4.5,14,bad time\n"                 # 7
+        b"f,2026-01-01T03:00:00+02:00,5.5,1.2,bad int\n" # 8
+        b"g,2026-01-01T04:00:00,6.5,15,caf\xe9\n"        # 9 latin-1 byte in UTF-8
+        b'h,2026-01-01T05:00:00,7.5,16,"quoted, with comma"\n'  # 10
+        b"i,2026-01-01T06:00:00,8.5,17,x,extra\n"        # 11 too many columns
+    )
+    rows, rejects = run(source(), path)
+    assert [r["id"] for r in rows] == ["a", "h"]
+    assert rows[0]["line"] == 2 and rows[1]["line"] == 10
+    assert rows[0]["value"] == 1.5 and rows[0]["metadata"] == {"qty": 10, "note": "ok"}
+    assert rows[1]["metadata"]["note"] == "quoted, with comma"
+    reasons = {line: reason for line, reason, _ in rejects}
+    assert sorted(reasons) == [3, 4, 5, 6, 7, 8, 9, 11]
+    assert reasons[3] == "column 'px': cannot parse 'abc' as float"
+    assert reasons[4].startswith("wrong number of columns") and reasons[11].startswith("wrong number of columns")
+    assert reasons[5] == "missing required value for 'id'"
+    assert reasons[6] == "missing required value for 'timestamp'"
+    assert reasons[7] == "column 'timestamp': cannot parse 'yesterday' as datetime"
+    assert reasons[8] == "column 'qty': cannot parse '1.2' as int"
+    assert "bad encoding in column 'note'" in reasons[9]
+    raw3 = next(raw for line, _, raw in rejects if line == 3)
+    assert raw3 == {"id": "b", "timestamp": "2026-01-01T01:00:00", "px": "abc", "qty": "11", "note": "bad float"}
+
+
+def test_timezones_are_normalised_to_utc_and_formats_honoured(tmp_path):
+    path = tmp_path / "t.csv"
+    path.write_text("id,timestamp,px\na,2026-03-01 10:30,1\nb,2026-03-01 23:59,2\n")
+    cfg = source(validation={"required_columns": ["id"], "data_types": {"timestamp": "datetime"},
+                             "formats": {"timestamp": "%Y-%m-%d %H:%M"}})
+    rows, rejects = run(cfg, path)
+    assert not rejects
+    assert [r["timestamp"].isoformat() for r in rows] == ["2026-03-01T10:30:00+00:00", "2026-03-01T23:59:00+00:00"]
+    path.write_text("id,timestamp,px\na,2026-03-01T10:30:00+01:00,1\n")
+    rows, _ = run(source(), path)
+    assert rows[0]["timestamp"].isoformat() == "2026-03-01T09:30:00+00:00"
+
+
+def test_missing_required_column_fails_the_file_clearly(tmp_path):
+    path = tmp_path / "a.csv"
+    path.write_text("id,px\n1,2\n")
+    with pytest.raises(SourceError, match=r"missing required column\(s\) \['timestamp'\]"):
+        run(source(), path)
+
+
+def test_composite_key_builds_the_id_and_keeps_key_columns_in_metadata(tmp_path):
+    path = tmp_path / "a.csv"
+    path.write_text("symbol,date,price\nAAPL,2026-01-02,190.5\nMSFT,2026-01-02,410\n")
+    cfg = source(primary_key=["symbol", "date"], mapping={"date": "timestamp", "price": "value"},
+                 validation={"required_columns": ["symbol"], "data_types": {"date": "datetime"}})
+    rows, rejects = run(cfg, path)
+    assert not rejects
+    assert rows[0]["id"].startswith("AAPL|2026-01-02") and rows[0]["value"] == 190.5
+    assert rows[0]["metadata"] == {"symbol": "AAPL"}
+
+
+def test_batches_keep_exact_line_numbers_across_chunks(tmp_path, monkeypatch):
+    import pipelines.sources.files as files
+
+    monkeypatch.setattr(files, "CHUNK_BYTES", 64)
+    path = tmp_path / "a.csv"
+    lines = ["id,timestamp,px"] + [f"r{i},2026-01-01T00:00:00,{'x' if i % 7 == 0 else i}" for i in range(1, 101)]
+    path.write_text("\n".join(lines) + "\n")
+    rows, rejects = run(source(), path, batch_rows=9)
+    assert len(rows) + len(rejects) == 100
+    assert all(r["line"] == int(r["id"][1:]) + 1 for r in rows)
+    assert [line for line, _, _ in rejects] == [i + 1 for i in range(7, 101, 7)]
+
+
+def test_parquet_records_are_numbered_and_cast(tmp_path):
+    path = tmp_path / "a.parquet"
+    table = pa.table({"id": ["a", "b", "c"], "timestamp": pa.array([1, 2, 3], pa.timestamp("s")),
+                      "px": ["1.5", "oops", "3"]})
+    pq.write_table(table, path)
+    rows, rejects = run(source(format="parquet", validation={"required_columns": ["id"]}), path, batch_rows=2)
+    assert [(r["id"], r["value"], r["line"]) for r in rows] == [("a", 1.5, 1), ("c", 3.0, 3)]
+    assert rejects == [(2, "column 'px': cannot parse 'oops' as float",
+                        {"id": "b", "timestamp": "1970-01-01 00:00:02", "px": "oops"})]
+
+
+def test_jsonl_bad_lines_are_quarantined(tmp_path):
+    path = tmp_path / "a.jsonl"
+    path.write_text("\n".join([
+        json.dumps({"id": "a", "timestamp": "2026-01-01T00:00:00Z", "px": 1.25, "tags": ["x"]}),
+        "{not json",
+        "[1, 2]",
+        json.dumps({"id": "b", "timestamp": "2026-01-01T00:00:00Z", "px": "2"}),
+    ]) + "\n")
+    rows, rejects = run(source(format="jsonl", validation={"required_columns": ["id"]}), path)
+    assert [(r["id"], r["value"], r["line"]) for r in rows] == [("a", 1.25, 1), ("b", 2.0, 4)]
+    assert rows[0]["metadata"] == {"tags": '["x"]'}
+    assert [(line, reason.split(":")[0]) for line, reason, _ in rejects] == [
+        (2, "invalid JSON"), (3, "record is not a JSON object")]
