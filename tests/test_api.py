@@ -1,0 +1,105 @@
+"""The HTTP contract without workers: envelope, request ids, authentication, errors."""
+
+import httpx
+import pytest
+
+from tests.conftest import make_key
+from tests.datagen import sources_toml, write_csv
+
+
+@pytest.fixture
+def http(api_url):
+    with httpx.Client(base_url=api_url) as c:
+        yield c
+
+
+@pytest.fixture
+def declared(write_sources, data_dir):
+    write_csv(data_dir / "a.csv", 5)
+    write_sources(sources_toml("prices") + sources_toml("other", "other-*.csv"))
+
+
+def test_health_ready_and_request_ids(http):
+    assert http.get("/health").json()["status"] == "healthy"
+    ready = http.get("/ready")
+    assert ready.status_code == 200 and ready.json()["checks"] == {"database": "ok", "broker": "ok"}
+    r = http.get("/api/v1/health", headers={"X-Request-ID": "client-abc.1"})
+    body = r.json()
+    assert body["success"] is True and body["data"]["status"] == "healthy"
+    assert body["request_id"] == "client-abc.1" == r.headers["x-request-id"]
+    assert body["timestamp"].endswith("Z")
+    r = http.get("/api/v1/health", headers={"X-Request-ID": "bad id with spaces"})
+    assert r.headers["x-request-id"].startswith("req_")
+
+
+def test_authentication_and_scopes(http, declared):
+    r = http.get("/api/v1/jobs")
+    assert r.status_code == 401 and r.json()["error"]["code"] == "AUTHENTICATION_ERROR"
+    assert http.get("/api/v1/jobs", headers={"X-API-Key": "ingot_wrong"}).status_code == 401
+    read = make_key(["read"])
+    assert http.get("/api/v1/jobs", headers={"X-API-Key": read}).status_code == 200
+    r = http.post("/api/v1/ingestion/start", headers={"X-API-Key": read}, json={})
+    assert r.status_code == 403 and r.json()["error"]["code"] == "AUTHORIZATION_ERROR"
+    bearer = http.get("/api/v1/jobs", headers={"Authorization": f"Bearer {read}"})
+    assert bearer.status_code == 200
+
+
+def test_keys_are_stored_only_as_hashes(admin_key, session):
+    from sqlalchemy import text
+
+    stored = session.execute(text("SELECT key_hash, prefix FROM api_keys")).all()
+    assert stored and all(admin_key not in (h + p) for h, p in stored)
+
+
+def test_errors_are_enveloped(http, admin_key, declared):
+    headers = {"X-API-Key": admin_key}
+    r = http.get("/api/v1/nothing-here", headers=headers)
+    assert r.status_code == 404 and r.json()["error"]["code"] == "NOT_FOUND" and "detail" not in r.json()
+    r = http.post("/api/v1/ingestion/start", headers=headers, json={"sources": ["nope"]})
+    assert r.status_code == 404 and r.json()["error"]["details"] == {"sources": ["nope"]}
+    r = http.post("/api/v1/ingestion/start", headers=headers, json={"sources": "prices"})
+    assert r.status_code == 422 and r.json()["error"]["code"] == "VALIDATION_ERROR"
+    r = http.post("/api/v1/ingestion/start", headers=headers, json={"options": {"batch_size": 0}})
+    assert r.status_code == 422 and r.json()["error"]["details"]["errors"][0]["field"] == "options.batch_size"
+    r = http.post("/api/v1/ingestion/start", headers={**headers, "Content-Type": "application/json"},
+                  content=b"{not json")
+    assert r.status_code == 400 and r.json()["error"]["code"] == "VALIDATION_ERROR"
+    r = http.get("/api/v1/jobs/job_missing", headers=headers)
+    assert r.status_code == 404 and r.json()["success"] is False
+    r = http.get("/api/v1/jobs", headers=headers, params={"limit": 10**9})
+    assert r.status_code == 422
+    r = http.get("/api/v1/jobs", headers=headers, params={"cursor": "garbage"})
+    assert r.status_code == 422
+
+
+def test_a_second_start_for_a_busy_source_conflicts(http, admin_key, declared):
+    headers = {"X-API-Key": admin_key}
+    r = http.post("/api/v1/ingestion/start", headers=headers, json={"sources": ["prices"]})
+    assert r.status_code == 202
+    body = r.json()["data"]
+    assert body["status"] == "queued" and body["sources"] == ["prices"] and body["job_id"].startswith("job_")
+    r = http.post("/api/v1/ingestion/start", headers=headers, json={})
+    assert r.status_code == 409 and r.json()["error"]["code"] == "CONFLICT"
+    assert r.json()["error"]["details"] == {"sources": ["prices"]}
+    r = http.post("/api/v1/ingestion/start", headers=headers, json={"sources": ["other"]})
+    assert r.status_code == 202
+    job = http.get(f"/api/v1/jobs/{body['job_id']}", headers=headers).json()["data"]
+    assert job["state"] == "queued" and job["kind"] == "ingestion" and job["request_id"].startswith("req_")
+
+
+def test_sources_listing_and_detail(http, admin_key, write_sources, data_dir):
+    write_csv(data_dir / "a.csv", 3)
+    write_sources(sources_toml("prices") + '\n[sources.broken]\ntype = "file"\n'
+                  + '\n[sources.api]\ntype = "http"\nurl = "https://example.com"\n'
+                  + 'headers = { "X-Api-Key" = "${EIA_KEY}", "Authorization" = "Bearer literal-secret" }\n')
+    headers = {"X-API-Key": admin_key}
+    listed = {s["id"]: s for s in http.get("/api/v1/sources", headers=headers).json()["data"]["sources"]}
+    assert listed["prices"]["status"] == "never_run" and listed["prices"]["type"] == "file"
+    assert listed["broken"]["status"] == "invalid"
+    detail = http.get("/api/v1/sources/broken", headers=headers).json()["data"]
+    assert "field 'path' is required" in detail["sync_stats"]["last_error"]
+    detail = http.get("/api/v1/sources/api", headers=headers).json()["data"]
+    assert detail["config"]["headers"] == {"X-Api-Key": "${EIA_KEY}", "Authorization": "<redacted>"}
+    detail = http.get("/api/v1/sources/prices", headers=headers).json()["data"]
+    assert detail["validation"]["primary_key"] == ["id"] and detail["sync_stats"]["total_records"] == 0
+    assert http.get("/api/v1/sources/nope", headers=headers).status_code == 404
