@@ -9,8 +9,11 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import pyarrow as pa
+
 from pipelines.jobs import JobFailed, JobRun
-from pipelines.load import merge_observations, quarantine
+from pipelines.load import Loader, prepare, quarantine
+from pipelines.prefetch import prefetch
 from pipelines.settings import get_settings
 from pipelines.sources.files import read_file
 from pipelines.sources.registry import Registry, SourceError, load_registry
@@ -61,24 +64,34 @@ def _ingest_source(job, registry, source_id, s_index, done, batch_rows, stats) -
     sizes = [p.stat().st_size for p in files]
     total = sum(sizes) or 1
     source_stats = stats[source_id]
+    loader = Loader()
+
+    def prepared(f_index: int, path: Path):
+        """Batches still to do in PATH, validated and serialised (run ahead in a thread)."""
+        for b_index, raw in enumerate(read_file(source, path, batch_rows)):
+            if (s_index, f_index, b_index) < done:
+                continue
+            valid = validate(source, raw)
+            yield b_index, raw.fraction, valid, prepare(source_id, job.id, valid)
+
     for f_index, path in enumerate(files):
         if (s_index, f_index) < done[:2]:
             continue
         name = display_path(registry, path)
         before = sum(sizes[:f_index])
-        for b_index, raw in enumerate(read_file(source, path, batch_rows)):
-            if (s_index, f_index, b_index) < done:
-                continue
-            valid = validate(source, raw)
+        for b_index, fraction, valid, payload in prefetch(prepared(f_index, path), depth=1):
             source_stats["records"] += valid.num_rows
             source_stats["failed"] += len(valid.rejects)
-            share = (s_index + (before + raw.fraction * sizes[f_index]) / total) / len(job.params["sources"])
+            share = (s_index + (before + fraction * sizes[f_index]) / total) / len(job.params["sources"])
             checkpoint = {"source": s_index, "file": f_index, "batch": b_index + 1, "stats": stats}
             with job.batch(
                 processed=valid.num_rows, failed=len(valid.rejects), checkpoint=checkpoint, progress=int(99 * share)
             ) as conn:
-                merge_observations(conn, source_id, job.id, valid)
+                loader.load(conn, payload)
                 quarantine(conn, source_id, job.id, name, valid.rejects)
+            del valid, payload
+            # Hand freed batch memory back to the OS, so RSS stays flat whatever the input size.
+            pa.default_memory_pool().release_unused()
         source_stats["files"] = f_index + 1
 
 

@@ -125,8 +125,9 @@ class QuarantineRow(Base):
 class Observation(Base):
     __tablename__ = "observations"
 
-    source: Mapped[str] = mapped_column(Text, primary_key=True)
-    id: Mapped[str] = mapped_column(Text, primary_key=True)
+    # Byte-order collation: keys are identifiers, and C comparisons make the key index cheaper.
+    source: Mapped[str] = mapped_column(Text(collation="C"), primary_key=True)
+    id: Mapped[str] = mapped_column(Text(collation="C"), primary_key=True)
     timestamp: Mapped[datetime | None]
     value: Mapped[float | None] = mapped_column(Double)
     metadata_: Mapped[dict[str, Any]] = mapped_column("metadata", default=dict)

@@ -56,6 +56,7 @@ def start(
         timeout_seconds=body.options.timeout,
         send=send_job,
     )
+    session.commit()  # before answering: the client may ask for the job at once; the message goes now
     return ok(request, {"job_id": job.id, "status": job.state, "sources": requested},
               message="ingestion job queued")
 

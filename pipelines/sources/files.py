@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 
 from pipelines.sources.registry import SourceConfig, SourceError
 
-CHUNK_BYTES = 8 * 1024 * 1024
+CHUNK_BYTES = 4 * 1024 * 1024
 
 
 @dataclass

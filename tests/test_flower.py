@@ -1,0 +1,49 @@
+"""Flower, started as `ingot flower`, shows the task of a real job through its own REST API."""
+
+import os
+import subprocess
+import sys
+
+import httpx
+
+from tests.conftest import ROOT, free_port, wait_for
+from tests.datagen import sources_toml, write_csv
+
+
+def test_flower_lists_the_ingestion_task_with_its_final_state(client, worker, write_sources, data_dir, home):
+    port = free_port()
+    env = dict(os.environ, INGOT_FLOWER_PORT=str(port), INGOT_FLOWER_BASIC_AUTH="watcher:s3cret-pass")
+    log = open(home / "flower.log", "w")
+    flower = subprocess.Popen([sys.executable, "-m", "api.cli", "flower"], cwd=ROOT, env=env,
+                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        base = f"http://127.0.0.1:{port}"
+
+        def up():
+            try:
+                return httpx.get(f"{base}/healthcheck", timeout=1).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_for(up, timeout=30, message="Flower to listen")
+        assert httpx.get(f"{base}/api/tasks").status_code == 401  # no anonymous access
+        write_csv(data_dir / "a.csv", 20)
+        write_sources(sources_toml("prices"))
+        job = client.wait(client.start_ingestion(["prices"])["job_id"], timeout=60)
+        assert job["state"] == "succeeded"
+
+        def task_listed():
+            tasks = httpx.get(f"{base}/api/tasks", auth=("watcher", "s3cret-pass"), timeout=5).json()
+            return tasks.get(job["celery_task_id"])
+
+        task = wait_for(lambda: (t := task_listed()) and t["state"] == "SUCCESS" and t, timeout=30,
+                        message="Flower to list the task")
+        assert task["name"] == "ingest.run" and job["id"] in task["args"]
+        assert task["worker"] == worker.name
+        workers = httpx.get(f"{base}/api/workers", params={"refresh": 1}, auth=("watcher", "s3cret-pass"),
+                            timeout=10).json()
+        assert worker.name in workers
+    finally:
+        flower.terminate()
+        flower.wait(10)
+        log.close()
