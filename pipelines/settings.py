@@ -80,4 +80,7 @@ class Settings(BaseSettings):
 
 @lru_cache
 def get_settings() -> Settings:
+    # The tests set INGOT_IGNORE_ENV_FILE so a developer's own .env never leaks into them.
+    if os.environ.get("INGOT_IGNORE_ENV_FILE"):
+        return Settings(_env_file=None)
     return Settings()

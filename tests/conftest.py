@@ -57,6 +57,7 @@ def pytest_configure(config) -> None:
         INGOT_REAPER_INTERVAL_SECONDS="1",
         INGOT_QUEUED_GRACE_SECONDS="3",
         INGOT_WORKER_CONCURRENCY="1",
+        INGOT_IGNORE_ENV_FILE="1",
     )
     for name in ("INGOT_DATABASE_URL", "INGOT_REDIS_URL", "INGOT_AUTH_DISABLED", "INGOT_DATA_ROOTS"):
         os.environ.pop(name, None)

@@ -1,0 +1,93 @@
+"""`ingot up` on embedded servers alone: starts everything, ingests the demo, stops cleanly, restarts
+on the same data."""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import psutil
+
+from tests.conftest import ROOT, free_port, wait_for
+
+
+def processes_under(home) -> list[psutil.Process]:
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            if any(str(home) in part for part in proc.info["cmdline"] or []):
+                found.append(proc)
+        except psutil.Error:
+            continue
+    return found
+
+
+def start_up(home, api_port, flower_port):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("INGOT_")}
+    env.update(INGOT_HOME=str(home), INGOT_API_PORT=str(api_port), INGOT_FLOWER_PORT=str(flower_port),
+               INGOT_SOURCES_FILE=str(ROOT / "sources.toml"), INGOT_WORKER_CONCURRENCY="1",
+               INGOT_IGNORE_ENV_FILE="1", INGOT_LOG_LEVEL="WARNING")
+    log = open(home.parent / f"up-{time.time_ns()}.log", "w+")
+    proc = subprocess.Popen([sys.executable, "-m", "api.cli", "up"], cwd=ROOT, env=env, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    return proc, log
+
+
+def read(log) -> str:
+    log.flush()
+    log.seek(0)
+    return log.read()
+
+
+def stop(proc, log) -> float:
+    began = time.monotonic()
+    os.killpg(proc.pid, signal.SIGINT)
+    proc.wait(40)
+    return time.monotonic() - began
+
+
+def test_up_runs_the_demo_and_ctrl_c_stops_everything(tmp_path):
+    home = tmp_path / "home"
+    api_port, flower_port = free_port(), free_port()
+    proc, log = start_up(home, api_port, flower_port)
+    try:
+        wait_for(lambda: "Ingot is up" in read(log) or proc.poll() is not None, timeout=90, interval=0.3,
+                 message="the banner")
+        banner = read(log)
+        assert proc.poll() is None, banner
+        key = re.search(r"Admin key\s+(ingot_\S+)", banner).group(1)
+        flower_user, flower_pass = re.search(r"user (\S+)\s+password (\S+)", banner).groups()
+        assert f"http://127.0.0.1:{api_port}" in banner and f"http://127.0.0.1:{flower_port}" in banner
+        api = httpx.Client(base_url=f"http://127.0.0.1:{api_port}", headers={"X-API-Key": key})
+
+        def demo_done():
+            jobs = api.get("/api/v1/jobs").json()["data"]["jobs"]
+            return jobs and jobs[-1]["state"] in ("succeeded", "failed") and jobs[-1]
+
+        job = wait_for(demo_done, timeout=60, interval=0.3, message="the demo ingestion")
+        assert job["state"] == "succeeded" and job["records_processed"] > 0 and job["records_failed"] > 0
+        tasks = httpx.get(f"http://127.0.0.1:{flower_port}/api/tasks", auth=(flower_user, flower_pass)).json()
+        assert job["celery_task_id"] in tasks
+        assert processes_under(home), "expected the embedded servers to run under INGOT_HOME"
+    finally:
+        took = stop(proc, log)
+    assert proc.returncode == 0, read(log)
+    assert took < 30
+    wait_for(lambda: not processes_under(home), timeout=10, message="every child and server to exit")
+
+    # A second start finds the same data; the old key was replaced by a new one.
+    proc, log = start_up(home, api_port, flower_port)
+    try:
+        wait_for(lambda: "Ingot is up" in read(log) or proc.poll() is not None, timeout=90, interval=0.3,
+                 message="the second banner")
+        key2 = re.findall(r"Admin key\s+(ingot_\S+)", read(log))[-1]
+        api = httpx.Client(base_url=f"http://127.0.0.1:{api_port}")
+        assert api.get("/api/v1/jobs", headers={"X-API-Key": key}).status_code == 401
+        jobs = api.get("/api/v1/jobs", headers={"X-API-Key": key2}).json()["data"]["jobs"]
+        assert job["id"] in [j["id"] for j in jobs]
+    finally:
+        stop(proc, log)
+    wait_for(lambda: not processes_under(home), timeout=10, message="every child and server to exit")
