@@ -21,7 +21,8 @@ app.add_typer(db_app, name="db")
 app.add_typer(keys_app, name="keys")
 app.add_typer(jobs_app, name="jobs")
 err = Console(stderr=True)
-out = Console()
+# Piped output is read by scripts: never truncate ids to fit an 80-column default.
+out = Console() if sys.stdout.isatty() else Console(width=250)
 
 UrlOpt = Annotated[str, typer.Option("--url", envvar="INGOT_URL", help="control plane address")]
 KeyOpt = Annotated[str | None, typer.Option("--api-key", envvar="INGOT_API_KEY", help="API key")]
@@ -247,10 +248,11 @@ def jobs_list(
 
 
 @jobs_app.command("show")
-def jobs_show(ctx: typer.Context, job_id: str) -> None:
+def jobs_show(ctx: typer.Context, job_id: str, url: UrlOpt = DEFAULT_URL, api_key: KeyOpt = None) -> None:
     """Show one job in full."""
-    url, api_key = ctx.obj
-    with _client(url, api_key) as client:
+    parent_url, parent_key = ctx.obj
+    url = url if url != DEFAULT_URL else parent_url
+    with _client(url, api_key or parent_key) as client:
         try:
             out.print_json(data=client.job(job_id))
         except IngotError as exc:

@@ -96,7 +96,13 @@ def new_request_id() -> str:
 
 def ok(request: Request, data: Any, *, message: str | None = None, next_cursor: str | None | bool = False) -> dict:
     """The success envelope; pass NEXT_CURSOR (None on the last page) for list endpoints."""
-    body = {"success": True, "data": data, "message": message, "timestamp": now_iso(), "request_id": request_id(request)}
+    body = {
+        "success": True,
+        "data": data,
+        "message": message,
+        "timestamp": now_iso(),
+        "request_id": request_id(request),
+    }
     if next_cursor is not False:
         body["meta"] = {"next_cursor": next_cursor}
     return body

@@ -19,12 +19,12 @@ import psycopg
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
+from psycopg import sql
 from psycopg.types.json import Jsonb
 
 from pipelines.sources.files import Reject
 from pipelines.validate import ValidBatch, as_text
 
-COLUMNS = "source, id, timestamp, value, metadata, job_id"
 _CONTROL = "[\\x00-\\x08\\x0b\\x0c\\x0e-\\x1f]"
 _NEEDS_ESCAPE = '["\\\\\\n\\r\\t]'
 
@@ -74,7 +74,7 @@ def _last_per_key(ids: pa.Array) -> np.ndarray | None:
 
 @dataclass
 class Payload:
-    """A batch as COPY text in the column order of COLUMNS."""
+    """A batch as COPY text: source, id, timestamp, value, metadata, job_id."""
 
     data: memoryview
     rows: int
@@ -126,7 +126,8 @@ class Loader:
 
     @staticmethod
     def _copy(conn: psycopg.Connection, table: str, payload: Payload) -> None:
-        with conn.cursor().copy(f"COPY {table} ({COLUMNS}) FROM STDIN (FORMAT csv)") as copy:
+        statement = sql.SQL("COPY {} (source, id, timestamp, value, metadata, job_id) FROM STDIN (FORMAT csv)")
+        with conn.cursor().copy(statement.format(sql.Identifier(table))) as copy:
             copy.write(payload.data)
 
     def _merge(self, conn: psycopg.Connection, payload: Payload) -> None:
@@ -136,7 +137,8 @@ class Loader:
         )
         self._copy(conn, "ingot_stage", payload)
         conn.execute(
-            f"INSERT INTO observations AS o ({COLUMNS}) SELECT {COLUMNS} FROM ingot_stage "
+            "INSERT INTO observations AS o (source, id, timestamp, value, metadata, job_id) "
+            "SELECT source, id, timestamp, value, metadata, job_id FROM ingot_stage "
             "ON CONFLICT (source, id) DO UPDATE SET timestamp = EXCLUDED.timestamp, value = EXCLUDED.value, "
             "metadata = EXCLUDED.metadata, job_id = EXCLUDED.job_id, ingested_at = now() "
             "WHERE (o.timestamp, o.value, o.metadata) IS DISTINCT FROM "

@@ -102,8 +102,9 @@ TABLES = "jobs, quarantine, observations, source_state, api_keys"
 @pytest.fixture(autouse=True)
 def clean_state():
     yield
-    from pipelines.db import get_engine
     from sqlalchemy import text
+
+    from pipelines.db import get_engine
 
     with get_engine().begin() as conn:
         conn.execute(text(f"TRUNCATE {TABLES}"))

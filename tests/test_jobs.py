@@ -79,7 +79,7 @@ def test_batches_commit_progress_with_the_work_and_resume_from_the_checkpoint():
         conn.execute("INSERT INTO source_state (source, status, successful, failed) VALUES ('x', 'ok', 0, 0)")
     with pytest.raises(ZeroDivisionError), run.batch(processed=5, failed=0, checkpoint={"batch": 2}, progress=60) as c:
         c.execute("UPDATE source_state SET status = 'half-done'")
-        1 / 0
+        raise ZeroDivisionError("the batch failed half-way")
     job = state(job_id)
     assert (job.records_processed, job.records_failed, job.checkpoint, job.progress) == (10, 2, {"batch": 1}, 40)
     with session_scope() as s:

@@ -1,0 +1,56 @@
+"""The `ingot` CLI as a user runs it: keys on the database, jobs through the HTTP API."""
+
+import json
+import os
+import subprocess
+import sys
+
+from tests.conftest import ROOT
+from tests.datagen import sources_toml, write_csv
+
+
+def ingot(*args: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "api.cli", *args], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, **env}, timeout=120)
+
+
+def test_keys_create_prints_only_the_key_then_list_and_revoke(api_url):
+    created = ingot("keys", "create", "--name", "ci-bot", "--scopes", "read,write")
+    assert created.returncode == 0, created.stderr
+    key = created.stdout.strip()
+    assert key.startswith("ingot_") and "\n" not in key
+    assert "shown" in created.stderr or "not shown again" in created.stderr
+    listed = ingot("keys", "list")
+    assert "ci-bot" in listed.stdout and key not in listed.stdout
+    key_id = next(w for w in listed.stdout.split() if w.startswith("key_"))
+    jobs = ingot("jobs", "--url", api_url, "--api-key", key)
+    assert jobs.returncode == 0, jobs.stderr
+    assert ingot("keys", "revoke", key_id).returncode == 0
+    denied = ingot("jobs", "--url", api_url, "--api-key", key)
+    assert denied.returncode == 1 and "AUTHENTICATION_ERROR" in denied.stderr
+    bad = ingot("keys", "create", "--name", "x", "--scopes", "root")
+    assert bad.returncode == 2 and bad.stdout == ""
+
+
+def test_ingest_wait_follows_the_job_and_reports_by_exit_code(api_url, admin_key, worker, write_sources, data_dir):
+    write_csv(data_dir / "a.csv", 30, bad_every=10)
+    (data_dir / "broken.csv").write_text("id\n1\n")
+    write_sources(sources_toml("prices") .replace('"data/*.csv"', '"data/a.csv"') + sources_toml("broken", "broken.csv"))
+    env = {"INGOT_URL": api_url, "INGOT_API_KEY": admin_key}
+    done = ingot("ingest", "prices", "--wait", **env)
+    assert done.returncode == 0, done.stderr
+    assert "succeeded" in done.stderr and "27 records, 3 quarantined" in done.stderr
+    failed = ingot("ingest", "broken", "--wait", **env)
+    assert failed.returncode == 1 and "failed" in failed.stderr and "missing required column" in failed.stderr
+    listing = ingot("jobs", "--state", "succeeded", **env)
+    assert listing.returncode == 0 and "succeeded" in listing.stdout
+    job_id = done.stderr.split("queued ")[1].split()[0]
+    shown = ingot("jobs", "show", job_id, **env)
+    assert shown.returncode == 0 and json.loads(shown.stdout)["records_processed"] == 27
+    missing = ingot("ingest", "nope", **env)
+    assert missing.returncode == 1 and "NOT_FOUND" in missing.stderr
+
+
+def test_db_upgrade_is_idempotent():
+    first, second = ingot("db", "upgrade"), ingot("db", "upgrade")
+    assert first.returncode == 0 and second.returncode == 0 and "up to date" in second.stderr

@@ -1,0 +1,52 @@
+"""Redis loses its messages (a restart without persistence): the reaper re-sends, nothing is lost."""
+
+from sqlalchemy import text
+
+from pipelines.db import get_engine
+from tests.datagen import sources_toml, write_csv
+from worker.dispatch import broker_redis, message_exists
+
+
+def test_a_queued_job_whose_message_vanished_is_sent_again(client, start_worker, write_sources, data_dir):
+    good, bad = write_csv(data_dir / "a.csv", 500, bad_every=50)
+    write_sources(sources_toml("prices"))
+    job_id = client.start_ingestion(["prices"])["job_id"]
+    job = client.job(job_id)
+    assert job["state"] == "queued" and message_exists("ingest", job["celery_task_id"])
+
+    broker_redis().flushdb()  # every message and binding gone, as after a restart with no persistence
+    assert not message_exists("ingest", job["celery_task_id"])
+
+    start_worker()  # its beat runs the reaper, which finds the job's message missing
+    done = client.wait(job_id, timeout=60)
+    assert done["state"] == "succeeded" and done["records_processed"] == good
+    assert done["celery_task_id"] != job["celery_task_id"]
+    with get_engine().connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM observations")).scalar_one() == good
+
+
+def test_status_reports_database_broker_workers_and_storage(client, worker, write_sources, data_dir):
+    write_csv(data_dir / "a.csv", 12)
+    write_sources(sources_toml("prices"))
+    client.wait(client.start_ingestion()["job_id"], timeout=60)
+    status = client.request("GET", "/status")["data"]
+    assert status["ingestion"]["cycles_completed"] == 1 and status["ingestion"]["errors_count"] == 0
+    assert status["ingestion"]["is_running"] is False and status["ingestion"]["last_cycle"].endswith("Z")
+    assert status["database"]["connected"] is True and status["database"]["pool_size"] >= 1
+    assert status["broker"]["connected"] is True and status["broker"]["queues"]["ingest"] == 0
+    assert set(status["broker"]["queues"]) == {"ingest", "export", "scenarios", "webhooks", "default"}
+    assert status["workers"]["online"] >= 1
+    assert status["storage"]["total_records"] == 12 and status["storage"]["available_bytes"] > 0
+
+
+def test_openapi_document_lists_the_contract(api_url):
+    import httpx
+
+    spec = httpx.get(f"{api_url}/openapi.json").json()
+    for path in ["/health", "/ready", "/api/v1/health", "/api/v1/status", "/api/v1/sources",
+                 "/api/v1/sources/{source_id}", "/api/v1/ingestion/start", "/api/v1/ingestion/status",
+                 "/api/v1/ingestion/quarantine", "/api/v1/jobs", "/api/v1/jobs/{job_id}"]:
+        assert path in spec["paths"], path
+    job_schema = spec["components"]["schemas"]["JobOut"]["properties"]
+    assert {"id", "kind", "state", "progress", "records_processed", "records_failed", "params", "result",
+            "error", "created_at", "started_at", "finished_at", "request_id", "celery_task_id"} <= set(job_schema)
