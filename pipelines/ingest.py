@@ -1,25 +1,32 @@
-"""An ingestion run: every file of every requested source, batch by batch, resumable.
+"""An ingestion run: every batch of every requested source, resumable, incremental when asked.
 
-Each batch commits its rows, its quarantined rows and the job's checkpoint together, so an attempt
-that resumes after a killed worker skips exactly what was committed and redoes the rest.
+Each batch commits its rows, its quarantined rows, the source's cursor and the job's checkpoint in one
+transaction, so an attempt that resumes after a killed worker carries on from exactly what was
+committed: nothing skipped, nothing counted twice.
 """
 
 from __future__ import annotations
 
 import logging
-from pathlib import Path
+from collections.abc import Iterator
 
 import pyarrow as pa
+from psycopg import sql
 
+from pipelines import journal
 from pipelines.jobs import JobFailed, JobRun
 from pipelines.load import Loader, prepare, quarantine
 from pipelines.prefetch import prefetch
 from pipelines.settings import get_settings
-from pipelines.sources.files import read_file
-from pipelines.sources.registry import Registry, SourceError, load_registry
-from pipelines.validate import validate
+from pipelines.sources import files, http
+from pipelines.sources.batches import Piece
+from pipelines.sources.registry import Registry, SourceConfig, SourceError, load_registry
+from pipelines.validate import effective_types, validate
 
 log = logging.getLogger(__name__)
+# How each cursor type compares in SQL (the state is kept as text).
+_CURSOR_SQL = {"datetime": "timestamptz", "date": "date", "int": "numeric", "float": "double precision",
+               "string": "text"}
 
 
 def current_registry() -> Registry:
@@ -27,30 +34,39 @@ def current_registry() -> Registry:
     return load_registry(settings.sources_file, settings.data_root_paths)
 
 
-def display_path(registry: Registry, path: Path) -> str:
-    return str(path.relative_to(registry.base_dir)) if path.is_relative_to(registry.base_dir) else str(path)
-
-
-def _position(checkpoint: dict) -> tuple[int, int, int]:
-    return (checkpoint.get("source", 0), checkpoint.get("file", 0), checkpoint.get("batch", 0))
+def pieces(source: SourceConfig, registry: Registry, batch_rows: int, resume: dict | None,
+           since: str | None) -> Iterator[Piece]:
+    """The batches of SOURCE from its connector, after the committed position RESUME."""
+    if source.type == "file":
+        return files.stream(source, registry, batch_rows, resume)
+    return http.stream(source, resume, since)
 
 
 def run(job: JobRun, registry: Registry | None = None) -> dict:
     registry = registry or current_registry()
     sources: list[str] = job.params["sources"]
-    batch_rows = int(job.params.get("options", {}).get("batch_size") or get_settings().batch_size)
+    options = job.params.get("options", {})
+    batch_rows = int(options.get("batch_size") or get_settings().batch_size)
+    incremental = options.get("mode", "incremental") == "incremental"
     stats: dict[str, dict] = job.checkpoint.get("stats", {})
-    done = _position(job.checkpoint)
     for s_index, source_id in enumerate(sources):
-        if s_index < done[0]:
+        if s_index < job.checkpoint.get("source", 0):
             continue
-        source_stats = stats.setdefault(source_id, {"files": 0, "records": 0, "failed": 0, "error": None})
+        resuming = job.checkpoint.get("source") == s_index
+        source_stats = stats.setdefault(
+            source_id, {"records": 0, "failed": 0, "skipped": 0, "batches": 0, "error": None}
+        )
         try:
-            _ingest_source(job, registry, source_id, s_index, done, batch_rows, stats)
+            source = registry.get(source_id)
+            since = job.checkpoint.get("since") if resuming else (_cursor_state(source_id) if incremental else None)
+            if not source.cursor:
+                since = None
+            _ingest_source(job, registry, source, s_index, since, batch_rows, stats,
+                           job.checkpoint.get("resume") if resuming else None)
         except SourceError as exc:
             source_stats["error"] = str(exc)
         _finish_source(job, source_id, s_index, stats)
-    result = {"sources": stats}
+    result = {"sources": stats, "mode": "incremental" if incremental else "full"}
     job.result = result
     errors = [s["error"] for s in stats.values() if s.get("error")]
     if errors:
@@ -58,48 +74,60 @@ def run(job: JobRun, registry: Registry | None = None) -> dict:
     return result
 
 
-def _ingest_source(job, registry, source_id, s_index, done, batch_rows, stats) -> None:
-    source = registry.get(source_id)
-    files = registry.files(source)
-    sizes = [p.stat().st_size for p in files]
-    total = sum(sizes) or 1
-    source_stats = stats[source_id]
+def _cursor_state(source_id: str) -> str | None:
+    from pipelines.db import get_engine
+
+    with get_engine().connect() as conn:
+        row = conn.exec_driver_sql("SELECT cursor_value FROM source_state WHERE source = %(s)s", {"s": source_id})
+        return row.scalar()
+
+
+def _ingest_source(job, registry, source, s_index, since, batch_rows, stats, resume) -> None:
+    source_stats = stats[source.id]
+    if source.type == "file":
+        source_stats["files"] = len(registry.files(source))
     loader = Loader()
+    cursor_type = _CURSOR_SQL.get(effective_types(source).get(source.cursor or "", "string"), "text")
 
-    def prepared(f_index: int, path: Path):
-        """Batches still to do in PATH, validated and serialised (run ahead in a thread)."""
-        for b_index, raw in enumerate(read_file(source, path, batch_rows)):
-            if (s_index, f_index, b_index) < done:
-                continue
-            valid = validate(source, raw)
-            yield b_index, raw.fraction, valid, prepare(source_id, job.id, valid)
+    def prepared():
+        """Batches validated and serialised, one ahead in a thread while the database loads."""
+        for piece in pieces(source, registry, batch_rows, resume, since):
+            valid = validate(source, piece.raw, since)
+            yield piece, valid, prepare(source.id, job.id, valid)
 
-    for f_index, path in enumerate(files):
-        if (s_index, f_index) < done[:2]:
-            continue
-        name = display_path(registry, path)
-        before = sum(sizes[:f_index])
-        for b_index, fraction, valid, payload in prefetch(prepared(f_index, path), depth=1):
-            source_stats["records"] += valid.num_rows
-            source_stats["failed"] += len(valid.rejects)
-            share = (s_index + (before + fraction * sizes[f_index]) / total) / len(job.params["sources"])
-            checkpoint = {"source": s_index, "file": f_index, "batch": b_index + 1, "stats": stats}
-            with job.batch(
-                processed=valid.num_rows, failed=len(valid.rejects), checkpoint=checkpoint, progress=int(99 * share)
-            ) as conn:
-                loader.load(conn, payload)
-                quarantine(conn, source_id, job.id, name, valid.rejects)
-            del valid, payload
-            # Hand freed batch memory back to the OS, so RSS stays flat whatever the input size.
-            pa.default_memory_pool().release_unused()
-        source_stats["files"] = f_index + 1
+    for piece, valid, payload in prefetch(prepared(), depth=1):
+        source_stats["records"] += valid.num_rows
+        source_stats["failed"] += len(valid.rejects)
+        source_stats["skipped"] += valid.skipped
+        source_stats["batches"] += 1
+        checkpoint = {"source": s_index, "resume": piece.position, "since": since, "stats": stats}
+        progress = None if piece.progress is None else int(99 * (s_index + piece.progress) / len(job.params["sources"]))
+        with job.batch(processed=valid.num_rows, failed=len(valid.rejects), checkpoint=checkpoint,
+                       progress=progress) as conn:
+            loader.load(conn, payload)
+            quarantine(conn, source.id, job.id, piece.label, valid.rejects)
+            if valid.cursor_max is not None:
+                _advance_cursor(conn, source.id, valid.cursor_max, cursor_type)
+        del valid, payload
+        # Hand freed batch memory back to the OS, so RSS stays flat whatever the input size.
+        pa.default_memory_pool().release_unused()
+
+
+def _advance_cursor(conn, source_id: str, value: str, cursor_type: str) -> None:
+    """Raise the source's committed cursor to VALUE (never lower it), in the batch's transaction."""
+    statement = sql.SQL(
+        "INSERT INTO source_state (source, status, cursor_value, successful, failed, skipped) "
+        "VALUES (%(s)s, 'running', %(v)s, 0, 0, 0) ON CONFLICT (source) DO UPDATE SET cursor_value = %(v)s "
+        "WHERE source_state.cursor_value IS NULL OR source_state.cursor_value::{t} < %(v)s::{t}"
+    ).format(t=sql.SQL(cursor_type))
+    conn.execute(statement, {"s": source_id, "v": value})
 
 
 def _finish_source(job: JobRun, source_id: str, s_index: int, stats: dict) -> None:
     """Record the source's outcome and move the checkpoint past it, in one transaction."""
     source_stats = stats[source_id]
-    checkpoint = {"source": s_index + 1, "file": 0, "batch": 0, "stats": stats}
-    with job.batch(processed=0, failed=0, checkpoint=checkpoint, progress=0) as conn:
+    checkpoint = {"source": s_index + 1, "stats": stats}
+    with job.batch(processed=0, failed=0, checkpoint=checkpoint, progress=None) as conn:
         conn.execute(
             "INSERT INTO source_state (source, status, last_sync, last_job_id, last_error, successful, failed) "
             "VALUES (%(s)s, %(status)s, now(), %(job)s, %(error)s, %(ok)s, %(bad)s) "
@@ -116,4 +144,11 @@ def _finish_source(job: JobRun, source_id: str, s_index: int, stats: dict) -> No
                 "bad": source_stats["failed"],
             },
         )
-    log.info("source %s done: %s", source_id, source_stats)
+        if source_stats["error"]:
+            journal.record(conn, "source.failed", source_stats["error"], level="error", source=source_id,
+                           job_id=job.id)
+        else:
+            journal.record(conn, "source.ingested",
+                           f"{source_id}: {source_stats['records']} records, {source_stats['failed']} quarantined, "
+                           f"{source_stats['skipped']} already loaded", source=source_id, job_id=job.id,
+                           details=source_stats)

@@ -121,7 +121,7 @@ class JobRun:
     result: dict[str, Any] = field(default_factory=dict)
 
     @contextmanager
-    def batch(self, *, processed: int, failed: int, checkpoint: dict, progress: int) -> Iterator[Any]:
+    def batch(self, *, processed: int, failed: int, checkpoint: dict, progress: int | None) -> Iterator[Any]:
         """A transaction for one batch: the caller's writes and the job's progress commit together.
 
         Yields the psycopg connection. If this attempt no longer holds the job, nothing commits.
@@ -134,7 +134,7 @@ class JobRun:
                 text(
                     "UPDATE jobs SET records_processed = records_processed + :p, "
                     "records_failed = records_failed + :f, checkpoint = CAST(:c AS jsonb), "
-                    "progress = GREATEST(progress, :g), heartbeat_at = now() "
+                    "progress = GREATEST(progress, COALESCE(:g, progress)), heartbeat_at = now() "
                     "WHERE id = :id AND lease_id = :lease AND state = 'running'"
                 ),
                 {

@@ -134,6 +134,12 @@ class Observation(Base):
     job_id: Mapped[str | None] = mapped_column(Text)
     ingested_at: Mapped[datetime] = mapped_column(server_default=func.now())
 
+    __table_args__ = (
+        # The data query: by source and time, or by time across sources; id breaks ties for cursors.
+        Index("ix_observations_source_time", "source", "timestamp", "id"),
+        Index("ix_observations_time", "timestamp", "source", "id"),
+    )
+
 
 class SourceState(Base):
     """What Ingot knows of each declared source between runs."""
@@ -147,3 +153,28 @@ class SourceState(Base):
     last_error: Mapped[str | None] = mapped_column(Text)
     successful: Mapped[int] = mapped_column(BigInteger, default=0)
     failed: Mapped[int] = mapped_column(BigInteger, default=0)
+    # Incremental loading: the highest cursor value committed (as text; typed by the source's cursor).
+    cursor_value: Mapped[str | None] = mapped_column(Text)
+    skipped: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    last_skipped_at: Mapped[datetime | None]
+
+
+class Event(Base):
+    """Structured job and system events, kept in the database for /api/v1/logs and the status page."""
+
+    __tablename__ = "events"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    created_at: Mapped[datetime] = mapped_column(server_default=func.now())
+    level: Mapped[str] = mapped_column(Text, default="info")
+    event: Mapped[str] = mapped_column(Text)
+    message: Mapped[str] = mapped_column(Text)
+    source: Mapped[str | None] = mapped_column(Text)
+    job_id: Mapped[str | None] = mapped_column(Text)
+    details: Mapped[dict[str, Any]] = mapped_column(default=dict)
+
+    __table_args__ = (
+        Index("ix_events_created", "created_at", "id"),
+        Index("ix_events_job", "job_id", "id"),
+        Index("ix_events_source", "source", "id"),
+    )

@@ -10,36 +10,18 @@ from __future__ import annotations
 import io
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from pipelines.sources.registry import SourceConfig, SourceError
+from pipelines.sources.batches import Piece, RawBatch, Reject, records_table
+from pipelines.sources.registry import Registry, SourceConfig, SourceError
 
 CHUNK_BYTES = 4 * 1024 * 1024
-
-
-@dataclass
-class Reject:
-    line: int
-    reason: str
-    raw: dict
-
-
-@dataclass
-class RawBatch:
-    table: pa.Table
-    lines: np.ndarray
-    rejects: list[Reject] = field(default_factory=list)
-    fraction: float = 1.0  # how far through the file this batch ends, for progress
-
-    @property
-    def rows_seen(self) -> int:
-        return self.table.num_rows + len(self.rejects)
 
 
 def read_file(source: SourceConfig, path: Path, batch_rows: int) -> Iterator[RawBatch]:
@@ -76,59 +58,61 @@ def _csv_header(source: SourceConfig, header: bytes) -> list[str]:
 
 
 def _read_csv(source: SourceConfig, path: Path, batch_rows: int) -> Iterator[RawBatch]:
-    size = path.stat().st_size or 1
     with path.open("rb") as fh:
-        names = _csv_header(source, fh.readline())
-        first_line = 2
-        while True:
-            chunk = fh.read(CHUNK_BYTES)
-            if not chunk:
-                return
-            if not chunk.endswith(b"\n"):
-                chunk += fh.readline()
-            invalid: list[str] = []
+        yield from read_csv_stream(source, fh, path.stat().st_size or 1, batch_rows, path.name)
 
-            def on_invalid(row, invalid=invalid):
-                invalid.append(row.text)
-                return "skip"
 
-            table = pacsv.read_csv(
-                io.BytesIO(chunk),
-                read_options=pacsv.ReadOptions(column_names=names, encoding=source.encoding, block_size=len(chunk) + 1),
-                # One physical line is one row, so line numbers stay exact; empty lines are kept
-                # (as rows of nulls) so they count, and fail validation like any missing value.
-                parse_options=pacsv.ParseOptions(
-                    delimiter=source.delimiter,
-                    newlines_in_values=False,
-                    ignore_empty_lines=False,
-                    invalid_row_handler=on_invalid,
-                ),
-                convert_options=pacsv.ConvertOptions(
-                    column_types={name: pa.binary() for name in names},
-                    null_values=[""],
-                    strings_can_be_null=True,
-                ),
-            )
-            n_lines = chunk.count(b"\n")
-            lines = np.arange(first_line, first_line + n_lines, dtype=np.int64)
-            rejects = []
-            if invalid:
-                bad = _locate_invalid(chunk, invalid)
-                rejects = [
-                    Reject(
-                        int(lines[i]),
-                        f"wrong number of columns: expected {len(names)}",
-                        {"line": invalid[k]},
-                    )
-                    for k, i in enumerate(bad)
-                ]
-                lines = np.delete(lines, bad)
-            if len(lines) != table.num_rows:
-                raise SourceError(
-                    f"source '{source.id}': {path.name}: could not align rows with lines near line {first_line}"
+def read_csv_stream(source: SourceConfig, fh: BinaryIO, size: int, batch_rows: int, name: str) -> Iterator[RawBatch]:
+    """CSV from the binary stream FH (a file, or an HTTP body), in chunks of whole lines."""
+    names = _csv_header(source, fh.readline())
+    first_line = 2
+    while True:
+        chunk = fh.read(CHUNK_BYTES)
+        if not chunk:
+            return
+        if not chunk.endswith(b"\n"):
+            chunk += fh.readline()
+        invalid: list[str] = []
+
+        def on_invalid(row, invalid=invalid):
+            invalid.append(row.text)
+            return "skip"
+
+        table = pacsv.read_csv(
+            io.BytesIO(chunk),
+            read_options=pacsv.ReadOptions(column_names=names, encoding=source.encoding, block_size=len(chunk) + 1),
+            # One physical line is one row, so line numbers stay exact; empty lines are kept
+            # (as rows of nulls) so they count, and fail validation like any missing value.
+            parse_options=pacsv.ParseOptions(
+                delimiter=source.delimiter,
+                newlines_in_values=False,
+                ignore_empty_lines=False,
+                invalid_row_handler=on_invalid,
+            ),
+            convert_options=pacsv.ConvertOptions(
+                column_types={name: pa.binary() for name in names},
+                null_values=[""],
+                strings_can_be_null=True,
+            ),
+        )
+        n_lines = chunk.count(b"\n")
+        lines = np.arange(first_line, first_line + n_lines, dtype=np.int64)
+        rejects = []
+        if invalid:
+            bad = _locate_invalid(chunk, invalid)
+            rejects = [
+                Reject(
+                    int(lines[i]),
+                    f"wrong number of columns: expected {len(names)}",
+                    {"line": invalid[k]},
                 )
-            first_line += n_lines
-            yield from _slices(RawBatch(table, lines, rejects, fh.tell() / size), batch_rows)
+                for k, i in enumerate(bad)
+            ]
+            lines = np.delete(lines, bad)
+        if len(lines) != table.num_rows:
+            raise SourceError(f"source '{source.id}': {name}: could not align rows with lines near line {first_line}")
+        first_line += n_lines
+        yield from _slices(RawBatch(table, lines, rejects, fh.tell() / size), batch_rows)
 
 
 def _locate_invalid(chunk: bytes, texts: list[str]) -> list[int]:
@@ -156,49 +140,55 @@ def _read_parquet(source: SourceConfig, path: Path, batch_rows: int) -> Iterator
         yield RawBatch(pa.Table.from_batches([batch]), lines, fraction=(record - 1) / total)
 
 
-def _json_text(value) -> str | None:
-    if value is None:
-        return None
-    if isinstance(value, str):
-        return value
-    return json.dumps(value)
-
-
 def _read_jsonl(source: SourceConfig, path: Path, batch_rows: int) -> Iterator[RawBatch]:
-    size = path.stat().st_size or 1
     with path.open("rb") as fh:
-        line_no = 0
-        while True:
-            records, lines, rejects = [], [], []
-            for raw in fh:
-                line_no += 1
-                if not raw.strip():
-                    continue
-                try:
-                    record = json.loads(raw.decode(source.encoding))
-                except UnicodeDecodeError:
-                    reason = f"bad encoding (not {source.encoding})"
-                    rejects.append(Reject(line_no, reason, {"line": raw.decode(errors="replace")}))
-                    continue
-                except json.JSONDecodeError as exc:
-                    reason = f"invalid JSON: {exc.msg}"
-                    rejects.append(Reject(line_no, reason, {"line": raw.decode(errors="replace")}))
-                    continue
-                if not isinstance(record, dict):
-                    rejects.append(Reject(line_no, "record is not a JSON object", {"line": raw.decode()}))
-                    continue
-                records.append(record)
-                lines.append(line_no)
-                if len(records) >= batch_rows:
-                    break
-            if not records and not rejects:
-                return
-            yield RawBatch(records_table(records), np.array(lines, dtype=np.int64), rejects, fh.tell() / size)
+        yield from read_jsonl_stream(source, fh, path.stat().st_size or 1, batch_rows)
 
 
-def records_table(records: list[dict]) -> pa.Table:
-    """Records (dicts) as a table of text columns; validation gives them their declared types."""
-    names: dict[str, None] = {}
-    for record in records:
-        names.update(dict.fromkeys(record))
-    return pa.table({name: pa.array([_json_text(r.get(name)) for r in records], pa.string()) for name in names})
+def read_jsonl_stream(source: SourceConfig, fh: BinaryIO, size: int, batch_rows: int) -> Iterator[RawBatch]:
+    """JSON Lines from the binary stream FH, BATCH_ROWS records at a time."""
+    line_no = 0
+    while True:
+        records, lines, rejects = [], [], []
+        for raw in fh:
+            line_no += 1
+            if not raw.strip():
+                continue
+            try:
+                record = json.loads(raw.decode(source.encoding))
+            except UnicodeDecodeError:
+                reason = f"bad encoding (not {source.encoding})"
+                rejects.append(Reject(line_no, reason, {"line": raw.decode(errors="replace")}))
+                continue
+            except json.JSONDecodeError as exc:
+                reason = f"invalid JSON: {exc.msg}"
+                rejects.append(Reject(line_no, reason, {"line": raw.decode(errors="replace")}))
+                continue
+            if not isinstance(record, dict):
+                rejects.append(Reject(line_no, "record is not a JSON object", {"line": raw.decode()}))
+                continue
+            records.append(record)
+            lines.append(line_no)
+            if len(records) >= batch_rows:
+                break
+        if not records and not rejects:
+            return
+        yield RawBatch(records_table(records), np.array(lines, dtype=np.int64), rejects, fh.tell() / size)
+
+
+def stream(source: SourceConfig, registry: Registry, batch_rows: int, resume: dict | None) -> Iterator[Piece]:
+    """Every batch of every file SOURCE matches, after the position RESUME (a committed checkpoint)."""
+    files = registry.files(source)
+    sizes = [p.stat().st_size for p in files]
+    total = sum(sizes) or 1
+    start_file, start_batch = (resume or {}).get("file", 0), (resume or {}).get("batch", 0)
+    for f_index, path in enumerate(files):
+        if f_index < start_file:
+            continue
+        label = registry.display_path(path)
+        before = sum(sizes[:f_index])
+        for b_index, raw in enumerate(read_file(source, path, batch_rows)):
+            if f_index == start_file and b_index < start_batch:
+                continue
+            progress = (before + raw.fraction * sizes[f_index]) / total
+            yield Piece(raw, label, {"file": f_index, "batch": b_index + 1}, progress)

@@ -51,6 +51,29 @@ class Validation(BaseModel):
         return out
 
 
+class Pagination(BaseModel):
+    """How an HTTP source pages: by page number, by offset, by a cursor in the body, or by next links."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["none", "page", "offset", "cursor", "link"] = "none"
+    param: str | None = None  # the query parameter carrying the page, offset or cursor
+    size_param: str | None = None  # the query parameter carrying the page size
+    size: int | None = Field(default=None, ge=1)
+    start: int | None = None  # first page (default 1) or offset (default 0)
+    cursor_path: str | None = None  # dotted path of the next cursor in the JSON body
+    next_path: str | None = None  # dotted path of the next URL in the JSON body; else the Link header
+    max_pages: int = Field(default=100_000, ge=1)
+
+    @model_validator(mode="after")
+    def _complete(self) -> Pagination:
+        if self.type in ("page", "offset", "cursor") and not self.param:
+            raise ValueError(f"'{self.type}' pagination needs 'param' (the query parameter to set)")
+        if self.type == "cursor" and not self.cursor_path:
+            raise ValueError("'cursor' pagination needs 'cursor_path' (where the next cursor is in the body)")
+        return self
+
+
 class SourceConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -63,6 +86,7 @@ class SourceConfig(BaseModel):
     schedule: str | None = None
     primary_key: list[str] = Field(default_factory=lambda: ["id"], min_length=1)
     cursor: str | None = None
+    cursor_param: str | None = None  # http: query parameter that asks the API for rows past the cursor
     delimiter: str = Field(default=",", min_length=1, max_length=1)
     encoding: str = "utf-8"
     validation: Validation = Field(default_factory=Validation)
@@ -72,10 +96,12 @@ class SourceConfig(BaseModel):
     # http sources (connector in a later module)
     url: str | None = None
     records_path: str | None = None
-    pagination: dict | None = None
+    pagination: Pagination = Field(default_factory=Pagination)
     headers: dict[str, str] = Field(default_factory=dict)
     params: dict[str, str | int | float] = Field(default_factory=dict)
     timeout: float = Field(default=30, gt=0)
+    retries: int = Field(default=4, ge=0, le=10)
+    max_response_bytes: int | None = Field(default=None, ge=1)
 
     @field_validator("encoding")
     @classmethod
@@ -95,8 +121,11 @@ class SourceConfig(BaseModel):
                 raise ValueError("field 'path' is required for a file source")
             if self.format == "json":
                 self.format = "jsonl"
-        if self.type == "http" and not self.url:
-            raise ValueError("field 'url' is required for an http source")
+        if self.type == "http":
+            if not self.url:
+                raise ValueError("field 'url' is required for an http source")
+            if not self.url.startswith(("http://", "https://")):
+                raise ValueError("field 'url' must be an http:// or https:// URL")
         fields = DATASET_FIELDS[self.dataset]
         for column, target in self.mapping.items():
             if target not in fields:
@@ -153,6 +182,10 @@ class Registry:
         if not files:
             raise SourceError(f"source '{source.id}': no file matches {source.path!r}")
         return files
+
+    def display_path(self, path: Path) -> str:
+        """PATH as quarantine rows show it: relative to sources.toml's folder when inside it."""
+        return str(path.relative_to(self.base_dir)) if path.is_relative_to(self.base_dir) else str(path)
 
     def allowed(self, path: Path) -> bool:
         return any(path == root or path.is_relative_to(root) for root in self.roots)
