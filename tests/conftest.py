@@ -172,12 +172,12 @@ def admin_key() -> str:
 class WorkerProcess:
     """A real `ingot worker` (with beat, so the reaper runs) in its own process group."""
 
-    def __init__(self, concurrency: int = 1, beat: bool = True):
+    def __init__(self, concurrency: int = 1, beat: bool = True, env: dict | None = None):
         argv = [sys.executable, "-m", "api.cli", "worker", "--concurrency", str(concurrency)]
         if beat:
             argv.append("--beat")
         self.log = open(_state["home"] / f"worker-{time.time_ns()}.log", "w")
-        self.process = subprocess.Popen(argv, cwd=ROOT, env=dict(os.environ), start_new_session=True,
+        self.process = subprocess.Popen(argv, cwd=ROOT, env={**os.environ, **(env or {})}, start_new_session=True,
                                         stdout=self.log, stderr=subprocess.STDOUT)
         self.name = None
 

@@ -99,7 +99,8 @@ class Fetcher:
         for attempt in range(1, attempts + 1):
             wait = BACKOFF_BASE * 2 ** (attempt - 1) * (0.5 + random.random() / 2)
             try:
-                with self.client.stream("GET", url, params=params, headers=headers) as response:
+                # params=None, not {}: an empty mapping would wipe the query of a next link.
+                with self.client.stream("GET", url, params=params or None, headers=headers) as response:
                     if response.status_code in _RETRY_STATUS:
                         problem = f"HTTP {response.status_code}"
                         wait = _retry_after(response) or wait

@@ -1,0 +1,178 @@
+"""HTTP sources against a real server on loopback, through a real worker."""
+
+import time
+
+import pytest
+from sqlalchemy import text
+
+from pipelines.db import get_engine
+from tests.fakeapi import FakeApi, as_json, http_source, records
+
+
+@pytest.fixture
+def api():
+    server = FakeApi()
+    yield server
+    server.close()
+
+
+def stored(source: str) -> list[tuple]:
+    with get_engine().connect() as conn:
+        return [tuple(r) for r in conn.execute(
+            text("SELECT id, value, metadata FROM observations WHERE source = :s ORDER BY id"), {"s": source})]
+
+
+def ingest(client, source: str, **options) -> dict:
+    return client.wait(client.start_ingestion([source], **options)["job_id"], timeout=90)
+
+
+def test_every_pagination_style(client, worker, write_sources, api):
+    data = records(0, 23)
+
+    def by_page(q, h):
+        page, size = int(q["page"]), int(q["length"])
+        return as_json({"response": {"data": data[(page - 1) * size: page * size]}})
+
+    def by_offset(q, h):
+        offset, limit = int(q["offset"]), int(q["limit"])
+        return as_json({"response": {"data": data[offset: offset + limit]}})
+
+    def by_cursor(q, h):
+        start = int(q.get("after") or 0)
+        chunk = data[start: start + 8]
+        nxt = str(start + 8) if start + 8 < len(data) else None
+        return as_json({"response": {"data": chunk}, "meta": {"next": nxt}})
+
+    def by_link_header(q, h):
+        start = int(q.get("from", 0))
+        headers = {"Content-Type": "application/json"}
+        if start + 10 < len(data):
+            headers["Link"] = f'</link?from={start + 10}>; rel="next"'
+        return 200, headers, as_json({"response": {"data": data[start: start + 10]}})[2]
+
+    def by_body_link(q, h):
+        start = int(q.get("from", 0))
+        nxt = f"{api.url}/bodylink?from={start + 5}" if start + 5 < len(data) else None
+        return as_json({"response": {"data": data[start: start + 5]}, "links": {"next": nxt}})
+
+    api.routes.update({"/page": by_page, "/offset": by_offset, "/cursor": by_cursor, "/link": by_link_header,
+                       "/bodylink": by_body_link})
+    write_sources(
+        http_source("paged", f"{api.url}/page",
+                    'pagination = { type = "page", param = "page", size_param = "length", size = 10 }')
+        + http_source("offset", f"{api.url}/offset",
+                      'pagination = { type = "offset", param = "offset", size_param = "limit", size = 10 }')
+        + http_source("cursor", f"{api.url}/cursor",
+                      'pagination = { type = "cursor", param = "after", cursor_path = "meta.next" }')
+        + http_source("link", f"{api.url}/link", 'pagination = { type = "link" }')
+        + http_source("bodylink", f"{api.url}/bodylink", 'pagination = { type = "link", next_path = "links.next" }')
+    )
+    job = client.wait(client.start_ingestion(["paged", "offset", "cursor", "link", "bodylink"])["job_id"], timeout=90)
+    assert job["state"] == "succeeded", job
+    assert job["records_processed"] == 5 * 23
+    expected = [(r["id"], r["value"], {"area": r["area"]}) for r in data]
+    for source in ("paged", "offset", "cursor", "link", "bodylink"):
+        assert stored(source) == expected, source
+    assert [c["query"]["page"] for c in api.calls_to("/page")] == ["1", "2", "3"]
+    assert [c["query"]["offset"] for c in api.calls_to("/offset")] == ["0", "10", "20"]
+    assert [c["query"].get("after") for c in api.calls_to("/cursor")] == [None, "8", "16"]
+    assert len(api.calls_to("/link")) == 3 and len(api.calls_to("/bodylink")) == 5
+
+
+def test_retries_429_with_retry_after_and_5xx_then_succeeds(client, worker, write_sources, api):
+    state = {"limited": 0, "broken": 0}
+
+    def limited(q, h):
+        state["limited"] += 1
+        if state["limited"] == 1:
+            return 429, {"Retry-After": "1"}, b"slow down"
+        return as_json({"response": {"data": records(0, 4)}})
+
+    def broken(q, h):
+        state["broken"] += 1
+        if state["broken"] <= 3:
+            return 503 if state["broken"] % 2 else 500, {}, b"oops"
+        return as_json({"response": {"data": records(10, 4)}})
+
+    api.routes.update({"/limited": limited, "/broken": broken})
+    write_sources(http_source("limited", f"{api.url}/limited") + http_source("broken", f"{api.url}/broken"))
+    job = ingest(client, "limited")
+    assert job["state"] == "succeeded" and job["records_processed"] == 4
+    first, second = api.calls_to("/limited")
+    assert second["at"] - first["at"] >= 0.95  # Retry-After honoured
+    job = ingest(client, "broken")
+    assert job["state"] == "succeeded" and job["records_processed"] == 4 and state["broken"] == 4
+
+
+def test_failures_are_clear_and_the_worker_lives_on(client, worker, write_sources, api, monkeypatch):
+    def silent(q, h):
+        time.sleep(3)
+        return as_json({"response": {"data": []}})
+
+    api.routes.update({
+        "/silent": silent,
+        "/garbage": lambda q, h: (200, {"Content-Type": "application/json"}, b'{"response": {"data": [1, 2'),
+        "/huge": lambda q, h: as_json({"response": {"data": records(0, 500)}}),
+        "/gone": lambda q, h: (404, {}, b"not here"),
+        "/down": lambda q, h: (500, {}, b"always"),
+    })
+    write_sources(
+        http_source("silent", f"{api.url}/silent", "retries = 1").replace("timeout = 2", "timeout = 0.5")
+        + http_source("garbage", f"{api.url}/garbage")
+        + http_source("huge", f"{api.url}/huge", "max_response_bytes = 2000")
+        + http_source("gone", f"{api.url}/gone?token=${{NOT_SET_ANYWHERE}}")
+        + http_source("gone2", f"{api.url}/gone")
+        + http_source("down", f"{api.url}/down", "retries = 2")
+    )
+    began = time.monotonic()
+    job = ingest(client, "silent")
+    assert job["state"] == "failed" and time.monotonic() - began < 20
+    assert job["error"] == f"source 'silent': {api.url}/silent: no answer within 0.5 s after 2 attempt(s)"
+    job = ingest(client, "garbage")
+    assert job["state"] == "failed" and "is not valid JSON" in job["error"]
+    job = ingest(client, "huge")
+    assert job["state"] == "failed" and "larger than 2,000 bytes" in job["error"]
+    job = ingest(client, "gone")
+    assert job["state"] == "failed" and job["error"] == "source 'gone': environment variable NOT_SET_ANYWHERE is not set"
+    job = ingest(client, "gone2")
+    assert job["state"] == "failed" and job["error"] == f"source 'gone2': {api.url}/gone answered HTTP 404"
+    job = ingest(client, "down")
+    assert job["state"] == "failed" and job["error"].endswith("HTTP 500 after 3 attempt(s)")
+    assert len(api.calls_to("/down")) == 3
+    assert worker.process.poll() is None
+
+
+def test_secrets_come_from_the_environment_and_never_show(client, start_worker, write_sources, api):
+    secret = "s3cr3t-token-value"
+    seen = []
+
+    def guarded(q, h):
+        seen.append((h.get("X-Api-Key"), q.get("key")))
+        if h.get("X-Api-Key") != secret or q.get("key") != secret:
+            return 401, {}, b"denied"
+        return as_json({"response": {"data": records(0, 3)}})
+
+    api.routes["/guarded"] = guarded
+    write_sources(http_source("guarded", f"{api.url}/guarded",
+                              'headers = { "X-Api-Key" = "${FEED_TOKEN}" }\nparams = { key = "${FEED_TOKEN}" }'))
+    start_worker(env={"FEED_TOKEN": secret})
+    job = ingest(client, "guarded")
+    assert job["state"] == "succeeded" and seen == [(secret, secret)]
+    detail = client.request("GET", "/sources/guarded")["data"]
+    assert secret not in str(detail) and detail["config"]["headers"] == {"X-Api-Key": "${FEED_TOKEN}"}
+    assert secret not in str(client.job(job["id"]))
+
+
+def test_jsonl_and_csv_responses(client, worker, write_sources, api):
+    import json
+
+    api.routes["/lines"] = lambda q, h: (200, {}, "\n".join(json.dumps(r) for r in records(0, 5)).encode() + b"\n{bad\n")
+    api.routes["/table"] = lambda q, h: (200, {"Content-Type": "text/csv"},
+                                         b"id,period,value,area\nc1,2026-02-01T00:00:00Z,1.5,A0\nc2,nope,2,A1\n")
+    write_sources(http_source("lines", f"{api.url}/lines").replace('format = "json"', 'format = "jsonl"')
+                  + http_source("table", f"{api.url}/table").replace('format = "json"', 'format = "csv"'))
+    job = client.wait(client.start_ingestion(["lines", "table"])["job_id"], timeout=60)
+    assert job["state"] == "succeeded" and job["records_processed"] == 6 and job["records_failed"] == 2
+    rows, _ = client.quarantine(job_id=job["id"])
+    assert sorted((r["source"], r["line"], r["file"]) for r in rows) == [
+        ("lines", 6, f"{api.url}/lines"), ("table", 2, f"{api.url}/table")]
