@@ -36,3 +36,23 @@ def write_csv(path: Path, rows: int, bad_every: int = 0, start: int = 0) -> tupl
             px = "n/a" if bad else f"{i * 0.25:.2f}"
             fh.write(f"r{i:08d},2026-01-01T00:{i % 60:02d}:00Z,{px},hub-{i % 7}\n")
     return rows - len(bad_lines), bad_lines
+
+
+def write_series(path: Path, start: int, count: int, append: bool = False) -> None:
+    """COUNT rows r{start}.. with timestamps one minute apart, growing with the row number."""
+    import datetime as dt
+
+    base = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+    with path.open("a" if append else "w") as fh:
+        if not append:
+            fh.write("id,timestamp,px,hub\n")
+        for i in range(start, start + count):
+            stamp = (base + dt.timedelta(minutes=i)).strftime("%Y-%m-%dT%H:%M:%SZ")
+            fh.write(f"r{i:08d},{stamp},{i * 0.5},hub-{i % 5}\n")
+
+
+INCREMENTAL = SOURCES.replace('primary_key = ["id"]', 'primary_key = ["id"]\ncursor = "timestamp"')
+
+
+def incremental_toml(name: str = "prices", glob: str = "*.csv") -> str:
+    return INCREMENTAL.format(name=name, glob=glob)
