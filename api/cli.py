@@ -259,6 +259,19 @@ def jobs_show(ctx: typer.Context, job_id: str, url: UrlOpt = DEFAULT_URL, api_ke
             _fail(exc)
 
 
+@jobs_app.command("cancel")
+def jobs_cancel(ctx: typer.Context, job_id: str, url: UrlOpt = DEFAULT_URL, api_key: KeyOpt = None) -> None:
+    """Cancel a job (a running one stops at its next batch; committed work stays)."""
+    parent_url, parent_key = ctx.obj
+    url = url if url != DEFAULT_URL else parent_url
+    with _client(url, api_key or parent_key) as client:
+        try:
+            job = client.cancel(job_id)
+        except IngotError as exc:
+            _fail(exc)
+    err.print(f"{job['id']} is {job['state']}")
+
+
 def main() -> None:
     app()
 

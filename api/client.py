@@ -69,6 +69,12 @@ class Client:
         body = self.request("GET", "/jobs", params=params)
         return body["data"]["jobs"], body["meta"]["next_cursor"]
 
+    def cancel(self, job_id: str) -> dict:
+        return self.request("POST", f"/jobs/{job_id}/cancel")["data"]
+
+    def stop_ingestion(self, job_id: str | None = None) -> dict:
+        return self.request("POST", "/ingestion/stop", json={"job_id": job_id} if job_id else {})["data"]
+
     def sources(self) -> list[dict]:
         return self.request("GET", "/sources")["data"]["sources"]
 

@@ -58,6 +58,18 @@ class IngestionStarted(BaseModel):
     sources: list[str]
 
 
+class StopIngestion(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    job_id: str | None = None
+
+
+class IngestionStopped(BaseModel):
+    status: str
+    stopped_at: UTCDateTime
+    jobs: list[str]
+
+
 class CurrentJob(BaseModel):
     id: str
     started_at: UTCDateTime | None

@@ -91,6 +91,32 @@ def busy_sources(session: Session, sources: list[str]) -> list[str]:
     return sorted(busy & set(sources))
 
 
+class NotCancellable(Exception):
+    """The job has already ended."""
+
+
+def cancel(session: Session, job_id: str) -> tuple[str, str | None] | None:
+    """Cancel JOB_ID: a queued job at once, a running one at its next batch boundary.
+
+    Returns (new state, the message id to revoke) or None if there is no such job; raises
+    NotCancellable for a job that has ended. Work already committed stays committed.
+    """
+    row = session.execute(
+        text(
+            "UPDATE jobs SET state = CASE WHEN state = 'queued' THEN 'cancelled' ELSE 'cancelling' END, "
+            "finished_at = CASE WHEN state = 'queued' THEN now() END "
+            "WHERE id = :id AND state IN ('queued', 'running', 'cancelling') RETURNING state, celery_task_id"
+        ),
+        {"id": job_id},
+    ).one_or_none()
+    if row is not None:
+        return row.state, row.celery_task_id if row.state == "cancelled" else None
+    state = session.scalar(select(Job.state).where(Job.id == job_id))
+    if state is None:
+        return None
+    raise NotCancellable(f"job {job_id} has already {state}")
+
+
 # --- one attempt at a job -------------------------------------------------------------------------
 
 

@@ -133,7 +133,8 @@ def test_failures_are_clear_and_the_worker_lives_on(client, worker, write_source
     job = ingest(client, "huge")
     assert job["state"] == "failed" and "larger than 2,000 bytes" in job["error"]
     job = ingest(client, "gone")
-    assert job["state"] == "failed" and job["error"] == "source 'gone': environment variable NOT_SET_ANYWHERE is not set"
+    assert job["state"] == "failed"
+    assert job["error"] == "source 'gone': environment variable NOT_SET_ANYWHERE is not set"
     job = ingest(client, "gone2")
     assert job["state"] == "failed" and job["error"] == f"source 'gone2': {api.url}/gone answered HTTP 404"
     job = ingest(client, "down")
@@ -166,7 +167,8 @@ def test_secrets_come_from_the_environment_and_never_show(client, start_worker, 
 def test_jsonl_and_csv_responses(client, worker, write_sources, api):
     import json
 
-    api.routes["/lines"] = lambda q, h: (200, {}, "\n".join(json.dumps(r) for r in records(0, 5)).encode() + b"\n{bad\n")
+    lines = "\n".join(json.dumps(r) for r in records(0, 5)).encode() + b"\n{bad\n"
+    api.routes["/lines"] = lambda q, h: (200, {}, lines)
     api.routes["/table"] = lambda q, h: (200, {"Content-Type": "text/csv"},
                                          b"id,period,value,area\nc1,2026-02-01T00:00:00Z,1.5,A0\nc2,nope,2,A1\n")
     write_sources(http_source("lines", f"{api.url}/lines").replace('format = "json"', 'format = "jsonl"')

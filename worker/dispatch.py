@@ -40,3 +40,12 @@ def message_exists(queue: str, task_id: str) -> bool:
         if any(needle in raw for raw in client.lrange(queue + suffix, 0, -1)):
             return True
     return any(needle in raw for raw in client.hvals("unacked"))
+
+
+def revoke(task_id: str) -> None:
+    """Tell workers to discard TASK_ID's message (the job row already says cancelled; this is tidiness,
+    so Flower shows it revoked and no worker spends a moment on it)."""
+    try:
+        app.control.revoke(task_id)
+    except Exception:
+        log.warning("could not broadcast the revocation of %s", task_id, exc_info=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Body, Query, Request
@@ -10,7 +11,14 @@ from sqlalchemy import select
 from api.deps import ReadKey, SessionDep, WriteKey
 from api.envelope import ApiError, Envelope, ok
 from api.registry import registry_or_error
-from api.schemas import IngestionStarted, IngestionStatus, QuarantineList, StartIngestion
+from api.schemas import (
+    IngestionStarted,
+    IngestionStatus,
+    IngestionStopped,
+    QuarantineList,
+    StartIngestion,
+    StopIngestion,
+)
 from pipelines import jobs, pagination
 from pipelines.models import ACTIVE_STATES, FINAL_STATES, Job, QuarantineRow
 from worker.dispatch import send_job
@@ -59,6 +67,32 @@ def start(
     session.commit()  # before answering: the client may ask for the job at once; the message goes now
     return ok(request, {"job_id": job.id, "status": job.state, "sources": requested},
               message="ingestion job queued")
+
+
+@router.post("/stop", response_model=Envelope[IngestionStopped])
+def stop(
+    request: Request,
+    session: SessionDep,
+    _key: WriteKey,
+    body: Annotated[StopIngestion | None, Body()] = None,
+) -> dict:
+    """Stop one ingestion job, or every queued and running one when no job_id is given."""
+    from api.routes.jobs import cancel_job
+
+    body = body or StopIngestion()
+    if body.job_id:
+        kind = session.scalar(select(Job.kind).where(Job.id == body.job_id))
+        if kind != "ingestion":
+            raise ApiError(404, f"no ingestion job '{body.job_id}'")
+        targets = [body.job_id]
+    else:
+        targets = list(session.scalars(
+            select(Job.id).where(Job.kind == "ingestion", Job.state.in_(("queued", "running")))
+        ))
+    for job_id in targets:
+        cancel_job(session, job_id, request.state.request_id)
+    session.commit()
+    return ok(request, {"status": "stopped", "stopped_at": datetime.now(UTC), "jobs": targets})
 
 
 @router.get("/status", response_model=Envelope[IngestionStatus])

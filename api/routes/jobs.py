@@ -8,11 +8,13 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Query, Request
 from sqlalchemy import and_, or_, select
 
-from api.deps import ReadKey, SessionDep
+from api.deps import ReadKey, SessionDep, WriteKey
 from api.envelope import ApiError, Envelope, ok
 from api.schemas import JobList, JobOut
-from pipelines import pagination
+from pipelines import jobs, journal, pagination
+from pipelines.db import on_commit
 from pipelines.models import Job
+from worker.dispatch import revoke
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 Kind = Literal["ingestion", "export", "scenario_run"]
@@ -54,3 +56,29 @@ def get_job(job_id: str, request: Request, session: SessionDep, _key: ReadKey) -
     if job is None:
         raise ApiError(404, f"no job '{job_id}'")
     return ok(request, JobOut.of(job))
+
+
+def cancel_job(session, job_id: str, request_id: str | None) -> str:
+    """Cancel JOB_ID in SESSION's transaction; the message is revoked once that commits."""
+    try:
+        outcome = jobs.cancel(session, job_id)
+    except jobs.NotCancellable as exc:
+        raise ApiError(409, str(exc)) from None
+    if outcome is None:
+        raise ApiError(404, f"no job '{job_id}'")
+    state, task_id = outcome
+    if task_id:
+        on_commit(session, lambda: revoke(task_id))
+    journal.record(session, "job.cancel_requested", f"cancellation of {job_id} requested; now {state}",
+                   job_id=job_id, details={"request_id": request_id})
+    return state
+
+
+@router.post("/{job_id}/cancel", status_code=202, response_model=Envelope[JobOut])
+def cancel(job_id: str, request: Request, session: SessionDep, _key: WriteKey) -> dict:
+    """Cancel a job: a queued job at once, a running one at its next batch boundary (committed
+    batches stay). Cancelling a job that has ended is 409."""
+    state = cancel_job(session, job_id, request.state.request_id)
+    session.commit()
+    job = session.get(Job, job_id)
+    return ok(request, JobOut.of(job), message=f"job {state}")
