@@ -117,6 +117,22 @@ def cancel(session: Session, job_id: str) -> tuple[str, str | None] | None:
     raise NotCancellable(f"job {job_id} has already {state}")
 
 
+class SourcesBusy(Exception):
+    def __init__(self, sources: list[str]):
+        super().__init__(f"source(s) already have an ingestion job queued or running: {', '.join(sources)}")
+        self.sources = sources
+
+
+def start_ingestion(session: Session, sources: list[str], options: dict, send: Sender, **job_fields) -> Job:
+    """Queue one ingestion job for SOURCES unless one of them is already queued or running."""
+    lock_sources(session)
+    busy = busy_sources(session, sources)
+    if busy:
+        raise SourcesBusy(busy)
+    return create_job(session, kind="ingestion", queue="ingest", params={"sources": sources, "options": options},
+                      sources=sources, send=send, **job_fields)
+
+
 # --- one attempt at a job -------------------------------------------------------------------------
 
 

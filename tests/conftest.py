@@ -286,3 +286,13 @@ def wait_for(condition, timeout: float = 30, interval: float = 0.1, message: str
 
 
 free_port = _free_port
+
+
+@pytest.fixture
+def api():
+    """A scriptable HTTP server on loopback (tests.fakeapi)."""
+    from tests.fakeapi import FakeApi
+
+    server = FakeApi()
+    yield server
+    server.close()

@@ -2,18 +2,10 @@
 
 import time
 
-import pytest
 from sqlalchemy import text
 
 from pipelines.db import get_engine
-from tests.fakeapi import FakeApi, as_json, http_source, records
-
-
-@pytest.fixture
-def api():
-    server = FakeApi()
-    yield server
-    server.close()
+from tests.fakeapi import as_json, http_source, records
 
 
 def stored(source: str) -> list[tuple]:

@@ -8,6 +8,7 @@ from kombu import Queue
 from pipelines import embedded
 from pipelines.settings import get_settings
 from worker.queues import Queues
+from worker.schedule import beat_schedule
 
 
 def create_app() -> Celery:
@@ -34,13 +35,7 @@ def create_app() -> Celery:
         worker_concurrency=settings.worker_concurrency,
         timezone="UTC",
         enable_utc=True,
-        beat_schedule={
-            "jobs.reap": {
-                "task": "jobs.reap",
-                "schedule": settings.reaper_interval_seconds,
-                "options": {"queue": Queues.DEFAULT.value, "expires": settings.reaper_interval_seconds},
-            },
-        },
+        beat_schedule=beat_schedule(settings),
     )
     return app
 

@@ -22,7 +22,6 @@ from api.schemas import (
 from pipelines import jobs, pagination
 from pipelines.models import ACTIVE_STATES, FINAL_STATES, Job, QuarantineRow
 from worker.dispatch import send_job
-from worker.queues import JOB_TASKS
 
 router = APIRouter(prefix="/ingestion", tags=["ingestion"])
 
@@ -48,22 +47,18 @@ def start(
         requested = registry.enabled()
         if not requested:
             raise ApiError(422, "no enabled source is declared")
-    jobs.lock_sources(session)
-    busy = jobs.busy_sources(session, requested)
-    if busy:
-        raise ApiError(409, f"source(s) already have an ingestion job queued or running: {', '.join(busy)}",
-                       {"sources": busy})
-    job = jobs.create_job(
-        session,
-        kind="ingestion",
-        queue=JOB_TASKS["ingestion"][1],
-        params={"sources": requested, "options": body.options.model_dump(exclude_none=True)},
-        sources=requested,
-        request_id=request.state.request_id,
-        api_key_id=key.id,
-        timeout_seconds=body.options.timeout,
-        send=send_job,
-    )
+    try:
+        job = jobs.start_ingestion(
+            session,
+            requested,
+            body.options.model_dump(exclude_none=True),
+            send=send_job,
+            request_id=request.state.request_id,
+            api_key_id=key.id,
+            timeout_seconds=body.options.timeout,
+        )
+    except jobs.SourcesBusy as exc:
+        raise ApiError(409, str(exc), {"sources": exc.sources}) from None
     session.commit()  # before answering: the client may ask for the job at once; the message goes now
     return ok(request, {"job_id": job.id, "status": job.state, "sources": requested},
               message="ingestion job queued")

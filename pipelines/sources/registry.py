@@ -103,6 +103,15 @@ class SourceConfig(BaseModel):
     retries: int = Field(default=4, ge=0, le=10)
     max_response_bytes: int | None = Field(default=None, ge=1)
 
+    @field_validator("schedule")
+    @classmethod
+    def _valid_schedule(cls, value: str | None) -> str | None:
+        if value is not None:
+            from pipelines.schedules import parse
+
+            parse(value)
+        return value
+
     @field_validator("encoding")
     @classmethod
     def _known_encoding(cls, value: str) -> str:

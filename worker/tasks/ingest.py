@@ -1,6 +1,7 @@
 """Ingestion tasks: load the job, run it through `pipelines`, record the outcome."""
 
-from pipelines import ingest, jobs
+from pipelines import ingest, jobs, schedules
+from pipelines.db import session_scope
 from worker.app import app
 from worker.queues import Queues
 
@@ -8,3 +9,12 @@ from worker.queues import Queues
 @app.task(name="ingest.run", queue=Queues.INGEST.value)
 def run(job_id: str) -> str:
     return jobs.execute(job_id, ingest.run)
+
+
+@app.task(name="ingest.scheduled", queue=Queues.DEFAULT.value)
+def scheduled(source_id: str) -> str | None:
+    """Beat's tick for a scheduled source: queue a run, or record it skipped if one is active."""
+    from worker.dispatch import send_job
+
+    with session_scope() as session:
+        return schedules.start_scheduled(session, source_id, send_job)
