@@ -7,7 +7,7 @@ import logging
 from fastapi import APIRouter, FastAPI
 
 from api import envelope
-from api.routes import health, ingestion, jobs, sources
+from api.routes import data, health, ingestion, jobs, sources
 from pipelines import __version__
 from pipelines.logs import configure
 from pipelines.settings import get_settings
@@ -30,7 +30,7 @@ def create_app() -> FastAPI:
     app.include_router(health.root)
     api = APIRouter(prefix="/api/v1")
     api.include_router(health.router)
-    for module in (sources, ingestion, jobs):
+    for module in (sources, ingestion, jobs, data):
         api.include_router(module.router)
     app.include_router(api)
     return app

@@ -1,0 +1,98 @@
+"""The data query over ingested observations."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from fastapi import APIRouter, Request, Response
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
+
+from api.deps import ReadKey, SessionDep
+from api.envelope import ApiError, Envelope, UTCDateTime, ok
+from pipelines import pagination, query
+
+router = APIRouter(prefix="/data", tags=["data"])
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DateRange(_Strict):
+    start: AwareDatetime | None = None
+    end: AwareDatetime | None = None
+
+
+class ValueRange(_Strict):
+    min: float | None = None
+    max: float | None = None
+
+
+class Filters(_Strict):
+    source: str | None = Field(default=None, max_length=200)
+    date_range: DateRange = Field(default_factory=DateRange)
+    value_range: ValueRange = Field(default_factory=ValueRange)
+
+
+class Pagination(_Strict):
+    page: int | None = Field(default=None, ge=1, le=1_000_000)
+    cursor: str | None = Field(default=None, max_length=2000)
+    limit: int = Field(default=100, ge=1, le=1000)
+
+    @model_validator(mode="after")
+    def _one_mode(self) -> Pagination:
+        if self.page is not None and self.cursor is not None:
+            raise ValueError("give either 'page' or 'cursor', not both")
+        return self
+
+
+class Sort(_Strict):
+    field: Literal["timestamp", "value", "id", "source", "ingested_at"] = "timestamp"
+    order: Literal["asc", "desc"] = "asc"
+
+
+class QueryRequest(_Strict):
+    filters: Filters = Field(default_factory=Filters)
+    pagination: Pagination = Field(default_factory=Pagination)
+    sort: Sort = Field(default_factory=Sort)
+
+
+class Record(BaseModel):
+    id: str
+    source: str
+    timestamp: UTCDateTime | None
+    value: float | None
+    metadata: dict[str, Any]
+
+
+class PageInfo(BaseModel):
+    page: int | None
+    limit: int
+    total: int
+    pages: int
+    next_cursor: str | None
+
+
+class QueryResult(BaseModel):
+    records: list[Record]
+    pagination: PageInfo
+
+
+@router.post("/query", response_model=Envelope[QueryResult])
+def query_data(body: QueryRequest, request: Request, response: Response, session: SessionDep, _key: ReadKey) -> dict:
+    f, p = body.filters, body.pagination
+    q = query.Query(
+        source=f.source, start=f.date_range.start, end=f.date_range.end, min_value=f.value_range.min,
+        max_value=f.value_range.max, sort=body.sort.field, descending=body.sort.order == "desc",
+        limit=p.limit, page=p.page, cursor=p.cursor,
+    )
+    try:
+        rows, info = query.run(session, q)
+    except (pagination.BadCursor, ValueError, TypeError):
+        raise ApiError(422, "cursor is not valid for this query") from None
+    for name in ("page", "limit", "total", "pages"):
+        if info[name] is not None:
+            response.headers[f"X-Pagination-{name.title()}"] = str(info[name])
+    records = [{"id": r.id, "source": r.source, "timestamp": r.timestamp, "value": r.value,
+                "metadata": r.metadata_} for r in rows]
+    return ok(request, {"records": records, "pagination": info})
