@@ -134,3 +134,18 @@ class SourceDetail(SourceSummary):
     schedule: str | None
     sync_stats: SyncStats
     error: str | None = None
+
+
+class SampleRecord(BaseModel):
+    id: str
+    timestamp: UTCDateTime | None
+    value: float | None
+    metadata: dict[str, Any]
+
+
+class SourceTest(BaseModel):
+    connected: bool
+    sample_data: list[SampleRecord]
+    sample_rejects: list[dict[str, Any]]
+    total_records: int | None
+    error: str | None

@@ -7,8 +7,8 @@ from fastapi import APIRouter, Request
 from api.deps import ReadKey, SessionDep
 from api.envelope import ApiError, Envelope, ok
 from api.registry import registry_or_error
-from api.schemas import SourceDetail, SourceList
-from pipelines import catalog
+from api.schemas import SourceDetail, SourceList, SourceTest
+from pipelines import catalog, probe
 
 router = APIRouter(prefix="/sources", tags=["sources"])
 
@@ -25,3 +25,13 @@ def get_source(source_id: str, request: Request, session: SessionDep, _key: Read
     if source_id not in registry.ids():
         raise ApiError(404, f"no source '{source_id}' is declared")
     return ok(request, catalog.detail(session, registry, source_id))
+
+
+@router.post("/{source_id}/test", response_model=Envelope[SourceTest])
+def test_source(source_id: str, request: Request, _key: ReadKey) -> dict:
+    """Connect, read up to 5 rows through validation and count the records when that is cheap.
+    Writes nothing. An unreachable source answers `connected: false` with the reason."""
+    registry = registry_or_error()
+    if source_id not in registry.ids():
+        raise ApiError(404, f"no source '{source_id}' is declared")
+    return ok(request, probe.probe(registry, source_id))
