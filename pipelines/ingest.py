@@ -12,8 +12,11 @@ from collections.abc import Iterator
 
 import pyarrow as pa
 from psycopg import sql
+from psycopg.types.json import Jsonb
+from sqlalchemy import text
 
 from pipelines import journal
+from pipelines.db import get_engine
 from pipelines.jobs import JobFailed, JobRun
 from pipelines.load import Loader, prepare, quarantine
 from pipelines.prefetch import prefetch
@@ -21,7 +24,7 @@ from pipelines.settings import get_settings
 from pipelines.sources import files, http
 from pipelines.sources.batches import Piece
 from pipelines.sources.registry import Registry, SourceConfig, SourceError, load_registry
-from pipelines.validate import effective_types, validate
+from pipelines.validate import Cursor, effective_types, validate
 
 log = logging.getLogger(__name__)
 # How each cursor type compares in SQL (the state is kept as text).
@@ -35,11 +38,11 @@ def current_registry() -> Registry:
 
 
 def pieces(source: SourceConfig, registry: Registry, batch_rows: int, resume: dict | None,
-           since: str | None) -> Iterator[Piece]:
+           since: Cursor | None) -> Iterator[Piece]:
     """The batches of SOURCE from its connector, after the committed position RESUME."""
     if source.type == "file":
         return files.stream(source, registry, batch_rows, resume)
-    return http.stream(source, resume, since)
+    return http.stream(source, resume, since.value if since else None)
 
 
 def run(job: JobRun, registry: Registry | None = None) -> dict:
@@ -58,9 +61,11 @@ def run(job: JobRun, registry: Registry | None = None) -> dict:
         )
         try:
             source = registry.get(source_id)
-            since = job.checkpoint.get("since") if resuming else (_cursor_state(source_id) if incremental else None)
-            if not source.cursor:
-                since = None
+            since = None
+            if source.cursor and resuming and job.checkpoint.get("since"):
+                since = Cursor(job.checkpoint["since"]["value"], frozenset(job.checkpoint["since"]["ids"]))
+            elif source.cursor and incremental and not resuming:
+                since = _cursor_state(source_id)
             _ingest_source(job, registry, source, s_index, since, batch_rows, stats,
                            job.checkpoint.get("resume") if resuming else None)
         except SourceError as exc:
@@ -74,12 +79,14 @@ def run(job: JobRun, registry: Registry | None = None) -> dict:
     return result
 
 
-def _cursor_state(source_id: str) -> str | None:
-    from pipelines.db import get_engine
-
+def _cursor_state(source_id: str) -> Cursor | None:
     with get_engine().connect() as conn:
-        row = conn.exec_driver_sql("SELECT cursor_value FROM source_state WHERE source = %(s)s", {"s": source_id})
-        return row.scalar()
+        row = conn.execute(
+            text("SELECT cursor_value, cursor_ids FROM source_state WHERE source = :s"), {"s": source_id}
+        ).one_or_none()
+    if row is None or row.cursor_value is None:
+        return None
+    return Cursor(row.cursor_value, frozenset(row.cursor_ids))
 
 
 def _ingest_source(job, registry, source, s_index, since, batch_rows, stats, resume) -> None:
@@ -100,27 +107,32 @@ def _ingest_source(job, registry, source, s_index, since, batch_rows, stats, res
         source_stats["failed"] += len(valid.rejects)
         source_stats["skipped"] += valid.skipped
         source_stats["batches"] += 1
-        checkpoint = {"source": s_index, "resume": piece.position, "since": since, "stats": stats}
+        checkpoint = {"source": s_index, "resume": piece.position, "stats": stats,
+                      "since": {"value": since.value, "ids": sorted(since.ids)} if since else None}
         progress = None if piece.progress is None else int(99 * (s_index + piece.progress) / len(job.params["sources"]))
         with job.batch(processed=valid.num_rows, failed=len(valid.rejects), checkpoint=checkpoint,
                        progress=progress) as conn:
             loader.load(conn, payload)
             quarantine(conn, source.id, job.id, piece.label, valid.rejects)
             if valid.cursor_max is not None:
-                _advance_cursor(conn, source.id, valid.cursor_max, cursor_type)
+                _advance_cursor(conn, source.id, valid.cursor_max, valid.cursor_max_ids, cursor_type)
         del valid, payload
         # Hand freed batch memory back to the OS, so RSS stays flat whatever the input size.
         pa.default_memory_pool().release_unused()
 
 
-def _advance_cursor(conn, source_id: str, value: str, cursor_type: str) -> None:
-    """Raise the source's committed cursor to VALUE (never lower it), in the batch's transaction."""
+def _advance_cursor(conn, source_id: str, value: str, ids: list[str], cursor_type: str) -> None:
+    """Raise the source's committed cursor to VALUE (never lower it), with the ids of the rows at that
+    value, in the batch's transaction."""
     statement = sql.SQL(
-        "INSERT INTO source_state (source, status, cursor_value, successful, failed, skipped) "
-        "VALUES (%(s)s, 'running', %(v)s, 0, 0, 0) ON CONFLICT (source) DO UPDATE SET cursor_value = %(v)s "
-        "WHERE source_state.cursor_value IS NULL OR source_state.cursor_value::{t} < %(v)s::{t}"
+        "INSERT INTO source_state (source, status, cursor_value, cursor_ids, successful, failed, skipped) "
+        "VALUES (%(s)s, 'running', %(v)s, %(ids)s, 0, 0, 0) ON CONFLICT (source) DO UPDATE SET "
+        "cursor_ids = CASE WHEN source_state.cursor_value::{t} = EXCLUDED.cursor_value::{t} "
+        "THEN source_state.cursor_ids || EXCLUDED.cursor_ids ELSE EXCLUDED.cursor_ids END, "
+        "cursor_value = EXCLUDED.cursor_value "
+        "WHERE source_state.cursor_value IS NULL OR source_state.cursor_value::{t} <= EXCLUDED.cursor_value::{t}"
     ).format(t=sql.SQL(cursor_type))
-    conn.execute(statement, {"s": source_id, "v": value})
+    conn.execute(statement, {"s": source_id, "v": value, "ids": Jsonb(ids)})
 
 
 def _finish_source(job: JobRun, source_id: str, s_index: int, stats: dict) -> None:

@@ -155,6 +155,7 @@ class SourceState(Base):
     failed: Mapped[int] = mapped_column(BigInteger, default=0)
     # Incremental loading: the highest cursor value committed (as text; typed by the source's cursor).
     cursor_value: Mapped[str | None] = mapped_column(Text)
+    cursor_ids: Mapped[list[str]] = mapped_column(JSONB, default=list, server_default="[]")
     skipped: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     last_skipped_at: Mapped[datetime | None]
 

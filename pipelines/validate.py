@@ -39,7 +39,8 @@ class ValidBatch:
     lines: np.ndarray
     rejects: list[Reject] = field(default_factory=list)
     cursor_max: str | None = None  # the highest cursor value among the rows, as cursor text
-    skipped: int = 0  # rows at or before the incremental cursor, left out
+    cursor_max_ids: list[str] = field(default_factory=list)  # the ids of the rows holding it
+    skipped: int = 0  # rows already loaded by an earlier run, left out
 
     @property
     def num_rows(self) -> int:
@@ -183,9 +184,18 @@ def cursor_scalar(text: str, kind: str) -> pa.Scalar:
     return pa.scalar(_python_parse(kind, text, None), ARROW_TYPES[kind])
 
 
+@dataclass(frozen=True)
+class Cursor:
+    """The committed incremental state: the highest cursor value, and the ids of the rows that hold
+    it (so rows sharing that value that arrive later are still loaded, and the ones already loaded
+    are not loaded twice)."""
+
+    value: str
+    ids: frozenset[str] = frozenset()
+
+
 def _past_cursor(source: SourceConfig, raw: RawBatch, since: str) -> tuple[RawBatch, int]:
-    """RAW without the rows whose cursor is below SINCE (rows equal to it are kept: the merge on the
-    key removes the overlap, and nothing that shares the last committed value is ever skipped)."""
+    """RAW without the rows whose cursor is below SINCE (cheap: before the other columns are checked)."""
     if source.cursor not in raw.table.column_names or raw.table.num_rows == 0:
         return raw, 0
     kind = effective_types(source).get(source.cursor, "string")
@@ -200,13 +210,24 @@ def _past_cursor(source: SourceConfig, raw: RawBatch, since: str) -> tuple[RawBa
     return RawBatch(table, raw.lines[keep], raw.rejects, raw.fraction), int(older.sum())
 
 
-def validate(source: SourceConfig, raw: RawBatch, since: str | None = None) -> ValidBatch:
+def _without(batch: ValidBatch, drop: pa.Array) -> ValidBatch:
+    """BATCH less the rows marked in DROP, counted as skipped."""
+    keep = pc.invert(drop)
+    batch.skipped += pc.sum(drop.cast(pa.int64())).as_py()
+    batch.ids = pc.filter(batch.ids, keep)
+    batch.fields = {k: pc.filter(v, keep) for k, v in batch.fields.items()}
+    batch.metadata = {k: pc.filter(v, keep) for k, v in batch.metadata.items()}
+    batch.lines = batch.lines[keep.to_numpy(zero_copy_only=False)]
+    return batch
+
+
+def validate(source: SourceConfig, raw: RawBatch, since: Cursor | None = None) -> ValidBatch:
     if raw.table.num_columns == 0:  # an empty page of records: nothing to check, nothing to load
         return ValidBatch(pa.array([], pa.string()), {}, {}, raw.lines, list(raw.rejects))
     check_columns(source, raw.table.column_names)
     skipped = 0
     if since is not None and source.cursor:
-        raw, skipped = _past_cursor(source, raw, since)
+        raw, skipped = _past_cursor(source, raw, since.value)
     table = raw.table
     n = table.num_rows
     reasons = _Reasons(n)
@@ -249,8 +270,19 @@ def validate(source: SourceConfig, raw: RawBatch, since: str | None = None) -> V
     batch = _shape(source, columns, typed, lines, rejects)
     batch.skipped = skipped
     if source.cursor and source.cursor in columns:
+        kind = effective_types(source).get(source.cursor, "string")
         cursor = typed.get(source.cursor, columns[source.cursor])
-        batch.cursor_max = cursor_text(pc.max(cursor).as_py()) if len(cursor) else None
+        if since is not None and since.ids and batch.num_rows:
+            # rows at exactly the committed value whose id was loaded with it: already in
+            at_value = pc.fill_null(pc.equal(cursor, cursor_scalar(since.value, kind)), False)
+            loaded = pc.and_(at_value, pc.is_in(batch.ids, pa.array(sorted(since.ids), pa.string())))
+            if pc.any(loaded).as_py():
+                batch = _without(batch, loaded)
+                cursor = pc.filter(cursor, pc.invert(loaded))
+        top = pc.max(cursor) if len(cursor) else None
+        if top is not None and top.is_valid:
+            batch.cursor_max = cursor_text(top.as_py())
+            batch.cursor_max_ids = pc.filter(batch.ids, pc.fill_null(pc.equal(cursor, top), False)).to_pylist()
     return batch
 
 

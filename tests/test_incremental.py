@@ -40,11 +40,11 @@ def test_three_runs_over_a_growing_file_load_each_row_once(client, worker, write
     assert first["records_processed"] == 100 and cursor_state() == "2026-01-01T01:39:00+00:00"
     write_series(path, 100, 50, append=True)
     second = run(client, batch_size=20)
-    # the row at the cursor itself is read again (the merge absorbs it); nothing older is
-    assert second["records_processed"] == 51 and second["result"]["sources"]["prices"]["skipped"] == 99
+    # only the new rows: the row at the cursor itself is known by its id and left out
+    assert second["records_processed"] == 50 and second["result"]["sources"]["prices"]["skipped"] == 100
     write_series(path, 150, 30, append=True)
     third = run(client)
-    assert third["records_processed"] == 31
+    assert third["records_processed"] == 30
     assert count() == (180, 180)
     assert writers() == {first["id"]: 100, second["id"]: 50, third["id"]: 30}
     full = run(client, mode="full")
@@ -71,9 +71,23 @@ def test_a_killed_incremental_run_resumes_without_losing_or_doubling(client, wor
     os.kill(int(owner.rpartition(":")[2]), signal.SIGKILL)
     done = client.wait(job_id, timeout=120)
     assert done["state"] == "succeeded" and done["attempts"] == 2
-    assert done["records_processed"] == 120_001
+    assert done["records_processed"] == 120_000
     assert count() == (140_000, 140_000)
     assert writers() == {first["id"]: 20_000, job_id: 120_000}
     assert cursor_state() == "2026-04-08T05:19:00+00:00"  # minute 139,999
     again = run(client)
-    assert again["records_processed"] == 1 and again["result"]["sources"]["prices"]["skipped"] == 139_999
+    assert again["records_processed"] == 0 and again["result"]["sources"]["prices"]["skipped"] == 140_000
+
+
+def test_rows_sharing_the_last_cursor_value_still_load_once(client, worker, write_sources, data_dir):
+    path = data_dir / "daily.csv"
+    write_sources(incremental_toml("prices", "daily.csv"))
+    path.write_text("id,timestamp,px,hub\na,2026-03-01T00:00:00Z,1,x\nb,2026-03-02T00:00:00Z,2,x\n"
+                    "c,2026-03-02T00:00:00Z,3,x\n")
+    assert run(client)["records_processed"] == 3
+    with path.open("a") as fh:  # a late row for the same day, and one for the next
+        fh.write("d,2026-03-02T00:00:00Z,4,x\ne,2026-03-03T00:00:00Z,5,x\n")
+    second = run(client)
+    assert second["records_processed"] == 2 and second["result"]["sources"]["prices"]["skipped"] == 3
+    assert count() == (5, 5)
+    assert run(client)["records_processed"] == 0

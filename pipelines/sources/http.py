@@ -219,7 +219,8 @@ def first_state(source: SourceConfig) -> dict:
 def stream(
     source: SourceConfig, resume: dict | None, since: str | None = None, fetcher: Fetcher | None = None
 ) -> Iterator[Piece]:
-    """The pages of SOURCE from the position RESUME (or the first page), one Piece each."""
+    """The pages of SOURCE from the position RESUME (or the first page), one Piece each; with SINCE
+    (the committed cursor value) and a `cursor_param`, the API is asked only for what is new."""
     if (resume or {}).get("done"):
         return
     fetcher = fetcher or Fetcher(source)

@@ -1,0 +1,123 @@
+"""What every benchmark needs: a scratch INGOT_HOME on the embedded servers, the real API in a
+thread, a real worker process, and a way to time a job end to end with the worker's peak RSS."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+class Bench:
+    def __init__(self, sources_toml: str, port: int = 8765):
+        self.home = Path(tempfile.mkdtemp(prefix="ingot-bench-"))
+        self.data = self.home / "data"
+        self.data.mkdir()
+        os.environ.update(INGOT_HOME=str(self.home), INGOT_SOURCES_FILE=str(self.home / "sources.toml"),
+                          INGOT_LOG_LEVEL="WARNING", INGOT_WORKER_CONCURRENCY="1", INGOT_IGNORE_ENV_FILE="1")
+        (self.home / "sources.toml").write_text(sources_toml)
+        self.port = port
+        self.worker = None
+        self.server = None
+
+    def start(self) -> Bench:
+        from pipelines import embedded, keys, migrate
+        from pipelines.db import session_scope
+        from pipelines.settings import get_settings
+
+        settings = get_settings()
+        self.database_url = embedded.database_url(settings)
+        os.environ.update(INGOT_DATABASE_URL=self.database_url, INGOT_REDIS_URL=embedded.redis_url(settings))
+        migrate.upgrade()
+        with session_scope() as session:
+            _row, self.key = keys.create_key(session, "bench", ["admin"])
+
+        import uvicorn
+
+        from api.main import create_app
+
+        self.server = uvicorn.Server(uvicorn.Config(create_app(), host="127.0.0.1", port=self.port,
+                                                    log_level="warning"))
+        threading.Thread(target=self.server.run, daemon=True).start()
+        while not self.server.started:
+            time.sleep(0.05)
+        self.worker = subprocess.Popen([sys.executable, "-m", "api.cli", "worker", "--concurrency", "1"], cwd=ROOT,
+                                       env=dict(os.environ), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        from worker.app import app
+
+        while not app.control.ping(timeout=0.5):
+            time.sleep(0.2)
+        return self
+
+    def ingest(self, sources: list[str], **options) -> tuple[dict, float, int]:
+        """Start an ingestion through the API and wait: (final job, seconds, worker peak RSS bytes)."""
+        import psutil
+
+        from api.client import Client
+
+        peak = 0
+        with Client(f"http://127.0.0.1:{self.port}", self.key) as client:
+            began = time.perf_counter()
+            job_id = client.start_ingestion(sources, **options)["job_id"]
+            while True:
+                for proc in psutil.Process(self.worker.pid).children(recursive=True):
+                    try:
+                        peak = max(peak, proc.memory_info().rss)
+                    except psutil.NoSuchProcess:
+                        pass
+                job = client.job(job_id)
+                if job["state"] in ("succeeded", "failed", "cancelled"):
+                    break
+                time.sleep(0.05)
+            seconds = time.perf_counter() - began
+        if job["state"] != "succeeded":
+            raise SystemExit(f"ingestion {job['state']}: {job['error']}")
+        return job, seconds, peak
+
+    def stop(self, keep: bool = False) -> None:
+        if self.worker:
+            self.worker.terminate()
+            self.worker.wait(30)
+        if self.server:
+            self.server.should_exit = True
+        if not keep:
+            shutil.rmtree(self.data, ignore_errors=True)
+
+
+def generate_csv(path: Path, rows: int, start: int = 0, append: bool = False) -> None:
+    """ROWS rows of (id, timestamp, value, region, quality), timestamps growing one minute a row."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+
+    base = np.datetime64("2020-01-01T00:00:00")
+    schema = pa.schema([("id", pa.string()), ("timestamp", pa.string()), ("value", pa.float64()),
+                        ("region", pa.string()), ("quality", pa.int64())])
+    with path.open("ab" if append else "wb") as sink:
+        options = pacsv.WriteOptions(include_header=not append)
+        with pacsv.CSVWriter(sink, schema, write_options=options) as writer:
+            for offset in range(start, start + rows, 500_000):
+                n = min(500_000, start + rows - offset)
+                idx = np.arange(offset, offset + n)
+                writer.write_table(pa.table({
+                    "id": pa.array([f"id-{i:09d}" for i in idx]),
+                    "timestamp": pa.array((base + idx.astype("timedelta64[m]")).astype(str)),
+                    "value": pa.array(np.round(np.sin(idx / 1000) * 100 + 50, 4)),
+                    "region": pa.array(np.array(["north", "south", "east", "west"])[idx % 4]),
+                    "quality": pa.array(idx % 3),
+                }, schema=schema))
+
+
+def csv_source(name: str, path: str, cursor: bool = False) -> str:
+    return (f'[sources.{name}]\ntype = "file"\nformat = "csv"\npath = "{path}"\nprimary_key = ["id"]\n'
+            + ('cursor = "timestamp"\n' if cursor else "")
+            + f'[sources.{name}.validation]\nrequired_columns = ["id", "timestamp", "value"]\n'
+            'data_types = { timestamp = "datetime", value = "float", quality = "int" }\n')
