@@ -48,7 +48,26 @@ def _json_text(value) -> str | None:
 
 
 def records_table(records: list[dict]) -> pa.Table:
-    """Records (dicts) as a table of text columns; validation gives them their declared types."""
+    """Records (dicts) as a table, every key of every record a column (none dropped).
+
+    Arrow infers the column types in one pass (fast); nested values become JSON text. A column whose
+    values disagree in type (a number here, a string there) sends the batch down the slow path, where
+    every value is text and validation gives it the declared type.
+    """
+    if not records:
+        return pa.table({})
+    try:
+        table = pa.Table.from_struct_array(pa.array(records))
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, OverflowError):
+        return _text_table(records)
+    for index, kind in enumerate(table.schema.types):
+        if pa.types.is_nested(kind):
+            texts = [_json_text(v) for v in table.column(index).to_pylist()]
+            table = table.set_column(index, table.column_names[index], pa.array(texts, pa.string()))
+    return table
+
+
+def _text_table(records: list[dict]) -> pa.Table:
     names: dict[str, None] = {}
     for record in records:
         names.update(dict.fromkeys(record))
