@@ -222,6 +222,36 @@ def ingest(
     raise typer.Exit(0 if job["state"] == "succeeded" else 1)
 
 
+@app.command()
+def export(
+    fmt: Annotated[str, typer.Option("--format", help="parquet, csv or jsonl")],
+    output: Annotated[str, typer.Option("-o", "--output", help="where to write the file")],
+    source: Annotated[str | None, typer.Option(help="only this source")] = None,
+    start: Annotated[str | None, typer.Option(help="from this time (ISO 8601)")] = None,
+    end: Annotated[str | None, typer.Option(help="until this time (ISO 8601)")] = None,
+    columns: Annotated[str | None, typer.Option(help="comma-separated columns")] = None,
+    url: UrlOpt = DEFAULT_URL,
+    api_key: KeyOpt = None,
+) -> None:
+    """Export rows to a file: start the export, follow it, download it and verify its checksum."""
+    filters: dict = {"source": source} if source else {}
+    if start or end:
+        filters["date_range"] = {k: v for k, v in {"start": start, "end": end}.items() if v}
+    with _client(url, api_key) as client:
+        try:
+            started = client.start_export(fmt, filters=filters,
+                                          columns=[c.strip() for c in columns.split(",")] if columns else None)
+            job = follow(client, started["export_id"])
+            if job["state"] != "succeeded":
+                err.print(f"[red]export {job['state']}[/red]: {job.get('error') or ''}")
+                raise typer.Exit(1)
+            digest = client.download(job["id"], output)
+        except IngotError as exc:
+            _fail(exc)
+    err.print(f"[green]wrote {output}[/green]: {job['result']['row_count']} rows, "
+              f"{job['result']['file_size']} bytes, sha256 {digest} verified")
+
+
 @jobs_app.callback()
 def jobs_list(
     ctx: typer.Context,

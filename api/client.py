@@ -75,6 +75,36 @@ class Client:
     def stop_ingestion(self, job_id: str | None = None) -> dict:
         return self.request("POST", "/ingestion/stop", json={"job_id": job_id} if job_id else {})["data"]
 
+    def start_export(self, fmt: str, *, filters: dict | None = None, columns: list[str] | None = None) -> dict:
+        body: dict[str, Any] = {"format": fmt, "filters": filters or {}}
+        if columns:
+            body["columns"] = columns
+        return self.request("POST", "/data/export", json=body)["data"]
+
+    def export_status(self, export_id: str) -> dict:
+        return self.request("GET", f"/data/export/{export_id}")["data"]
+
+    def download(self, export_id: str, path: str, *, on_bytes: Callable[[int], None] | None = None) -> str:
+        """Stream EXPORT_ID's file to PATH and verify its SHA-256; returns the hex digest."""
+        import hashlib
+
+        digest = hashlib.sha256()
+        with self.http.stream("GET", f"/api/v1/data/export/{export_id}/download") as response:
+            if not response.is_success:
+                response.read()
+                error = response.json().get("error", {})
+                raise IngotError(response.status_code, error.get("code", "ERROR"), error.get("message", ""))
+            expected = response.headers.get("x-checksum-sha256")
+            with open(path, "wb") as fh:
+                for chunk in response.iter_bytes(1 << 20):
+                    fh.write(chunk)
+                    digest.update(chunk)
+                    if on_bytes:
+                        on_bytes(len(chunk))
+        if expected and digest.hexdigest() != expected:
+            raise IngotError(0, "CHECKSUM_MISMATCH", f"downloaded file does not match sha256 {expected}")
+        return digest.hexdigest()
+
     def sources(self) -> list[dict]:
         return self.request("GET", "/sources")["data"]["sources"]
 

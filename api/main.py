@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import logging
 
-from fastapi import APIRouter, FastAPI
+from fastapi import APIRouter, Depends, FastAPI
 
 from api import envelope
-from api.routes import data, health, ingestion, jobs, sources
+from api.limits import default_limit
+from api.routes import data, exports, health, ingestion, jobs, sources
 from pipelines import __version__
 from pipelines.logs import configure
 from pipelines.settings import get_settings
@@ -28,9 +29,9 @@ def create_app() -> FastAPI:
     )
     envelope.install(app)
     app.include_router(health.root)
-    api = APIRouter(prefix="/api/v1")
+    api = APIRouter(prefix="/api/v1", dependencies=[Depends(default_limit)])
     api.include_router(health.router)
-    for module in (sources, ingestion, jobs, data):
+    for module in (sources, ingestion, jobs, data, exports):
         api.include_router(module.router)
     app.include_router(api)
     return app

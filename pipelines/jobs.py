@@ -192,6 +192,17 @@ class JobRun:
                 raise JobStopped(self.id)
         self.checkpoint = checkpoint
 
+    def restart(self) -> None:
+        """Forget what earlier attempts counted: for work that always starts over (exports)."""
+        with get_engine().begin() as connection:
+            updated = connection.execute(
+                text("UPDATE jobs SET records_processed = 0, records_failed = 0, progress = 0, checkpoint = '{}' "
+                     "WHERE id = :id AND lease_id = :lease AND state = 'running'"),
+                {"id": self.id, "lease": self.lease},
+            ).rowcount
+        if not updated:
+            raise JobStopped(self.id)
+
 
 def _json(value) -> str:
     import json

@@ -30,6 +30,10 @@ class Settings(BaseSettings):
     rate_limit_per_minute: int = 1000
     max_body_bytes: int = 1024 * 1024
     export_retention_days: int = 7
+    export_rate_limit_per_minute: int = 10
+    max_exports_per_key: int = 3
+    export_min_free_bytes: int = 256 * 1024 * 1024
+    export_expiry_interval_seconds: float = 3600
     webhook_allow_private: bool = False
     webhook_retry_schedule: str = "0,5,300,1800,7200,18000,36000,36000"
     flower_basic_auth: SecretStr | None = None

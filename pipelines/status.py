@@ -54,4 +54,11 @@ def storage(session: Session) -> dict:
         "path": str(settings.home),
         "available_bytes": usage.free,
         "total_records": total,
+        "exports_bytes": export_bytes(),
     }
+
+
+def export_bytes() -> int:
+    from pipelines.export import disk_usage
+
+    return disk_usage()

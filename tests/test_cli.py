@@ -54,3 +54,18 @@ def test_ingest_wait_follows_the_job_and_reports_by_exit_code(api_url, admin_key
 def test_db_upgrade_is_idempotent():
     first, second = ingot("db", "upgrade"), ingot("db", "upgrade")
     assert first.returncode == 0 and second.returncode == 0 and "up to date" in second.stderr
+
+
+def test_export_downloads_and_verifies_the_file(api_url, admin_key, worker, write_sources, data_dir, tmp_path):
+    import pyarrow.parquet as pq
+
+    write_csv(data_dir / "a.csv", 25)
+    write_sources(sources_toml("prices", "a.csv"))
+    env = {"INGOT_URL": api_url, "INGOT_API_KEY": admin_key}
+    assert ingot("ingest", "prices", "--wait", **env).returncode == 0
+    out = tmp_path / "prices.parquet"
+    done = ingot("export", "--format", "parquet", "--source", "prices", "-o", str(out), **env)
+    assert done.returncode == 0, done.stderr
+    assert "verified" in done.stderr and pq.read_table(out).num_rows == 25
+    none = ingot("export", "--format", "csv", "--source", "nope", "-o", str(tmp_path / "x.csv"), **env)
+    assert none.returncode == 0 and (tmp_path / "x.csv").read_text().startswith('"id","source"')

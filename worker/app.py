@@ -13,7 +13,7 @@ from worker.schedule import beat_schedule
 
 def create_app() -> Celery:
     settings = get_settings()
-    app = Celery("ingot", include=["worker.tasks.ingest", "worker.tasks.housekeeping"])
+    app = Celery("ingot", include=["worker.tasks.ingest", "worker.tasks.export", "worker.tasks.housekeeping"])
     app.conf.update(
         broker_url=embedded.celery_broker_url(embedded.redis_url(settings)),
         broker_connection_retry_on_startup=True,
