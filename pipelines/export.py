@@ -1,26 +1,27 @@
-"""Exports: rows streamed out of PostgreSQL and written batch by batch to CSV, Parquet or JSON Lines.
+"""Exports: rows streamed out of PostgreSQL in key order and written block by block.
 
-PostgreSQL streams the rows as CSV through `COPY (SELECT ...) TO STDOUT`, which pyarrow parses in C
-into typed record batches (timestamps as timestamps, numbers as numbers); each batch is written out
-and dropped, so memory stays flat whatever the row count. The file grows under a temporary name and
-is renamed only when complete and checksummed, so a half-written file never looks finished.
+Every format starts as one `COPY (SELECT ...) TO STDOUT` stream. CSV and JSON Lines are text that
+PostgreSQL itself formats (RFC 4180 CSV; one JSON object per line, times as ISO 8601 UTC, numbers as
+numbers, metadata as an object), gathered into large writes. Parquet needs types: pyarrow parses the
+stream in C into record batches (timestamps as timestamps, numbers as numbers) and writes each one
+out, zstd-compressed. Nothing holds more than a block, so memory stays flat whatever the row count.
+The file grows under a temporary name, is checksummed on the way, and is renamed only when complete,
+so a half-written file never looks finished.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
-import json
 import logging
 import os
 import shutil
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 from psycopg import sql
@@ -28,7 +29,6 @@ from sqlalchemy import text
 
 from pipelines.db import get_engine
 from pipelines.jobs import JobFailed, JobRun
-from pipelines.load import _json_values
 from pipelines.settings import get_settings
 
 log = logging.getLogger(__name__)
@@ -49,6 +49,7 @@ COLUMN_TYPES = {
 }
 DEFAULT_COLUMNS = ["id", "source", "timestamp", "value", "metadata"]
 READ_BLOCK = 4 * 1024 * 1024
+WRITE_BLOCK = 1024 * 1024
 
 
 def exports_dir() -> Path:
@@ -91,7 +92,7 @@ class _CopyReader(io.RawIOBase):
 
     def __init__(self, copy) -> None:
         self.copy = copy
-        self.pending = b""
+        self.pending = memoryview(b"")
 
     def readable(self) -> bool:
         return True
@@ -101,24 +102,59 @@ class _CopyReader(io.RawIOBase):
             chunk = self.copy.read()
             if not chunk:
                 return 0
-            self.pending = bytes(chunk)
+            self.pending = memoryview(chunk)
         n = min(len(buffer), len(self.pending))
         buffer[:n] = self.pending[:n]
         self.pending = self.pending[n:]
         return n
 
 
-def stream_rows(conn, columns: list[str], filters: dict) -> Iterator[pa.RecordBatch]:
-    """Matching observations, in key order, as typed Arrow batches."""
+_ISO_UTC = """to_char({c} AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')"""
+# JSON never holds a raw control character, so CSV with these as quote and delimiter never quotes:
+# each row comes out as its JSON text alone.
+_AS_IS = sql.SQL("FORMAT csv, QUOTE E'\\x01', DELIMITER E'\\x02'")
+
+
+def _text_column(column: str) -> sql.Composable:
+    """COLUMN as the text formats show it: times as uniform ISO 8601 UTC, metadata as JSON."""
+    if column == "metadata":
+        return sql.SQL("metadata::text")
+    if pa.types.is_timestamp(COLUMN_TYPES[column]):
+        return sql.SQL(_ISO_UTC).format(c=sql.Identifier(column))
+    return sql.Identifier(column)
+
+
+def _copy_sql(fmt: str, columns: list[str], filters: dict) -> tuple[sql.Composable, dict]:
+    """The COPY of the matching rows, in key order, shaped for FMT."""
     where, params = _where(filters)
-    selected = [sql.SQL("metadata::text") if c == "metadata" else sql.Identifier(c) for c in columns]
-    query = sql.SQL(
-        "COPY (SELECT {cols} FROM observations WHERE {where} ORDER BY source, id) TO STDOUT (FORMAT csv)"
-    ).format(cols=sql.SQL(", ").join(selected), where=where)
-    cursor = conn.cursor()
+    if fmt == "jsonl":
+        pairs = [sql.SQL("{}, {}").format(sql.Literal(c), sql.SQL("metadata") if c == "metadata" else
+                                           _text_column(c)) for c in columns]
+        selected = sql.SQL("json_build_object({})::text").format(sql.SQL(", ").join(pairs))
+        options = _AS_IS
+    elif fmt == "csv":
+        selected = sql.SQL(", ").join(
+            sql.SQL("{} AS {}").format(_text_column(c), sql.Identifier(c)) for c in columns)
+        options = sql.SQL("FORMAT csv, HEADER")
+    else:  # parquet: plain CSV for pyarrow to parse into types
+        selected = sql.SQL(", ").join(
+            sql.SQL("metadata::text") if c == "metadata" else sql.Identifier(c) for c in columns)
+        options = sql.SQL("FORMAT csv")
+    query = sql.SQL("COPY (SELECT {sel} FROM observations WHERE {where} ORDER BY source, id) TO STDOUT ({opts})")
+    return query.format(sel=selected, where=where, opts=options), params
+
+
+def _session_formats(cursor) -> None:
     cursor.execute("SET LOCAL timezone = 'UTC'")
     cursor.execute("SET LOCAL datestyle = 'ISO'")
     cursor.execute("SET LOCAL extra_float_digits = 1")  # shortest text that reads back exactly
+
+
+def stream_rows(conn, columns: list[str], filters: dict) -> Iterator[pa.RecordBatch]:
+    """Matching observations, in key order, as typed Arrow batches."""
+    query, params = _copy_sql("parquet", columns, filters)
+    cursor = conn.cursor()
+    _session_formats(cursor)
     with cursor.copy(query, params or None) as copy:
         try:
             reader = pacsv.open_csv(
@@ -139,63 +175,44 @@ def stream_rows(conn, columns: list[str], filters: dict) -> Iterator[pa.RecordBa
         yield from reader
 
 
-def _text_timestamps(batch: pa.RecordBatch) -> pa.RecordBatch:
-    """UTC timestamps as ISO 8601 text with Z (fast: formatted as naive values)."""
-    arrays = []
-    for array in batch.columns:
-        if pa.types.is_timestamp(array.type):
-            naive = array.cast(pa.timestamp("us")).cast(pa.string())
-            array = pc.binary_join_element_wise(pc.replace_substring(naive, " ", "T"), pa.scalar("Z"), "")
-        arrays.append(array)
-    return pa.RecordBatch.from_arrays(arrays, names=batch.schema.names)
+def copy_text(fmt: str, conn, columns: list[str], filters: dict, sink, on_rows) -> int:
+    """CSV or JSON Lines as PostgreSQL formats them, straight to SINK in large writes; ON_ROWS(n)
+    reports progress. Returns the exact row count."""
+    query, params = _copy_sql(fmt, columns, filters)
+    cursor = conn.cursor()
+    _session_formats(cursor)
+    with cursor.copy(query, params or None) as copy:
+        # PostgreSQL sends one message per row: gather them into large writes.
+        pending, rows = bytearray(), 0
+        for message in copy:
+            pending += message
+            rows += 1
+            if len(pending) >= WRITE_BLOCK:
+                sink.write(pending)
+                pending.clear()
+                on_rows(rows)
+                rows = 0
+        sink.write(pending)
+    return cursor.rowcount  # exact, from PostgreSQL's "COPY n"
 
 
-class _Writer:
-    def __init__(self, fmt: str, path: Path, columns: list[str]):
-        self.fmt, self.columns = fmt, columns
-        self.sink = path.open("wb")
+class _ParquetWriter:
+    """Typed record batches into a zstd Parquet file, checksummed as it is written."""
+
+    def __init__(self, path: Path, columns: list[str]):
+        self.sink = _HashingFile(path)
         schema = pa.schema([(c, COLUMN_TYPES[c]) for c in columns])
-        if fmt == "parquet":
-            self.writer = pq.ParquetWriter(self.sink, schema, compression="zstd")
-        elif fmt == "csv":
-            text_schema = pa.schema(
-                [
-                    (c, pa.string() if pa.types.is_timestamp(t) else t)
-                    for c, t in zip(schema.names, schema.types, strict=True)
-                ]
-            )
-            self.writer = pacsv.CSVWriter(self.sink, text_schema)
+        # Dictionaries only where values repeat: ids and metadata are near-unique, and encoding them
+        # as dictionaries doubles the write time and grows the file.
+        self.parquet = pq.ParquetWriter(self.sink, schema, compression="zstd",
+                                        use_dictionary=[c for c in columns if c in ("source", "job_id")])
 
     def write(self, batch: pa.RecordBatch) -> None:
-        if self.fmt == "parquet":
-            self.writer.write_batch(batch)
-        elif self.fmt == "csv":
-            self.writer.write_batch(_text_timestamps(batch))
-        else:
-            self.sink.write(_jsonl(_text_timestamps(batch)))
+        self.parquet.write_batch(batch)
 
     def close(self) -> None:
-        if self.fmt in ("parquet", "csv"):
-            self.writer.close()
+        self.parquet.close()
         self.sink.close()
-
-
-def _jsonl(batch: pa.RecordBatch) -> bytes:
-    """One JSON object per row; metadata is inlined as the JSON object it already is."""
-    parts = []
-    for name, array in zip(batch.schema.names, batch.columns, strict=True):
-        if name == "metadata":
-            value = pc.fill_null(array, "null")
-        else:
-            value = _json_values(array)
-        parts.append(pc.binary_join_element_wise(pa.scalar(json.dumps(name) + ":"), value, ""))
-    if not parts or batch.num_rows == 0:
-        return b""
-    body = pc.binary_join_element_wise(*parts, ",") if len(parts) > 1 else parts[0]
-    lines = pc.binary_join_element_wise(pa.scalar("{"), body, pa.scalar("}\n"), "")
-    # The rows end to end are exactly the string array's data buffer between its first and last offset.
-    offsets = np.frombuffer(lines.buffers()[1], dtype=np.int32)[lines.offset : lines.offset + len(lines) + 1]
-    return memoryview(lines.buffers()[2])[offsets[0] : offsets[-1]].tobytes()
 
 
 def _check_space(directory: Path) -> None:
@@ -208,12 +225,62 @@ def _check_space(directory: Path) -> None:
         )
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while block := fh.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
+class _HashingFile(io.RawIOBase):
+    """A file being written whose SHA-256 is computed on the way (no second read of the file)."""
+
+    def __init__(self, path: Path):
+        self.file = path.open("wb")
+        self.digest = hashlib.sha256()
+        self.size = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        self.digest.update(data)
+        self.size += len(data)
+        return self.file.write(data)
+
+    def tell(self) -> int:
+        return self.size
+
+    def close(self) -> None:
+        if not self.file.closed:
+            self.file.close()
+        super().close()
+
+
+def _estimate(conn, filters: dict) -> int:
+    """The planner's row estimate: enough for a progress bar, free next to a count(*)."""
+    where, params = _where(filters)
+    plan = conn.execute(sql.SQL("EXPLAIN (FORMAT JSON) SELECT 1 FROM observations WHERE {}").format(where),
+                        params).fetchone()[0]
+    return int(plan[0]["Plan"]["Plan Rows"])
+
+
+class _Progress:
+    """Reports rows written at most every half second (the heartbeat covers liveness between), and
+    checks the disk each time."""
+
+    INTERVAL = 0.5
+
+    def __init__(self, job: JobRun, estimate: int, directory: Path):
+        self.job, self.estimate, self.directory = job, estimate, directory
+        self.rows = self.reported = 0
+        self.last = time.monotonic()
+
+    def add(self, rows: int) -> None:
+        self.rows += rows
+        if time.monotonic() - self.last >= self.INTERVAL:
+            self.report(self.rows)
+
+    def report(self, count: int) -> None:
+        """Record COUNT rows written (the last report, with the exact count, corrects any estimate)."""
+        _check_space(self.directory)
+        share = min(count / self.estimate, 1.0) if self.estimate else 0.0
+        with self.job.batch(processed=count - self.reported, failed=0, checkpoint={}, progress=int(99 * share)):
+            pass
+        self.reported, self.last = count, time.monotonic()
 
 
 def run(job: JobRun) -> dict:
@@ -227,32 +294,30 @@ def run(job: JobRun) -> dict:
     part = directory / f".{job.id}.{job.lease}.part"
     for stale in directory.glob(f".{job.id}.*.part"):
         stale.unlink(missing_ok=True)
-    rows = 0
     try:
         with get_engine().connect() as connection:
             conn = connection.connection.driver_connection
-            where, params = _where(filters)
-            total = conn.execute(
-                sql.SQL("SELECT count(*) FROM observations WHERE {}").format(where), params
-            ).fetchone()[0]
-            writer = _Writer(fmt, part, columns)
-            try:
-                for batch in stream_rows(conn, columns, filters):
-                    writer.write(batch)
-                    rows += batch.num_rows
-                    _check_space(directory)
-                    with job.batch(
-                        processed=batch.num_rows,
-                        failed=0,
-                        checkpoint={},
-                        progress=int(99 * rows / total) if total else 0,
-                    ):
-                        pass
-                    pa.default_memory_pool().release_unused()
-            finally:
-                writer.close()
-        size = part.stat().st_size
-        checksum = _sha256(part)
+            progress = _Progress(job, _estimate(conn, filters), directory)
+            if fmt in ("csv", "jsonl"):
+                sink = _HashingFile(part)
+                try:
+                    rows = copy_text(fmt, conn, columns, filters, sink, progress.add)
+                finally:
+                    sink.close()
+            else:
+                writer = _ParquetWriter(part, columns)
+                rows = 0
+                try:
+                    for batch in stream_rows(conn, columns, filters):
+                        writer.write(batch)
+                        rows += batch.num_rows
+                        progress.add(batch.num_rows)
+                        pa.default_memory_pool().release_unused()
+                finally:
+                    writer.close()
+                sink = writer.sink
+            progress.report(rows)
+        size, checksum = sink.size, sink.digest.hexdigest()
         os.replace(part, final_path(job.id, fmt))
     except OSError as exc:
         if getattr(exc, "errno", None) == 28:  # ENOSPC
@@ -280,7 +345,8 @@ def expire(now: datetime | None = None) -> list[str]:
         rows = connection.execute(
             text(
                 "SELECT id, result FROM jobs WHERE kind = 'export' AND state = 'succeeded' "
-                "AND NOT (result ? 'expired_at') AND (result->>'expires_at')::timestamptz <= :now FOR UPDATE SKIP LOCKED"
+                "AND NOT (result ? 'expired_at') AND (result->>'expires_at')::timestamptz <= :now "
+                "FOR UPDATE SKIP LOCKED"
             ),
             {"now": now},
         ).all()
@@ -288,7 +354,8 @@ def expire(now: datetime | None = None) -> list[str]:
             final_path(job_id, result["format"]).unlink(missing_ok=True)
             connection.execute(
                 text(
-                    "UPDATE jobs SET result = result || jsonb_build_object('expired_at', CAST(:now AS text)) WHERE id = :id"
+                    "UPDATE jobs SET result = result || jsonb_build_object('expired_at', CAST(:now AS text)) "
+                    "WHERE id = :id"
                 ),
                 {"id": job_id, "now": now.isoformat()},
             )

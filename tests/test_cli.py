@@ -68,4 +68,4 @@ def test_export_downloads_and_verifies_the_file(api_url, admin_key, worker, writ
     assert done.returncode == 0, done.stderr
     assert "verified" in done.stderr and pq.read_table(out).num_rows == 25
     none = ingot("export", "--format", "csv", "--source", "nope", "-o", str(tmp_path / "x.csv"), **env)
-    assert none.returncode == 0 and (tmp_path / "x.csv").read_text().startswith('"id","source"')
+    assert none.returncode == 0 and (tmp_path / "x.csv").read_text().startswith("id,source")
