@@ -68,6 +68,7 @@ def worker(
     queues: Annotated[str, typer.Option(help="comma-separated queues")] = "ingest,export,scenarios,webhooks,default",
     concurrency: Annotated[int | None, typer.Option(help="pool processes")] = None,
     beat: Annotated[bool, typer.Option(help="also run the beat scheduler in this process")] = False,
+    pool: Annotated[str, typer.Option(help="prefork (CPU-bound work) or threads (I/O: webhooks)")] = "prefork",
 ) -> None:
     """Run a Celery worker consuming QUEUES."""
     from pipelines.settings import get_settings
@@ -75,7 +76,8 @@ def worker(
 
     settings = get_settings()
     argv = ["worker", "-Q", queues, "-E", "--loglevel", settings.log_level,
-            "--concurrency", str(concurrency or settings.worker_concurrency), "-n", f"ingot-{os.getpid()}@%h"]
+            "--concurrency", str(concurrency or settings.worker_concurrency), "-n", f"ingot-{os.getpid()}@%h",
+            "--pool", pool]
     if beat:
         argv += ["-B", "-s", str(settings.home / "celerybeat-schedule")]
     celery_app.worker_main(argv)

@@ -110,7 +110,9 @@ class Supervisor:
         cli = [sys.executable, "-m", "api.cli"]
         self.children = [
             Child("api", [*cli, "api", "--no-migrate"]),
-            Child("worker", [*cli, "worker"]),
+            Child("worker", [*cli, "worker", "--queues", "ingest,export,scenarios,default"]),
+            # Deliveries wait on the network, not the CPU: many threads in one process.
+            Child("webhooks", [*cli, "worker", "--queues", "webhooks", "--pool", "threads", "--concurrency", "10"]),
             Child("beat", [*cli, "beat"]),
             Child("flower", [*cli, "flower"]),
         ]

@@ -29,7 +29,7 @@ def libpq_url(url: str) -> str:
 @lru_cache
 def get_engine() -> Engine:
     url = sqlalchemy_url(embedded.database_url(get_settings()))
-    return create_engine(url, pool_size=5, max_overflow=10, pool_pre_ping=True, pool_recycle=1800)
+    return create_engine(url, pool_size=10, max_overflow=10, pool_pre_ping=True, pool_recycle=1800)
 
 
 @lru_cache

@@ -179,3 +179,76 @@ class Event(Base):
         Index("ix_events_job", "job_id", "id"),
         Index("ix_events_source", "source", "id"),
     )
+
+
+class Webhook(Base):
+    """An endpoint that receives signed job events. The secret is stored encrypted."""
+
+    __tablename__ = "webhooks"
+
+    id: Mapped[str] = mapped_column(Text, primary_key=True, default=lambda: new_id("wh"))
+    url: Mapped[str] = mapped_column(Text)
+    events: Mapped[list[str]] = mapped_column(ARRAY(Text))
+    enabled: Mapped[bool] = mapped_column(default=True)
+    secret_encrypted: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(server_default=func.now())
+    api_key_id: Mapped[str | None] = mapped_column(Text)
+    failing_since: Mapped[datetime | None]
+    disabled_at: Mapped[datetime | None]
+    disabled_reason: Mapped[str | None] = mapped_column(Text)
+    deleted_at: Mapped[datetime | None]
+
+
+class WebhookEvent(Base):
+    """The outbox: written by a trigger in the same transaction as a job's final state."""
+
+    __tablename__ = "webhook_events"
+
+    id: Mapped[str] = mapped_column(Text, primary_key=True)  # the webhook-id receivers de-duplicate on
+    type: Mapped[str] = mapped_column(Text)
+    job_id: Mapped[str] = mapped_column(Text)
+    payload: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    created_at: Mapped[datetime] = mapped_column(server_default=func.now())
+    dispatched_at: Mapped[datetime | None]
+
+    __table_args__ = (Index("ix_webhook_events_pending", "created_at", postgresql_where="dispatched_at IS NULL"),)
+
+
+class WebhookDelivery(Base):
+    """One event to one endpoint, through all its attempts."""
+
+    __tablename__ = "webhook_deliveries"
+
+    id: Mapped[str] = mapped_column(Text, primary_key=True, default=lambda: new_id("dlv"))
+    webhook_id: Mapped[str] = mapped_column(Text)
+    event_id: Mapped[str] = mapped_column(Text)
+    state: Mapped[str] = mapped_column(Text, default="pending")  # pending | succeeded | failed
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime | None]
+    claimed_until: Mapped[datetime | None]
+    last_status_code: Mapped[int | None] = mapped_column(Integer)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(server_default=func.now())
+    completed_at: Mapped[datetime | None]
+
+    __table_args__ = (
+        Index("uq_delivery_event", "webhook_id", "event_id", unique=True),
+        Index("ix_deliveries_due", "next_attempt_at", postgresql_where="state = 'pending'"),
+        Index("ix_deliveries_webhook", "webhook_id", "created_at", "id"),
+    )
+
+
+class DeliveryAttempt(Base):
+    __tablename__ = "webhook_attempts"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    delivery_id: Mapped[str] = mapped_column(Text)
+    attempt: Mapped[int] = mapped_column(Integer)
+    attempted_at: Mapped[datetime] = mapped_column(server_default=func.now())
+    status_code: Mapped[int | None] = mapped_column(Integer)
+    duration_ms: Mapped[float | None] = mapped_column(Double)
+    error: Mapped[str | None] = mapped_column(Text)
+    response_excerpt: Mapped[str | None] = mapped_column(Text)
+    next_retry_at: Mapped[datetime | None]
+
+    __table_args__ = (Index("ix_attempts_delivery", "delivery_id", "id"),)

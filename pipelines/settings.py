@@ -36,6 +36,11 @@ class Settings(BaseSettings):
     export_expiry_interval_seconds: float = 3600
     webhook_allow_private: bool = False
     webhook_retry_schedule: str = "0,5,300,1800,7200,18000,36000,36000"
+    webhook_timeout_seconds: float = 15.0
+    webhook_relay_interval_seconds: float = 2.0
+    webhook_claim_seconds: float = 120.0  # a delivery handed to a lost task is handed out again after this
+    webhook_disable_after_seconds: float = 5 * 24 * 3600
+    secret_key: SecretStr | None = None
     flower_basic_auth: SecretStr | None = None
     log_level: str = "INFO"
     log_format: str = "json"
@@ -59,6 +64,16 @@ class Settings(BaseSettings):
     @property
     def data_root_paths(self) -> list[Path]:
         return [Path(p).expanduser().resolve() for p in self.data_roots.split(":") if p.strip()]
+
+    @property
+    def retry_schedule(self) -> list[float]:
+        return [float(x) for x in self.webhook_retry_schedule.split(",") if x.strip()] or [0.0]
+
+    def encryption_key(self) -> str:
+        """The key that protects stored secrets: INGOT_SECRET_KEY, or one generated under INGOT_HOME."""
+        if self.secret_key:
+            return self.secret_key.get_secret_value()
+        return self.secret_file("secret_key", lambda: secrets.token_urlsafe(32))
 
     @property
     def visibility_timeout(self) -> int:

@@ -58,6 +58,10 @@ def pytest_configure(config) -> None:
         INGOT_QUEUED_GRACE_SECONDS="3",
         INGOT_WORKER_CONCURRENCY="1",
         INGOT_IGNORE_ENV_FILE="1",
+        INGOT_WEBHOOK_ALLOW_PRIVATE="true",  # the tests' receivers listen on loopback
+        INGOT_WEBHOOK_RETRY_SCHEDULE="0,0.3,0.3,0.3",
+        INGOT_WEBHOOK_RELAY_INTERVAL_SECONDS="0.3",
+        INGOT_WEBHOOK_CLAIM_SECONDS="3",
     )
     for name in ("INGOT_DATABASE_URL", "INGOT_REDIS_URL", "INGOT_AUTH_DISABLED", "INGOT_DATA_ROOTS"):
         os.environ.pop(name, None)
@@ -96,7 +100,8 @@ def pytest_unconfigure(config) -> None:
 
 # --- per-test state ------------------------------------------------------------------------------
 
-TABLES = "jobs, quarantine, observations, source_state, api_keys"
+TABLES = ("jobs, quarantine, observations, source_state, api_keys, events, webhooks, webhook_events, "
+          "webhook_deliveries, webhook_attempts")
 
 
 @pytest.fixture(autouse=True)

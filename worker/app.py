@@ -13,7 +13,8 @@ from worker.schedule import beat_schedule
 
 def create_app() -> Celery:
     settings = get_settings()
-    app = Celery("ingot", include=["worker.tasks.ingest", "worker.tasks.export", "worker.tasks.housekeeping"])
+    tasks = ["worker.tasks.ingest", "worker.tasks.export", "worker.tasks.webhooks", "worker.tasks.housekeeping"]
+    app = Celery("ingot", include=tasks)
     app.conf.update(
         broker_url=embedded.celery_broker_url(embedded.redis_url(settings)),
         broker_connection_retry_on_startup=True,

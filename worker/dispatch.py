@@ -49,3 +49,19 @@ def revoke(task_id: str) -> None:
         app.control.revoke(task_id)
     except Exception:
         log.warning("could not broadcast the revocation of %s", task_id, exc_info=True)
+
+
+def relay_webhooks() -> int:
+    """Turn new job events into deliveries and send every delivery that is due (after the commit)."""
+    from pipelines import webhooks
+    from pipelines.db import session_scope
+
+    try:
+        with session_scope() as session:
+            due = webhooks.relay(session)
+    except Exception:  # the periodic relay will pick the events up
+        log.exception("webhook relay failed")
+        return 0
+    for delivery_id in due:
+        app.send_task("webhooks.deliver", args=[delivery_id], queue="webhooks")
+    return len(due)

@@ -22,6 +22,11 @@ def beat_schedule(settings: Settings) -> dict:
             "options": {"queue": Queues.DEFAULT.value, "expires": settings.reaper_interval_seconds},
         },
     }
+    entries["webhooks.relay"] = {
+        "task": "webhooks.relay",
+        "schedule": settings.webhook_relay_interval_seconds,
+        "options": {"queue": Queues.WEBHOOKS.value, "expires": settings.webhook_relay_interval_seconds},
+    }
     entries["exports.expire"] = {
         "task": "exports.expire",
         "schedule": settings.export_expiry_interval_seconds,

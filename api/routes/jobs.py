@@ -14,7 +14,7 @@ from api.schemas import JobList, JobOut
 from pipelines import jobs, journal, pagination
 from pipelines.db import on_commit
 from pipelines.models import Job
-from worker.dispatch import revoke
+from worker.dispatch import relay_webhooks, revoke
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 Kind = Literal["ingestion", "export", "scenario_run"]
@@ -69,6 +69,8 @@ def cancel_job(session, job_id: str, request_id: str | None) -> str:
     state, task_id = outcome
     if task_id:
         on_commit(session, lambda: revoke(task_id))
+    if state == "cancelled":  # ended here: its job.cancelled event is ready to go
+        on_commit(session, relay_webhooks)
     journal.record(session, "job.cancel_requested", f"cancellation of {job_id} requested; now {state}",
                    job_id=job_id, details={"request_id": request_id})
     return state

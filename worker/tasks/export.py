@@ -2,9 +2,12 @@
 
 from pipelines import export, jobs
 from worker.app import app
+from worker.dispatch import relay_webhooks
 from worker.queues import Queues
 
 
 @app.task(name="export.run", queue=Queues.EXPORT.value)
 def run(job_id: str) -> str:
-    return jobs.execute(job_id, export.run)
+    outcome = jobs.execute(job_id, export.run)
+    relay_webhooks()  # the job's end event went out with its final state: deliver it now
+    return outcome

@@ -3,12 +3,15 @@
 from pipelines import ingest, jobs, schedules
 from pipelines.db import session_scope
 from worker.app import app
+from worker.dispatch import relay_webhooks
 from worker.queues import Queues
 
 
 @app.task(name="ingest.run", queue=Queues.INGEST.value)
 def run(job_id: str) -> str:
-    return jobs.execute(job_id, ingest.run)
+    outcome = jobs.execute(job_id, ingest.run)
+    relay_webhooks()  # the job's end event went out with its final state: deliver it now
+    return outcome
 
 
 @app.task(name="ingest.scheduled", queue=Queues.DEFAULT.value)

@@ -1,0 +1,53 @@
+"""A webhook receiver on loopback that verifies every delivery with standardwebhooks' own verifier."""
+
+from __future__ import annotations
+
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from standardwebhooks import Webhook
+
+
+class Receiver:
+    def __init__(self, port: int = 0):
+        self.secret: str | None = None
+        self.statuses: list[int] = []  # answers to give, in order; then 200
+        self.received: list[dict] = []  # every request, verified or not
+        receiver = self
+
+        class Handle(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                headers = {k.lower(): v for k, v in self.headers.items()}
+                entry = {"path": self.path, "body": body, "headers": headers, "at": time.time(), "verified": None}
+                try:
+                    entry["payload"] = Webhook(receiver.secret).verify(body, headers)
+                    entry["verified"] = True
+                except Exception as exc:  # noqa: BLE001 - recorded for the test to assert on
+                    entry["verified"] = False
+                    entry["error"] = str(exc)
+                status = receiver.statuses.pop(0) if receiver.statuses else 200
+                entry["status"] = status
+                receiver.received.append(entry)
+                self.send_response(status)
+                self.send_header("Content-Length", "2")
+                self.end_headers()
+                self.wfile.write(b"ok")
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", port), Handle)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        self.url = f"http://127.0.0.1:{self.port}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def verified(self, event_type: str | None = None) -> list[dict]:
+        return [r for r in self.received
+                if r["verified"] and (event_type is None or r["payload"]["type"] == event_type)]

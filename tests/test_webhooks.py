@@ -1,0 +1,194 @@
+"""Webhooks: signed, retried, logged, redeliverable, and never aimed at internal addresses by mistake."""
+
+import base64
+import time
+
+import pytest
+from sqlalchemy import text
+from standardwebhooks import Webhook as Verifier
+from standardwebhooks.webhooks import WebhookVerificationError
+
+from pipelines.db import get_engine
+from pipelines.settings import get_settings
+from tests.conftest import free_port, wait_for
+from tests.datagen import sources_toml, write_csv
+from tests.receiver import Receiver
+
+
+@pytest.fixture
+def receiver():
+    r = Receiver()
+    yield r
+    r.close()
+
+
+def register(client, url, events, secret=None) -> dict:
+    body = {"url": url, "events": events, **({"secret": secret} if secret else {})}
+    return client.request("POST", "/webhooks", json=body)["data"]
+
+
+def queued_then_cancelled(client, write_sources, data_dir) -> str:
+    """A job that ends at once (cancelled while queued): the quickest real job end."""
+    write_csv(data_dir / "a.csv", 3)
+    write_sources(sources_toml("prices", "a.csv"))
+    job_id = client.start_ingestion(["prices"])["job_id"]
+    client.cancel(job_id)
+    return job_id
+
+
+def deliveries(client, hook_id) -> list[dict]:
+    return client.request("GET", f"/webhooks/{hook_id}/deliveries")["data"]["deliveries"]
+
+
+def test_endpoints_secrets_and_validation(client):
+    created = client.http.post("/api/v1/webhooks", json={"url": "http://127.0.0.1:9/x", "events": ["job.cancelled"]})
+    assert created.status_code == 201
+    hook = created.json()["data"]
+    assert hook["secret"].startswith("whsec_") and len(base64.b64decode(hook["secret"][6:])) >= 24
+    shown = client.request("GET", f"/webhooks/{hook['id']}")["data"]
+    assert "secret" not in shown and shown["enabled"] is True and shown["events"] == ["job.cancelled"]
+    with get_engine().connect() as conn:
+        stored = conn.execute(text("SELECT secret_encrypted FROM webhooks")).scalar_one()
+    assert hook["secret"] not in stored and hook["secret"][6:] not in stored
+    own = "whsec_" + base64.b64encode(b"x" * 32).decode()
+    assert register(client, "http://127.0.0.1:9/y", ["export.completed"], own)["secret"] == own
+    for bad in ({"url": "ftp://x", "events": ["job.cancelled"]}, {"url": "http://x", "events": ["job.done"]},
+                {"url": "http://127.0.0.1/", "events": ["job.cancelled"], "secret": "whsec_c2hvcnQ="},
+                {"url": "http://127.0.0.1/", "events": []}):
+        r = client.http.post("/api/v1/webhooks", json=bad)
+        assert r.status_code == 422 and r.json()["error"]["code"] == "VALIDATION_ERROR", bad
+    assert len(client.request("GET", "/webhooks")["data"]["webhooks"]) == 2
+    assert client.http.delete(f"/api/v1/webhooks/{hook['id']}").status_code == 200
+    assert client.http.get(f"/api/v1/webhooks/{hook['id']}").status_code == 404
+    assert len(client.request("GET", "/webhooks")["data"]["webhooks"]) == 1
+
+
+def test_each_job_end_reaches_each_subscriber_once_signed(client, worker, write_sources, data_dir):
+    both, failures, exports = Receiver(), Receiver(), Receiver()
+    try:
+        a = register(client, both.url, ["ingestion.completed", "ingestion.failed"])
+        b = register(client, failures.url, ["ingestion.failed"])
+        c = register(client, exports.url, ["export.completed"])
+        both.secret, failures.secret, exports.secret = a["secret"], b["secret"], c["secret"]
+        write_csv(data_dir / "good.csv", 10)
+        (data_dir / "bad.csv").write_text("id\n1\n")
+        write_sources(sources_toml("prices", "good.csv") + sources_toml("broken", "bad.csv"))
+        good = client.wait(client.start_ingestion(["prices"])["job_id"], timeout=60)
+        bad = client.wait(client.start_ingestion(["broken"])["job_id"], timeout=60)
+        assert (good["state"], bad["state"]) == ("succeeded", "failed")
+        wait_for(lambda: len(both.received) >= 2 and len(failures.received) >= 1, timeout=30,
+                 message="the deliveries")
+        time.sleep(1)  # room for a wrong extra delivery to show up
+        assert all(r["verified"] for r in both.received + failures.received)
+        assert sorted(r["payload"]["type"] for r in both.received) == ["ingestion.completed", "ingestion.failed"]
+        assert [r["payload"]["type"] for r in failures.received] == ["ingestion.failed"]
+        assert exports.received == []
+        done = both.verified("ingestion.completed")[0]
+        assert done["payload"]["data"]["id"] == good["id"] and done["payload"]["data"]["records_processed"] == 10
+        assert done["payload"]["timestamp"].endswith("Z")
+        failed = failures.verified()[0]["payload"]["data"]
+        assert failed["id"] == bad["id"] and "missing required column" in failed["error"]
+        # the receiver's verifier refuses a tampered body and a stale timestamp
+        verifier = Verifier(a["secret"])
+        with pytest.raises(WebhookVerificationError):
+            verifier.verify(done["body"].replace(b'"succeeded"', b'"failed"'), done["headers"])
+        old = Verifier(a["secret"]).sign(done["headers"]["webhook-id"], __import__("datetime").datetime(2020, 1, 1),
+                                         done["body"].decode())
+        stale = {**done["headers"], "webhook-timestamp": "1577836800", "webhook-signature": old}
+        with pytest.raises(WebhookVerificationError):
+            verifier.verify(done["body"], stale)
+        log = deliveries(client, a["id"])
+        assert sorted(d["event_type"] for d in log) == ["ingestion.completed", "ingestion.failed"]
+        assert all(d["state"] == "succeeded" and d["attempt_log"][0]["status_code"] == 200 for d in log)
+    finally:
+        for r in (both, failures, exports):
+            r.close()
+
+
+def test_retries_until_the_receiver_answers_with_a_stable_id(client, worker, write_sources, data_dir):
+    port = free_port()
+    hook = register(client, f"http://127.0.0.1:{port}/hook", ["job.cancelled"])
+    queued_then_cancelled(client, write_sources, data_dir)
+    wait_for(lambda: (d := deliveries(client, hook["id"])) and d[0]["attempts"] >= 2, timeout=30,
+             message="failed attempts while the receiver is down")
+    receiver = Receiver(port)
+    receiver.secret = hook["secret"]
+    try:
+        wait_for(lambda: receiver.verified(), timeout=30, message="the delivery once the receiver is up")
+        log = deliveries(client, hook["id"])[0]
+        assert log["state"] == "succeeded" and log["attempt_log"][-1]["status_code"] == 200
+        assert all("ConnectError" in a["error"] for a in log["attempt_log"][:-1])
+        assert receiver.received[0]["headers"]["webhook-id"] == log["event_id"]
+    finally:
+        receiver.close()
+
+
+def test_500s_then_200_410_disables_and_redeliver(client, worker, write_sources, data_dir, receiver):
+    hook = register(client, receiver.url, ["job.cancelled"])
+    receiver.secret = hook["secret"]
+    receiver.statuses = [500, 500, 500]
+    queued_then_cancelled(client, write_sources, data_dir)
+    wait_for(lambda: len(receiver.received) >= 4, timeout=30, message="four attempts")
+    log = wait_for(lambda: (d := deliveries(client, hook["id"])) and d[0]["state"] == "succeeded" and d, timeout=10)
+    assert [a["status_code"] for a in log[0]["attempt_log"]] == [500, 500, 500, 200]
+    assert len({r["headers"]["webhook-id"] for r in receiver.received}) == 1
+    assert all(a["duration_ms"] is not None for a in log[0]["attempt_log"])
+
+    # after its last attempt a delivery is failed; redelivered by hand, it arrives with the same id
+    receiver.received.clear()
+    receiver.statuses = [503] * 4
+    client.request("POST", f"/webhooks/{hook['id']}/deliveries/{log[0]['id']}/redeliver")
+    failed = wait_for(lambda: (d := deliveries(client, hook["id"])) and d[0]["state"] == "failed" and d, timeout=30)
+    assert len(failed[0]["attempt_log"]) == 8 and failed[0]["error"] == "HTTP 503"
+    r = client.http.post(f"/api/v1/webhooks/{hook['id']}/deliveries/{log[0]['id']}/redeliver")
+    assert r.status_code == 202
+    wait_for(lambda: receiver.verified() and receiver.received[-1]["status"] == 200, timeout=30,
+             message="the redelivery")
+    assert receiver.received[-1]["headers"]["webhook-id"] == log[0]["event_id"]
+
+    receiver.statuses = [410]
+    client.wait(queued_then_cancelled(client, write_sources, data_dir))
+    gone = wait_for(lambda: (h := client.request("GET", f"/webhooks/{hook['id']}")["data"]) and not h["enabled"]
+                    and h, timeout=30, message="410 to disable the endpoint")
+    assert "410" in gone["disabled_reason"]
+
+
+def test_an_event_committed_before_the_worker_died_is_still_delivered(client, start_worker, write_sources,
+                                                                       data_dir, receiver):
+    hook = register(client, receiver.url, ["ingestion.completed"])
+    receiver.secret = hook["secret"]
+    write_csv(data_dir / "a.csv", 5)
+    write_sources(sources_toml("prices", "a.csv"))
+    worker = start_worker()
+    job_id = client.start_ingestion(["prices"])["job_id"]
+    with get_engine().connect() as conn:
+        wait_for(lambda: conn.execute(text("SELECT state FROM jobs WHERE id = :id"), {"id": job_id}).scalar()
+                 == "succeeded" or conn.rollback(), timeout=60, interval=0.005, message="the job to end")
+    worker.kill()  # whatever the worker had not done yet is lost with it
+    with get_engine().connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM webhook_events WHERE job_id = :id"),
+                            {"id": job_id}).scalar_one() == 1  # committed with the job's final state
+    start_worker()
+    wait_for(lambda: receiver.verified("ingestion.completed"), timeout=60, message="the event after the restart")
+    assert receiver.verified()[0]["payload"]["data"]["id"] == job_id
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:8080/x", "http://10.0.0.1/x", "http://169.254.169.254/latest",
+                                 "http://[::1]:8000/x", "http://localhost:8000/x", "http://[::ffff:127.0.0.1]/x"])
+def test_private_addresses_are_refused_when_not_allowed(client, url):
+    settings = get_settings()
+    settings.webhook_allow_private = False
+    try:
+        r = client.http.post("/api/v1/webhooks", json={"url": url, "events": ["job.cancelled"]})
+    finally:
+        settings.webhook_allow_private = True
+    assert r.status_code == 422 and "private or reserved" in r.json()["error"]["message"]
+
+
+def test_delivery_time_check_refuses_private_targets(client, start_worker, write_sources, data_dir, receiver):
+    hook = register(client, receiver.url, ["job.cancelled"])  # allowed when registered...
+    start_worker(env={"INGOT_WEBHOOK_ALLOW_PRIVATE": "false"})  # ...but not by the worker that delivers
+    queued_then_cancelled(client, write_sources, data_dir)
+    log = wait_for(lambda: (d := deliveries(client, hook["id"])) and d[0]["state"] == "failed" and d, timeout=30)
+    assert all(a["error"].startswith("refused:") for a in log[0]["attempt_log"])
+    assert receiver.received == []

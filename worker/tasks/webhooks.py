@@ -1,0 +1,33 @@
+"""Webhook tasks: the relay (outbox to deliveries) and one delivery attempt."""
+
+from __future__ import annotations
+
+import threading
+
+import httpx
+
+from pipelines import webhooks
+from pipelines.settings import get_settings
+from worker.app import app
+from worker.queues import Queues
+
+_local = threading.local()
+
+
+def _client() -> httpx.Client:
+    """One connection pool per worker thread, made after the fork, never following redirects."""
+    if getattr(_local, "client", None) is None:
+        _local.client = httpx.Client(timeout=get_settings().webhook_timeout_seconds, follow_redirects=False)
+    return _local.client
+
+
+@app.task(name="webhooks.deliver", queue=Queues.WEBHOOKS.value)
+def deliver(delivery_id: str) -> str:
+    return webhooks.deliver(delivery_id, _client())
+
+
+@app.task(name="webhooks.relay", queue=Queues.WEBHOOKS.value)
+def relay() -> int:
+    from worker.dispatch import relay_webhooks
+
+    return relay_webhooks()
