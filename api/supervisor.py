@@ -111,8 +111,8 @@ class Supervisor:
         self.children = [
             Child("api", [*cli, "api", "--no-migrate"]),
             Child("worker", [*cli, "worker", "--queues", "ingest,export,scenarios,default"]),
-            # Deliveries wait on the network, not the CPU: many threads in one process.
-            Child("webhooks", [*cli, "worker", "--queues", "webhooks", "--pool", "threads", "--concurrency", "10"]),
+            # Deliveries get processes of their own, so a long ingestion never delays a webhook.
+            Child("webhooks", [*cli, "worker", "--queues", "webhooks", "--concurrency", "4"]),
             Child("beat", [*cli, "beat"]),
             Child("flower", [*cli, "flower"]),
         ]

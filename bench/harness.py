@@ -17,13 +17,15 @@ sys.path.insert(0, str(ROOT))
 
 
 class Bench:
-    def __init__(self, sources_toml: str, port: int = 8765):
+    def __init__(self, sources_toml: str, port: int = 8765, worker_args: list[str] | None = None, **env: str):
         self.home = Path(tempfile.mkdtemp(prefix="ingot-bench-"))
         self.data = self.home / "data"
         self.data.mkdir()
         os.environ.update(INGOT_HOME=str(self.home), INGOT_SOURCES_FILE=str(self.home / "sources.toml"),
                           INGOT_LOG_LEVEL="WARNING", INGOT_WORKER_CONCURRENCY="1", INGOT_IGNORE_ENV_FILE="1")
+        os.environ.update(env)
         (self.home / "sources.toml").write_text(sources_toml)
+        self.worker_args = worker_args or ["--concurrency", "1"]
         self.port = port
         self.worker = None
         self.server = None
@@ -49,7 +51,7 @@ class Bench:
         threading.Thread(target=self.server.run, daemon=True).start()
         while not self.server.started:
             time.sleep(0.05)
-        self.worker = subprocess.Popen([sys.executable, "-m", "api.cli", "worker", "--concurrency", "1"], cwd=ROOT,
+        self.worker = subprocess.Popen([sys.executable, "-m", "api.cli", "worker", *self.worker_args], cwd=ROOT,
                                        env=dict(os.environ), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         from worker.app import app
 

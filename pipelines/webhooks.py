@@ -17,6 +17,7 @@ import random
 import secrets
 import time
 from datetime import UTC, datetime, timedelta
+from functools import lru_cache
 
 import httpx
 from cryptography.fernet import Fernet
@@ -55,9 +56,18 @@ def check_secret(secret: str) -> str:
     return secret if secret.startswith("whsec_") else "whsec_" + body
 
 
+@lru_cache(maxsize=4)
+def _fernet_for(key: str) -> Fernet:
+    return Fernet(base64.urlsafe_b64encode(hashlib.sha256(key.encode()).digest()))
+
+
 def _fernet() -> Fernet:
-    key = hashlib.sha256(get_settings().encryption_key().encode()).digest()
-    return Fernet(base64.urlsafe_b64encode(key))
+    return _fernet_for(get_settings().encryption_key())
+
+
+@lru_cache(maxsize=1024)
+def _signer(secret_encrypted: str) -> Signer:
+    return Signer(decrypt(secret_encrypted))
 
 
 def encrypt(secret: str) -> str:
@@ -167,7 +177,7 @@ def deliver(delivery_id: str, client: httpx.Client | None = None) -> str:
                 address = netguard.resolve(row.url, settings.webhook_allow_private)
                 body = body_of(row)
                 now = datetime.now(UTC)
-                signature = Signer(decrypt(row.secret_encrypted)).sign(row.event_id, now, body)
+                signature = _signer(row.secret_encrypted).sign(row.event_id, now, body)
                 headers = {"webhook-id": row.event_id, "webhook-timestamp": str(int(now.timestamp())),
                            "webhook-signature": signature, "Content-Type": "application/json",
                            "User-Agent": "Ingot-Webhooks/1"}
@@ -198,7 +208,8 @@ def _record(session, row, attempt, status, error, excerpt, duration, response) -
     next_at = None
     if error is None:
         state = "succeeded"
-        session.execute(text("UPDATE webhooks SET failing_since = NULL WHERE id = :w"), {"w": row.webhook_id})
+        if row.failing_since is not None:
+            session.execute(text("UPDATE webhooks SET failing_since = NULL WHERE id = :w"), {"w": row.webhook_id})
     elif status == 410 or not row.enabled:
         state = "failed"
         if status == 410:
