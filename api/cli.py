@@ -279,12 +279,16 @@ def jobs_list(
     out.print(table)
 
 
+def _jobs_client(ctx: typer.Context, url: str, api_key: str | None) -> Client:
+    """`ingot jobs --url U show ID` and `ingot jobs show ID --url U` both work."""
+    parent_url, parent_key = ctx.obj
+    return _client(url if url != DEFAULT_URL else parent_url, api_key or parent_key)
+
+
 @jobs_app.command("show")
 def jobs_show(ctx: typer.Context, job_id: str, url: UrlOpt = DEFAULT_URL, api_key: KeyOpt = None) -> None:
     """Show one job in full."""
-    parent_url, parent_key = ctx.obj
-    url = url if url != DEFAULT_URL else parent_url
-    with _client(url, api_key or parent_key) as client:
+    with _jobs_client(ctx, url, api_key) as client:
         try:
             out.print_json(data=client.job(job_id))
         except IngotError as exc:
@@ -294,9 +298,7 @@ def jobs_show(ctx: typer.Context, job_id: str, url: UrlOpt = DEFAULT_URL, api_ke
 @jobs_app.command("cancel")
 def jobs_cancel(ctx: typer.Context, job_id: str, url: UrlOpt = DEFAULT_URL, api_key: KeyOpt = None) -> None:
     """Cancel a job (a running one stops at its next batch; committed work stays)."""
-    parent_url, parent_key = ctx.obj
-    url = url if url != DEFAULT_URL else parent_url
-    with _client(url, api_key or parent_key) as client:
+    with _jobs_client(ctx, url, api_key) as client:
         try:
             job = client.cancel(job_id)
         except IngotError as exc:

@@ -26,28 +26,7 @@ def raw_copy_out(url: str, path) -> float:
 
 
 def export(bench: Bench, fmt: str) -> tuple[dict, float, int]:
-    import psutil
-
-    from api.client import Client
-
-    peak = 0
-    with Client(f"http://127.0.0.1:{bench.port}", bench.key) as client:
-        began = time.perf_counter()
-        export_id = client.start_export(fmt)["export_id"]
-        while True:
-            for proc in psutil.Process(bench.worker.pid).children(recursive=True):
-                try:
-                    peak = max(peak, proc.memory_info().rss)
-                except psutil.NoSuchProcess:
-                    pass
-            job = client.job(export_id)
-            if job["state"] in ("succeeded", "failed", "cancelled"):
-                break
-            time.sleep(0.05)
-        seconds = time.perf_counter() - began
-    if job["state"] != "succeeded":
-        raise SystemExit(f"export {job['state']}: {job['error']}")
-    return job, seconds, peak
+    return bench.track(lambda client: client.start_export(fmt)["export_id"])
 
 
 def main() -> None:

@@ -61,6 +61,10 @@ class Bench:
 
     def ingest(self, sources: list[str], **options) -> tuple[dict, float, int]:
         """Start an ingestion through the API and wait: (final job, seconds, worker peak RSS bytes)."""
+        return self.track(lambda client: client.start_ingestion(sources, **options)["job_id"])
+
+    def track(self, start) -> tuple[dict, float, int]:
+        """Run START(client) -> job id, and wait for that job: (final job, seconds, worker peak RSS)."""
         import psutil
 
         from api.client import Client
@@ -68,7 +72,7 @@ class Bench:
         peak = 0
         with Client(f"http://127.0.0.1:{self.port}", self.key) as client:
             began = time.perf_counter()
-            job_id = client.start_ingestion(sources, **options)["job_id"]
+            job_id = start(client)
             while True:
                 for proc in psutil.Process(self.worker.pid).children(recursive=True):
                     try:
@@ -81,7 +85,7 @@ class Bench:
                 time.sleep(0.05)
             seconds = time.perf_counter() - began
         if job["state"] != "succeeded":
-            raise SystemExit(f"ingestion {job['state']}: {job['error']}")
+            raise SystemExit(f"{job['kind']} {job['state']}: {job['error']}")
         return job, seconds, peak
 
     def stop(self, keep: bool = False) -> None:
@@ -92,6 +96,14 @@ class Bench:
             self.server.should_exit = True
         if not keep:
             shutil.rmtree(self.data, ignore_errors=True)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def generate_csv(path: Path, rows: int, start: int = 0, append: bool = False) -> None:

@@ -9,12 +9,11 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
-import socket
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
-from harness import Bench
+from harness import Bench, free_port
 
 
 def record(i: int) -> dict:
@@ -49,11 +48,6 @@ def serve(port: int, rows: int, size: int, ready) -> None:
     ready.set()
     server.serve_forever()
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 VALIDATION = ('required_columns = ["id", "period", "value"]\n'

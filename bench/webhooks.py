@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
-import socket
 import statistics
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from harness import Bench
+from harness import Bench, free_port
 
 
 def receive(port: int, log_path: str, ready) -> None:
@@ -42,11 +41,6 @@ def receive(port: int, log_path: str, ready) -> None:
 WORKER = ["--pool", "prefork", "--concurrency", "4"]  # as `ingot up` runs its webhooks worker
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
 
 def fire(events: int, rate: float) -> None:
     """End EVENTS jobs at RATE a second, relaying after each commit as a worker does."""
@@ -55,7 +49,7 @@ def fire(events: int, rate: float) -> None:
     from pipelines.db import get_engine
     from worker.dispatch import relay_webhooks
 
-    tick, per_tick = 0.02, max(1, round(rate * 0.02))
+    per_tick = max(1, round(rate * 0.02))  # one commit every 20 ms
     began = time.perf_counter()
     for sent in range(0, events, per_tick):
         n = min(per_tick, events - sent)

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query, Request
-from sqlalchemy import and_, or_, select
+from sqlalchemy import select
 
 from api.deps import ReadKey, SessionDep, WriteKey
 from api.envelope import ApiError, Envelope, ok
+from api.routes import newest_first_page
 from api.schemas import JobList, JobOut
-from pipelines import jobs, journal, pagination
+from pipelines import jobs, journal
 from pipelines.db import on_commit
 from pipelines.models import Job
 from worker.dispatch import relay_webhooks, revoke
@@ -31,22 +31,12 @@ def list_jobs(
     limit: Annotated[int, Query(ge=1, le=1000)] = 50,
     cursor: str | None = None,
 ) -> dict:
-    query = select(Job).order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)
+    query = select(Job)
     if kind:
         query = query.where(Job.kind == kind)
     if state:
         query = query.where(Job.state == state)
-    if cursor:
-        try:
-            created, job_id = pagination.decode(cursor, 2)
-            created = datetime.fromisoformat(created)
-        except (pagination.BadCursor, TypeError, ValueError):
-            raise ApiError(422, "cursor is not valid") from None
-        query = query.where(or_(Job.created_at < created, and_(Job.created_at == created, Job.id < job_id)))
-    rows = list(session.scalars(query))
-    more = len(rows) > limit
-    rows = rows[:limit]
-    next_cursor = pagination.encode([rows[-1].created_at.isoformat(), rows[-1].id]) if more else None
+    rows, next_cursor = newest_first_page(session, query, Job.created_at, Job.id, cursor, limit)
     return ok(request, {"jobs": [JobOut.of(j) for j in rows]}, next_cursor=next_cursor)
 
 

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ConfigDict, Field, field_validator
-from sqlalchemy import and_, or_, select, text
+from sqlalchemy import select, text
 
 from api.deps import ReadKey, SessionDep, WriteKey
 from api.envelope import ApiError, Envelope, UTCDateTime, ok
-from pipelines import netguard, pagination, webhooks
+from api.routes import newest_first_page
+from pipelines import netguard, webhooks
 from pipelines.db import on_commit
 from pipelines.models import Webhook, WebhookDelivery
 from worker.dispatch import relay_webhooks
@@ -138,20 +138,10 @@ def deliveries(
 ) -> dict:
     """Every delivery to this endpoint, newest first, each with every attempt."""
     _hook(session, webhook_id)
-    query = (select(WebhookDelivery).where(WebhookDelivery.webhook_id == webhook_id)
-             .order_by(WebhookDelivery.created_at.desc(), WebhookDelivery.id.desc()).limit(limit + 1))
+    query = select(WebhookDelivery).where(WebhookDelivery.webhook_id == webhook_id)
     if state:
         query = query.where(WebhookDelivery.state == state)
-    if cursor:
-        try:
-            created, last_id = pagination.decode(cursor, 2)
-            created = datetime.fromisoformat(created)
-        except (pagination.BadCursor, TypeError, ValueError):
-            raise ApiError(422, "cursor is not valid") from None
-        query = query.where(or_(WebhookDelivery.created_at < created,
-                                and_(WebhookDelivery.created_at == created, WebhookDelivery.id < last_id)))
-    rows = list(session.scalars(query))
-    more, rows = len(rows) > limit, rows[:limit]
+    rows, next_cursor = newest_first_page(session, query, WebhookDelivery.created_at, WebhookDelivery.id, cursor, limit)
     ids = [r.id for r in rows]
     types = dict(session.execute(text("SELECT id, type FROM webhook_events WHERE id = ANY(:ids)"),
                                  {"ids": [r.event_id for r in rows]}).all())
@@ -165,7 +155,6 @@ def deliveries(
         "next_retry_at": r.next_attempt_at if r.state == "pending" else None, "created_at": r.created_at,
         "completed_at": r.completed_at, "attempt_log": log[r.id],
     } for r in rows]
-    next_cursor = pagination.encode([rows[-1].created_at.isoformat(), rows[-1].id]) if more else None
     return ok(request, {"deliveries": data}, next_cursor=next_cursor)
 
 
