@@ -15,6 +15,8 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, PlainSerializer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from pipelines.settings import get_settings
+
 log = logging.getLogger("ingot.api")
 T = TypeVar("T")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
@@ -126,6 +128,11 @@ def install(app: FastAPI) -> None:
         supplied = request.headers.get("x-request-id", "")
         rid = supplied if _REQUEST_ID.match(supplied) else new_request_id()
         request.state.request_id = rid
+        length = request.headers.get("content-length", "")
+        limit = get_settings().max_body_bytes
+        if (length.isdigit() and int(length) > limit) or (not length and request.headers.get("transfer-encoding")):
+            # Refused before the body is read; chunked bodies (no length) are refused outright.
+            return error_response(request, 413, f"request body larger than {limit:,} bytes")
         structlog.contextvars.bind_contextvars(request_id=rid)
         try:
             response = await call_next(request)

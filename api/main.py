@@ -6,7 +6,7 @@ import logging
 
 from fastapi import APIRouter, Depends, FastAPI
 
-from api import envelope
+from api import envelope, metrics
 from api.limits import default_limit
 from api.routes import data, exports, health, ingestion, jobs, sources, webhooks
 from pipelines import __version__
@@ -27,6 +27,7 @@ def create_app() -> FastAPI:
         description="Start, stop and watch ingestion and export jobs.",
         responses=envelope.ERROR_RESPONSES,
     )
+    metrics.install(app)
     envelope.install(app)
     app.include_router(health.root)
     api = APIRouter(prefix="/api/v1", dependencies=[Depends(default_limit)])

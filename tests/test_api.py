@@ -103,3 +103,15 @@ def test_sources_listing_and_detail(http, admin_key, write_sources, data_dir):
     detail = http.get("/api/v1/sources/prices", headers=headers).json()["data"]
     assert detail["validation"]["primary_key"] == ["id"] and detail["sync_stats"]["total_records"] == 0
     assert http.get("/api/v1/sources/nope", headers=headers).status_code == 404
+
+
+def test_oversized_bodies_are_refused_with_413(http, admin_key):
+    r = http.post("/api/v1/ingestion/start", headers={"X-API-Key": admin_key, "Content-Type": "application/json"},
+                  content=b'{"sources": ["' + b"x" * (1024 * 1024) + b'"]}')
+    assert r.status_code == 413 and r.json()["error"]["code"] == "PAYLOAD_TOO_LARGE"
+
+
+def test_rate_limit_headers_on_every_api_response(http, admin_key):
+    r = http.get("/api/v1/jobs", headers={"X-API-Key": admin_key})
+    assert r.headers["X-RateLimit-Limit"] == "1000"
+    assert int(r.headers["X-RateLimit-Remaining"]) < 1000 and int(r.headers["X-RateLimit-Reset"]) > 0

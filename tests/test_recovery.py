@@ -37,6 +37,12 @@ def test_status_reports_database_broker_workers_and_storage(client, worker, writ
     assert set(status["broker"]["queues"]) == {"ingest", "export", "scenarios", "webhooks", "default"}
     assert status["workers"]["online"] >= 1
     assert status["storage"]["total_records"] == 12 and status["storage"]["available_bytes"] > 0
+    metrics = client.http.get("/metrics").text  # Prometheus text, open like /health
+    assert 'ingot_jobs{kind="ingestion",state="succeeded"} 1.0' in metrics
+    assert 'ingot_records_ingested_total{source="prices"} 12.0' in metrics
+    assert 'ingot_queue_depth{queue="ingest"} 0.0' in metrics
+    assert 'ingot_http_requests_total{method="GET",route="/api/v1/status",status="200"}' in metrics
+    assert 'ingot_job_duration_seconds_count{kind="ingestion"} 1.0' in metrics
 
 
 def test_openapi_document_lists_the_contract(api_url):

@@ -16,7 +16,7 @@ router = APIRouter(prefix="/sources", tags=["sources"])
 @router.get("", response_model=Envelope[SourceList])
 def list_sources(request: Request, session: SessionDep, _key: ReadKey) -> dict:
     registry = registry_or_error()
-    return ok(request, {"sources": catalog.summaries(session, registry)})
+    return ok(request, {"sources": catalog.summaries(session, registry)}, next_cursor=None)
 
 
 @router.get("/{source_id}", response_model=Envelope[SourceDetail])
