@@ -32,7 +32,7 @@ def upgrade() -> None:
     op.create_index('ix_events_job', 'events', ['job_id', 'id'], unique=False)
     op.create_index('ix_events_source', 'events', ['source', 'id'], unique=False)
     op.create_index('ix_observations_source_time', 'observations', ['source', 'timestamp', 'id'], unique=False)
-    op.create_index('ix_observations_time', 'observations', ['timestamp', 'source', 'id'], unique=False)
+    op.create_index('ix_observations_time', 'observations', ['timestamp'], unique=False, postgresql_using='brin')
     op.add_column('source_state', sa.Column('cursor_value', sa.Text(), nullable=True))
     op.add_column('source_state', sa.Column('cursor_ids', postgresql.JSONB(astext_type=sa.Text()),
                                             server_default='[]', nullable=False))
