@@ -91,6 +91,7 @@ class Supervisor:
             self.redis = embedded.EmbeddedRedis(s.home)
             s.redis_url = self.redis.start()
         env = dict(os.environ)
+        env.setdefault("INGOT_LOG_FORMAT", "console")  # a person is watching this terminal
         env.update(
             INGOT_DATABASE_URL=database_url,
             INGOT_REDIS_URL=s.redis_url,
@@ -155,7 +156,8 @@ class Supervisor:
         try:
             with Client(url, api_key) as client:
                 started = client.start_ingestion()
-            console.print(f"ingesting the demo sources: job {started['job_id']} ({', '.join(started['sources'])})")
+            console.print(f"ingesting the demo sources: job {started['job_id']} ({', '.join(started['sources'])})",
+                          soft_wrap=True)
         except IngotError as exc:
             console.print(f"[yellow]demo ingestion not started: {exc.message}[/yellow]")
 
