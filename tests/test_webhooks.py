@@ -192,3 +192,14 @@ def test_delivery_time_check_refuses_private_targets(client, start_worker, write
     log = wait_for(lambda: (d := deliveries(client, hook["id"])) and d[0]["state"] == "failed" and d, timeout=30)
     assert all(a["error"].startswith("refused:") for a in log[0]["attempt_log"])
     assert receiver.received == []
+
+
+def test_an_endpoint_failing_for_too_long_is_disabled(client, start_worker, write_sources, data_dir, receiver):
+    hook = register(client, receiver.url, ["job.cancelled"])
+    receiver.statuses = [500] * 100
+    start_worker(env={"INGOT_WEBHOOK_DISABLE_AFTER_SECONDS": "0.5"})
+    queued_then_cancelled(client, write_sources, data_dir)
+    shown = wait_for(lambda: (h := client.request("GET", f"/webhooks/{hook['id']}")["data"]) and not h["enabled"]
+                     and h, timeout=30, message="the endpoint to be disabled")
+    assert shown["disabled_reason"].startswith("every delivery failed since") and shown["failing_since"]
+    assert client.http.post(f"/api/v1/webhooks/{hook['id']}/deliveries/dlv_x/redeliver").status_code == 409
