@@ -19,6 +19,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import psutil
+import structlog
 from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
@@ -299,6 +300,8 @@ def execute(job_id: str, work: Callable[[JobRun], dict], owner: str | None = Non
     run = claim(job_id, owner or owner_name())
     if run is None:
         return "skipped"
+    # Every log line of this attempt names the job (and the request that started it, via the job).
+    structlog.contextvars.bind_contextvars(job_id=job_id, job_kind=run.kind)
     heartbeat = Heartbeat(run)
     heartbeat.start()
     try:
@@ -316,6 +319,7 @@ def execute(job_id: str, work: Callable[[JobRun], dict], owner: str | None = Non
         return "failed"
     finally:
         heartbeat.stop()
+        structlog.contextvars.unbind_contextvars("job_id", "job_kind")
     finish(run, JobState.SUCCEEDED, result=result)
     return "succeeded"
 

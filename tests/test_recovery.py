@@ -1,5 +1,6 @@
 """Redis loses its messages (a restart without persistence): the reaper re-sends, nothing is lost."""
 
+import pytest
 from sqlalchemy import text
 
 from pipelines.db import get_engine
@@ -56,3 +57,27 @@ def test_openapi_document_lists_the_contract(api_url):
     job_schema = spec["components"]["schemas"]["JobOut"]["properties"]
     assert {"id", "kind", "state", "progress", "records_processed", "records_failed", "params", "result",
             "error", "created_at", "started_at", "finished_at", "request_id", "celery_task_id"} <= set(job_schema)
+
+
+def test_logs_and_json_metrics(client, worker, write_sources, data_dir, api_url):
+    from api.client import Client, IngotError
+    from tests.conftest import make_key
+
+    write_csv(data_dir / "a.csv", 8, bad_every=4)
+    (data_dir / "bad.csv").write_text("id\n1\n")
+    write_sources(sources_toml("prices", "a.csv") + sources_toml("broken", "bad.csv"))
+    ok = client.wait(client.start_ingestion(["prices"])["job_id"], timeout=60)
+    bad = client.wait(client.start_ingestion(["broken"])["job_id"], timeout=60)
+    entries = client.request("GET", "/logs", params={"job_id": ok["id"]})["data"]["logs"]
+    assert [e["event"] for e in entries] == ["source.ingested"] and entries[0]["details"]["records"] == 6
+    errors = client.request("GET", "/logs", params={"level": "error"})["data"]["logs"]
+    assert [e["job_id"] for e in errors] == [bad["id"]] and "missing required column" in errors[0]["message"]
+    page = client.request("GET", "/logs", params={"limit": 1})
+    assert len(page["data"]["logs"]) == 1 and page["meta"]["next_cursor"]
+    with Client(api_url, make_key(["read", "write"])) as writer, pytest.raises(IngotError) as info:
+        writer.request("GET", "/logs")
+    assert info.value.status == 403  # the journal is for admins
+    summary = client.request("GET", "/metrics")["data"]
+    assert summary["ingestion"]["records_per_second"] > 0 and summary["ingestion"]["active_jobs"] == 0
+    assert summary["ingestion"]["error_rate"] == round(2 / 8, 4)
+    assert summary["queues"]["ingest"] == 0

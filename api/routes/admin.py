@@ -1,0 +1,85 @@
+"""Operational views: the events journal (admin) and a JSON summary of throughput and queues."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Query, Request
+from pydantic import AwareDatetime, BaseModel
+from sqlalchemy import func, select, text
+
+from api.broker import broker_status, queue_depths
+from api.deps import AdminKey, ReadKey, SessionDep
+from api.envelope import Envelope, UTCDateTime, ok
+from pipelines import status
+from pipelines.models import ACTIVE_STATES, Event, Job
+
+router = APIRouter(tags=["operations"])
+
+
+class LogEntry(BaseModel):
+    id: int
+    created_at: UTCDateTime
+    level: str
+    event: str
+    message: str
+    source: str | None
+    job_id: str | None
+    details: dict[str, Any]
+
+
+class LogList(BaseModel):
+    logs: list[LogEntry]
+
+
+@router.get("/logs", response_model=Envelope[LogList])
+def logs(
+    request: Request,
+    session: SessionDep,
+    _key: AdminKey,
+    level: Literal["debug", "info", "warning", "error"] | None = None,
+    source: str | None = None,
+    job_id: str | None = None,
+    start_time: AwareDatetime | None = None,
+    end_time: AwareDatetime | None = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    cursor: Annotated[int | None, Query(ge=1, description="the id of the last entry seen")] = None,
+) -> dict:
+    """Structured job and system events recorded in the database, newest first."""
+    query = select(Event).order_by(Event.id.desc()).limit(limit + 1)
+    for column, value in ((Event.level, level), (Event.source, source), (Event.job_id, job_id)):
+        if value is not None:
+            query = query.where(column == value)
+    if start_time:
+        query = query.where(Event.created_at >= start_time)
+    if end_time:
+        query = query.where(Event.created_at <= end_time)
+    if cursor:
+        query = query.where(Event.id < cursor)
+    rows = list(session.scalars(query))
+    more, rows = len(rows) > limit, rows[:limit]
+    entries = [{"id": e.id, "created_at": e.created_at, "level": e.level, "event": e.event, "message": e.message,
+                "source": e.source, "job_id": e.job_id, "details": e.details} for e in rows]
+    return ok(request, {"logs": entries}, next_cursor=str(rows[-1].id) if more else None)
+
+
+@router.get("/metrics", response_model=Envelope[dict[str, Any]])
+def metrics(request: Request, session: SessionDep, _key: ReadKey) -> dict:
+    """Throughput over the last hour, job and database facts, and queue depths."""
+    hour = session.execute(text(
+        "SELECT COALESCE(sum(records_processed), 0), COALESCE(sum(records_failed), 0), "
+        "COALESCE(sum(extract(epoch FROM finished_at - started_at)), 0) FROM jobs "
+        "WHERE kind = 'ingestion' AND finished_at > now() - interval '1 hour'")).one()
+    processed, failed, seconds = int(hour[0]), int(hour[1]), float(hour[2])
+    active = session.scalar(select(func.count()).where(Job.state.in_(ACTIVE_STATES)))
+    connected = broker_status()
+    return ok(request, {
+        "system": {"version": request.app.version},
+        "ingestion": {
+            "records_per_second": round(processed / seconds, 1) if seconds else 0.0,
+            "error_rate": round(failed / (processed + failed), 4) if processed + failed else 0.0,
+            "active_jobs": active,
+        },
+        "database": status.database_stats(session),
+        "queues": queue_depths() if connected else {},
+    })
