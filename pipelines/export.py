@@ -27,6 +27,7 @@ import pyarrow.parquet as pq
 from psycopg import sql
 from sqlalchemy import text
 
+from pipelines import query
 from pipelines.db import get_engine
 from pipelines.jobs import JobFailed, JobRun
 from pipelines.settings import get_settings
@@ -64,27 +65,13 @@ def final_path(job_id: str, fmt: str) -> Path:
 
 
 def _where(filters: dict) -> tuple[sql.Composable, dict]:
-    clauses, params = [], {}
-    if filters.get("source") is not None:
-        clauses.append(sql.SQL("source = %(source)s"))
-        params["source"] = filters["source"]
-    dates = filters.get("date_range") or {}
-    if dates.get("start") is not None:
-        clauses.append(sql.SQL("timestamp >= %(start)s"))
-        params["start"] = dates["start"]
-    if dates.get("end") is not None:
-        clauses.append(sql.SQL("timestamp <= %(end)s"))
-        params["end"] = dates["end"]
-    values = filters.get("value_range") or {}
-    if values.get("min") is not None:
-        clauses.append(sql.SQL("value >= %(min)s"))
-        params["min"] = values["min"]
-    if values.get("max") is not None:
-        clauses.append(sql.SQL("value <= %(max)s"))
-        params["max"] = values["max"]
-    if not clauses:
-        return sql.SQL("TRUE"), params
-    return sql.SQL(" AND ").join(clauses), params
+    """The export's WHERE clause: the query API's own conditions, compiled with bound parameters."""
+    from sqlalchemy import and_, true
+    from sqlalchemy.dialects import postgresql
+
+    compiled = and_(true(), *query.conditions(query.Query.from_filters(filters))).compile(
+        dialect=postgresql.psycopg.dialect())
+    return sql.SQL(str(compiled)), compiled.params
 
 
 class _CopyReader(io.RawIOBase):

@@ -40,7 +40,20 @@ class Query:
     cursor: str | None = None
 
 
-def _filters(q: Query) -> list:
+    @classmethod
+    def from_filters(cls, filters: dict, **fields) -> Query:
+        """A query from the API's `filters` object (as the export job stores it)."""
+        dates, values = filters.get("date_range") or {}, filters.get("value_range") or {}
+        return cls(source=filters.get("source"), start=_time(dates.get("start")), end=_time(dates.get("end")),
+                   min_value=values.get("min"), max_value=values.get("max"), **fields)
+
+
+def _time(value) -> datetime | None:
+    return datetime.fromisoformat(value) if isinstance(value, str) else value
+
+
+def conditions(q: Query) -> list:
+    """The WHERE conditions of Q's filters: one definition for the query API and for exports."""
     conditions = []
     if q.source is not None:
         conditions.append(Observation.source == q.source)
@@ -79,11 +92,11 @@ def _encode(q: Query, row: Observation) -> str:
 def run(session: Session, q: Query) -> tuple[list[Observation], dict]:
     """One page of rows and the pagination facts (page, limit, total, pages, next_cursor)."""
     column = SORT_FIELDS[q.sort]
-    conditions = _filters(q)
-    total = session.scalar(select(func.count()).select_from(Observation).where(*conditions))
+    conditions_ = conditions(q)
+    total = session.scalar(select(func.count()).select_from(Observation).where(*conditions_))
     order = [column.desc().nulls_last() if q.descending else column.asc().nulls_last()]
     order += [tie.desc() if q.descending else tie.asc() for tie in (Observation.source, Observation.id)]
-    statement = select(Observation).where(*conditions).order_by(*order).limit(q.limit + 1)
+    statement = select(Observation).where(*conditions_).order_by(*order).limit(q.limit + 1)
     page = None
     if q.cursor:
         statement = statement.where(_after(q, pagination.decode(q.cursor, 3)))
