@@ -182,6 +182,34 @@ def keys_revoke(key_id: str) -> None:
     err.print(f"revoked {key_id}")
 
 
+users_app = typer.Typer(help="Users who log in for bearer tokens (acts on the database directly).")
+app.add_typer(users_app, name="users")
+
+
+@users_app.command("create")
+def users_create(
+    name: str,
+    scopes: Annotated[str, typer.Option(help="comma-separated: read,write,admin")] = "read,write",
+    password_stdin: Annotated[bool, typer.Option("--password-stdin", help="read the password from stdin")] = False,
+) -> None:
+    """Create a user; the password is asked for (or read from stdin), never taken as an argument."""
+    from pipelines import migrate, users
+    from pipelines.db import session_scope
+
+    if password_stdin:
+        password = sys.stdin.readline().rstrip("\n")
+    else:
+        password = typer.prompt("password", hide_input=True, confirmation_prompt=True)
+    migrate.upgrade()
+    try:
+        with session_scope() as session:
+            user = users.create_user(session, name, password, [s.strip() for s in scopes.split(",") if s.strip()])
+    except ValueError as exc:
+        err.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from None
+    err.print(f"created user {user.username} ({user.id}), scopes {','.join(user.scopes)}")
+
+
 # --- jobs over the API ---------------------------------------------------------------------------
 
 

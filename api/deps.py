@@ -9,7 +9,7 @@ from fastapi import Depends, Request
 from sqlalchemy.orm import Session
 
 from api.envelope import ApiError
-from pipelines import keys
+from pipelines import keys, users
 from pipelines.db import new_session
 from pipelines.models import ApiKey
 from pipelines.settings import get_settings
@@ -36,14 +36,26 @@ def _current_key(request: Request, session: SessionDep) -> ApiKey:
     supplied = request.headers.get("x-api-key")
     if not supplied:
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        supplied = token if scheme.lower() == "bearer" and token.startswith("ingot_") else None
+        if scheme.lower() == "bearer" and token and not token.startswith("ingot_"):
+            return _token_principal(request, session, token)
+        supplied = token if scheme.lower() == "bearer" else None
     if not supplied:
-        raise ApiError(401, "an API key is required (X-API-Key header)", headers={"WWW-Authenticate": "ApiKey"})
+        raise ApiError(401, "an API key (X-API-Key) or a bearer token is required",
+                       headers={"WWW-Authenticate": "Bearer"})
     key = keys.authenticate(session, supplied)
     if key is None:
         raise ApiError(401, "the API key is not valid or was revoked", headers={"WWW-Authenticate": "ApiKey"})
     request.state.api_key_id = key.id
     return key
+
+
+def _token_principal(request: Request, session: Session, token: str) -> ApiKey:
+    """A logged-in user, standing in the place of a key with the user's scopes."""
+    user = users.verify(session, token)
+    if user is None:
+        raise ApiError(401, "the bearer token is not valid or has expired", headers={"WWW-Authenticate": "Bearer"})
+    request.state.api_key_id = user.id
+    return ApiKey(id=user.id, name=user.username, prefix="", key_hash="", scopes=user.scopes)
 
 
 CurrentKey = Annotated[ApiKey, Depends(_current_key)]

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Depends, FastAPI
 
 from api import envelope, metrics
 from api.limits import default_limit
-from api.routes import admin, data, exports, health, ingestion, jobs, sources, webhooks
+from api.routes import admin, auth, data, exports, health, ingestion, jobs, sources, webhooks
 from pipelines import __version__
 from pipelines.logs import configure
 from pipelines.settings import get_settings
@@ -32,7 +32,7 @@ def create_app() -> FastAPI:
     app.include_router(health.root)
     api = APIRouter(prefix="/api/v1", dependencies=[Depends(default_limit)])
     api.include_router(health.router)
-    for module in (sources, ingestion, jobs, data, exports, webhooks, admin):
+    for module in (auth, sources, ingestion, jobs, data, exports, webhooks, admin):
         api.include_router(module.router)
     app.include_router(api)
     return app

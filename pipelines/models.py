@@ -102,6 +102,19 @@ class ApiKey(Base):
     revoked_at: Mapped[datetime | None]
 
 
+class User(Base):
+    """A person who logs in for a short-lived token; the password is kept only as a scrypt hash."""
+
+    __tablename__ = "users"
+
+    id: Mapped[str] = mapped_column(Text, primary_key=True, default=lambda: new_id("usr"))
+    username: Mapped[str] = mapped_column(Text, unique=True)
+    password_hash: Mapped[str] = mapped_column(Text)
+    scopes: Mapped[list[str]] = mapped_column(ARRAY(Text))
+    created_at: Mapped[datetime] = mapped_column(server_default=func.now())
+    disabled_at: Mapped[datetime | None]
+
+
 class QuarantineRow(Base):
     __tablename__ = "quarantine"
 

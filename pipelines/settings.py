@@ -26,6 +26,8 @@ class Settings(BaseSettings):
     worker_concurrency: int = Field(default_factory=lambda: os.cpu_count() or 2)
 
     jwt_secret: SecretStr | None = None
+    jwt_expiry_seconds: int = 3600
+    login_rate_limit_per_minute: int = 10
     auth_disabled: bool = False
     rate_limit_per_minute: int = 1000
     max_body_bytes: int = 1024 * 1024
@@ -68,6 +70,12 @@ class Settings(BaseSettings):
     @property
     def retry_schedule(self) -> list[float]:
         return [float(x) for x in self.webhook_retry_schedule.split(",") if x.strip()] or [0.0]
+
+    def jwt_key(self) -> str:
+        """INGOT_JWT_SECRET, or one generated under INGOT_HOME on first start."""
+        if self.jwt_secret:
+            return self.jwt_secret.get_secret_value()
+        return self.secret_file("jwt_secret", lambda: secrets.token_urlsafe(48))
 
     def encryption_key(self) -> str:
         """The key that protects stored secrets: INGOT_SECRET_KEY, or one generated under INGOT_HOME."""

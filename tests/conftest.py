@@ -100,7 +100,7 @@ def pytest_unconfigure(config) -> None:
 
 # --- per-test state ------------------------------------------------------------------------------
 
-TABLES = ("jobs, quarantine, observations, source_state, api_keys, events, webhooks, webhook_events, "
+TABLES = ("jobs, quarantine, observations, source_state, api_keys, users, events, webhooks, webhook_events, "
           "webhook_deliveries, webhook_attempts")
 
 

@@ -9,9 +9,9 @@ from tests.conftest import ROOT
 from tests.datagen import sources_toml, write_csv
 
 
-def ingot(*args: str, **env: str) -> subprocess.CompletedProcess:
+def ingot(*args: str, input_text: str | None = None, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "api.cli", *args], cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, **env}, timeout=120)
+                          env={**os.environ, **env}, timeout=120, input=input_text)
 
 
 def test_keys_create_prints_only_the_key_then_list_and_revoke(api_url):

@@ -1,0 +1,38 @@
+"""Logging in: username and password for a short-lived bearer token."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from pydantic import BaseModel, Field
+
+from api.deps import SessionDep
+from api.envelope import ApiError, Envelope, ok
+from api.limits import limit
+from pipelines import users
+from pipelines.settings import get_settings
+
+router = APIRouter(prefix="/auth", tags=["auth"])
+
+
+class Login(BaseModel):
+    model_config = {"extra": "forbid"}
+
+    username: str = Field(min_length=1, max_length=200)
+    password: str = Field(min_length=1, max_length=1000)
+
+
+class Token(BaseModel):
+    access_token: str
+    token_type: str
+    expires_in: int
+
+
+@router.post("/login", response_model=Envelope[Token],
+             dependencies=[limit("login", lambda: get_settings().login_rate_limit_per_minute)])
+def login(body: Login, request: Request, session: SessionDep) -> dict:
+    """Exchange a user's credentials for a bearer token (`Authorization: Bearer ...`)."""
+    issued = users.login(session, body.username, body.password)
+    if issued is None:
+        raise ApiError(401, "wrong username or password")
+    token, lifetime = issued
+    return ok(request, {"access_token": token, "token_type": "bearer", "expires_in": lifetime})

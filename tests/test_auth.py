@@ -1,0 +1,58 @@
+"""Users and bearer tokens: scrypt-hashed passwords, short-lived JWTs, scopes, a login rate limit."""
+
+import time
+
+import httpx
+import jwt
+from sqlalchemy import text
+
+from pipelines.db import get_engine
+from pipelines.settings import get_settings
+from tests.test_cli import ingot
+
+PASSWORD = "correct horse battery staple"
+
+
+def login(http, username, password) -> httpx.Response:
+    return http.post("/api/v1/auth/login", json={"username": username, "password": password})
+
+
+def test_users_log_in_for_tokens_that_carry_their_scopes(api_url, write_sources):
+    made = ingot("users", "create", "ana", "--scopes", "read", "--password-stdin", input_text=PASSWORD + "\n")
+    assert made.returncode == 0, made.stderr
+    assert ingot("users", "create", "ana", "--password-stdin", input_text=PASSWORD + "\n").returncode == 2
+    assert ingot("users", "create", "bo", "--password-stdin", input_text="short\n").returncode == 2
+    with get_engine().connect() as conn:
+        stored = conn.execute(text("SELECT password_hash FROM users WHERE username = 'ana'")).scalar_one()
+    assert stored.startswith("scrypt$") and PASSWORD not in stored
+    with httpx.Client(base_url=api_url) as http:
+        r = login(http, "ana", PASSWORD)
+        assert r.status_code == 200
+        body = r.json()["data"]
+        assert body["token_type"] == "bearer" and body["expires_in"] == get_settings().jwt_expiry_seconds
+        bearer = {"Authorization": f"Bearer {body['access_token']}"}
+        assert http.get("/api/v1/jobs", headers=bearer).status_code == 200
+        r = http.post("/api/v1/ingestion/start", headers=bearer, json={})
+        assert r.status_code == 403  # a read user
+        assert login(http, "ana", "wrong password!").status_code == 401
+        assert login(http, "nobody", PASSWORD).status_code == 401
+        tampered = body["access_token"][:-4] + ("AAAA" if not body["access_token"].endswith("AAAA") else "BBBB")
+        assert http.get("/api/v1/jobs", headers={"Authorization": f"Bearer {tampered}"}).status_code == 401
+        claims = jwt.decode(body["access_token"], options={"verify_signature": False})
+        expired = jwt.encode({**claims, "exp": int(time.time()) - 10}, get_settings().jwt_key(), algorithm="HS256")
+        r = http.get("/api/v1/jobs", headers={"Authorization": f"Bearer {expired}"})
+        assert r.status_code == 401 and r.json()["error"]["code"] == "AUTHENTICATION_ERROR"
+        forged = jwt.encode({**claims, "scopes": ["admin"]}, "a-secret-that-is-not-ours-but-long-enough-0123", algorithm="HS256")
+        assert http.get("/api/v1/jobs", headers={"Authorization": f"Bearer {forged}"}).status_code == 401
+
+
+def test_login_is_rate_limited_per_address(api_url):
+    with httpx.Client(base_url=api_url) as http:
+        codes = []
+        for _ in range(2 * get_settings().login_rate_limit_per_minute + 1):
+            r = login(http, "nobody", "x")
+            codes.append(r.status_code)
+            if r.status_code == 429:
+                break
+    assert codes[-1] == 429 and set(codes[:-1]) == {401}
+    assert r.headers["X-RateLimit-Limit"] == str(get_settings().login_rate_limit_per_minute)
