@@ -9,8 +9,7 @@ import redis
 from fastapi import Depends, Request, Response
 
 from api.envelope import ApiError
-from pipelines import limits
-from pipelines.settings import get_settings
+from pipelines import limits, runtime
 from worker.dispatch import broker_redis
 
 
@@ -38,7 +37,7 @@ def _apply(request: Request, response: Response, bucket: str, limit: int) -> Non
 
 
 def default_limit(request: Request, response: Response) -> None:
-    _apply(request, response, "default", get_settings().rate_limit_per_minute)
+    _apply(request, response, "default", runtime.value("rate_limit_per_minute"))
 
 
 def limit(bucket: str, per_minute):

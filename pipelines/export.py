@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 from psycopg import sql
 from sqlalchemy import text
 
-from pipelines import query
+from pipelines import query, runtime
 from pipelines.db import get_engine
 from pipelines.jobs import JobFailed, JobRun
 from pipelines.settings import get_settings
@@ -312,7 +312,7 @@ def run(job: JobRun) -> dict:
         raise
     finally:
         part.unlink(missing_ok=True)
-    expires = datetime.now(UTC) + timedelta(days=get_settings().export_retention_days)
+    expires = datetime.now(UTC) + timedelta(days=runtime.value("export_retention_days"))
     return {
         "row_count": rows,
         "file_size": size,

@@ -15,7 +15,7 @@ from psycopg import sql
 from psycopg.types.json import Jsonb
 from sqlalchemy import text
 
-from pipelines import journal
+from pipelines import journal, runtime
 from pipelines.db import get_engine
 from pipelines.jobs import JobFailed, JobRun
 from pipelines.load import Loader, prepare, quarantine
@@ -49,7 +49,7 @@ def run(job: JobRun, registry: Registry | None = None) -> dict:
     registry = registry or current_registry()
     sources: list[str] = job.params["sources"]
     options = job.params.get("options", {})
-    batch_rows = int(options.get("batch_size") or get_settings().batch_size)
+    batch_rows = int(options.get("batch_size") or runtime.value("batch_size"))
     incremental = options.get("mode", "incremental") == "incremental"
     stats: dict[str, dict] = job.checkpoint.get("stats", {})
     for s_index, source_id in enumerate(sources):

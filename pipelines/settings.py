@@ -67,10 +67,6 @@ class Settings(BaseSettings):
     def data_root_paths(self) -> list[Path]:
         return [Path(p).expanduser().resolve() for p in self.data_roots.split(":") if p.strip()]
 
-    @property
-    def retry_schedule(self) -> list[float]:
-        return [float(x) for x in self.webhook_retry_schedule.split(",") if x.strip()] or [0.0]
-
     def jwt_key(self) -> str:
         """INGOT_JWT_SECRET, or one generated under INGOT_HOME on first start."""
         if self.jwt_secret:

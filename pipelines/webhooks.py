@@ -25,7 +25,7 @@ from sqlalchemy import text
 from sqlalchemy.orm import Session
 from standardwebhooks import Webhook as Signer
 
-from pipelines import netguard
+from pipelines import netguard, runtime
 from pipelines.db import session_scope
 from pipelines.models import Webhook
 from pipelines.settings import get_settings
@@ -203,7 +203,7 @@ def deliver(delivery_id: str, client: httpx.Client | None = None) -> str:
 
 def _record(session, row, attempt, status, error, excerpt, duration, response) -> str:
     settings = get_settings()
-    schedule = settings.retry_schedule
+    schedule = runtime.retry_schedule()
     now = datetime.now(UTC)
     next_at = None
     if error is None:

@@ -100,8 +100,8 @@ def pytest_unconfigure(config) -> None:
 
 # --- per-test state ------------------------------------------------------------------------------
 
-TABLES = ("jobs, quarantine, observations, source_state, api_keys, users, events, webhooks, webhook_events, "
-          "webhook_deliveries, webhook_attempts")
+TABLES = ("jobs, quarantine, observations, source_state, api_keys, users, config_overrides, events, webhooks, "
+          "webhook_events, webhook_deliveries, webhook_attempts")
 
 
 @pytest.fixture(autouse=True)

@@ -42,7 +42,8 @@ def test_users_log_in_for_tokens_that_carry_their_scopes(api_url, write_sources)
         expired = jwt.encode({**claims, "exp": int(time.time()) - 10}, get_settings().jwt_key(), algorithm="HS256")
         r = http.get("/api/v1/jobs", headers={"Authorization": f"Bearer {expired}"})
         assert r.status_code == 401 and r.json()["error"]["code"] == "AUTHENTICATION_ERROR"
-        forged = jwt.encode({**claims, "scopes": ["admin"]}, "a-secret-that-is-not-ours-but-long-enough-0123", algorithm="HS256")
+        not_ours = "a-secret-that-is-not-ours-but-long-enough-0123"
+        forged = jwt.encode({**claims, "scopes": ["admin"]}, not_ours, algorithm="HS256")
         assert http.get("/api/v1/jobs", headers={"Authorization": f"Bearer {forged}"}).status_code == 401
 
 

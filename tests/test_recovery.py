@@ -81,3 +81,27 @@ def test_logs_and_json_metrics(client, worker, write_sources, data_dir, api_url)
     assert summary["ingestion"]["records_per_second"] > 0 and summary["ingestion"]["active_jobs"] == 0
     assert summary["ingestion"]["error_rate"] == round(2 / 8, 4)
     assert summary["queues"]["ingest"] == 0
+
+
+def test_runtime_config_is_admin_only_validated_and_applies_live(client, api_url, worker, write_sources, data_dir):
+    from api.client import Client, IngotError
+    from pipelines import runtime
+    from tests.conftest import make_key
+
+    shown = client.request("GET", "/config")["data"]
+    assert shown["config"]["batch_size"] == 50_000 and "reaper_interval_seconds" in shown["restart_required"]
+    assert not any("secret" in name or "password" in name for name in shown["config"])
+    with Client(api_url, make_key(["write"])) as writer, pytest.raises(IngotError) as info:
+        writer.request("PUT", "/config", json={"batch_size": 5})
+    assert info.value.status == 403
+    for bad in ({"batch_size": 0}, {"batch_size": "lots"}, {"jwt_secret": "x"}, {"webhook_retry_schedule": "a,b"}):
+        with pytest.raises(IngotError) as info:
+            client.request("PUT", "/config", json=bad)
+        assert info.value.status == 422, bad
+    changed = client.request("PUT", "/config", json={"batch_size": 7, "reaper_interval_seconds": 30})["data"]
+    assert changed["config"]["batch_size"] == 7 and changed["restart_required"] == ["reaper_interval_seconds"]
+    runtime._cache["at"] = 0.0
+    write_csv(data_dir / "a.csv", 30)
+    write_sources(sources_toml("prices", "a.csv"))
+    job = client.wait(client.start_ingestion(["prices"])["job_id"], timeout=60)
+    assert job["state"] == "succeeded" and job["result"]["sources"]["prices"]["batches"] == 5  # 30 rows, 7 a batch

@@ -10,8 +10,8 @@ from sqlalchemy import func, select, text
 
 from api.broker import broker_status, queue_depths
 from api.deps import AdminKey, ReadKey, SessionDep
-from api.envelope import Envelope, UTCDateTime, ok
-from pipelines import status
+from api.envelope import ApiError, Envelope, UTCDateTime, ok
+from pipelines import runtime, status
 from pipelines.models import ACTIVE_STATES, Event, Job
 
 router = APIRouter(tags=["operations"])
@@ -83,3 +83,26 @@ def metrics(request: Request, session: SessionDep, _key: ReadKey) -> dict:
         "database": status.database_stats(session),
         "queues": queue_depths() if connected else {},
     })
+
+
+class ConfigView(BaseModel):
+    config: dict[str, Any]
+    restart_required: list[str]
+
+
+@router.get("/config", response_model=Envelope[ConfigView])
+def get_config(request: Request, _key: AdminKey) -> dict:
+    """The runtime settings an admin may change (never a secret), and which of them need a restart."""
+    restart = sorted(name for name, knob in runtime.KNOBS.items() if knob.restart)
+    return ok(request, {"config": runtime.snapshot(), "restart_required": restart})
+
+
+@router.put("/config", response_model=Envelope[ConfigView])
+def put_config(body: dict[str, Any], request: Request, _key: AdminKey) -> dict:
+    """Change runtime settings (all or none); the answer names those that apply only after a restart."""
+    try:
+        restart = runtime.update(body)
+    except ValueError as exc:
+        raise ApiError(422, str(exc)) from None
+    return ok(request, {"config": runtime.snapshot(), "restart_required": restart},
+              message="restart beat for: " + ", ".join(restart) if restart else "applied")

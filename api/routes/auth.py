@@ -8,8 +8,7 @@ from pydantic import BaseModel, Field
 from api.deps import SessionDep
 from api.envelope import ApiError, Envelope, ok
 from api.limits import limit
-from pipelines import users
-from pipelines.settings import get_settings
+from pipelines import runtime, users
 
 router = APIRouter(prefix="/auth", tags=["auth"])
 
@@ -28,7 +27,7 @@ class Token(BaseModel):
 
 
 @router.post("/login", response_model=Envelope[Token],
-             dependencies=[limit("login", lambda: get_settings().login_rate_limit_per_minute)])
+             dependencies=[limit("login", lambda: runtime.value("login_rate_limit_per_minute"))])
 def login(body: Login, request: Request, session: SessionDep) -> dict:
     """Exchange a user's credentials for a bearer token (`Authorization: Bearer ...`)."""
     issued = users.login(session, body.username, body.password)

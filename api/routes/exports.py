@@ -16,7 +16,7 @@ from api.deps import ReadKey, SessionDep, WriteKey
 from api.envelope import ApiError, Envelope, ok
 from api.limits import limit
 from api.routes.data import Filters
-from pipelines import export, jobs
+from pipelines import export, jobs, runtime
 from pipelines.models import ACTIVE_STATES, Job
 from pipelines.settings import get_settings
 from worker.dispatch import send_job
@@ -69,14 +69,15 @@ def _status(job: Job) -> str:
 
 
 @router.post("", status_code=202, response_model=Envelope[ExportStarted],
-             dependencies=[limit("export", lambda: get_settings().export_rate_limit_per_minute)])
+             dependencies=[limit("export", lambda: runtime.value("export_rate_limit_per_minute"))])
 def start_export(body: ExportRequest, request: Request, session: SessionDep, key: WriteKey) -> dict:
     settings = get_settings()
     running = session.scalar(select(func.count()).where(
         Job.kind == "export", Job.state.in_(ACTIVE_STATES), Job.api_key_id == key.id))
-    if running >= settings.max_exports_per_key:
+    most = runtime.value("max_exports_per_key")
+    if running >= most:
         raise ApiError(429, f"this key already has {running} exports queued or running "
-                       f"(at most {settings.max_exports_per_key}); wait for one to finish",
+                       f"(at most {most}); wait for one to finish",
                        headers={"Retry-After": "10"})
     free = shutil.disk_usage(export.exports_dir()).free
     if free < settings.export_min_free_bytes:
