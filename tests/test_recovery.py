@@ -105,3 +105,19 @@ def test_runtime_config_is_admin_only_validated_and_applies_live(client, api_url
     write_sources(sources_toml("prices", "a.csv"))
     job = client.wait(client.start_ingestion(["prices"])["job_id"], timeout=60)
     assert job["state"] == "succeeded" and job["result"]["sources"]["prices"]["batches"] == 5  # 30 rows, 7 a batch
+
+
+def test_a_redis_restart_loses_no_queued_job(client, start_worker, write_sources, data_dir):
+    from tests.conftest import _state
+
+    if "redis" not in _state:
+        pytest.skip("Redis is an external server here (INGOT_TEST_REDIS_URL)")
+    write_csv(data_dir / "a.csv", 40)
+    write_sources(sources_toml("prices", "a.csv"))
+    job_id = client.start_ingestion(["prices"])["job_id"]  # queued: no worker yet
+    redis = _state["redis"]
+    redis.stop()  # a real restart of the broker, with the message in it
+    redis.start()
+    start_worker()
+    job = client.wait(job_id, timeout=90)
+    assert job["state"] == "succeeded" and job["records_processed"] == 40
