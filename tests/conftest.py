@@ -192,7 +192,13 @@ class WorkerProcess:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             assert self.process.poll() is None, self.output()
-            replies = app.control.ping(timeout=0.5) or []
+            try:
+                replies = app.control.ping(timeout=0.5) or []
+            except Exception:  # the broker restarted under this app's pooled connections: use a new app
+                from worker.app import create_app
+
+                app = create_app()
+                continue
             for reply in replies:
                 for name in reply:
                     if name.startswith(f"ingot-{self.process.pid}@"):
