@@ -21,11 +21,6 @@ def sqlalchemy_url(url: str) -> str:
     return url
 
 
-def libpq_url(url: str) -> str:
-    """The same URL in the form psycopg.connect() takes."""
-    return url.replace("postgresql+psycopg://", "postgresql://", 1)
-
-
 @lru_cache
 def get_engine() -> Engine:
     url = sqlalchemy_url(embedded.database_url(get_settings()))
