@@ -30,6 +30,7 @@ from sqlalchemy import text
 from pipelines import query, runtime
 from pipelines.db import get_engine
 from pipelines.jobs import JobFailed, JobRun
+from pipelines.prefetch import prefetch
 from pipelines.settings import get_settings
 
 log = logging.getLogger(__name__)
@@ -74,11 +75,30 @@ def _where(filters: dict) -> tuple[sql.Composable, dict]:
     return sql.SQL(str(compiled)), compiled.params
 
 
-class _CopyReader(io.RawIOBase):
-    """A psycopg COPY TO STDOUT stream as a file object pyarrow can read from."""
+def _blocks(copy) -> Iterator[tuple[bytes, int]]:
+    """COPY's rows (PostgreSQL sends one message per row) gathered into blocks of about WRITE_BLOCK
+    bytes, with their row counts, read ahead in a thread so the database keeps streaming while the
+    blocks are parsed or written."""
 
-    def __init__(self, copy) -> None:
-        self.copy = copy
+    def gather() -> Iterator[tuple[bytes, int]]:
+        pending, size = [], 0
+        for message in copy:
+            pending.append(bytes(message))
+            size += len(message)
+            if size >= WRITE_BLOCK:
+                yield b"".join(pending), len(pending)
+                pending, size = [], 0
+        if pending:
+            yield b"".join(pending), len(pending)
+
+    return prefetch(gather(), depth=4)
+
+
+class _BlockReader(io.RawIOBase):
+    """Blocks of bytes as a file object pyarrow can read from."""
+
+    def __init__(self, blocks: Iterator[tuple[bytes, int]]) -> None:
+        self.blocks = blocks
         self.pending = memoryview(b"")
 
     def readable(self) -> bool:
@@ -86,10 +106,10 @@ class _CopyReader(io.RawIOBase):
 
     def readinto(self, buffer) -> int:
         while not self.pending:
-            chunk = self.copy.read()
-            if not chunk:
+            block = next(self.blocks, None)
+            if block is None:
                 return 0
-            self.pending = memoryview(chunk)
+            self.pending = memoryview(block[0])
         n = min(len(buffer), len(self.pending))
         buffer[:n] = self.pending[:n]
         self.pending = self.pending[n:]
@@ -145,7 +165,7 @@ def stream_rows(conn, columns: list[str], filters: dict) -> Iterator[pa.RecordBa
     with cursor.copy(query, params or None) as copy:
         try:
             reader = pacsv.open_csv(
-                io.BufferedReader(_CopyReader(copy), buffer_size=READ_BLOCK),
+                io.BufferedReader(_BlockReader(_blocks(copy)), buffer_size=READ_BLOCK),
                 read_options=pacsv.ReadOptions(column_names=columns, block_size=READ_BLOCK, use_threads=True),
                 parse_options=pacsv.ParseOptions(newlines_in_values=True),
                 convert_options=pacsv.ConvertOptions(
@@ -169,17 +189,9 @@ def copy_text(fmt: str, conn, columns: list[str], filters: dict, sink, on_rows) 
     cursor = conn.cursor()
     _session_formats(cursor)
     with cursor.copy(query, params or None) as copy:
-        # PostgreSQL sends one message per row: gather them into large writes.
-        pending, rows = bytearray(), 0
-        for message in copy:
-            pending += message
-            rows += 1
-            if len(pending) >= WRITE_BLOCK:
-                sink.write(pending)
-                pending.clear()
-                on_rows(rows)
-                rows = 0
-        sink.write(pending)
+        for block, rows in _blocks(copy):
+            sink.write(block)
+            on_rows(rows)
     return cursor.rowcount  # exact, from PostgreSQL's "COPY n"
 
 
