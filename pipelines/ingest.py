@@ -94,6 +94,8 @@ def _ingest_source(job, registry, source, s_index, since, batch_rows, stats, res
     if source.type == "file":
         source_stats["files"] = len(registry.files(source))
     loader = Loader()
+    # The run's threshold, as every checkpoint of this source records it (fixed for the whole run).
+    since_state = {"value": since.value, "ids": sorted(since.ids)} if since else None
     cursor_type = _CURSOR_SQL.get(effective_types(source).get(source.cursor or "", "string"), "text")
 
     def prepared():
@@ -107,8 +109,7 @@ def _ingest_source(job, registry, source, s_index, since, batch_rows, stats, res
         source_stats["failed"] += len(valid.rejects)
         source_stats["skipped"] += valid.skipped
         source_stats["batches"] += 1
-        checkpoint = {"source": s_index, "resume": piece.position, "stats": stats,
-                      "since": {"value": since.value, "ids": sorted(since.ids)} if since else None}
+        checkpoint = {"source": s_index, "resume": piece.position, "stats": stats, "since": since_state}
         progress = None if piece.progress is None else int(99 * (s_index + piece.progress) / len(job.params["sources"]))
         with job.batch(processed=valid.num_rows, failed=len(valid.rejects), checkpoint=checkpoint,
                        progress=progress) as conn:

@@ -7,6 +7,7 @@ write on behalf of an attempt that lost it.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -183,7 +184,7 @@ class JobRun:
                 {
                     "p": processed,
                     "f": failed,
-                    "c": _json(checkpoint),
+                    "c": json.dumps(checkpoint),
                     "g": progress,
                     "id": self.id,
                     "lease": self.lease,
@@ -203,12 +204,6 @@ class JobRun:
             ).rowcount
         if not updated:
             raise JobStopped(self.id)
-
-
-def _json(value) -> str:
-    import json
-
-    return json.dumps(value)
 
 
 def claim(job_id: str, owner: str) -> JobRun | None:
@@ -265,7 +260,7 @@ def finish(run: JobRun, state: JobState, *, result: dict | None = None, error: s
                 "progress = CASE WHEN :state = 'succeeded' THEN 100 ELSE progress END "
                 "WHERE id = :id AND lease_id = :lease AND state IN ('running', 'cancelling')"
             ),
-            {"state": str(state), "result": _json(result or {}), "error": error, "id": run.id, "lease": run.lease},
+            {"state": str(state), "result": json.dumps(result or {}), "error": error, "id": run.id, "lease": run.lease},
         ).rowcount
     return bool(updated)
 

@@ -107,8 +107,8 @@ def prepare(source: str, job_id: str, batch: ValidBatch) -> Payload:
 class Loader:
     """Loads one run's batches for one source, remembering whether the fast path still applies."""
 
-    def __init__(self) -> None:
-        self.direct = True
+    def __init__(self, direct: bool = True) -> None:
+        self.direct = direct
 
     def load(self, conn: psycopg.Connection, payload: Payload) -> None:
         """Write PAYLOAD into observations in the caller's transaction."""
@@ -148,9 +148,7 @@ class Loader:
 
 def merge_observations(conn: psycopg.Connection, source: str, job_id: str, batch: ValidBatch) -> None:
     """Upsert BATCH through the merge path (no fast path): for callers with a single batch."""
-    loader = Loader()
-    loader.direct = False
-    loader.load(conn, prepare(source, job_id, batch))
+    Loader(direct=False).load(conn, prepare(source, job_id, batch))
 
 
 def quarantine(conn: psycopg.Connection, source: str, job_id: str, file: str | None, rejects: list[Reject]) -> None:
