@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import redis
+from psycopg import sql
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +26,27 @@ def postgres_url(home: Path) -> str:
     home.mkdir(parents=True, exist_ok=True)
     server = pgserver.get_server(home / "pgdata", cleanup_mode="stop")
     # pgserver is reference-counted across processes: the last process that joined it stops it.
+    _tune(server.get_uri())
     return server.get_uri().replace("postgresql://", "postgresql+psycopg://", 1)
+
+
+# Ingestion writes WAL by the gigabyte: with the stock 1 GB budget, a checkpoint lands in the middle
+# of every large load, and each page touched after it is logged whole again. Real servers get the
+# same settings from compose.yaml.
+_SETTINGS = {"max_wal_size": "4GB", "checkpoint_timeout": "15min"}
+
+
+def _tune(url: str) -> None:
+    import psycopg
+
+    with psycopg.connect(url, autocommit=True) as conn:
+        current = dict(conn.execute("SELECT name, current_setting(name) FROM unnest(%s::text[]) AS name",
+                                    (list(_SETTINGS),)).fetchall())
+        if current == _SETTINGS:
+            return
+        for name, value in _SETTINGS.items():
+            conn.execute(sql.SQL("ALTER SYSTEM SET {} = {}").format(sql.Identifier(name), sql.Literal(value)))
+        conn.execute("SELECT pg_reload_conf()")
 
 
 class EmbeddedRedis:
