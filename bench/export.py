@@ -17,7 +17,7 @@ def raw_copy_out(url: str, path) -> float:
 
     with psycopg.connect(url.replace("postgresql+psycopg://", "postgresql://")) as conn:
         began = time.perf_counter()
-        query = ("COPY (SELECT id, source, timestamp, value, metadata FROM observations ORDER BY source, id) "
+        query = ("COPY (SELECT id, source, timestamp, value, metadata FROM observations ORDER BY id, source) "
                  "TO STDOUT (FORMAT csv)")
         with conn.cursor().copy(query) as copy, path.open("wb") as fh:
             for block in copy:

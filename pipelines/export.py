@@ -147,7 +147,7 @@ def _copy_sql(fmt: str, columns: list[str], filters: dict) -> tuple[sql.Composab
         selected = sql.SQL(", ").join(
             sql.SQL("metadata::text") if c == "metadata" else sql.Identifier(c) for c in columns)
         options = sql.SQL("FORMAT csv")
-    query = sql.SQL("COPY (SELECT {sel} FROM observations WHERE {where} ORDER BY source, id) TO STDOUT ({opts})")
+    query = sql.SQL("COPY (SELECT {sel} FROM observations WHERE {where} ORDER BY id, source) TO STDOUT ({opts})")
     return query.format(sel=selected, where=where, opts=options), params
 
 

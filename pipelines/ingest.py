@@ -18,7 +18,7 @@ from sqlalchemy import text
 from pipelines import journal, runtime
 from pipelines.db import get_engine
 from pipelines.jobs import JobFailed, JobRun
-from pipelines.load import Loader, prepare, quarantine
+from pipelines.load import Loader, quarantine
 from pipelines.prefetch import prefetch
 from pipelines.settings import get_settings
 from pipelines.sources import files, http
@@ -67,7 +67,7 @@ def run(job: JobRun, registry: Registry | None = None) -> dict:
             elif source.cursor and incremental and not resuming:
                 since = _cursor_state(source_id)
             _ingest_source(job, registry, source, s_index, since, batch_rows, stats,
-                           job.checkpoint.get("resume") if resuming else None)
+                           job.checkpoint.get("resume") if resuming else None, resuming)
         except SourceError as exc:
             source_stats["error"] = str(exc)
         _finish_source(job, source_id, s_index, stats)
@@ -89,11 +89,26 @@ def _cursor_state(source_id: str) -> Cursor | None:
     return Cursor(row.cursor_value, frozenset(row.cursor_ids))
 
 
-def _ingest_source(job, registry, source, s_index, since, batch_rows, stats, resume) -> None:
+def _ingest_source(job, registry, source, s_index, since, batch_rows, stats, resume, resuming) -> None:
     source_stats = stats[source.id]
     if source.type == "file":
         source_stats["files"] = len(registry.files(source))
-    loader = Loader()
+    with get_engine().begin() as connection:
+        loader = Loader.open(connection.connection.driver_connection, source.id, job.id, resuming)
+    try:
+        _load_batches(job, registry, source, s_index, since, batch_rows, stats, resume, loader)
+    except BaseException:
+        # What the run committed stays: a first load that stops early is still indexed and attached.
+        try:
+            loader.finish()
+        except Exception:
+            log.warning("could not attach the first load of %s; its next run will", source.id, exc_info=True)
+        raise
+    loader.finish()
+
+
+def _load_batches(job, registry, source, s_index, since, batch_rows, stats, resume, loader) -> None:
+    source_stats = stats[source.id]
     # The run's threshold, as every checkpoint of this source records it (fixed for the whole run).
     since_state = {"value": since.value, "ids": sorted(since.ids)} if since else None
     cursor_type = _CURSOR_SQL.get(effective_types(source).get(source.cursor or "", "string"), "text")
@@ -102,7 +117,7 @@ def _ingest_source(job, registry, source, s_index, since, batch_rows, stats, res
         """Batches validated and serialised, one ahead in a thread while the database loads."""
         for piece in pieces(source, registry, batch_rows, resume, since):
             valid = validate(source, piece.raw, since)
-            yield piece, valid, prepare(source.id, job.id, valid)
+            yield piece, valid, loader.prepare(valid)
 
     for piece, valid, payload in prefetch(prepared(), depth=1):
         source_stats["records"] += valid.num_rows

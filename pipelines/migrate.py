@@ -27,3 +27,11 @@ def upgrade(revision: str = "head") -> None:
         connection.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _MIGRATION_LOCK})
         config.attributes["connection"] = connection
         command.upgrade(config, revision)
+
+
+def downgrade(revision: str) -> None:
+    config = alembic_config()
+    with get_engine().begin() as connection:
+        connection.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _MIGRATION_LOCK})
+        config.attributes["connection"] = connection
+        command.downgrade(config, revision)

@@ -14,6 +14,7 @@ from sqlalchemy import (
     Double,
     Index,
     Integer,
+    PrimaryKeyConstraint,
     Text,
     func,
 )
@@ -150,7 +151,7 @@ class Observation(Base):
 
     # Byte-order collation: keys are identifiers, and C comparisons make the key index cheaper.
     source: Mapped[str] = mapped_column(Text(collation="C"), primary_key=True)
-    id: Mapped[str] = mapped_column(Text(collation="C"), primary_key=True)
+    id: Mapped[str] = mapped_column(Text(collation="C"), primary_key=True)  # key: (id, source), below
     timestamp: Mapped[datetime | None]
     value: Mapped[float | None] = mapped_column(Double)
     metadata_: Mapped[dict[str, Any]] = mapped_column("metadata", default=dict)
@@ -158,10 +159,14 @@ class Observation(Base):
     ingested_at: Mapped[datetime] = mapped_column(server_default=func.now())
 
     __table_args__ = (
-        # The data query: by source and time (id breaks ties for cursors); across sources, time ranges
-        # use a BRIN index, nearly free to keep up while data arrives in time order.
-        Index("ix_observations_source_time", "source", "timestamp", "id"),
-        Index("ix_observations_time", "timestamp", postgresql_using="brin"),
+        # The data query's time order (source and id break ties for cursors). Inside a source's
+        # partition the source is constant, so the same index serves queries for one source.
+        # The key, id first: a source's partition holds one source, and an index led by a constant
+        # column sorts and searches much more slowly than one led by the id.
+        PrimaryKeyConstraint("id", "source"),
+        Index("ix_observations_time", "timestamp", "source", "id"),
+        # One partition per source (pipelines/partitions.py), created by ingestion.
+        {"postgresql_partition_by": "LIST (source)"},
     )
 
 

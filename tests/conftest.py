@@ -113,6 +113,11 @@ def clean_state():
 
     with get_engine().begin() as conn:
         conn.execute(text(f"TRUNCATE {TABLES}"))
+        # Every test meets each source for the first time: its first load takes the bulk path.
+        for (table,) in conn.execute(text(
+            "SELECT quote_ident(relname) FROM pg_class WHERE relname LIKE 'observations\\_%%' AND relkind = 'r'"
+        )):
+            conn.execute(text(f"DROP TABLE {table}"))
     from worker.dispatch import broker_redis
     from worker.queues import Queues
 

@@ -16,7 +16,7 @@ from sqlalchemy import text
 
 from pipelines import export
 from pipelines.db import get_engine
-from pipelines.load import Loader, prepare
+from pipelines.load import merge_observations
 from pipelines.settings import get_settings
 from pipelines.validate import ValidBatch
 from tests.conftest import make_key, wait_for
@@ -41,13 +41,13 @@ def seed(n: int, source: str = "exp", start: int = 0) -> None:
         np.arange(n),
     )
     with get_engine().begin() as conn:
-        Loader().load(conn.connection.driver_connection, prepare(source, "job_seed", batch))
+        merge_observations(conn.connection.driver_connection, source, "job_seed", batch)
 
 
 def table(where: str = "TRUE") -> list[dict]:
     with get_engine().connect() as conn:
         rows = conn.execute(text(f"SELECT id, source, timestamp, value, metadata FROM observations WHERE {where} "
-                                 "ORDER BY source, id")).mappings().all()
+                                 "ORDER BY id, source")).mappings().all()
     return [dict(r) for r in rows]
 
 

@@ -1,0 +1,188 @@
+"""One partition of `observations` per source, and the bulk path that fills a new one.
+
+`observations` is partitioned by LIST (source). A source seen for the first time gets a fresh table
+with no index at all: its batches are COPYed into it (each batch still commits with the job's
+checkpoint), and at the end of the run the key and query indexes are built in one sort each, in
+parallel, and the table is attached as the source's partition. Building an index once is several
+times cheaper than keeping it up row by row, and a first load is where the rows are. A source that
+already has its partition loads through it directly (see `pipelines.load`).
+
+Until it is attached, a new source's rows are not visible to queries: a first load appears whole.
+A run that stops early (cancelled, a bad file, the attempt cap) attaches what it committed; a worker
+killed mid-run leaves the table for its resumed attempt, or for the source's next run, to attach.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from enum import Enum
+
+import psycopg
+from psycopg import sql
+
+from pipelines.db import get_engine
+
+PARENT = "observations"
+# Session memory for one index build; the sort stays in memory up to a few million rows.
+_BUILD_MEMORY = "256MB"
+
+
+class State(Enum):
+    MISSING = "missing"
+    DETACHED = "detached"  # a first load in progress, or one interrupted before its end
+    ATTACHED = "attached"
+
+
+def partition_name(source: str) -> str:
+    """The table that holds SOURCE's rows: readable, unique (a hash tells `a-b` from `a_b`), < 64 bytes."""
+    slug = re.sub(r"[^a-z0-9_]", "_", source.lower())[:40]
+    return f"{PARENT}_{slug}_{hashlib.sha1(source.encode()).hexdigest()[:8]}"
+
+
+def _lock(conn: psycopg.Connection, source: str) -> None:
+    """Serialise partition changes for SOURCE until the end of the caller's transaction."""
+    conn.execute("SELECT pg_advisory_xact_lock(hashtext('ingot.partition'), hashtext(%s))", (source,))
+
+
+def state(conn: psycopg.Connection, source: str) -> State:
+    row = conn.execute(
+        "SELECT c.oid, i.inhparent IS NOT NULL FROM pg_class c "
+        "LEFT JOIN pg_inherits i ON i.inhrelid = c.oid "
+        "WHERE c.relname = %s AND c.relnamespace = current_schema()::regnamespace",
+        (partition_name(source),),
+    ).fetchone()
+    if row is None:
+        return State.MISSING
+    return State.ATTACHED if row[1] else State.DETACHED
+
+
+def _create(conn: psycopg.Connection, source: str) -> None:
+    """A table shaped like observations, holding only SOURCE, with no index yet."""
+    table = sql.Identifier(partition_name(source))
+    conn.execute(sql.SQL(
+        "CREATE TABLE {t} (LIKE {p} INCLUDING DEFAULTS, CHECK (source = {s})) "
+        # Nothing to vacuum while rows only arrive; autovacuum resumes once attached.
+        "WITH (autovacuum_enabled = false)"
+    ).format(t=table, p=sql.Identifier(PARENT), s=sql.Literal(source)))
+
+
+def begin_bulk(conn: psycopg.Connection, source: str, job_id: str) -> bool:
+    """Create SOURCE's unindexed table for JOB_ID's first load, in the caller's transaction.
+
+    True if it was created (the source has no partition). Its `source` and `job_id` columns default
+    to the load's own values, so the payload leaves them out (`BULK_COLUMNS`): two fewer values for
+    PostgreSQL to read per row."""
+    _lock(conn, source)
+    if state(conn, source) is not State.MISSING:
+        return False
+    _create(conn, source)
+    conn.execute(sql.SQL("ALTER TABLE {t} ALTER COLUMN source SET DEFAULT {s}, ALTER COLUMN job_id SET DEFAULT {j}")
+                 .format(t=sql.Identifier(partition_name(source)), s=sql.Literal(source), j=sql.Literal(job_id)))
+    return True
+
+
+def ensure(conn: psycopg.Connection, source: str) -> str:
+    """SOURCE's attached partition, created empty if missing, in the caller's transaction.
+
+    A detached table left by an interrupted first load is finished and attached first."""
+    _lock(conn, source)
+    current = state(conn, source)
+    if current is State.MISSING:
+        _create(conn, source)
+    if current is not State.ATTACHED:
+        _build_indexes(conn, source)
+        _attach(conn, source)
+    return partition_name(source)
+
+
+def _index_statements(source: str) -> list[sql.Composed]:
+    """The partition's indexes, matching the parent's so that ATTACH adopts them instead of building."""
+    name = partition_name(source)
+    table = sql.Identifier(name)
+    return [
+        sql.SQL("CREATE UNIQUE INDEX IF NOT EXISTS {i} ON {t} (id, source)").format(
+            i=sql.Identifier(f"{name}_key"), t=table),
+        sql.SQL("CREATE INDEX IF NOT EXISTS {i} ON {t} (timestamp, source, id)").format(
+            i=sql.Identifier(f"{name}_time"), t=table),
+    ]
+
+
+def _build_indexes(conn: psycopg.Connection, source: str) -> None:
+    """Build whatever index SOURCE's table lacks, removing stale copies of keys first if need be."""
+    key, time = _index_statements(source)
+    conn.execute(sql.SQL("SET LOCAL maintenance_work_mem = {}").format(sql.Literal(_BUILD_MEMORY)))
+    try:
+        with conn.transaction():
+            conn.execute(key)
+    except psycopg.errors.UniqueViolation:
+        _dedupe(conn, source)
+        conn.execute(key)
+    conn.execute(time)
+
+
+def _dedupe(conn: psycopg.Connection, source: str) -> None:
+    """Keep the last write of each key: batches of a run commit in order, each with its own `now()`.
+
+    A first load has no key index to stop a key that comes back in a later batch (a corrected row
+    in a later file), so both copies are in the table until this runs."""
+    table = sql.Identifier(partition_name(source))
+    conn.execute(sql.SQL(
+        "DELETE FROM {t} AS t USING (SELECT ctid FROM (SELECT ctid, row_number() OVER "
+        "(PARTITION BY id ORDER BY ingested_at DESC, ctid DESC) AS n FROM {t}) ranked WHERE n > 1) AS stale "
+        "WHERE t.ctid = stale.ctid"
+    ).format(t=table))
+
+
+def _attach(conn: psycopg.Connection, source: str) -> None:
+    name = partition_name(source)
+    table = sql.Identifier(name)
+    has_key = conn.execute(
+        "SELECT 1 FROM pg_constraint WHERE conrelid = %s::regclass AND contype = 'p'", (name,)
+    ).fetchone()
+    if not has_key:
+        conn.execute(sql.SQL("ALTER TABLE {t} ADD CONSTRAINT {k} PRIMARY KEY USING INDEX {i}").format(
+            t=table, k=sql.Identifier(f"{name}_pkey"), i=sql.Identifier(f"{name}_key")))
+    conn.execute(sql.SQL("ALTER TABLE {t} RESET (autovacuum_enabled), ALTER COLUMN source DROP DEFAULT, "
+                         "ALTER COLUMN job_id DROP DEFAULT").format(t=table))
+    # The CHECK constraint proves every row belongs here, so ATTACH skips scanning the table.
+    conn.execute(sql.SQL("ALTER TABLE {p} ATTACH PARTITION {t} FOR VALUES IN ({s})").format(
+        p=sql.Identifier(PARENT), t=table, s=sql.Literal(source)))
+
+
+def finish_bulk(source: str) -> None:
+    """Index SOURCE's first load and attach it: the two index builds run at once, one connection each.
+
+    Idempotent: a partition already attached is left as it is."""
+    with _connection() as conn:
+        with conn.transaction():
+            detached = state(conn, source) is State.DETACHED
+        if detached:
+            _build_in_parallel(source)
+        with conn.transaction():
+            ensure(conn, source)
+
+
+@contextmanager
+def _connection() -> Iterator[psycopg.Connection]:
+    with get_engine().connect() as connection:
+        yield connection.connection.driver_connection
+
+
+def _build_in_parallel(source: str) -> None:
+    """Run the index builds side by side; a failed key build is left for `ensure` to sort out."""
+    def build(statement: sql.Composed) -> None:
+        try:
+            with _connection() as conn, conn.transaction():
+                conn.execute(sql.SQL("SET LOCAL maintenance_work_mem = {}").format(sql.Literal(_BUILD_MEMORY)))
+                conn.execute("SET LOCAL max_parallel_maintenance_workers = 0")
+                conn.execute(statement)
+        except psycopg.errors.UniqueViolation:
+            pass  # a key that came back in a later batch: `ensure` removes the stale copies
+
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="index-build") as pool:
+        for done in [pool.submit(build, s) for s in _index_statements(source)]:
+            done.result()
