@@ -1,6 +1,6 @@
 """Ingestion benchmark: raw psycopg COPY of a CSV versus Ingot's end-to-end ingestion of it.
 
-    .venv/bin/python bench/ingest.py [--rows 1000000] [--batch-size N]
+    .venv/bin/python bench/ingest.py [--rows 1000000] [--batch-size N] [--repeat 3]
 
 Both run in one process against the same PostgreSQL (embedded): (a) `COPY ... FROM STDIN` into a
 bare table; (b) POST /ingestion/start through the real API to a real worker, timed until the job has
@@ -10,6 +10,7 @@ succeeded. Prints rows/s for both, the ratio b/a, and the peak RSS of the worker
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 from pathlib import Path
 
@@ -39,26 +40,42 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--repeat", type=int, default=3, help="runs of each, interleaved; medians are compared")
     args = parser.parse_args()
 
-    bench = Bench(csv_source("bench", "data/bench.csv"))
+    names = [f"bench{i}" for i in range(args.repeat)]
+    bench = Bench("".join(csv_source(name, "data/bench.csv") for name in names))
     path = bench.data / "bench.csv"
     print(f"generating {args.rows:,} rows ...", flush=True)
     generate_csv(path, args.rows)
+    megabytes = path.stat().st_size / 1e6
+    copies, runs, peaks = [], [], []
     try:
         bench.start()
-        copy_seconds = raw_copy(bench.database_url, path)
-        job, seconds, peak = bench.ingest(["bench"], batch_size=args.batch_size)
+        for name in names:
+            bench.quiesce()
+            copies.append(raw_copy(bench.database_url, path))
+            bench.quiesce()
+            # Each run is a source's first load, as when a newcomer ingests a file.
+            job, seconds, peak = bench.ingest([name], batch_size=args.batch_size)
+            assert job["records_processed"] == args.rows, job
+            runs.append(seconds)
+            peaks.append(peak)
+            print(f"  run {len(runs)}: raw COPY {copies[-1]:.2f} s, Ingot {seconds:.2f} s", flush=True)
+        # For comparison: the same file again into the loaded source (merge path, nothing changes).
+        bench.quiesce()
+        _job, again, _peak = bench.ingest([names[0]], batch_size=args.batch_size)
     finally:
         bench.stop()
-    assert job["records_processed"] == args.rows, job
+    copy_seconds, seconds = statistics.median(copies), statistics.median(runs)
     copy_rate, rate = args.rows / copy_seconds, args.rows / seconds
-    print(f"input: {args.rows:,} rows, {path.stat().st_size / 1e6 if path.exists() else 0:.0f} MB CSV "
-          "(id, timestamp, value, region, quality)")
+    print(f"input: {args.rows:,} rows, {megabytes:.0f} MB CSV (id, timestamp, value, region, quality); "
+          f"medians of {args.repeat} runs")
     print(f"(a) raw COPY into a bare table    {copy_seconds:7.2f} s  {copy_rate:12,.0f} rows/s")
     print(f"(b) Ingot end to end (API+worker) {seconds:7.2f} s  {rate:12,.0f} rows/s")
     print(f"ratio b/a: {rate / copy_rate:.0%}")
-    print(f"worker peak RSS: {peak / 2**20:.0f} MB")
+    print(f"worker peak RSS: {max(peaks) / 2**20:.0f} MB")
+    print(f"re-ingest of the same file, nothing changed: {again:.2f} s, {args.rows / again:,.0f} rows/s")
 
 
 if __name__ == "__main__":
