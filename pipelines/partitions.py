@@ -173,16 +173,20 @@ def _connection() -> Iterator[psycopg.Connection]:
 
 
 def _build_in_parallel(source: str) -> None:
-    """Run the index builds side by side; a failed key build is left for `ensure` to sort out."""
+    """Run the index builds side by side, then ANALYZE in whichever connection frees up first, so
+    that the first queries after the load are planned on real statistics. A failed key build is left
+    for `ensure` to sort out."""
     def build(statement: sql.Composed) -> None:
         try:
             with _connection() as conn, conn.transaction():
                 conn.execute(sql.SQL("SET LOCAL maintenance_work_mem = {}").format(sql.Literal(_BUILD_MEMORY)))
+                # The builds already run side by side: a worker process each would only oversubscribe.
                 conn.execute("SET LOCAL max_parallel_maintenance_workers = 0")
                 conn.execute(statement)
         except psycopg.errors.UniqueViolation:
             pass  # a key that came back in a later batch: `ensure` removes the stale copies
 
+    analyze = sql.SQL("ANALYZE {}").format(sql.Identifier(partition_name(source)))
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="index-build") as pool:
-        for done in [pool.submit(build, s) for s in _index_statements(source)]:
+        for done in [pool.submit(build, s) for s in [*_index_statements(source), analyze]]:
             done.result()

@@ -53,6 +53,9 @@ def test_a_first_load_is_invisible_until_it_is_indexed_and_attached():
     loader.finish()
     assert state("first") is partitions.State.ATTACHED
     assert rows("first") == [("a", 1.0, "job_1"), ("b", 2.0, "job_1"), ("c", 3.0, "job_1")]
+    with get_engine().connect() as conn:  # analysed: the first queries are planned on real statistics
+        assert conn.execute(text("SELECT reltuples FROM pg_class WHERE relname = :t"),
+                            {"t": partitions.partition_name("first")}).scalar_one() == 3
     definitions = " ".join(indexes("first"))
     assert "UNIQUE INDEX" in definitions and "(id, source)" in definitions
     assert '"timestamp", source, id' in definitions
