@@ -18,7 +18,7 @@ from sqlalchemy import text
 from pipelines import journal, runtime
 from pipelines.db import get_engine
 from pipelines.jobs import JobFailed, JobRun
-from pipelines.load import Loader, quarantine
+from pipelines.load import loading, quarantine
 from pipelines.prefetch import prefetch
 from pipelines.settings import get_settings
 from pipelines.sources import files, http
@@ -66,8 +66,7 @@ def run(job: JobRun, registry: Registry | None = None) -> dict:
                 since = Cursor(job.checkpoint["since"]["value"], frozenset(job.checkpoint["since"]["ids"]))
             elif source.cursor and incremental and not resuming:
                 since = _cursor_state(source_id)
-            _ingest_source(job, registry, source, s_index, since, batch_rows, stats,
-                           job.checkpoint.get("resume") if resuming else None, resuming)
+            _ingest_source(job, registry, source, s_index, since, batch_rows, stats)
         except SourceError as exc:
             source_stats["error"] = str(exc)
         _finish_source(job, source_id, s_index, stats)
@@ -89,52 +88,41 @@ def _cursor_state(source_id: str) -> Cursor | None:
     return Cursor(row.cursor_value, frozenset(row.cursor_ids))
 
 
-def _ingest_source(job, registry, source, s_index, since, batch_rows, stats, resume, resuming) -> None:
+def _ingest_source(job, registry, source, s_index, since, batch_rows, stats) -> None:
     source_stats = stats[source.id]
+    resuming = job.checkpoint.get("source") == s_index
+    resume = job.checkpoint.get("resume") if resuming else None
     if source.type == "file":
         source_stats["files"] = len(registry.files(source))
-    with get_engine().begin() as connection:
-        loader = Loader.open(connection.connection.driver_connection, source.id, job.id, resuming)
-    try:
-        _load_batches(job, registry, source, s_index, since, batch_rows, stats, resume, loader)
-    except BaseException:
-        # What the run committed stays: a first load that stops early is still indexed and attached.
-        try:
-            loader.finish()
-        except Exception:
-            log.warning("could not attach the first load of %s; its next run will", source.id, exc_info=True)
-        raise
-    loader.finish()
-
-
-def _load_batches(job, registry, source, s_index, since, batch_rows, stats, resume, loader) -> None:
-    source_stats = stats[source.id]
     # The run's threshold, as every checkpoint of this source records it (fixed for the whole run).
     since_state = {"value": since.value, "ids": sorted(since.ids)} if since else None
     cursor_type = _CURSOR_SQL.get(effective_types(source).get(source.cursor or "", "string"), "text")
 
-    def prepared():
-        """Batches validated and serialised, one ahead in a thread while the database loads."""
-        for piece in pieces(source, registry, batch_rows, resume, since):
-            valid = validate(source, piece.raw, since)
-            yield piece, valid, loader.prepare(valid)
+    with loading(source.id, job.id, resuming) as loader:
 
-    for piece, valid, payload in prefetch(prepared(), depth=1):
-        source_stats["records"] += valid.num_rows
-        source_stats["failed"] += len(valid.rejects)
-        source_stats["skipped"] += valid.skipped
-        source_stats["batches"] += 1
-        checkpoint = {"source": s_index, "resume": piece.position, "stats": stats, "since": since_state}
-        progress = None if piece.progress is None else int(99 * (s_index + piece.progress) / len(job.params["sources"]))
-        with job.batch(processed=valid.num_rows, failed=len(valid.rejects), checkpoint=checkpoint,
-                       progress=progress) as conn:
-            loader.load(conn, payload)
-            quarantine(conn, source.id, job.id, piece.label, valid.rejects)
-            if valid.cursor_max is not None:
-                _advance_cursor(conn, source.id, valid.cursor_max, valid.cursor_max_ids, cursor_type)
-        del valid, payload
-        # Hand freed batch memory back to the OS, so RSS stays flat whatever the input size.
-        pa.default_memory_pool().release_unused()
+        def prepared():
+            """Batches validated and serialised, one ahead in a thread while the database loads."""
+            for piece in pieces(source, registry, batch_rows, resume, since):
+                valid = validate(source, piece.raw, since)
+                yield piece, valid, loader.prepare(valid)
+
+        for piece, valid, payload in prefetch(prepared(), depth=1):
+            source_stats["records"] += valid.num_rows
+            source_stats["failed"] += len(valid.rejects)
+            source_stats["skipped"] += valid.skipped
+            source_stats["batches"] += 1
+            checkpoint = {"source": s_index, "resume": piece.position, "stats": stats, "since": since_state}
+            progress = (None if piece.progress is None
+                        else int(99 * (s_index + piece.progress) / len(job.params["sources"])))
+            with job.batch(processed=valid.num_rows, failed=len(valid.rejects), checkpoint=checkpoint,
+                           progress=progress) as conn:
+                loader.load(conn, payload)
+                quarantine(conn, source.id, job.id, piece.label, valid.rejects)
+                if valid.cursor_max is not None:
+                    _advance_cursor(conn, source.id, valid.cursor_max, valid.cursor_max_ids, cursor_type)
+            del valid, payload
+            # Hand freed batch memory back to the OS, so RSS stays flat whatever the input size.
+            pa.default_memory_pool().release_unused()
 
 
 def _advance_cursor(conn, source_id: str, value: str, ids: list[str], cursor_type: str) -> None:

@@ -12,6 +12,9 @@ first (the last line wins).
 from __future__ import annotations
 
 import json
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,8 +28,11 @@ from psycopg import sql
 from psycopg.types.json import Jsonb
 
 from pipelines import partitions
+from pipelines.db import get_engine
 from pipelines.sources.files import Reject
 from pipelines.validate import ValidBatch, as_text
+
+log = logging.getLogger(__name__)
 
 _CONTROL = "[\\x00-\\x08\\x0b\\x0c\\x0e-\\x1f]"
 _NEEDS_ESCAPE = '["\\\\\\n\\r\\t]'
@@ -115,7 +121,7 @@ class Payload:
 
 
 def _microseconds(timestamp: pa.Array) -> pa.Array:
-    """PostgreSQL keeps microseconds; finer times are rounded, as its text input would."""
+    """PostgreSQL keeps microseconds: finer times are rounded to the nearest one."""
     if timestamp.type.unit == "ns":
         timestamp = pc.round_temporal(timestamp, unit="microsecond")
     return timestamp.cast(_COLUMNS.field("timestamp").type)
@@ -219,6 +225,23 @@ class Loader:
             "WHERE (o.timestamp, o.value, o.metadata) IS DISTINCT FROM "
             "(EXCLUDED.timestamp, EXCLUDED.value, EXCLUDED.metadata)"
         ).format(self.table))
+
+
+@contextmanager
+def loading(source: str, job_id: str, resuming: bool) -> Iterator[Loader]:
+    """A Loader for one source's run. However the block ends, short of the process dying, a first
+    load is then indexed and attached: what the run committed stays, and becomes visible."""
+    with get_engine().begin() as connection:
+        loader = Loader.open(connection.connection.driver_connection, source, job_id, resuming)
+    try:
+        yield loader
+    except BaseException:
+        try:
+            loader.finish()
+        except Exception:  # the error that ended the run matters more; the source's next run attaches
+            log.warning("could not attach the first load of %s", source, exc_info=True)
+        raise
+    loader.finish()
 
 
 def merge_observations(conn: psycopg.Connection, source: str, job_id: str, batch: ValidBatch) -> None:

@@ -8,8 +8,8 @@ times cheaper than keeping it up row by row, and a first load is where the rows 
 already has its partition loads through it directly (see `pipelines.load`).
 
 Until it is attached, a new source's rows are not visible to queries: a first load appears whole.
-A run that stops early (cancelled, a bad file, the attempt cap) attaches what it committed; a worker
-killed mid-run leaves the table for its resumed attempt, or for the source's next run, to attach.
+A run that stops early (cancelled, a bad file) attaches what it committed; a worker killed mid-run
+leaves the table to its resumed attempt, or, if the job gives up, to the source's next run.
 """
 
 from __future__ import annotations
@@ -50,14 +50,14 @@ def _lock(conn: psycopg.Connection, source: str) -> None:
 
 def state(conn: psycopg.Connection, source: str) -> State:
     row = conn.execute(
-        "SELECT c.oid, i.inhparent IS NOT NULL FROM pg_class c "
+        "SELECT i.inhparent IS NOT NULL FROM pg_class c "
         "LEFT JOIN pg_inherits i ON i.inhrelid = c.oid "
         "WHERE c.relname = %s AND c.relnamespace = current_schema()::regnamespace",
         (partition_name(source),),
     ).fetchone()
     if row is None:
         return State.MISSING
-    return State.ATTACHED if row[1] else State.DETACHED
+    return State.ATTACHED if row[0] else State.DETACHED
 
 
 def _create(conn: psycopg.Connection, source: str) -> None:
@@ -85,7 +85,7 @@ def begin_bulk(conn: psycopg.Connection, source: str, job_id: str) -> bool:
     return True
 
 
-def ensure(conn: psycopg.Connection, source: str) -> str:
+def ensure(conn: psycopg.Connection, source: str) -> None:
     """SOURCE's attached partition, created empty if missing, in the caller's transaction.
 
     A detached table left by an interrupted first load is finished and attached first."""
@@ -96,7 +96,6 @@ def ensure(conn: psycopg.Connection, source: str) -> str:
     if current is not State.ATTACHED:
         _build_indexes(conn, source)
         _attach(conn, source)
-    return partition_name(source)
 
 
 def _index_statements(source: str) -> list[sql.Composed]:

@@ -77,6 +77,26 @@ def test_text_survives_copy_exactly():
     assert [r[4]["note"] for r in table()] == tricky
 
 
+def test_values_survive_the_binary_format():
+    """Times finer than PostgreSQL's microseconds are rounded; no time, NaN and infinities survive;
+    low-cardinality metadata (encoded once per distinct value) keeps its nulls and escapes."""
+    stamps = pa.array([1_767_225_600_000_000_499, 1_767_225_600_000_000_500, None], pa.timestamp("ns", "UTC"))
+    region = ["n\"orth", None, "n\"orth"] * 400  # long enough to be dictionary-encoded
+    b = ValidBatch(
+        ids=pa.array([f"r{i:04d}" for i in range(1200)]),
+        fields={"timestamp": pa.concat_arrays([stamps] * 400),
+                "value": pa.array([float("nan"), float("inf"), -1.5] * 400)},
+        metadata={"region": pa.array(region), "n": pa.array([1, None, 3] * 400, pa.int64())},
+        lines=np.arange(1200),
+    )
+    merge(b)
+    got = table()[:3]
+    assert [r[2] for r in got] == [T0, T0 + dt.timedelta(microseconds=1), None]
+    assert np.isnan(got[0][3]) and got[1][3] == float("inf") and got[2][3] == -1.5
+    assert [r[4] for r in got] == [{"region": 'n"orth', "n": 1}, {"region": None, "n": None},
+                                   {"region": 'n"orth', "n": 3}]
+
+
 def test_quarantine_records_where_and_why():
     with get_engine().begin() as conn:
         quarantine(conn.connection.driver_connection, "s", "job_1", "a.csv",
