@@ -138,17 +138,16 @@ def prepare(source: str, job_id: str, batch: ValidBatch, bulk: bool = False) -> 
         metadata = {k: v.take(keep) for k, v in metadata.items()}
         n = len(keep)
     timestamp = fields.get("timestamp")
-    rows = pa.RecordBatch.from_arrays([
-        pa.repeat(pa.scalar(source), n),
-        ids.cast(pa.string()),
-        pa.nulls(n, _COLUMNS.field("timestamp").type) if timestamp is None else _microseconds(timestamp),
-        fields.get("value", pa.nulls(n, pa.float64())).cast(pa.float64()),
-        metadata_json(metadata, n),
-        pa.repeat(pa.scalar(job_id), n),
-    ], schema=_COLUMNS)
+    arrays = {
+        "id": ids.cast(pa.string()),
+        "timestamp": pa.nulls(n, _COLUMNS.field("timestamp").type) if timestamp is None else _microseconds(timestamp),
+        "value": fields.get("value", pa.nulls(n, pa.float64())).cast(pa.float64()),
+        "metadata": metadata_json(metadata, n),
+    }
+    if not bulk:
+        arrays.update(source=pa.repeat(pa.scalar(source), n), job_id=pa.repeat(pa.scalar(job_id), n))
     schema = _BULK_COLUMNS if bulk else _COLUMNS
-    if bulk:
-        rows = rows.select(schema.names)
+    rows = pa.RecordBatch.from_arrays([arrays[name] for name in schema.names], schema=schema)
     encoder = ArrowToPostgresBinaryEncoder.new_with_encoders(schema, {name: _ENCODERS[name] for name in schema.names})
     return Payload((encoder.write_header(), encoder.write_batch(rows), encoder.finish()), n, tuple(schema.names))
 
