@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -95,7 +96,26 @@ def pytest_unconfigure(config) -> None:
             pass
     if "redis" in _state:
         _state["redis"].stop()
+    _stop_embedded_postgres(_state["home"] / "pgdata")
     shutil.rmtree(_state["home"], ignore_errors=True)
+
+
+def _stop_embedded_postgres(pgdata: Path, timeout: float = 30) -> None:
+    """Stop the session's embedded PostgreSQL before its directory goes: pgserver keeps its count of
+    users inside that directory, so its own exit hook could no longer tell that the server must stop."""
+    import psutil
+
+    pidfile = pgdata / "postmaster.pid"
+    if not pidfile.exists():
+        return
+    pid = int(pidfile.read_text().split()[0])
+    try:
+        os.kill(pid, signal.SIGINT)  # fast shutdown
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + timeout
+    while psutil.pid_exists(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
 
 
 # --- per-test state ------------------------------------------------------------------------------
