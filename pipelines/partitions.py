@@ -113,7 +113,7 @@ def _index_statements(source: str) -> list[sql.Composed]:
 def _build_indexes(conn: psycopg.Connection, source: str) -> None:
     """Build whatever index SOURCE's table lacks, removing stale copies of keys first if need be."""
     key, time = _index_statements(source)
-    conn.execute(sql.SQL("SET LOCAL maintenance_work_mem = {}").format(sql.Literal(_BUILD_MEMORY)))
+    _index_build_settings(conn)
     try:
         with conn.transaction():
             conn.execute(key)
@@ -121,6 +121,12 @@ def _build_indexes(conn: psycopg.Connection, source: str) -> None:
         _dedupe(conn, source)
         conn.execute(key)
     conn.execute(time)
+
+
+def _index_build_settings(conn: psycopg.Connection) -> None:
+    conn.execute(sql.SQL("SET LOCAL maintenance_work_mem = {}").format(sql.Literal(_BUILD_MEMORY)))
+    # Index builds run side by side already: a worker process each would only oversubscribe the cores.
+    conn.execute("SET LOCAL max_parallel_maintenance_workers = 0")
 
 
 def _dedupe(conn: psycopg.Connection, source: str) -> None:
@@ -159,9 +165,11 @@ def finish_bulk(source: str) -> None:
     with _connection() as conn:
         with conn.transaction():
             detached = state(conn, source) is State.DETACHED
-        if detached:
-            _build_in_parallel(source)
+        key_built = _build_in_parallel(source) if detached else True
         with conn.transaction():
+            if not key_built:  # keys came back in later batches: remove the stale copies, then build
+                _lock(conn, source)
+                _dedupe(conn, source)
             ensure(conn, source)
 
 
@@ -171,21 +179,20 @@ def _connection() -> Iterator[psycopg.Connection]:
         yield connection.connection.driver_connection
 
 
-def _build_in_parallel(source: str) -> None:
+def _build_in_parallel(source: str) -> bool:
     """Run the index builds side by side, then ANALYZE in whichever connection frees up first, so
-    that the first queries after the load are planned on real statistics. A failed key build is left
-    for `ensure` to sort out."""
-    def build(statement: sql.Composed) -> None:
+    that the first queries after the load are planned on real statistics. False if the key index
+    could not be built because a key occurs more than once."""
+    def build(statement: sql.Composed) -> bool:
         try:
             with _connection() as conn, conn.transaction():
-                conn.execute(sql.SQL("SET LOCAL maintenance_work_mem = {}").format(sql.Literal(_BUILD_MEMORY)))
-                # The builds already run side by side: a worker process each would only oversubscribe.
-                conn.execute("SET LOCAL max_parallel_maintenance_workers = 0")
+                _index_build_settings(conn)
                 conn.execute(statement)
         except psycopg.errors.UniqueViolation:
-            pass  # a key that came back in a later batch: `ensure` removes the stale copies
+            return False
+        return True
 
     analyze = sql.SQL("ANALYZE {}").format(sql.Identifier(partition_name(source)))
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="index-build") as pool:
-        for done in [pool.submit(build, s) for s in [*_index_statements(source), analyze]]:
-            done.result()
+        built = [pool.submit(build, s) for s in [*_index_statements(source), analyze]]
+        return all([done.result() for done in built])  # every result: an error in any build is raised
