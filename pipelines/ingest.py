@@ -111,6 +111,8 @@ def _ingest_source(job, registry, source, s_index, since, batch_rows, stats) -> 
             source_stats["failed"] += len(valid.rejects)
             source_stats["skipped"] += valid.skipped
             source_stats["batches"] += 1
+            for note in piece.raw.notes:
+                source_stats.setdefault("notes", []).append(f"{piece.label}: {note}")
             checkpoint = {"source": s_index, "resume": piece.position, "stats": stats, "since": since_state}
             progress = (None if piece.progress is None
                         else int(99 * (s_index + piece.progress) / len(job.params["sources"])))

@@ -7,6 +7,7 @@ by value, to find which rows are bad and say so. Bad rows are set aside, never d
 from __future__ import annotations
 
 import datetime as dt
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -25,6 +26,7 @@ ARROW_TYPES = {
     "date": pa.date32(),
     "bool": pa.bool_(),
 }
+_ZONED = re.compile(r"(?:[Zz]|[+-]\d\d(?::?\d\d)?)$")
 _TRUE = {"true", "t", "yes", "y", "1"}
 _FALSE = {"false", "f", "no", "n", "0"}
 
@@ -93,13 +95,24 @@ def _vector_cast(array: pa.Array, kind: str, fmt: str | None) -> pa.Array:
             if parsed.null_count != array.null_count:
                 raise pa.ArrowInvalid("unparseable datetime")
             return parsed.cast(UTC_US) if parsed.type.tz else pc.assume_timezone(parsed, "UTC")
+        # A failed cast costs far more than a good one: try first the form the first value has.
+        first = next((v for v in array.slice(0, 64).to_pylist() if v), "")
+        attempts = [_cast_zoned, _cast_naive] if _ZONED.search(first.strip()) else [_cast_naive, _cast_zoned]
         try:
-            return pc.assume_timezone(array.cast(pa.timestamp("us")), "UTC")
+            return attempts[0](array)
         except pa.ArrowInvalid:
-            return array.cast(UTC_US)
+            return attempts[1](array)
     if kind == "bool":
         return _bool_vector(pc.utf8_lower(pc.utf8_trim_whitespace(array)))
     return array.cast(target)
+
+
+def _cast_naive(array: pa.Array) -> pa.Array:
+    return pc.assume_timezone(array.cast(pa.timestamp("us")), "UTC")
+
+
+def _cast_zoned(array: pa.Array) -> pa.Array:
+    return array.cast(UTC_US)
 
 
 def _bool_vector(lowered: pa.Array) -> pa.Array:
@@ -207,7 +220,7 @@ def _past_cursor(source: SourceConfig, raw: RawBatch, since: str) -> tuple[RawBa
         return raw, 0
     keep = ~older
     table = raw.table.filter(pa.array(keep))
-    return RawBatch(table, raw.lines[keep], raw.rejects, raw.fraction), int(older.sum())
+    return RawBatch(table, raw.lines[keep], raw.rejects, raw.fraction, raw.notes), int(older.sum())
 
 
 def _without(batch: ValidBatch, drop: pa.Array) -> ValidBatch:
@@ -236,7 +249,7 @@ def validate(source: SourceConfig, raw: RawBatch, since: Cursor | None = None) -
     for name in table.column_names:
         array = table.column(name).combine_chunks()
         array, bad = _decode(array)
-        reasons.add(bad, lambda i, name=name: f"bad encoding in column '{name}' (not valid UTF-8)")
+        reasons.add(bad, lambda i, name=name: f"bad encoding in column '{name}' (not valid {source.encoding})")
         columns[name] = array
 
     required = dict.fromkeys([*rules.required_columns, *source.primary_key])

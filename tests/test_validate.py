@@ -48,7 +48,7 @@ def test_csv_bad_rows_are_quarantined_with_line_and_reason(tmp_path):
         b"a,2026-01-01T00:00:00Z,1.5,10,ok\n"           # 2
         b"b,2026-01-01T01:00:00,abc,11,bad float\n"     # 3
         b"c,2026-01-01T02:00:00,2.5,12\n"               # 4 too few columns
-        b"\n"                                            # 5 empty line
+        b"\n"                                            # 5 empty line: no data, skipped
         b"d,,3.5,13,no timestamp\n"                      # 6
         b"e,yesterday,4.5,14,bad time\n"                 # 7
         b"f,2026-01-01T03:00:00+02:00,5.5,1.2,bad int\n" # 8
@@ -62,10 +62,9 @@ def test_csv_bad_rows_are_quarantined_with_line_and_reason(tmp_path):
     assert rows[0]["value"] == 1.5 and rows[0]["metadata"] == {"qty": 10, "note": "ok"}
     assert rows[1]["metadata"]["note"] == "quoted, with comma"
     reasons = {line: reason for line, reason, _ in rejects}
-    assert sorted(reasons) == [3, 4, 5, 6, 7, 8, 9, 11]
+    assert sorted(reasons) == [3, 4, 6, 7, 8, 9, 11]
     assert reasons[3] == "column 'px': cannot parse 'abc' as float"
     assert reasons[4].startswith("wrong number of columns") and reasons[11].startswith("wrong number of columns")
-    assert reasons[5] == "missing required value for 'id'"
     assert reasons[6] == "missing required value for 'timestamp'"
     assert reasons[7] == "column 'timestamp': cannot parse 'yesterday' as datetime"
     assert reasons[8] == "column 'qty': cannot parse '1.2' as int"
@@ -106,9 +105,9 @@ def test_composite_key_builds_the_id_and_keeps_key_columns_in_metadata(tmp_path)
 
 
 def test_batches_keep_exact_line_numbers_across_chunks(tmp_path, monkeypatch):
-    import pipelines.sources.files as files
+    import pipelines.sources.lines as lines
 
-    monkeypatch.setattr(files, "CHUNK_BYTES", 64)
+    monkeypatch.setattr(lines, "CHUNK_BYTES", 64)
     path = tmp_path / "a.csv"
     lines = ["id,timestamp,px"] + [f"r{i},2026-01-01T00:00:00,{'x' if i % 7 == 0 else i}" for i in range(1, 101)]
     path.write_text("\n".join(lines) + "\n")

@@ -22,6 +22,7 @@ class RawBatch:
     lines: np.ndarray
     rejects: list[Reject] = field(default_factory=list)
     fraction: float = 1.0  # how far through the file this batch ends, for progress
+    notes: list[str] = field(default_factory=list)  # what a person should know, e.g. "the file is empty"
 
     @property
     def rows_seen(self) -> int:

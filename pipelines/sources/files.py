@@ -1,35 +1,59 @@
 """The file connector: CSV, Parquet and JSON Lines read as a stream of Arrow batches.
 
-Every batch carries the 1-based line (or record) number of each row and the rows that could not
-be split into columns at all, so validation can quarantine exactly what failed and say where.
-Memory is bounded by the chunk size, whatever the size of the file.
+Every batch carries the 1-based line (or record) number of each row and the rows that could not be
+split into columns at all, so validation can quarantine exactly what failed and say where. Reading
+goes through `lines.LineStream` (gzip, encodings, byte order marks, line breaks of every kind, lines
+over the limit), so memory is bounded by the chunk size whatever the size or dialect of the file.
+
+CSV follows RFC 4180: a quoted field may hold the delimiter, doubled quotes and line breaks, and its
+row is numbered by the line it starts on. Blocks without a quote character (most of them) are cut
+into rows by line breaks and parsed by Arrow; blocks with one go through Python's `csv` module, which
+says where each record starts and ends. JSON Lines blocks are parsed by Arrow's JSON reader with
+inferred types kept exact (timestamps stay text until validation parses them as declared, integers
+too large for 64 bits send the block to the exact path); a block with a bad line takes the exact
+path, line by line, so only that line is quarantined.
 """
 
 from __future__ import annotations
 
+import csv
 import io
 import json
-from collections.abc import Iterator
+import re
+import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
+import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
+from pipelines.settings import get_settings
 from pipelines.sources.batches import Piece, RawBatch, Reject, records_table
+from pipelines.sources.lines import Block, LineStream, open_stream
 from pipelines.sources.registry import Registry, SourceConfig, SourceError
 
-CHUNK_BYTES = 4 * 1024 * 1024
+csv.field_size_limit(sys.maxsize)  # lines over the limit are caught before the csv module sees them
+_PHYSICAL_LINE = re.compile(r"[^\r\n]*(?:\r\n|\r|\n)|[^\r\n]+$")
+# Arrow reads an integer too large for 64 bits as a float; no float column holding an integral value
+# this large is trusted to be exact.
+_EXACT_FLOAT_LIMIT = 2.0**53
 
 
 def read_file(source: SourceConfig, path: Path, batch_rows: int) -> Iterator[RawBatch]:
     readers = {"csv": _read_csv, "parquet": _read_parquet, "jsonl": _read_jsonl}
     try:
         yield from readers[source.format](source, path, batch_rows)
-    except (pa.ArrowInvalid, OSError, UnicodeDecodeError, ValueError) as exc:
+    except (pa.ArrowInvalid, OSError, EOFError, UnicodeDecodeError, ValueError) as exc:
         raise SourceError(f"source '{source.id}': cannot read {path.name}: {exc}") from exc
+
+
+def line_limit(source: SourceConfig) -> int:
+    return source.max_line_bytes or get_settings().max_line_bytes
 
 
 def _slices(batch: RawBatch, batch_rows: int) -> Iterator[RawBatch]:
@@ -46,15 +70,25 @@ def _slices(batch: RawBatch, batch_rows: int) -> Iterator[RawBatch]:
         )
 
 
-def _csv_header(source: SourceConfig, header: bytes) -> list[str]:
-    if not header.strip():
-        raise SourceError(f"source '{source.id}': the file is empty or has no header line")
-    table = pacsv.read_csv(
-        io.BytesIO(header),
-        read_options=pacsv.ReadOptions(encoding=source.encoding),
-        parse_options=pacsv.ParseOptions(delimiter=source.delimiter),
-    )
-    return table.column_names
+def _stream_batches(fh: BinaryIO, source: SourceConfig, size: int, batch_rows: int,
+                    parse: Callable[[Block, LineStream], tuple[pa.Table, np.ndarray, list[Reject]]]
+                    ) -> Iterator[RawBatch]:
+    """Blocks of FH's lines through PARSE, as raw batches with progress by FH's own bytes."""
+    stream = LineStream(open_stream(fh), source.encoding, line_limit(source))
+    seen_any = False
+    for block in stream.blocks():
+        seen_any = seen_any or len(block.data) > 0
+        table, lines, rejects = parse(block, stream)
+        rejects = stream.rejects + rejects
+        stream.rejects = []
+        if not (table.num_rows or rejects or block.final):
+            continue
+        notes = [] if seen_any else ["the file is empty"]
+        yield from _slices(RawBatch(table, lines, sorted(rejects, key=lambda r: r.line),
+                                    min(fh.tell() / size, 1.0), notes), batch_rows)
+
+
+# --- CSV ------------------------------------------------------------------------------------------
 
 
 def _read_csv(source: SourceConfig, path: Path, batch_rows: int) -> Iterator[RawBatch]:
@@ -63,71 +97,135 @@ def _read_csv(source: SourceConfig, path: Path, batch_rows: int) -> Iterator[Raw
 
 
 def read_csv_stream(source: SourceConfig, fh: BinaryIO, size: int, batch_rows: int, name: str) -> Iterator[RawBatch]:
-    """CSV from the binary stream FH (a file, or an HTTP body), in chunks of whole lines."""
-    names = _csv_header(source, fh.readline())
-    first_line = 2
-    while True:
-        chunk = fh.read(CHUNK_BYTES)
-        if not chunk:
-            return
-        if not chunk.endswith(b"\n"):
-            chunk += fh.readline()
-        invalid: list[str] = []
+    """CSV from the binary stream FH (a file, or an HTTP body)."""
+    yield from _stream_batches(fh, source, size, batch_rows, _CsvParser(source).parse)
 
-        def on_invalid(row, invalid=invalid):
-            invalid.append(row.text)
+
+class _CsvParser:
+    """Blocks of lines into tables of binary cells; the first record of the input is the header."""
+
+    def __init__(self, source: SourceConfig):
+        self.source = source
+        self.names: list[str] | None = None
+
+    def _empty(self) -> pa.Table:
+        return pa.table({name: pa.array([], pa.binary()) for name in self.names or []})
+
+    def parse(self, block: Block, stream: LineStream) -> tuple[pa.Table, np.ndarray, list[Reject]]:
+        if self.names is None:
+            found = self._header(block, stream)
+            if found is None:
+                return self._empty(), np.empty(0, np.int64), []
+            block = block.tail(found)
+        if not (block.ends > block.starts).any():
+            return self._empty(), np.empty(0, np.int64), []
+        if block.data.find(b'"') < 0:
+            return self._plain(block)
+        return self._quoted(block, stream)
+
+    def _header(self, block: Block, stream: LineStream) -> int | None:
+        """Read the header from BLOCK; the index of the line after it, or None if it is not complete."""
+        text = block.data.decode("utf-8", "replace")
+        lines = _PHYSICAL_LINE.findall(text)
+        reader = csv.reader(lines, delimiter=self.source.delimiter, strict=False)
+        for fields in reader:
+            if fields:
+                if reader.line_num == len(lines) and not block.final:
+                    break  # a header whose quoted name may go on in the next block
+                self.names = [f.strip() for f in fields]
+                if len(set(self.names)) != len(self.names):
+                    raise SourceError(f"source '{self.source.id}': the header repeats a column name: {self.names}")
+                return reader.line_num
+        if not block.final:
+            stream.push_back(block, 0)
+        return None
+
+    def _plain(self, block: Block) -> tuple[pa.Table, np.ndarray, list[Reject]]:
+        """A block without quotes: one line is one row; Arrow parses it."""
+        assert self.names is not None
+        n = len(self.names)
+        array = np.frombuffer(block.data, dtype=np.uint8)
+        delimiters = np.flatnonzero(array == ord(self.source.delimiter))
+        columns = np.searchsorted(delimiters, block.ends) - np.searchsorted(delimiters, block.starts) + 1
+        blank = block.ends == block.starts
+        wrong = ~blank & (columns != n)
+        rejects = [Reject(int(block.numbers[i]), f"wrong number of columns: expected {n}, found {int(columns[i])}",
+                          {"line": block.line(i).decode("utf-8", "replace")}) for i in np.flatnonzero(wrong)]
+        refused = [0]
+
+        def on_invalid(_row) -> str:
+            refused[0] += 1
             return "skip"
 
         table = pacsv.read_csv(
-            io.BytesIO(chunk),
-            read_options=pacsv.ReadOptions(column_names=names, encoding=source.encoding, block_size=len(chunk) + 1),
-            # One physical line is one row, so line numbers stay exact; empty lines are kept
-            # (as rows of nulls) so they count, and fail validation like any missing value.
-            parse_options=pacsv.ParseOptions(
-                delimiter=source.delimiter,
-                newlines_in_values=False,
-                ignore_empty_lines=False,
-                invalid_row_handler=on_invalid,
-            ),
-            convert_options=pacsv.ConvertOptions(
-                column_types={name: pa.binary() for name in names},
-                null_values=[""],
-                strings_can_be_null=True,
-            ),
+            io.BytesIO(block.data),
+            read_options=pacsv.ReadOptions(column_names=self.names, block_size=len(block.data) + 1),
+            parse_options=pacsv.ParseOptions(delimiter=self.source.delimiter, quote_char=False,
+                                             newlines_in_values=False, ignore_empty_lines=True,
+                                             invalid_row_handler=on_invalid),
+            convert_options=pacsv.ConvertOptions(column_types={name: pa.binary() for name in self.names},
+                                                 null_values=[""], strings_can_be_null=True),
         )
-        n_lines = chunk.count(b"\n")
-        lines = np.arange(first_line, first_line + n_lines, dtype=np.int64)
-        rejects = []
-        if invalid:
-            bad = _locate_invalid(chunk, invalid)
-            rejects = [
-                Reject(
-                    int(lines[i]),
-                    f"wrong number of columns: expected {len(names)}",
-                    {"line": invalid[k]},
-                )
-                for k, i in enumerate(bad)
-            ]
-            lines = np.delete(lines, bad)
-        if len(lines) != table.num_rows:
-            raise SourceError(f"source '{source.id}': {name}: could not align rows with lines near line {first_line}")
-        first_line += n_lines
-        yield from _slices(RawBatch(table, lines, rejects, fh.tell() / size), batch_rows)
+        lines = block.numbers[~blank & ~wrong]
+        if table.num_rows != len(lines) or refused[0] != len(rejects):
+            raise SourceError(f"source '{self.source.id}': could not align rows with lines near line "
+                              f"{int(block.numbers[0])}")
+        return table, lines, rejects
+
+    def _quoted(self, block: Block, stream: LineStream) -> tuple[pa.Table, np.ndarray, list[Reject]]:
+        """A block with quotes: Python's csv module finds each record and the line it starts on."""
+        assert self.names is not None
+        n = len(self.names)
+        try:
+            text, binary = block.data.decode("utf-8"), False
+        except UnicodeDecodeError:  # keep every byte; validation says which cells are not valid text
+            text, binary = block.data.decode("latin-1"), True
+        lines = _PHYSICAL_LINE.findall(text)
+        reader = csv.reader(lines, delimiter=self.source.delimiter, strict=False)
+        records: list[tuple[int, int, list[str] | None, str]] = []
+        start = 0
+        while True:
+            try:
+                fields: list[str] | None = next(reader)
+                problem = ""
+            except StopIteration:
+                break
+            except csv.Error as exc:
+                fields, problem = None, f"unparseable CSV: {exc}"
+            records.append((start, reader.line_num, fields, problem))
+            start = reader.line_num
+        if records and not block.final:
+            stream.push_back(block, records.pop()[0])  # the last record may go on in the next block
+        rows, numbers, rejects = [], [], []
+        for first, end, fields, problem in records:
+            if fields == []:
+                continue
+            if fields is not None and len(fields) == n:
+                rows.append(fields)
+                numbers.append(block.numbers[first])
+                continue
+            raw = "".join(lines[first:end]).rstrip("\r\n")
+            if binary:
+                raw = raw.encode("latin-1").decode("utf-8", "replace")
+            reason = problem or f"wrong number of columns: expected {n}, found {len(fields or [])}"
+            rejects.append(Reject(int(block.numbers[first]), reason, {"line": raw}))
+        return self._table(rows, binary), np.array(numbers, dtype=np.int64), rejects
+
+    def _table(self, rows: list[list[str]], binary: bool) -> pa.Table:
+        assert self.names is not None
+        if not rows:
+            return self._empty()
+        columns = list(zip(*rows, strict=True))
+        arrays = []
+        for cells in columns:
+            if binary:
+                arrays.append(pa.array([c.encode("latin-1") if c else None for c in cells], pa.binary()))
+            else:
+                arrays.append(pa.array([c or None for c in cells], pa.string()))
+        return pa.table(dict(zip(self.names, arrays, strict=True)))
 
 
-def _locate_invalid(chunk: bytes, texts: list[str]) -> list[int]:
-    """Indices of the lines of CHUNK that the CSV parser refused (rare: a slow path is fine)."""
-    found, want = [], 0
-    for index, raw in enumerate(chunk.split(b"\n")):
-        if want == len(texts):
-            break
-        line = raw.rstrip(b"\r").decode("utf-8", "replace")
-        if line == texts[want] or raw.decode("utf-8", "replace") == texts[want]:
-            found.append(index)
-            want += 1
-    if want != len(texts):
-        raise SourceError("could not locate the lines the CSV parser rejected")
-    return found
+# --- Parquet --------------------------------------------------------------------------------------
 
 
 def _read_parquet(source: SourceConfig, path: Path, batch_rows: int) -> Iterator[RawBatch]:
@@ -140,40 +238,91 @@ def _read_parquet(source: SourceConfig, path: Path, batch_rows: int) -> Iterator
         yield RawBatch(pa.Table.from_batches([batch]), lines, fraction=(record - 1) / total)
 
 
+# --- JSON Lines -----------------------------------------------------------------------------------
+
+
 def _read_jsonl(source: SourceConfig, path: Path, batch_rows: int) -> Iterator[RawBatch]:
     with path.open("rb") as fh:
         yield from read_jsonl_stream(source, fh, path.stat().st_size or 1, batch_rows)
 
 
 def read_jsonl_stream(source: SourceConfig, fh: BinaryIO, size: int, batch_rows: int) -> Iterator[RawBatch]:
-    """JSON Lines from the binary stream FH, BATCH_ROWS records at a time."""
-    line_no = 0
-    while True:
+    """JSON Lines from the binary stream FH."""
+    yield from _stream_batches(fh, source, size, batch_rows, _JsonLinesParser(source).parse)
+
+
+class _JsonLinesParser:
+    """Blocks of JSON Lines into tables: Arrow's reader where it is exact, line by line where not."""
+
+    def __init__(self, source: SourceConfig):
+        self.source = source
+        self.as_text: dict[str, pa.DataType] = {}  # columns Arrow would read as times: kept as text
+        self.limit = line_limit(source)
+
+    def parse(self, block: Block, _stream: LineStream) -> tuple[pa.Table, np.ndarray, list[Reject]]:
+        filled = block.ends > block.starts
+        table = self._fast(block, int(filled.sum()))
+        if table is not None:
+            return table, block.numbers[filled], []
+        return self._exact(block)
+
+    def _read(self, data: bytes) -> pa.Table:
+        schema = pa.schema(list(self.as_text.items())) if self.as_text else None
+        return pajson.read_json(
+            io.BytesIO(data),
+            # Blocks of Arrow's own, parsed in parallel, each larger than the longest line can be.
+            read_options=pajson.ReadOptions(block_size=max(self.limit + 2, 1 << 20)),
+            parse_options=pajson.ParseOptions(explicit_schema=schema, unexpected_field_behavior="infer"),
+        )
+
+    def _fast(self, block: Block, rows: int) -> pa.Table | None:
+        if rows == 0:
+            return None
+        try:
+            table = self._read(block.data)
+            times = [f.name for f in table.schema if pa.types.is_temporal(f.type)]
+            if times:
+                self.as_text.update(dict.fromkeys(times, pa.string()))
+                table = self._read(block.data)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            return None
+        types = table.schema.types
+        if table.num_rows != rows or any(pa.types.is_nested(t) or pa.types.is_temporal(t) for t in types):
+            return None
+        if any(pa.types.is_floating(t) and _maybe_inexact(c) for t, c in zip(types, table.columns, strict=True)):
+            return None  # maybe an integer too large for 64 bits, read as a float: take the exact path
+        return table
+
+    def _exact(self, block: Block) -> tuple[pa.Table, np.ndarray, list[Reject]]:
         records, lines, rejects = [], [], []
-        for raw in fh:
-            line_no += 1
+        for index in range(len(block)):
+            raw = block.line(index)
             if not raw.strip():
                 continue
+            number = int(block.numbers[index])
             try:
-                record = json.loads(raw.decode(source.encoding))
+                record = json.loads(raw.decode("utf-8"))
             except UnicodeDecodeError:
-                reason = f"bad encoding (not {source.encoding})"
-                rejects.append(Reject(line_no, reason, {"line": raw.decode(errors="replace")}))
+                rejects.append(Reject(number, f"bad encoding (not {self.source.encoding})",
+                                      {"line": raw.decode("utf-8", "replace")}))
                 continue
             except json.JSONDecodeError as exc:
-                reason = f"invalid JSON: {exc.msg}"
-                rejects.append(Reject(line_no, reason, {"line": raw.decode(errors="replace")}))
+                rejects.append(Reject(number, f"invalid JSON: {exc.msg}", {"line": raw.decode("utf-8", "replace")}))
                 continue
             if not isinstance(record, dict):
-                rejects.append(Reject(line_no, "record is not a JSON object", {"line": raw.decode()}))
+                rejects.append(Reject(number, "record is not a JSON object", {"line": raw.decode("utf-8", "replace")}))
                 continue
             records.append(record)
-            lines.append(line_no)
-            if len(records) >= batch_rows:
-                break
-        if not records and not rejects:
-            return
-        yield RawBatch(records_table(records), np.array(lines, dtype=np.int64), rejects, fh.tell() / size)
+            lines.append(number)
+        return records_table(records), np.array(lines, dtype=np.int64), rejects
+
+
+def _maybe_inexact(column: pa.ChunkedArray) -> bool:
+    large = pc.greater_equal(pc.abs(column), _EXACT_FLOAT_LIMIT)
+    return bool(pc.any(pc.and_(large, pc.equal(pc.floor(column), column))).as_py())
+
+
+# --- a source's files -----------------------------------------------------------------------------
 
 
 def stream(source: SourceConfig, registry: Registry, batch_rows: int, resume: dict | None) -> Iterator[Piece]:

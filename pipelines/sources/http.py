@@ -22,6 +22,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 import numpy as np
+import pyarrow as pa
 
 from pipelines.settings import get_settings
 from pipelines.sources.batches import Piece, RawBatch, Reject, records_table
@@ -137,13 +138,15 @@ def _parse(source: SourceConfig, body: bytes, first_record: int, shown: str) -> 
         batches = list(read_jsonl_stream(source, io.BytesIO(body), len(body) or 1, 10**9))
     else:
         return _parse_json(source, body, first_record, shown)
-    if not batches:
-        return RawBatch(records_table([]), np.array([], dtype=np.int64))
-    batch = batches[0]
     offset = first_record - (2 if source.format == "csv" else 1)
-    for reject in batch.rejects:
+    rejects = [r for b in batches for r in b.rejects]
+    batches = [b for b in batches if b.table.num_columns]
+    for reject in rejects:
         reject.line += offset
-    return RawBatch(batch.table, batch.lines + offset, batch.rejects)
+    if not batches:
+        return RawBatch(records_table([]), np.array([], dtype=np.int64), rejects)
+    table = pa.concat_tables([b.table for b in batches], promote_options="permissive")
+    return RawBatch(table, np.concatenate([b.lines for b in batches]) + offset, rejects)
 
 
 def _parse_json(source: SourceConfig, body: bytes, first_record: int, shown: str) -> RawBatch:

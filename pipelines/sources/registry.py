@@ -89,6 +89,7 @@ class SourceConfig(BaseModel):
     cursor_param: str | None = None  # http: query parameter that asks the API for rows past the cursor
     delimiter: str = Field(default=",", min_length=1, max_length=1)
     encoding: str = "utf-8"
+    max_line_bytes: int | None = Field(default=None, ge=64)  # longer lines are quarantined (INGOT_MAX_LINE_BYTES)
     validation: Validation = Field(default_factory=Validation)
     mapping: dict[str, str] = Field(default_factory=dict)
     # file sources
@@ -115,13 +116,9 @@ class SourceConfig(BaseModel):
     @field_validator("encoding")
     @classmethod
     def _known_encoding(cls, value: str) -> str:
-        import codecs
+        from pipelines.sources.lines import check_encoding
 
-        try:
-            codecs.lookup(value)
-        except LookupError:
-            raise ValueError(f"unknown encoding {value!r}") from None
-        return value
+        return check_encoding(value)
 
     @model_validator(mode="after")
     def _consistent(self) -> SourceConfig:
