@@ -38,8 +38,10 @@ class State(Enum):
 
 
 def partition_name(source: str) -> str:
-    """The table that holds SOURCE's rows: readable, unique (a hash tells `a-b` from `a_b`), < 64 bytes."""
-    slug = re.sub(r"[^a-z0-9_]", "_", source.lower())[:40]
+    """The table that holds SOURCE's rows: readable, unique (a hash tells `a-b` from `a_b`), and short
+    enough (54 bytes) that its index names (`_key`, `_time`, `_pkey`) stay within PostgreSQL's 63:
+    longer ones are cut, and two cut alike would be one index."""
+    slug = re.sub(r"[^a-z0-9_]", "_", source.lower())[:32]
     return f"{PARENT}_{slug}_{hashlib.sha1(source.encode()).hexdigest()[:8]}"
 
 
