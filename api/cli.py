@@ -334,6 +334,29 @@ def jobs_cancel(ctx: typer.Context, job_id: str, url: UrlOpt = DEFAULT_URL, api_
     err.print(f"{job['id']} is {job['state']}")
 
 
+@app.command("quarantine")
+def quarantine_list(
+    source: Annotated[str | None, typer.Argument(help="only this source")] = None,
+    state: Annotated[str, typer.Option(help="unresolved, resolved or all")] = "unresolved",
+    job_id: Annotated[str | None, typer.Option("--job", help="only what this run met")] = None,
+    limit: int = 50,
+    url: UrlOpt = DEFAULT_URL,
+    api_key: KeyOpt = None,
+) -> None:
+    """Rows that failed validation, each held once, with where they are and why."""
+    with _client(url, api_key) as client:
+        try:
+            rows, more = client.quarantine(source=source, job_id=job_id, state=state, limit=limit)
+        except IngotError as exc:
+            _fail(exc)
+    table = Table("source", "file", "line", "reason", "seen", "last run", "resolved")
+    for r in rows:
+        table.add_row(r["source"], r["file"] or "", str(r["line"] or ""), r["reason"], str(r["times_seen"]),
+                      r["last_seen_job_id"] or "", r["resolved_at"] or "")
+    out.print(table)
+    err.print(f"{len(rows)} {state} row(s)" + (f"; more with --limit {limit * 2}" if more else ""))
+
+
 def main() -> None:
     app()
 

@@ -108,9 +108,11 @@ class Client:
     def sources(self) -> list[dict]:
         return self.request("GET", "/sources")["data"]["sources"]
 
-    def quarantine(self, *, source: str | None = None, job_id: str | None = None, limit: int = 100,
-                   cursor: str | None = None) -> tuple[list[dict], str | None]:
-        params = {k: v for k, v in {"source": source, "job_id": job_id, "limit": limit, "cursor": cursor}.items() if v}
+    def quarantine(self, *, source: str | None = None, job_id: str | None = None, state: str | None = None,
+                   limit: int = 100, cursor: str | None = None) -> tuple[list[dict], str | None]:
+        """One page of quarantined rows (unresolved unless STATE is 'resolved' or 'all'), and the next cursor."""
+        params = {"source": source, "job_id": job_id, "state": state, "limit": limit, "cursor": cursor}
+        params = {k: v for k, v in params.items() if v}
         body = self.request("GET", "/ingestion/quarantine", params=params)
         return body["data"]["rows"], body["meta"]["next_cursor"]
 

@@ -101,6 +101,10 @@ class QuarantineOut(BaseModel):
     reason: str
     raw: dict[str, Any]
     created_at: UTCDateTime
+    last_seen_job_id: str | None
+    times_seen: int
+    resolved_at: UTCDateTime | None
+    resolved_by_job_id: str | None
 
 
 class QuarantineList(BaseModel):

@@ -18,8 +18,9 @@ from sqlalchemy import text
 from pipelines import journal, runtime
 from pipelines.db import get_engine
 from pipelines.jobs import JobFailed, JobRun
-from pipelines.load import loading, quarantine
+from pipelines.load import loading
 from pipelines.prefetch import prefetch
+from pipelines.quarantine import Book
 from pipelines.settings import get_settings
 from pipelines.sources import files, http
 from pipelines.sources.batches import Piece
@@ -98,6 +99,7 @@ def _ingest_source(job, registry, source, s_index, since, batch_rows, stats) -> 
     since_state = {"value": since.value, "ids": sorted(since.ids)} if since else None
     cursor_type = _CURSOR_SQL.get(effective_types(source).get(source.cursor or "", "string"), "text")
 
+    book = Book.open(source.id, job.id)
     with loading(source.id, job.id, resuming) as loader:
 
         def prepared():
@@ -119,7 +121,7 @@ def _ingest_source(job, registry, source, s_index, since, batch_rows, stats) -> 
             with job.batch(processed=valid.num_rows, failed=len(valid.rejects), checkpoint=checkpoint,
                            progress=progress) as conn:
                 loader.load(conn, payload)
-                quarantine(conn, source.id, job.id, piece.label, valid.rejects)
+                book.record(conn, piece.label, valid.rejects, valid.lines)
                 if valid.cursor_max is not None:
                     _advance_cursor(conn, source.id, valid.cursor_max, valid.cursor_max_ids, cursor_type)
             del valid, payload

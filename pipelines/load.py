@@ -25,11 +25,9 @@ from pgpq import ArrowToPostgresBinaryEncoder
 from pgpq import schema as pg_types
 from pgpq.encoders import StringEncoderBuilder
 from psycopg import sql
-from psycopg.types.json import Jsonb
 
 from pipelines import partitions
 from pipelines.db import get_engine
-from pipelines.sources.files import Reject
 from pipelines.validate import ValidBatch, as_text
 
 log = logging.getLogger(__name__)
@@ -247,15 +245,3 @@ def merge_observations(conn: psycopg.Connection, source: str, job_id: str, batch
     """Upsert BATCH through the merge path (no fast path): for callers with a single batch."""
     partitions.ensure(conn, source)
     Loader(source, job_id, direct=False).load(conn, prepare(source, job_id, batch))
-
-
-def quarantine(conn: psycopg.Connection, source: str, job_id: str, file: str | None, rejects: list[Reject]) -> None:
-    """Record rows that failed, with where they came from and why, in the caller's transaction."""
-    if not rejects:
-        return
-    with conn.cursor() as cur:
-        cur.executemany(
-            "INSERT INTO quarantine (source, job_id, file, line, reason, raw, created_at) "
-            "VALUES (%s, %s, %s, %s, %s, %s, now()) ON CONFLICT DO NOTHING",
-            [(source, job_id, file, r.line, r.reason, Jsonb(r.raw)) for r in rejects],
-        )

@@ -12,11 +12,13 @@ from sqlalchemy import (
     CheckConstraint,
     DateTime,
     Double,
+    ForeignKey,
     Index,
     Integer,
     PrimaryKeyConstraint,
     Text,
     func,
+    text,
 )
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -137,13 +139,31 @@ class QuarantineRow(Base):
     reason: Mapped[str] = mapped_column(Text)
     raw: Mapped[dict[str, Any]] = mapped_column(default=dict)
     created_at: Mapped[datetime] = mapped_column(server_default=func.now())
+    # An entry is one bad row: (source, file, line, raw_hash) is unique (see pipelines.quarantine).
+    raw_hash: Mapped[str] = mapped_column(Text)
+    last_seen_job_id: Mapped[str | None] = mapped_column(Text)
+    times_seen: Mapped[int] = mapped_column(Integer, default=1)
+    resolved_at: Mapped[datetime | None]
+    resolved_by_job_id: Mapped[str | None] = mapped_column(Text)
 
     __table_args__ = (
         Index("ix_quarantine_source", "source", "id"),
         Index("ix_quarantine_job", "job_id", "id"),
-        # A re-run of the same batch must not quarantine the same line twice.
-        Index("uq_quarantine_line", "job_id", "source", "file", "line", unique=True),
+        Index("uq_quarantine_entry", "source", "file", "line", "raw_hash", unique=True,
+              postgresql_nulls_not_distinct=True),
+        Index("ix_quarantine_unresolved", "source", "id", postgresql_where=text("resolved_at IS NULL")),
     )
+
+
+class QuarantineSighting(Base):
+    """One run meeting one quarantined row."""
+
+    __tablename__ = "quarantine_sightings"
+
+    job_id: Mapped[str] = mapped_column(Text, primary_key=True)
+    quarantine_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("quarantine.id", ondelete="CASCADE"),
+                                               primary_key=True, index=True)
+    seen_at: Mapped[datetime] = mapped_column(server_default=func.now())
 
 
 class Observation(Base):

@@ -120,7 +120,7 @@ def _stop_embedded_postgres(pgdata: Path, timeout: float = 30) -> None:
 
 # --- per-test state ------------------------------------------------------------------------------
 
-TABLES = ("jobs, quarantine, observations, source_state, api_keys, users, config_overrides, events, webhooks, "
+TABLES = ("jobs, quarantine_sightings, quarantine, observations, source_state, api_keys, users, config_overrides, events, webhooks, "
           "webhook_events, webhook_deliveries, webhook_attempts")
 
 

@@ -7,7 +7,8 @@ import pyarrow as pa
 from sqlalchemy import text
 
 from pipelines.db import get_engine
-from pipelines.load import merge_observations, quarantine
+from pipelines.load import merge_observations
+from pipelines.quarantine import Book
 from pipelines.sources.files import Reject
 from pipelines.validate import ValidBatch
 
@@ -99,8 +100,9 @@ def test_values_survive_the_binary_format():
 
 def test_quarantine_records_where_and_why():
     with get_engine().begin() as conn:
-        quarantine(conn.connection.driver_connection, "s", "job_1", "a.csv",
-                   [Reject(7, "missing required value for 'id'", {"id": None, "px": "1"})])
+        Book("s", "job_1").record(conn.connection.driver_connection, "a.csv",
+                                  [Reject(7, "missing required value for 'id'", {"id": None, "px": "1"})],
+                                  np.array([], dtype=np.int64))
     with get_engine().connect() as conn:
         row = conn.execute(text("SELECT source, job_id, file, line, reason, raw FROM quarantine")).one()
     assert tuple(row) == ("s", "job_1", "a.csv", 7, "missing required value for 'id'", {"id": None, "px": "1"})

@@ -19,8 +19,8 @@ from api.schemas import (
     StartIngestion,
     StopIngestion,
 )
-from pipelines import jobs, pagination
-from pipelines.models import ACTIVE_STATES, FINAL_STATES, Job, QuarantineRow
+from pipelines import jobs, pagination, quarantine
+from pipelines.models import ACTIVE_STATES, FINAL_STATES, Job
 from worker.dispatch import send_job
 
 router = APIRouter(prefix="/ingestion", tags=["ingestion"])
@@ -130,27 +130,21 @@ def list_quarantine(
     _key: ReadKey,
     source: str | None = None,
     job_id: str | None = None,
+    state: quarantine.State = "unresolved",
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     cursor: str | None = None,
 ) -> dict:
-    query = select(QuarantineRow).order_by(QuarantineRow.id).limit(limit + 1)
-    if source:
-        query = query.where(QuarantineRow.source == source)
-    if job_id:
-        query = query.where(QuarantineRow.job_id == job_id)
-    if cursor:
-        try:
-            (after,) = pagination.decode(cursor, 1)
-            query = query.where(QuarantineRow.id > int(after))
-        except (pagination.BadCursor, TypeError, ValueError):
-            raise ApiError(422, "cursor is not valid") from None
-    rows = list(session.scalars(query))
-    more = len(rows) > limit
-    rows = rows[:limit]
-    next_cursor = pagination.encode([rows[-1].id]) if more else None
+    """Rows set aside by ingestion, each held once: unresolved ones by default; `job_id` lists what
+    that run met."""
+    try:
+        rows, next_cursor = quarantine.listing(session, source=source, job_id=job_id, state=state, limit=limit,
+                                               cursor=cursor)
+    except pagination.BadCursor:
+        raise ApiError(422, "cursor is not valid") from None
     data = [
         {"id": r.id, "source": r.source, "job_id": r.job_id, "file": r.file, "line": r.line,
-         "reason": r.reason, "raw": r.raw, "created_at": r.created_at}
+         "reason": r.reason, "raw": r.raw, "created_at": r.created_at, "last_seen_job_id": r.last_seen_job_id,
+         "times_seen": r.times_seen, "resolved_at": r.resolved_at, "resolved_by_job_id": r.resolved_by_job_id}
         for r in rows
     ]
     return ok(request, {"rows": data}, next_cursor=next_cursor)
