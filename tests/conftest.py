@@ -120,8 +120,8 @@ def _stop_embedded_postgres(pgdata: Path, timeout: float = 30) -> None:
 
 # --- per-test state ------------------------------------------------------------------------------
 
-TABLES = ("jobs, quarantine_sightings, quarantine, observations, source_state, api_keys, users, config_overrides, events, webhooks, "
-          "webhook_events, webhook_deliveries, webhook_attempts")
+TABLES = ("jobs, quarantine_sightings, quarantine, observations, source_state, api_keys, users, config_overrides, "
+          "events, webhooks, webhook_events, webhook_deliveries, webhook_attempts")
 
 
 @pytest.fixture(autouse=True)
