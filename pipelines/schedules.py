@@ -1,10 +1,16 @@
-"""Schedules from sources.toml: `every 60s` (s, m, h) or a five-field cron expression."""
+"""Schedules from sources.toml: `every 60s` (s, m, h) or a standard five-field cron expression.
+
+Cron fields are in the standard order (minute, hour, day of month, month, day of week) and read by
+croniter, in UTC; an expression croniter refuses (`99 99 * * *`) is an error on that source alone.
+"""
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from datetime import datetime
 
+from croniter import CroniterError, croniter
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
@@ -12,18 +18,26 @@ from pipelines import jobs, journal
 
 _EVERY = re.compile(r"^every\s+(\d+(?:\.\d+)?)\s*(s|sec|secs|seconds?|m|min|mins|minutes?|h|hours?)$", re.I)
 _UNITS = {"s": 1, "m": 60, "h": 3600}
-_CRON_FIELD = re.compile(r"^[\d*/,\-A-Za-z]+$")
 
 
 @dataclass(frozen=True)
 class Schedule:
     every_seconds: float | None = None
-    cron: tuple[str, str, str, str, str] | None = None
+    cron: str | None = None
 
     @property
     def expires_seconds(self) -> float:
         """A run not started within one period is dropped: the next one will do the same work."""
         return self.every_seconds or 60.0
+
+    def next_after(self, moment: datetime) -> datetime:
+        """The first time this schedule fires after MOMENT (an aware datetime)."""
+        if self.every_seconds is not None:
+            from datetime import timedelta
+
+            return moment + timedelta(seconds=self.every_seconds)
+        assert self.cron is not None
+        return croniter(self.cron, moment).get_next(datetime)
 
 
 def parse(spec: str) -> Schedule:
@@ -36,9 +50,14 @@ def parse(spec: str) -> Schedule:
             raise ValueError("a schedule must be at least 'every 1s'")
         return Schedule(every_seconds=seconds)
     fields = spec.split()
-    if len(fields) == 5 and all(_CRON_FIELD.match(f) for f in fields):
-        return Schedule(cron=tuple(fields))
-    raise ValueError(f"schedule {spec!r} is neither 'every N s|m|h' nor a five-field cron expression")
+    if len(fields) != 5:
+        raise ValueError(f"schedule {spec!r} is neither 'every N s|m|h' nor a five-field cron expression "
+                         "(minute hour day-of-month month day-of-week)")
+    try:
+        croniter(spec)
+    except (CroniterError, ValueError, KeyError) as exc:
+        raise ValueError(f"schedule {spec!r} is not a valid cron expression: {exc}") from None
+    return Schedule(cron=" ".join(fields))
 
 
 def start_scheduled(session: Session, source_id: str, send: jobs.Sender) -> str | None:

@@ -1,28 +1,104 @@
 """Schedules: beat runs a source repeatedly, never twice at once, and records the runs it skipped."""
 
+import os
+import subprocess
+import sys
 import time
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from sqlalchemy import text
 
 from pipelines.db import get_engine
 from pipelines.schedules import parse
+from pipelines.settings import get_settings
 from pipelines.sources.registry import load_registry
-from tests.conftest import wait_for
+from tests.conftest import ROOT, wait_for
 from tests.fakeapi import as_json, http_source, records
+from worker.schedule import beat_schedule, cron
 
 
 @pytest.mark.parametrize(("spec", "every", "cron"), [
     ("every 60s", 60, None), ("every 5 m", 300, None), ("every 2h", 7200, None),
-    ("*/5 * * * 1-5", None, ("*/5", "*", "*", "*", "1-5")),
+    ("*/5 * * * 1-5", None, "*/5 * * * 1-5"), ("  0  6 1 * *  ", None, "0 6 1 * *"),
 ])
 def test_schedule_specs(spec, every, cron):
     assert (parse(spec).every_seconds, parse(spec).cron) == (every, cron)
 
 
-def test_a_bad_schedule_is_a_declaration_error(tmp_path):
-    (tmp_path / "sources.toml").write_text('[sources.x]\ntype = "file"\npath = "a.csv"\nschedule = "hourly-ish"\n')
+def utc(text: str) -> datetime:
+    return datetime.fromisoformat(text).replace(tzinfo=UTC)
+
+
+# Fields in the standard order: minute, hour, day of month, month, day of week (0 or 7 = Sunday).
+# 2026-11-27 is a Friday.
+NEXT_RUNS = [
+    ("*/15 6-20 * * 1-5", "2026-11-27T20:50", "2026-11-30T06:00"),  # weekdays only: Friday night -> Monday
+    ("*/15 6-20 * * 1-5", "2026-11-30T06:00", "2026-11-30T06:15"),
+    ("*/15 6-20 * * 1-5", "2026-06-10T12:07", "2026-06-10T12:15"),  # June is a month like any other
+    ("0 9 1 * *", "2026-11-27T10:00", "2026-12-01T09:00"),          # day of month, not day of week
+    ("30 2 * 6 *", "2026-11-27T00:00", "2027-06-01T02:30"),          # month is the fourth field
+    ("0 0 * * 0", "2026-11-27T00:00", "2026-11-29T00:00"),          # Sunday
+    ("0 0 * * 7", "2026-11-27T00:00", "2026-11-29T00:00"),
+    ("0 12 29 2 *", "2026-03-01T00:00", "2028-02-29T12:00"),        # the next leap day
+    ("5 4 * * sun", "2026-11-27T00:00", "2026-11-29T04:05"),
+]
+
+
+@pytest.mark.parametrize(("spec", "after", "expected"), NEXT_RUNS)
+def test_cron_next_runs_follow_the_standard_field_order(spec, after, expected):
+    assert parse(spec).next_after(utc(after)) == utc(expected)
+    # beat's own schedule object agrees, and says the run is due exactly then
+    schedule = cron(spec, nowfun=lambda: utc(expected))
+    assert schedule.remaining_estimate(utc(after)) == timedelta(0)
+    due, _next = schedule.is_due(utc(after))
+    assert due
+    not_yet = cron(spec, nowfun=lambda: utc(expected) - timedelta(seconds=1)).is_due(utc(after))
+    assert not_yet == (False, 1.0)
+
+
+@pytest.mark.parametrize("spec", ["99 99 * * *", "hourly-ish", "* * * *", "0 0 32 * *", "0 0 * 13 *", "* * * * * *"])
+def test_a_bad_schedule_is_a_declaration_error(tmp_path, spec):
+    (tmp_path / "sources.toml").write_text(f'[sources.x]\ntype = "file"\npath = "a.csv"\nschedule = "{spec}"\n')
     assert "field 'schedule'" in load_registry(tmp_path / "sources.toml").errors["x"]
+
+
+def test_a_bad_cron_is_an_error_on_its_source_alone(client, write_sources, data_dir):
+    write_sources('[sources.bad]\ntype = "file"\npath = "data/a.csv"\nschedule = "99 99 * * *"\n'
+                  '[sources.good]\ntype = "file"\npath = "data/a.csv"\nschedule = "*/15 6-20 * * 1-5"\n'
+                  '[sources.often]\ntype = "file"\npath = "data/a.csv"\nschedule = "every 30s"\n')
+    bad = client.request("GET", "/sources/bad")["data"]
+    assert bad["status"] == "invalid" and "99 99 * * *" in bad["sync_stats"]["last_error"]
+    assert client.request("GET", "/sources/good")["data"]["schedule"] == "*/15 6-20 * * 1-5"
+    entries = beat_schedule(get_settings())
+    assert "ingest:bad" not in entries
+    assert entries["ingest:good"]["schedule"] == cron("*/15 6-20 * * 1-5")
+    assert entries["ingest:often"]["schedule"] == timedelta(seconds=30)
+    assert {"jobs.reap", "webhooks.relay", "exports.expire"} <= set(entries)
+
+
+def test_importing_the_worker_does_no_work(tmp_path):
+    """Importing worker.app (as the API does) neither reads sources.toml nor starts a Redis."""
+    home = tmp_path / "home"
+    env = {k: v for k, v in os.environ.items() if k not in ("INGOT_REDIS_URL",)}
+    env.update(INGOT_HOME=str(home), INGOT_SOURCES_FILE=str(tmp_path / "missing" / "sources.toml"))
+    (tmp_path / "broken.toml").write_text("[sources.x\n")
+    for sources in (tmp_path / "missing" / "sources.toml", tmp_path / "broken.toml"):
+        env["INGOT_SOURCES_FILE"] = str(sources)
+        done = subprocess.run([sys.executable, "-c", "import worker.app, api.main; api.main.create_app()"],
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+    assert not home.exists() or not list(home.glob("redis*")), "importing started an embedded Redis"
+
+
+def test_the_api_answers_with_a_broken_sources_file(client, write_sources):
+    write_sources("[sources.x\n")
+    assert client.request("GET", "/health")["data"]["status"] == "healthy"
+    from api.client import IngotError
+
+    with pytest.raises(IngotError) as caught:
+        client.request("GET", "/sources")
+    assert "sources file cannot be read" in caught.value.message and "not valid TOML" in caught.value.message
 
 
 def test_a_source_every_2s_runs_repeatedly_and_never_overlaps(client, start_worker, write_sources, api):

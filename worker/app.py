@@ -1,4 +1,10 @@
-"""The Celery app: Redis broker, late acknowledgement, one queue per kind, events for Flower."""
+"""The Celery app: Redis broker, late acknowledgement, one queue per kind, events for Flower.
+
+Importing this module does no work: the configuration (and with it the broker's address, which may
+mean starting the embedded Redis) is read the first time Celery needs it, and the beat schedule is
+built from `sources.toml` only when beat starts (`worker.schedule.SourcesScheduler`). The API
+imports this module to send tasks, and a broken `sources.toml` must never stop it from starting.
+"""
 
 from __future__ import annotations
 
@@ -8,14 +14,13 @@ from kombu import Queue
 from pipelines import embedded
 from pipelines.settings import get_settings
 from worker.queues import Queues
-from worker.schedule import beat_schedule
+
+TASK_MODULES = ["worker.tasks.ingest", "worker.tasks.export", "worker.tasks.webhooks", "worker.tasks.housekeeping"]
 
 
-def create_app() -> Celery:
+def _config() -> dict:
     settings = get_settings()
-    tasks = ["worker.tasks.ingest", "worker.tasks.export", "worker.tasks.webhooks", "worker.tasks.housekeeping"]
-    app = Celery("ingot", include=tasks)
-    app.conf.update(
+    return dict(
         broker_url=embedded.celery_broker_url(embedded.redis_url(settings)),
         broker_connection_retry_on_startup=True,
         # The job row in PostgreSQL is the truth; Celery needs no result backend.
@@ -36,8 +41,13 @@ def create_app() -> Celery:
         worker_concurrency=settings.worker_concurrency,
         timezone="UTC",
         enable_utc=True,
-        beat_schedule=beat_schedule(settings),
+        beat_scheduler="worker.schedule:SourcesScheduler",
     )
+
+
+def create_app() -> Celery:
+    app = Celery("ingot", include=TASK_MODULES)
+    app.add_defaults(_config)  # read when first needed, not at import
     return app
 
 
