@@ -253,16 +253,21 @@ def claim(job_id: str, owner: str) -> JobRun | None:
 def finish(run: JobRun, state: JobState, *, result: dict | None = None, error: str | None = None) -> bool:
     """End RUN's job in STATE if this attempt still holds it (a cancelling job can only be cancelled)."""
     with get_engine().begin() as connection:
-        updated = connection.execute(
+        ended = connection.execute(
             text(
                 "UPDATE jobs SET state = CASE WHEN state = 'cancelling' THEN 'cancelled' ELSE :state END, "
                 "finished_at = now(), lease_id = NULL, result = CAST(:result AS jsonb), error = :error, "
                 "progress = CASE WHEN :state = 'succeeded' THEN 100 ELSE progress END "
-                "WHERE id = :id AND lease_id = :lease AND state IN ('running', 'cancelling')"
+                "WHERE id = :id AND lease_id = :lease AND state IN ('running', 'cancelling') "
+                "RETURNING state, records_processed, records_failed, finished_at - started_at AS took"
             ),
             {"state": str(state), "result": json.dumps(result or {}), "error": error, "id": run.id, "lease": run.lease},
-        ).rowcount
-    return bool(updated)
+        ).one_or_none()
+    if ended is not None:  # what a person watching the console wants to see of each job
+        took = ended.took.total_seconds() if ended.took else 0.0
+        log.info("%s %s %s in %.1f s: %s records, %s quarantined%s", run.kind, run.id, ended.state, took,
+                 ended.records_processed, ended.records_failed, f"; {error}" if error else "")
+    return ended is not None
 
 
 class Heartbeat(threading.Thread):
@@ -297,6 +302,7 @@ def execute(job_id: str, work: Callable[[JobRun], dict], owner: str | None = Non
         return "skipped"
     # Every log line of this attempt names the job (and the request that started it, via the job).
     structlog.contextvars.bind_contextvars(job_id=job_id, job_kind=run.kind)
+    log.info("%s %s started (attempt %s)", run.kind, job_id, run.attempts)
     heartbeat = Heartbeat(run)
     heartbeat.start()
     try:

@@ -39,7 +39,7 @@ class Settings(BaseSettings):
     webhook_allow_private: bool = False
     webhook_retry_schedule: str = "0,5,300,1800,7200,18000,36000,36000"
     webhook_timeout_seconds: float = 15.0
-    webhook_relay_interval_seconds: float = 2.0
+    webhook_relay_interval_seconds: float = 30.0  # the safety net: the outbox listener relays at once
     webhook_claim_seconds: float = 120.0  # a delivery handed to a lost task is handed out again after this
     webhook_disable_after_seconds: float = 5 * 24 * 3600
     secret_key: SecretStr | None = None
@@ -54,7 +54,7 @@ class Settings(BaseSettings):
     http_max_response_bytes: int = 64 * 1024 * 1024
     heartbeat_seconds: float = 2.0
     heartbeat_stale_seconds: float = 20.0
-    reaper_interval_seconds: float = 10.0
+    reaper_interval_seconds: float = 30.0
     queued_grace_seconds: float = 10.0
     max_job_attempts: int = 5
     job_timeout_seconds: int = 6 * 3600

@@ -91,9 +91,15 @@ def beat_schedule(settings: Settings) -> dict:
     return entries
 
 
+HOUSEKEEPING = ("jobs.reap", "webhooks.relay", "exports.expire")
+
+
 class SourcesScheduler(PersistentScheduler):
     """Celery's persistent scheduler, with the schedule read from `sources.toml` as beat starts."""
 
     def setup_schedule(self) -> None:
         self.app.conf.beat_schedule = beat_schedule(get_settings())
+        # Beat sends only housekeeping and schedule ticks: no "sent" events, so Flower lists them
+        # only if their task reports itself (housekeeping does not).
+        self.app.conf.task_send_sent_event = False
         super().setup_schedule()

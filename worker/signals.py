@@ -1,16 +1,39 @@
-"""Per-process set-up: logging, and a fresh database engine in every forked pool process."""
+"""Per-process set-up: logging, a fresh database engine in every forked pool process, and the
+outbox listener in workers that consume the webhooks queue."""
 
-from celery.signals import setup_logging, worker_init, worker_process_init
+import logging
+
+from celery.signals import setup_logging, worker_init, worker_process_init, worker_ready, worker_shutdown
 
 from pipelines.db import dispose_engine
 from pipelines.logs import configure
 from pipelines.settings import get_settings
+from worker.queues import Queues
+from worker.schedule import HOUSEKEEPING
+
+_listener = None
+
+
+class QuietHousekeeping(logging.Filter):
+    """Celery's own lines about housekeeping tasks (received, succeeded, sent by beat) are debug:
+    at INFO a person sees jobs start and end, not a reaper tick."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno != logging.INFO or not record.name.startswith("celery"):
+            return True
+        message = record.getMessage()
+        if not any(name in message for name in HOUSEKEEPING):
+            return True
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return logging.getLogger().isEnabledFor(logging.DEBUG)
 
 
 @setup_logging.connect
 def _logging(**_kwargs) -> None:
     settings = get_settings()
     configure(settings.log_level, settings.log_format)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(QuietHousekeeping())
 
 
 @worker_init.connect
@@ -24,3 +47,22 @@ def _preload(**_kwargs) -> None:
 def _fresh_engine(**_kwargs) -> None:
     # Connections inherited through fork must never be used by the child.
     dispose_engine()
+
+
+@worker_ready.connect
+def _listen_to_outbox(sender=None, **_kwargs) -> None:
+    global _listener
+    consumed = set(sender.app.amqp.queues.consume_from or sender.app.amqp.queues)
+    if Queues.WEBHOOKS.value not in consumed:
+        return
+    from worker.dispatch import relay_webhooks
+    from worker.outbox import OutboxListener
+
+    _listener = OutboxListener(relay_webhooks)
+    _listener.start()
+
+
+@worker_shutdown.connect
+def _stop_listening(**_kwargs) -> None:
+    if _listener is not None:
+        _listener.stop()

@@ -1,4 +1,8 @@
-"""Housekeeping on the default queue: the reaper."""
+"""Housekeeping on the default queue: the reaper and export expiry.
+
+Housekeeping sends no task events, so Flower lists people's work, not a reaper tick every 30 s;
+its log lines are at debug (see worker.signals).
+"""
 
 from pipelines import export, jobs
 from worker.app import app
@@ -6,11 +10,11 @@ from worker.dispatch import message_exists, send_job
 from worker.queues import Queues
 
 
-@app.task(name="jobs.reap", queue=Queues.DEFAULT.value)
+@app.task(name="jobs.reap", queue=Queues.DEFAULT.value, send_events=False)
 def reap() -> dict:
     return jobs.reap(send_job, message_exists)
 
 
-@app.task(name="exports.expire", queue=Queues.DEFAULT.value)
+@app.task(name="exports.expire", queue=Queues.DEFAULT.value, send_events=False)
 def expire_exports() -> list[str]:
     return export.expire()

@@ -26,8 +26,9 @@ def deliver(delivery_id: str) -> str:
     return webhooks.deliver(delivery_id, _client())
 
 
-@app.task(name="webhooks.relay", queue=Queues.WEBHOOKS.value)
+@app.task(name="webhooks.relay", queue=Queues.WEBHOOKS.value, send_events=False)
 def relay() -> int:
+    """The safety net: the outbox listener (worker.outbox) relays as events are committed."""
     from worker.dispatch import relay_webhooks
 
     return relay_webhooks()

@@ -1,0 +1,64 @@
+"""The relay's wake-up: a thread in every webhooks worker that LISTENs on the outbox.
+
+A job's end event is committed with a NOTIFY (migration 0008); this thread wakes on it, or when the
+earliest pending retry falls due, and relays: new events become deliveries, due deliveries are sent
+to the webhooks queue. Nothing polls every few seconds, so Flower and the console show people's
+work rather than housekeeping. Beat's `webhooks.relay` stays as a safety net (tens of seconds)
+should a notification be missed while the connection was down.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from datetime import UTC, datetime
+
+import psycopg
+
+from pipelines.db import get_engine
+from pipelines.settings import get_settings
+
+log = logging.getLogger(__name__)
+CHANNEL = "ingot_outbox"
+_MIN_WAIT = 0.05
+
+
+def _libpq_url() -> str:
+    return get_engine().url.set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+def _seconds_to_next_due(conn: psycopg.Connection, ceiling: float) -> float:
+    """How long until the earliest pending delivery falls due (or a claim on one runs out)."""
+    due = conn.execute(
+        "SELECT min(COALESCE(next_attempt_at, claimed_until)) FROM webhook_deliveries WHERE state = 'pending'"
+    ).fetchone()[0]
+    if due is None:
+        return ceiling
+    return min(max((due - datetime.now(UTC)).total_seconds(), _MIN_WAIT), ceiling)
+
+
+class OutboxListener(threading.Thread):
+    """Relay whenever the outbox says so, or a retry falls due; reconnect if the database goes away."""
+
+    def __init__(self, relay):
+        super().__init__(name="outbox-listener", daemon=True)
+        self.relay = relay
+        self.halt = threading.Event()
+
+    def run(self) -> None:
+        ceiling = get_settings().webhook_relay_interval_seconds
+        while not self.halt.is_set():
+            try:
+                with psycopg.connect(_libpq_url(), autocommit=True) as conn:
+                    conn.execute(f"LISTEN {CHANNEL}")
+                    while not self.halt.is_set():
+                        self.relay()
+                        wait = _seconds_to_next_due(conn, ceiling)
+                        for _ in conn.notifies(timeout=wait, stop_after=1):
+                            pass
+            except psycopg.Error as exc:
+                log.warning("outbox listener lost the database (%s); retrying", exc)
+                self.halt.wait(min(ceiling, 2.0))
+
+    def stop(self) -> None:
+        self.halt.set()
