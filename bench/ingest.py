@@ -10,6 +10,8 @@ succeeded. Prints rows/s for both, the ratio b/a, and the peak RSS of the worker
 from __future__ import annotations
 
 import argparse
+import gzip
+import shutil
 import statistics
 import time
 from pathlib import Path
@@ -44,12 +46,16 @@ def main() -> None:
     args = parser.parse_args()
 
     names = [f"bench{i}" for i in range(args.repeat)]
-    bench = Bench("".join(csv_source(name, "data/bench.csv") for name in names))
+    gzipped = [f"gz{i}" for i in range(args.repeat)]
+    bench = Bench("".join(csv_source(name, "data/bench.csv") for name in names)
+                  + "".join(csv_source(name, "data/bench.csv.gz") for name in gzipped))
     path = bench.data / "bench.csv"
     print(f"generating {args.rows:,} rows ...", flush=True)
     generate_csv(path, args.rows)
+    with path.open("rb") as plain, gzip.open(path.with_suffix(".csv.gz"), "wb", compresslevel=6) as packed:
+        shutil.copyfileobj(plain, packed, 1 << 20)
     megabytes = path.stat().st_size / 1e6
-    copies, runs, peaks = [], [], []
+    copies, runs, peaks, gz_runs = [], [], [], []
     try:
         bench.start()
         for name in names:
@@ -61,7 +67,12 @@ def main() -> None:
             assert job["records_processed"] == args.rows, job
             runs.append(seconds)
             peaks.append(peak)
-            print(f"  run {len(runs)}: raw COPY {copies[-1]:.2f} s, Ingot {seconds:.2f} s", flush=True)
+            bench.quiesce()
+            gz_job, gz_seconds, _peak = bench.ingest([gzipped[len(runs) - 1]], batch_size=args.batch_size)
+            assert gz_job["records_processed"] == args.rows, gz_job
+            gz_runs.append(gz_seconds)
+            print(f"  run {len(runs)}: raw COPY {copies[-1]:.2f} s, Ingot {seconds:.2f} s, "
+                  f"Ingot from .csv.gz {gz_seconds:.2f} s", flush=True)
         # For comparison: the same file again into the loaded source (merge path, nothing changes).
         bench.quiesce()
         _job, again, _peak = bench.ingest([names[0]], batch_size=args.batch_size)
@@ -74,6 +85,9 @@ def main() -> None:
     print(f"(a) raw COPY into a bare table    {copy_seconds:7.2f} s  {copy_rate:12,.0f} rows/s")
     print(f"(b) Ingot end to end (API+worker) {seconds:7.2f} s  {rate:12,.0f} rows/s")
     print(f"ratio b/a: {rate / copy_rate:.0%}")
+    gz_seconds = statistics.median(gz_runs)
+    print(f"(c) Ingot from the same CSV gzip-compressed {gz_seconds:7.2f} s  {args.rows / gz_seconds:12,.0f} rows/s"
+          f"  ({path.with_suffix('.csv.gz').stat().st_size / 1e6:.0f} MB)")
     print(f"worker peak RSS: {max(peaks) / 2**20:.0f} MB")
     print(f"re-ingest of the same file, nothing changed: {again:.2f} s, {args.rows / again:,.0f} rows/s")
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from pipelines.ingest import pieces
+from pipelines.sources.lines import GZIP_MAGIC
 from pipelines.sources.registry import Registry, SourceConfig, SourceError
 from pipelines.validate import validate
 
@@ -44,14 +45,19 @@ def _count_lines(path: Path) -> int:
     return lines + (last != b"\n")
 
 
+def _is_gzip(path: Path) -> bool:
+    with path.open("rb") as fh:
+        return fh.read(2) == GZIP_MAGIC
+
+
 def _total(source: SourceConfig, registry: Registry) -> int | None:
     if source.type != "file":
         return None
     files = registry.files(source)
     if source.format == "parquet":
         return sum(pq.ParquetFile(p).metadata.num_rows for p in files)
-    if sum(p.stat().st_size for p in files) > COUNT_LIMIT_BYTES:
-        return None
+    if sum(p.stat().st_size for p in files) > COUNT_LIMIT_BYTES or any(_is_gzip(p) for p in files):
+        return None  # not cheap to know
     header = 1 if source.format == "csv" else 0
     return sum(max(_count_lines(p) - header, 0) for p in files)
 

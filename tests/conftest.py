@@ -145,9 +145,15 @@ def clean_state():
     client.delete(*[q.value for q in Queues], "unacked", "unacked_index")
 
 
-@pytest.fixture
-def home() -> Path:
+@pytest.fixture(scope="session")
+def session_home() -> Path:
+    """INGOT_HOME of this test session (for fixtures wider than one test)."""
     return _state["home"]
+
+
+@pytest.fixture
+def home(session_home) -> Path:
+    return session_home
 
 
 @pytest.fixture

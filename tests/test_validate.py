@@ -6,6 +6,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from pipelines.settings import get_settings
 from pipelines.sources.files import read_file
 from pipelines.sources.registry import SourceConfig, SourceError
 from pipelines.validate import validate
@@ -104,10 +105,17 @@ def test_composite_key_builds_the_id_and_keeps_key_columns_in_metadata(tmp_path)
     assert rows[0]["metadata"] == {"symbol": "AAPL"}
 
 
-def test_batches_keep_exact_line_numbers_across_chunks(tmp_path, monkeypatch):
-    import pipelines.sources.lines as lines
+@pytest.fixture
+def fresh_settings():
+    """Settings read again from the environment (as a new process would), and again afterwards."""
+    get_settings.cache_clear()
+    yield
+    get_settings.cache_clear()
 
-    monkeypatch.setattr(lines, "CHUNK_BYTES", 64)
+
+def test_batches_keep_exact_line_numbers_across_chunks(tmp_path, monkeypatch, fresh_settings):
+    monkeypatch.setenv("INGOT_READ_CHUNK_BYTES", "64")
+    get_settings.cache_clear()
     path = tmp_path / "a.csv"
     lines = ["id,timestamp,px"] + [f"r{i},2026-01-01T00:00:00,{'x' if i % 7 == 0 else i}" for i in range(1, 101)]
     path.write_text("\n".join(lines) + "\n")
@@ -141,3 +149,47 @@ def test_jsonl_bad_lines_are_quarantined(tmp_path):
     assert rows[0]["metadata"] == {"tags": '["x"]'}
     assert [(line, reason.split(":")[0]) for line, reason, _ in rejects] == [
         (2, "invalid JSON"), (3, "record is not a JSON object")]
+
+
+CHUNK_SIZES = [1, 2, 3, 5, 8, 13, 64, 4096]
+QUOTED = (b'id,timestamp,px,note\r\n'
+          b'a,2026-01-01T00:00:00Z,1,"x, ""y""\r\nz"\r\n'
+          b'b,2026-01-01T00:00:00Z,oops,w\r\n'
+          b'\r\n'
+          b'c,2026-01-01T00:00:00Z,3,last')  # no line break at the end
+
+
+@pytest.mark.parametrize("chunk", CHUNK_SIZES)
+def test_every_chunk_boundary_keeps_rows_and_lines_exact(tmp_path, monkeypatch, fresh_settings, chunk):
+    monkeypatch.setenv("INGOT_READ_CHUNK_BYTES", str(chunk))
+    path = tmp_path / "a.csv"
+    path.write_bytes(QUOTED)
+    rows, rejects = run(source(), path, batch_rows=2)
+    assert [(r["id"], r["line"], r["value"], r["metadata"]["note"]) for r in rows] == [
+        ("a", 2, 1.0, 'x, "y"\r\nz'), ("c", 6, 3.0, "last")]
+    assert [(line, reason) for line, reason, _ in rejects] == [(4, "column 'px': cannot parse 'oops' as float")]
+
+    jsonl = tmp_path / "a.jsonl"
+    jsonl.write_bytes(b'{"id": "a", "timestamp": "2026-01-01T00:00:00Z", "px": 1}\r\n\n'
+                      b'{"id": "b", "timestamp": "2026-01-01T00:00:00Z", "px": 2}')
+    rows, rejects = run(source(format="jsonl"), jsonl)
+    assert [(r["id"], r["line"], r["value"]) for r in rows] == [("a", 1, 1.0), ("b", 3, 2.0)] and not rejects
+
+
+@pytest.mark.parametrize("chunk", [7, 100, 4096])
+def test_a_line_over_the_limit_is_skipped_to_its_end(tmp_path, monkeypatch, fresh_settings, chunk):
+    monkeypatch.setenv("INGOT_READ_CHUNK_BYTES", str(chunk))
+    path = tmp_path / "a.csv"
+    long = "x" * 3000
+    path.write_text(f"id,timestamp,px\na,2026-01-01T00:00:00,1\nb,2026-01-01T00:00:00,{long}\n"
+                    f"c,2026-01-01T00:00:00,3\nd,2026-01-01T00:00:00,{long}")
+    rows, rejects = run(source(max_line_bytes=100), path)
+    assert [(r["id"], r["line"]) for r in rows] == [("a", 2), ("c", 4)]
+    assert [(line, raw["bytes"], len(raw["excerpt"])) for line, _, raw in rejects] == [(3, 3022, 100), (5, 3022, 100)]
+
+
+def test_an_encoding_ingot_cannot_split_lines_in_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="not supported"):
+        source(encoding="utf-16")
+    with pytest.raises(ValueError, match="unknown encoding"):
+        source(encoding="klingon")

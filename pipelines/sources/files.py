@@ -74,16 +74,19 @@ def _stream_batches(fh: BinaryIO, source: SourceConfig, size: int, batch_rows: i
                     parse: Callable[[Block, LineStream], tuple[pa.Table, np.ndarray, list[Reject]]]
                     ) -> Iterator[RawBatch]:
     """Blocks of FH's lines through PARSE, as raw batches with progress by FH's own bytes."""
-    stream = LineStream(open_stream(fh), source.encoding, line_limit(source))
-    seen_any = False
+    stream = LineStream(open_stream(fh), source.encoding, line_limit(source), get_settings().read_chunk_bytes)
+    seen_any = yielded = False
     for block in stream.blocks():
         seen_any = seen_any or len(block.data) > 0
         table, lines, rejects = parse(block, stream)
         rejects = stream.rejects + rejects
         stream.rejects = []
-        if not (table.num_rows or rejects or block.final):
+        # An input with no row at all still gives one (empty) batch: its columns are checked, and an
+        # empty file is noted.
+        if not (table.num_rows or rejects or (block.final and not yielded)):
             continue
         notes = [] if seen_any else ["the file is empty"]
+        yielded = True
         yield from _slices(RawBatch(table, lines, sorted(rejects, key=lambda r: r.line),
                                     min(fh.tell() / size, 1.0), notes), batch_rows)
 

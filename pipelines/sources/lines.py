@@ -25,7 +25,6 @@ import numpy as np
 
 from pipelines.sources.batches import Reject
 
-CHUNK_BYTES = 4 * 1024 * 1024
 EXCERPT_BYTES = 1024
 GZIP_MAGIC = b"\x1f\x8b"
 UTF8_BOM = codecs.BOM_UTF8
@@ -130,11 +129,11 @@ class LineStream:
     come first in the next block. Lines longer than LIMIT bytes land in `rejects` instead.
     """
 
-    def __init__(self, fh: BinaryIO, encoding: str, limit: int, chunk_bytes: int | None = None):
+    def __init__(self, fh: BinaryIO, encoding: str, limit: int, chunk_bytes: int):
         self.fh = fh
         self.encoding = codecs.lookup(encoding).name
         self.limit = limit
-        self.chunk_bytes = max(chunk_bytes or CHUNK_BYTES, 1)
+        self.chunk_bytes = max(chunk_bytes, 1)
         self.rejects: list[Reject] = []
         self._carried: Block | None = None
 
@@ -149,7 +148,7 @@ class LineStream:
         return chunk
 
     def _too_long(self, line: int, head: bytes, length: int) -> None:
-        excerpt = head[:EXCERPT_BYTES].decode("utf-8", "replace")
+        excerpt = head[:min(EXCERPT_BYTES, self.limit)].decode("utf-8", "ignore")  # never the whole line
         self.rejects.append(Reject(line, f"line longer than {self.limit} bytes ({length} bytes): not loaded",
                                    {"excerpt": excerpt, "bytes": length}))
 
