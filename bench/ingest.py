@@ -55,6 +55,7 @@ def main() -> None:
     with path.open("rb") as plain, gzip.open(path.with_suffix(".csv.gz"), "wb", compresslevel=6) as packed:
         shutil.copyfileobj(plain, packed, 1 << 20)
     megabytes = path.stat().st_size / 1e6
+    gz_megabytes = path.with_suffix(".csv.gz").stat().st_size / 1e6
     copies, runs, peaks, gz_runs = [], [], [], []
     try:
         bench.start()
@@ -87,7 +88,7 @@ def main() -> None:
     print(f"ratio b/a: {rate / copy_rate:.0%}")
     gz_seconds = statistics.median(gz_runs)
     print(f"(c) Ingot from the same CSV gzip-compressed {gz_seconds:7.2f} s  {args.rows / gz_seconds:12,.0f} rows/s"
-          f"  ({path.with_suffix('.csv.gz').stat().st_size / 1e6:.0f} MB)")
+          f"  ({gz_megabytes:.0f} MB)")
     print(f"worker peak RSS: {max(peaks) / 2**20:.0f} MB")
     print(f"re-ingest of the same file, nothing changed: {again:.2f} s, {args.rows / again:,.0f} rows/s")
 

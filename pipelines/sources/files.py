@@ -124,7 +124,7 @@ class _CsvParser:
             return self._empty(), np.empty(0, np.int64), []
         if block.data.find(b'"') < 0:
             return self._plain(block)
-        return self._quoted(block, stream)
+        return self._quoted(block, stream) or self._exact(block, stream)
 
     def _header(self, block: Block, stream: LineStream) -> int | None:
         """Read the header from BLOCK; the index of the line after it, or None if it is not complete."""
@@ -145,15 +145,65 @@ class _CsvParser:
 
     def _plain(self, block: Block) -> tuple[pa.Table, np.ndarray, list[Reject]]:
         """A block without quotes: one line is one row; Arrow parses it."""
-        assert self.names is not None
-        n = len(self.names)
         array = np.frombuffer(block.data, dtype=np.uint8)
         delimiters = np.flatnonzero(array == ord(self.source.delimiter))
-        columns = np.searchsorted(delimiters, block.ends) - np.searchsorted(delimiters, block.starts) + 1
-        blank = block.ends == block.starts
+        lines = np.arange(len(block))
+        result = self._arrow(block, block.data, lines, lines, delimiters, quoted=False)
+        assert result is not None
+        return result
+
+    def _quoted(self, block: Block, stream: LineStream) -> tuple[pa.Table, np.ndarray, list[Reject]] | None:
+        """A block with quotes, parsed by Arrow when every quote is where RFC 4180 puts one (opening a
+        field, closing it, or doubled inside it): then a line break or delimiter is inside a quoted
+        field exactly when an odd number of quotes precede it, which finds every record and the line
+        it starts on at once. None (take the exact path) for anything else."""
+        array = np.frombuffer(block.data, dtype=np.uint8)
+        is_quote = array == ord('"')
+        quotes = np.flatnonzero(is_quote)
+        edge = np.zeros(256, dtype=bool)
+        edge[[ord(self.source.delimiter), 10, 13, ord('"')]] = True
+        openers, closers = quotes[0::2], quotes[1::2]
+        if not (edge[array[np.maximum(openers - 1, 0)]] | (openers == 0)).all():
+            return None
+        if not (edge[array[np.minimum(closers + 1, len(array) - 1)]] | (closers == len(array) - 1)).all():
+            return None
+        def inside(positions: np.ndarray) -> np.ndarray:  # an odd number of quotes precede them
+            return (np.searchsorted(quotes, positions) & 1).astype(bool)
+
+        closes = ~inside(block.ends)  # line i ends a record
+        if not closes[-1]:
+            if block.final:
+                return None  # a quote left open at the end: the exact path says which row
+            done = int(np.flatnonzero(closes)[-1]) + 1 if closes.any() else 0
+            stream.push_back(block, done)  # the last record goes on in the next block
+            block = block.head(done)
+            closes = closes[:done]
+            if not done:
+                return self._empty(), np.empty(0, np.int64), []
+        last_lines = np.flatnonzero(closes)
+        first_lines = np.concatenate([[0], last_lines[:-1] + 1])
+        delimiters = np.flatnonzero(array[:len(block.data)] == ord(self.source.delimiter))
+        outside = delimiters[~inside(delimiters)]
+        return self._arrow(block, block.data, first_lines, last_lines, outside, quoted=True)
+
+    def _arrow(self, block: Block, data: bytes, first_lines: np.ndarray, last_lines: np.ndarray,
+               delimiters: np.ndarray, quoted: bool) -> tuple[pa.Table, np.ndarray, list[Reject]] | None:
+        """Arrow parses DATA, whose records span lines FIRST_LINES[i]..LAST_LINES[i] of BLOCK and whose
+        field separators are DELIMITERS; records with the wrong number of fields become rejects."""
+        assert self.names is not None
+        n = len(self.names)
+        begin, end = block.starts[first_lines], block.ends[last_lines]
+        columns = np.searchsorted(delimiters, end) - np.searchsorted(delimiters, begin) + 1
+        blank = (end == begin)
         wrong = ~blank & (columns != n)
-        rejects = [Reject(int(block.numbers[i]), f"wrong number of columns: expected {n}, found {int(columns[i])}",
-                          {"line": block.line(i).decode("utf-8", "replace")}) for i in np.flatnonzero(wrong)]
+        rejects = [Reject(int(block.numbers[first_lines[i]]),
+                          f"wrong number of columns: expected {n}, found {int(columns[i])}",
+                          {"line": data[begin[i]:end[i]].decode("utf-8", "replace")}) for i in np.flatnonzero(wrong)]
+        if (blank | wrong).all():
+            return self._empty(), np.empty(0, np.int64), rejects
+        if rejects:  # Arrow is given only the records with the right number of fields
+            stops = np.append(block.starts[first_lines[1:]], len(data))
+            data = b"".join(data[begin[i]:stops[i]] for i in np.flatnonzero(~wrong))
         refused = [0]
 
         def on_invalid(_row) -> str:
@@ -161,22 +211,24 @@ class _CsvParser:
             return "skip"
 
         table = pacsv.read_csv(
-            io.BytesIO(block.data),
-            read_options=pacsv.ReadOptions(column_names=self.names, block_size=len(block.data) + 1),
-            parse_options=pacsv.ParseOptions(delimiter=self.source.delimiter, quote_char=False,
-                                             newlines_in_values=False, ignore_empty_lines=True,
+            io.BytesIO(data),
+            read_options=pacsv.ReadOptions(column_names=self.names, block_size=len(data) + 1),
+            parse_options=pacsv.ParseOptions(delimiter=self.source.delimiter, quote_char='"' if quoted else False,
+                                             double_quote=True, newlines_in_values=quoted, ignore_empty_lines=True,
                                              invalid_row_handler=on_invalid),
             convert_options=pacsv.ConvertOptions(column_types={name: pa.binary() for name in self.names},
                                                  null_values=[""], strings_can_be_null=True),
         )
-        lines = block.numbers[~blank & ~wrong]
-        if table.num_rows != len(lines) or refused[0] != len(rejects):
+        lines = block.numbers[first_lines[~blank & ~wrong]]
+        if table.num_rows != len(lines) or refused[0]:
+            if quoted:
+                return None
             raise SourceError(f"source '{self.source.id}': could not align rows with lines near line "
                               f"{int(block.numbers[0])}")
         return table, lines, rejects
 
-    def _quoted(self, block: Block, stream: LineStream) -> tuple[pa.Table, np.ndarray, list[Reject]]:
-        """A block with quotes: Python's csv module finds each record and the line it starts on."""
+    def _exact(self, block: Block, stream: LineStream) -> tuple[pa.Table, np.ndarray, list[Reject]]:
+        """Quotes anywhere, as Python's csv module reads them: it finds each record and its first line."""
         assert self.names is not None
         n = len(self.names)
         try:

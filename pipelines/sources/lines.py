@@ -76,6 +76,11 @@ class Block:
     def line(self, index: int) -> bytes:
         return self.data[self.starts[index]:self.ends[index]]
 
+    def head(self, index: int) -> Block:
+        """The lines before INDEX, as a block of their own (not final: more follows)."""
+        end = int(self.starts[index]) if index < len(self) else len(self.data)
+        return Block(self.data[:end], self.starts[:index], self.ends[:index], self.numbers[:index], False)
+
     def tail(self, index: int) -> Block:
         """The lines from INDEX on, as a block of their own."""
         offset = int(self.starts[index]) if index < len(self) else len(self.data)
