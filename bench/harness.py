@@ -61,13 +61,14 @@ class Bench:
 
     def quiesce(self, timeout: float = 120) -> None:
         """Vacuum now what autovacuum would get to later (after its one-minute nap, in the middle of
-        the next run), wait until no autovacuum is at work, and let the OS write back dirty pages, so
-        that one run's aftermath is not timed in the next."""
+        the next run), checkpoint, wait until no autovacuum is at work, and let the OS write back dirty
+        pages, so that one run's aftermath is not timed in the next."""
         import psycopg
 
         with psycopg.connect(self.database_url.replace("postgresql+psycopg://", "postgresql://"),
                              autocommit=True) as conn:
             conn.execute("VACUUM (ANALYZE)")
+            conn.execute("CHECKPOINT")  # PostgreSQL's own dirty pages written now, not during the next run
             deadline = time.monotonic() + timeout
             while conn.execute("SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'autovacuum worker'"
                                ).fetchone()[0] and time.monotonic() < deadline:
