@@ -50,6 +50,14 @@ def test_ingest_wait_follows_the_job_and_reports_by_exit_code(api_url, admin_key
     missing = ingot("ingest", "nope", **env)
     assert missing.returncode == 1 and "NOT_FOUND" in missing.stderr
 
+    held = ingot("quarantine", "prices", COLUMNS="200", **env)
+    assert held.returncode == 0, held.stderr
+    rows = [line for line in held.stdout.splitlines() if "data/a.csv" in line]
+    assert [line.split("│")[3].strip() for line in rows] == ["11", "21", "31"]
+    assert all("cannot parse 'n/a' as float" in line for line in rows)
+    assert "3 unresolved row(s)" in held.stderr
+    assert "0 resolved row(s)" in ingot("quarantine", "--state", "resolved", **env).stderr
+
 
 def test_db_upgrade_is_idempotent():
     first, second = ingot("db", "upgrade"), ingot("db", "upgrade")
