@@ -96,10 +96,10 @@ def _stream_batches(fh: BinaryIO, source: SourceConfig, size: int, batch_rows: i
 
 def _read_csv(source: SourceConfig, path: Path, batch_rows: int) -> Iterator[RawBatch]:
     with path.open("rb") as fh:
-        yield from read_csv_stream(source, fh, path.stat().st_size or 1, batch_rows, path.name)
+        yield from read_csv_stream(source, fh, path.stat().st_size or 1, batch_rows)
 
 
-def read_csv_stream(source: SourceConfig, fh: BinaryIO, size: int, batch_rows: int, name: str) -> Iterator[RawBatch]:
+def read_csv_stream(source: SourceConfig, fh: BinaryIO, size: int, batch_rows: int) -> Iterator[RawBatch]:
     """CSV from the binary stream FH (a file, or an HTTP body)."""
     yield from _stream_batches(fh, source, size, batch_rows, _CsvParser(source).parse)
 

@@ -133,7 +133,7 @@ class Fetcher:
 def _parse(source: SourceConfig, body: bytes, first_record: int, shown: str) -> RawBatch:
     """One page as a raw batch; records are numbered on from FIRST_RECORD across pages."""
     if source.format == "csv":
-        batches = list(read_csv_stream(source, io.BytesIO(body), len(body) or 1, 10**9, shown))
+        batches = list(read_csv_stream(source, io.BytesIO(body), len(body) or 1, 10**9))
     elif source.format == "jsonl":
         batches = list(read_jsonl_stream(source, io.BytesIO(body), len(body) or 1, 10**9))
     else:
