@@ -193,3 +193,18 @@ def test_an_encoding_ingot_cannot_split_lines_in_is_refused(tmp_path):
         source(encoding="utf-16")
     with pytest.raises(ValueError, match="unknown encoding"):
         source(encoding="klingon")
+
+
+def test_a_spreadsheet_export_loads(tmp_path):
+    """Excel's "CSV UTF-8": a byte order mark, a quoted header, CRLF, a delimiter ending every line."""
+    path = tmp_path / "a.csv"
+    path.write_bytes(b'\xef\xbb\xbf"id";"timestamp";"px";;\r\n'
+                     b'a;2026-01-01 10:00;"1,5";;\r\n'
+                     b'b;2026-01-01 11:00;2;x;\r\n')
+    cfg = source(delimiter=";", validation={"required_columns": ["id", "timestamp"],
+                                            "data_types": {"timestamp": "datetime"},
+                                            "formats": {"timestamp": "%Y-%m-%d %H:%M"}})
+    rows, rejects = run(cfg, path)
+    assert [(r["id"], r["line"], r["value"]) for r in rows] == [("b", 3, 2.0)]
+    assert rows[0]["metadata"] == {"column_4": "x", "column_5": None}
+    assert [(line, reason) for line, reason, _ in rejects] == [(2, "column 'px': cannot parse '1,5' as float")]

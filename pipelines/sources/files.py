@@ -135,7 +135,8 @@ class _CsvParser:
             if fields:
                 if reader.line_num == len(lines) and not block.final:
                     break  # a header whose quoted name may go on in the next block
-                self.names = [f.strip() for f in fields]
+                # Spreadsheets often end every line with a delimiter: unnamed columns get a name.
+                self.names = [f.strip() or f"column_{i}" for i, f in enumerate(fields, start=1)]
                 if len(set(self.names)) != len(self.names):
                     raise SourceError(f"source '{self.source.id}': the header repeats a column name: {self.names}")
                 return reader.line_num
