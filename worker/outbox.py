@@ -59,6 +59,9 @@ class OutboxListener(threading.Thread):
             except psycopg.Error as exc:
                 log.warning("outbox listener lost the database (%s); retrying", exc)
                 self.halt.wait(min(ceiling, 2.0))
+            except Exception:  # the broker, say: this thread must outlive any one failure
+                log.exception("outbox listener failed; retrying")
+                self.halt.wait(min(ceiling, 2.0))
 
     def stop(self) -> None:
         self.halt.set()
