@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from croniter import CroniterError, croniter
 from sqlalchemy import text
@@ -33,8 +33,6 @@ class Schedule:
     def next_after(self, moment: datetime) -> datetime:
         """The first time this schedule fires after MOMENT (an aware datetime)."""
         if self.every_seconds is not None:
-            from datetime import timedelta
-
             return moment + timedelta(seconds=self.every_seconds)
         assert self.cron is not None
         return croniter(self.cron, moment).get_next(datetime)

@@ -114,14 +114,17 @@ class _CsvParser:
     def _empty(self) -> pa.Table:
         return pa.table({name: pa.array([], pa.binary()) for name in self.names or []})
 
+    def _no_rows(self, rejects: list[Reject] | None = None) -> tuple[pa.Table, np.ndarray, list[Reject]]:
+        return self._empty(), np.empty(0, np.int64), rejects or []
+
     def parse(self, block: Block, stream: LineStream) -> tuple[pa.Table, np.ndarray, list[Reject]]:
         if self.names is None:
             found = self._header(block, stream)
             if found is None:
-                return self._empty(), np.empty(0, np.int64), []
+                return self._no_rows()
             block = block.tail(found)
         if not (block.ends > block.starts).any():
-            return self._empty(), np.empty(0, np.int64), []
+            return self._no_rows()
         if block.data.find(b'"') < 0:
             return self._plain(block)
         return self._quoted(block, stream) or self._exact(block, stream)
@@ -149,7 +152,7 @@ class _CsvParser:
         array = np.frombuffer(block.data, dtype=np.uint8)
         delimiters = np.flatnonzero(array == ord(self.source.delimiter))
         lines = np.arange(len(block))
-        result = self._arrow(block, block.data, lines, lines, delimiters, quoted=False)
+        result = self._arrow(block, lines, lines, delimiters, quoted=False)
         assert result is not None
         return result
 
@@ -180,18 +183,19 @@ class _CsvParser:
             block = block.head(done)
             closes = closes[:done]
             if not done:
-                return self._empty(), np.empty(0, np.int64), []
+                return self._no_rows()
         last_lines = np.flatnonzero(closes)
         first_lines = np.concatenate([[0], last_lines[:-1] + 1])
         delimiters = np.flatnonzero(array[:len(block.data)] == ord(self.source.delimiter))
         outside = delimiters[~inside(delimiters)]
-        return self._arrow(block, block.data, first_lines, last_lines, outside, quoted=True)
+        return self._arrow(block, first_lines, last_lines, outside, quoted=True)
 
-    def _arrow(self, block: Block, data: bytes, first_lines: np.ndarray, last_lines: np.ndarray,
+    def _arrow(self, block: Block, first_lines: np.ndarray, last_lines: np.ndarray,
                delimiters: np.ndarray, quoted: bool) -> tuple[pa.Table, np.ndarray, list[Reject]] | None:
-        """Arrow parses DATA, whose records span lines FIRST_LINES[i]..LAST_LINES[i] of BLOCK and whose
-        field separators are DELIMITERS; records with the wrong number of fields become rejects."""
+        """Arrow parses BLOCK, whose records span lines FIRST_LINES[i]..LAST_LINES[i] and whose field
+        separators are DELIMITERS; records with the wrong number of fields become rejects."""
         assert self.names is not None
+        data = block.data
         n = len(self.names)
         begin, end = block.starts[first_lines], block.ends[last_lines]
         columns = np.searchsorted(delimiters, end) - np.searchsorted(delimiters, begin) + 1
@@ -201,7 +205,7 @@ class _CsvParser:
                           f"wrong number of columns: expected {n}, found {int(columns[i])}",
                           {"line": data[begin[i]:end[i]].decode("utf-8", "replace")}) for i in np.flatnonzero(wrong)]
         if (blank | wrong).all():
-            return self._empty(), np.empty(0, np.int64), rejects
+            return self._no_rows(rejects)
         if rejects:  # Arrow is given only the records with the right number of fields
             stops = np.append(block.starts[first_lines[1:]], len(data))
             data = b"".join(data[begin[i]:stops[i]] for i in np.flatnonzero(~wrong))
