@@ -26,7 +26,7 @@ def postgres_url(home: Path) -> str:
     home.mkdir(parents=True, exist_ok=True)
     server = pgserver.get_server(home / "pgdata", cleanup_mode="stop")
     # pgserver is reference-counted across processes: the last process that joined it stops it.
-    _tune(server.get_uri())
+    _tune(server)
     return server.get_uri().replace("postgresql://", "postgresql+psycopg://", 1)
 
 
@@ -34,19 +34,33 @@ def postgres_url(home: Path) -> str:
 # of every large load, and each page touched after it is logged whole again. Real servers get the
 # same settings from compose.yaml.
 _SETTINGS = {"max_wal_size": "4GB", "checkpoint_timeout": "15min"}
+# The embedded server has no replica and no archive, so its WAL serves crash recovery alone: at
+# `minimal`, the index a first load builds is written and synced once instead of logged page by page.
+# Read only when the server starts.
+_START_SETTINGS = {"wal_level": "minimal", "max_wal_senders": "0"}
 
 
-def _tune(url: str) -> None:
+def _tune(server) -> None:
+    """Bring the server's settings to ours; restart it for those read at start, unless another client
+    is connected (they then apply from the next start)."""
     import psycopg
+    from pgserver import pg_ctl
 
-    with psycopg.connect(url, autocommit=True) as conn:
+    wanted = {**_SETTINGS, **_START_SETTINGS}
+    with psycopg.connect(server.get_uri(), autocommit=True) as conn:
         current = dict(conn.execute("SELECT name, current_setting(name) FROM unnest(%s::text[]) AS name",
-                                    (list(_SETTINGS),)).fetchall())
-        if current == _SETTINGS:
+                                    (list(wanted),)).fetchall())
+        stale = {name: value for name, value in wanted.items() if current[name] != value}
+        if not stale:
             return
-        for name, value in _SETTINGS.items():
+        for name, value in stale.items():
             conn.execute(sql.SQL("ALTER SYSTEM SET {} = {}").format(sql.Identifier(name), sql.Literal(value)))
         conn.execute("SELECT pg_reload_conf()")
+        others = conn.execute("SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend' "
+                              "AND pid <> pg_backend_pid()").fetchone()[0]
+    if stale.keys() & _START_SETTINGS.keys() and not others:
+        pg_ctl(["-w", "-m", "fast", "restart"], pgdata=server.pgdata, user=server.system_user)
+        server.ensure_postgres_running()  # follow the new postmaster, so the last one out still stops it
 
 
 class EmbeddedRedis:
