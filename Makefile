@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: up test lint bench clean
+.PHONY: up test test-fast lint bench clean
 
 $(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -18,8 +18,13 @@ up: $(STAMP)
 test: $(STAMP)
 	$(BIN)/pytest
 
+# The tests that start no worker process: a quick check while working.
+test-fast: $(STAMP)
+	$(BIN)/pytest -m "not worker"
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/mypy
 
 bench: $(STAMP)
 	$(BIN)/python bench/ingest.py

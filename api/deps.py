@@ -9,10 +9,10 @@ from fastapi import Depends, Request
 from sqlalchemy.orm import Session
 
 from api.envelope import ApiError
-from pipelines import keys, users
-from pipelines.db import new_session
-from pipelines.models import ApiKey
-from pipelines.settings import get_settings
+from pipelines.auth import keys, users
+from pipelines.core.db import new_session
+from pipelines.core.models import ApiKey
+from pipelines.core.settings import get_settings
 
 
 def get_session() -> Iterator[Session]:

@@ -15,7 +15,9 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, PlainSerializer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from pipelines.settings import get_settings
+from pipelines.core.clock import utc_z
+from pipelines.core.pagination import BadCursor
+from pipelines.core.settings import get_settings
 
 log = logging.getLogger("ingot.api")
 T = TypeVar("T")
@@ -36,9 +38,7 @@ _CODES = {
 
 
 def iso(value: datetime | None) -> str | None:
-    if value is None:
-        return None
-    return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
+    return None if value is None else utc_z(value)
 
 
 UTCDateTime = Annotated[datetime, PlainSerializer(iso, return_type=str)]
@@ -70,7 +70,7 @@ class ErrorEnvelope(BaseModel):
     request_id: str
 
 
-ERROR_RESPONSES = {
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorEnvelope, "description": code} for status, code in _CODES.items() if status != 405
 }
 
@@ -84,8 +84,15 @@ class ApiError(Exception):
         self.headers = headers
 
 
+def found(value: T | None, missing: str) -> T:
+    """VALUE, or a 404 saying what is MISSING."""
+    if value is None:
+        raise ApiError(404, missing)
+    return value
+
+
 def now_iso() -> str:
-    return iso(datetime.now(UTC))
+    return utc_z(datetime.now(UTC))
 
 
 def request_id(request: Request) -> str:
@@ -111,14 +118,15 @@ def ok(request: Request, data: Any, *, message: str | None = None, next_cursor: 
 
 
 def error_response(request: Request, status: int, message: str, details: dict | None = None, headers=None):
+    rid = request_id(request)
     body = {
         "success": False,
         "error": {"code": _CODES.get(status, "INTERNAL_ERROR"), "message": message, "details": details or {}},
         "timestamp": now_iso(),
-        "request_id": request_id(request),
+        "request_id": rid,
     }
     response = JSONResponse(body, status_code=status, headers=headers)
-    response.headers["X-Request-ID"] = body["request_id"]
+    response.headers["X-Request-ID"] = rid
     return response
 
 
@@ -144,6 +152,10 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError):
         return error_response(request, exc.status, exc.message, exc.details, exc.headers)
+
+    @app.exception_handler(BadCursor)
+    async def _bad_cursor(request: Request, exc: BadCursor):
+        return error_response(request, 422, "cursor is not valid")
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):

@@ -9,7 +9,8 @@ import redis
 from fastapi import Depends, Request, Response
 
 from api.envelope import ApiError
-from pipelines import limits, runtime
+from pipelines.auth import limits
+from pipelines.core import runtime
 from worker.dispatch import broker_redis
 
 

@@ -10,8 +10,8 @@ from api import envelope, metrics
 from api.limits import default_limit
 from api.routes import admin, auth, data, exports, health, ingestion, jobs, sources, webhooks
 from pipelines import __version__
-from pipelines.logs import configure
-from pipelines.settings import get_settings
+from pipelines.core.logs import configure
+from pipelines.core.settings import get_settings
 
 log = logging.getLogger("ingot.api")
 

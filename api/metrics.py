@@ -4,13 +4,13 @@ time from PostgreSQL and Redis, so every API process reports the same truth abou
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 
 from fastapi import FastAPI, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
-from sqlalchemy import text
 
-from pipelines.db import get_engine
+from pipelines.jobs import status
 
 REGISTRY = CollectorRegistry()
 REQUESTS = Counter("ingot_http_requests_total", "HTTP requests", ["method", "route", "status"], registry=REGISTRY)
@@ -23,37 +23,28 @@ class DatabaseCollector:
     """Jobs, records and webhook attempts, counted where they are recorded."""
 
     def collect(self):
-        with get_engine().connect() as conn:
-            jobs = conn.execute(text("SELECT kind, state, count(*) FROM jobs GROUP BY kind, state")).all()
-            durations = conn.execute(text(
-                "SELECT kind, extract(epoch FROM finished_at - started_at) FROM jobs "
-                "WHERE finished_at IS NOT NULL AND started_at IS NOT NULL")).all()
-            sources = conn.execute(text("SELECT source, successful, failed FROM source_state")).all()
-            attempts = conn.execute(text(
-                "SELECT CASE WHEN status_code BETWEEN 200 AND 299 THEN 'success' "
-                "WHEN status_code IS NULL THEN 'error' ELSE 'http_' || status_code END, count(*) "
-                "FROM webhook_attempts GROUP BY 1")).all()
+        counts = status.counts()
         family = GaugeMetricFamily("ingot_jobs", "Jobs by kind and state", labels=["kind", "state"])
-        for kind, state, n in jobs:
+        for kind, state, n in counts.jobs:
             family.add_metric([kind, state], n)
         yield family
-        yield from self._durations(durations)
+        yield from self._durations(counts.durations)
         ingested = CounterMetricFamily("ingot_records_ingested", "Rows loaded, by source", labels=["source"])
         quarantined = CounterMetricFamily("ingot_records_quarantined", "Rows quarantined, by source",
                                           labels=["source"])
-        for source, ok, bad in sources:
+        for source, ok, bad in counts.sources:
             ingested.add_metric([source], ok)
             quarantined.add_metric([source], bad)
         yield ingested
         yield quarantined
         deliveries = CounterMetricFamily("ingot_webhook_attempts", "Webhook delivery attempts by outcome",
                                          labels=["outcome"])
-        for outcome, n in attempts:
+        for outcome, n in counts.attempts:
             deliveries.add_metric([outcome], n)
         yield deliveries
 
     @staticmethod
-    def _durations(rows):
+    def _durations(rows: list[tuple[str, float]]) -> Iterator[HistogramMetricFamily]:
         by_kind: dict[str, list[float]] = {}
         for kind, seconds in rows:
             by_kind.setdefault(kind, []).append(float(seconds))

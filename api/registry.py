@@ -1,8 +1,8 @@
 """The source registry as the routes see it: read fresh per request, so edits apply at once."""
 
 from api.envelope import ApiError
-from pipelines.ingest import current_registry
-from pipelines.sources.registry import Registry, SourceError
+from pipelines.ingestion.ingest import current_registry
+from pipelines.ingestion.sources.registry import Registry, SourceError
 
 
 def registry_or_error() -> Registry:

@@ -7,7 +7,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from api.envelope import UTCDateTime
-from pipelines.models import Job
+from pipelines.core.models import Job
 
 
 class JobOut(BaseModel):

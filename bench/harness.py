@@ -31,9 +31,10 @@ class Bench:
         self.server = None
 
     def start(self) -> Bench:
-        from pipelines import embedded, keys, migrate
-        from pipelines.db import session_scope
-        from pipelines.settings import get_settings
+        from pipelines.auth import keys
+        from pipelines.core import embedded, migrate
+        from pipelines.core.db import session_scope
+        from pipelines.core.settings import get_settings
 
         settings = get_settings()
         self.database_url = embedded.database_url(settings)
@@ -51,7 +52,7 @@ class Bench:
         threading.Thread(target=self.server.run, daemon=True).start()
         while not self.server.started:
             time.sleep(0.05)
-        self.worker = subprocess.Popen([sys.executable, "-m", "api.cli", "worker", *self.worker_args], cwd=ROOT,
+        self.worker = subprocess.Popen([sys.executable, "-m", "cli.main", "worker", *self.worker_args], cwd=ROOT,
                                        env=dict(os.environ), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         from worker.app import app
 
@@ -90,7 +91,7 @@ class Bench:
 
         import psutil
 
-        from api.client import Client
+        from cli.client import Client
 
         pool = psutil.Process(self.worker.pid).children(recursive=True)
         for proc in pool:

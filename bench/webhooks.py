@@ -46,7 +46,7 @@ def fire(events: int, rate: float) -> None:
     """End EVENTS jobs at RATE a second, relaying after each commit as a worker does."""
     from sqlalchemy import text
 
-    from pipelines.db import get_engine
+    from pipelines.core.db import get_engine
     from worker.dispatch import relay_webhooks
 
     per_tick = max(1, round(rate * 0.02))  # one commit every 20 ms
@@ -84,7 +84,7 @@ def main() -> None:
     ready.wait(30)
     try:
         bench.start()
-        from api.client import Client
+        from cli.client import Client
 
         with Client(f"http://127.0.0.1:{bench.port}", bench.key) as client:
             client.request("POST", "/webhooks", json={"url": f"http://127.0.0.1:{port}/hook",
@@ -99,7 +99,7 @@ def main() -> None:
         import httpx
         from sqlalchemy import text
 
-        from pipelines.db import get_engine
+        from pipelines.core.db import get_engine
 
         with get_engine().connect() as conn:
             committed = {i: t.timestamp() for i, t in conn.execute(text("SELECT id, created_at FROM webhook_events"))}

@@ -10,7 +10,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -21,14 +20,11 @@ from pathlib import Path
 import psycopg
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-_state: dict = {}
+from tests.helpers import ROOT, free_port, make_key
 
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+_state: dict = {}  # what pytest_configure started, for pytest_unconfigure and the fixtures below
+# Tests that use these fixtures start worker processes: `make test-fast` leaves them out.
+_WORKER_FIXTURES = {"worker", "start_worker"}
 
 
 def _test_database(base_url: str) -> str:
@@ -68,7 +64,7 @@ def pytest_configure(config) -> None:
         os.environ.pop(name, None)
     (home / "sources.toml").write_text("")
 
-    from pipelines import embedded
+    from pipelines.core import embedded
 
     base = os.environ.get("INGOT_TEST_DATABASE_URL") or embedded.postgres_url(home)
     os.environ["INGOT_DATABASE_URL"] = _test_database(base)
@@ -78,13 +74,19 @@ def pytest_configure(config) -> None:
         redis_url = _state["redis"].start()
     os.environ["INGOT_REDIS_URL"] = redis_url
 
-    from pipelines import migrate
+    from pipelines.core import migrate
 
     migrate.upgrade()
 
 
+def pytest_collection_modifyitems(config, items) -> None:
+    for item in items:
+        if _WORKER_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.worker)
+
+
 def pytest_unconfigure(config) -> None:
-    from pipelines.db import dispose_engine
+    from pipelines.core.db import dispose_engine
 
     dispose_engine()
     if "drop_database" in _state:
@@ -129,7 +131,7 @@ def clean_state():
     yield
     from sqlalchemy import text
 
-    from pipelines.db import get_engine
+    from pipelines.core.db import get_engine
 
     with get_engine().begin() as conn:
         conn.execute(text(f"TRUNCATE {TABLES}"))
@@ -149,6 +151,30 @@ def clean_state():
 def session_home() -> Path:
     """INGOT_HOME of this test session (for fixtures wider than one test)."""
     return _state["home"]
+
+
+@pytest.fixture
+def embedded_redis():
+    """The session's embedded Redis server (skips when the tests were given a Redis of their own)."""
+    if "redis" not in _state:
+        pytest.skip("INGOT_TEST_REDIS_URL is set: the tests do not own that Redis")
+    return _state["redis"]
+
+
+@pytest.fixture
+def configure(monkeypatch):
+    """Set INGOT_* settings for one test: through the environment, so every reader in this process
+    sees them, and undone afterwards. `configure(max_exports_per_key=2)`."""
+    from pipelines.core.settings import get_settings
+
+    def apply(**values) -> None:
+        for name, value in values.items():
+            monkeypatch.setenv(f"INGOT_{name.upper()}", str(value))
+        get_settings.cache_clear()
+
+    yield apply
+    monkeypatch.undo()
+    get_settings.cache_clear()
 
 
 @pytest.fixture
@@ -180,21 +206,12 @@ def data_dir(home) -> Path:
 
 @pytest.fixture
 def session():
-    from pipelines.db import new_session
+    from pipelines.core.db import new_session
 
     s = new_session()
     yield s
     s.rollback()
     s.close()
-
-
-def make_key(scopes: list[str]) -> str:
-    from pipelines import keys
-    from pipelines.db import session_scope
-
-    with session_scope() as s:
-        _row, key = keys.create_key(s, "test", scopes)
-    return key
 
 
 @pytest.fixture
@@ -209,7 +226,7 @@ class WorkerProcess:
     """A real `ingot worker` (with beat, so the reaper runs) in its own process group."""
 
     def __init__(self, concurrency: int = 1, beat: bool = True, env: dict | None = None):
-        argv = [sys.executable, "-m", "api.cli", "worker", "--concurrency", str(concurrency)]
+        argv = [sys.executable, "-m", "cli.main", "worker", "--concurrency", str(concurrency)]
         if beat:
             argv.append("--beat")
         self.log = open(_state["home"] / f"worker-{time.time_ns()}.log", "w")
@@ -294,7 +311,7 @@ def api_url() -> str:
 
     from api.main import create_app
 
-    port = _free_port()
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(), host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -309,25 +326,10 @@ def api_url() -> str:
 
 @pytest.fixture
 def client(api_url, admin_key):
-    from api.client import Client
+    from cli.client import Client
 
     with Client(api_url, admin_key) as c:
         yield c
-
-
-def wait_for(condition, timeout: float = 30, interval: float = 0.1, message: str = "condition"):
-    """Poll CONDITION until it returns something truthy; fail after TIMEOUT seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {message}")
-        time.sleep(interval)
-
-
-free_port = _free_port
 
 
 @pytest.fixture

@@ -3,8 +3,8 @@
 import httpx
 import pytest
 
-from tests.conftest import make_key
 from tests.datagen import sources_toml, write_csv
+from tests.helpers import make_key
 
 
 @pytest.fixture

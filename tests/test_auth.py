@@ -6,8 +6,8 @@ import httpx
 import jwt
 from sqlalchemy import text
 
-from pipelines.db import get_engine
-from pipelines.settings import get_settings
+from pipelines.core.db import get_engine
+from pipelines.core.settings import get_settings
 from tests.test_cli import ingot
 
 PASSWORD = "correct horse battery staple"

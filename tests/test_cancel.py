@@ -4,9 +4,9 @@ import time
 
 from sqlalchemy import text
 
-from pipelines.db import get_engine
-from tests.conftest import wait_for
+from pipelines.core.db import get_engine
 from tests.datagen import sources_toml, write_csv
+from tests.helpers import wait_for
 
 
 def stored() -> int:

@@ -5,12 +5,12 @@ import os
 import subprocess
 import sys
 
-from tests.conftest import ROOT
 from tests.datagen import sources_toml, write_csv
+from tests.helpers import ROOT
 
 
 def ingot(*args: str, input_text: str | None = None, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "api.cli", *args], cwd=ROOT, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "cli.main", *args], cwd=ROOT, capture_output=True, text=True,
                           env={**os.environ, **env}, timeout=120, input=input_text)
 
 

@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 import pytest
 from sqlalchemy import text
 
-from api.client import Client
-from pipelines.db import get_engine
-from tests.conftest import WorkerProcess, make_key
+from cli.client import Client
+from pipelines.core.db import get_engine
+from tests.helpers import WorkerProcess, make_key
 
 HEADER = "id,timestamp,px,note"
 T = "2026-01-01T00:00:00Z"

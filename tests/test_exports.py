@@ -14,12 +14,12 @@ import pyarrow.parquet as pq
 import pytest
 from sqlalchemy import text
 
-from pipelines import export
-from pipelines.db import get_engine
-from pipelines.load import merge_observations
-from pipelines.settings import get_settings
-from pipelines.validate import ValidBatch
-from tests.conftest import make_key, wait_for
+from pipelines.core.db import get_engine
+from pipelines.core.settings import get_settings
+from pipelines.exports import export
+from pipelines.ingestion.validate import ValidBatch
+from tests import helpers
+from tests.helpers import make_key, wait_for
 
 UTC = dt.UTC
 TRICKY = ["plain", 'comma, "quoted"', "new\nline", "tab\there", "ünïcödé ✓ 日本", "back\\slash", "", "{not json}"]
@@ -40,8 +40,7 @@ def seed(n: int, source: str = "exp", start: int = 0) -> None:
          "flag": pa.array([bool(i % 2) for i in idx])},
         np.arange(n),
     )
-    with get_engine().begin() as conn:
-        merge_observations(conn.connection.driver_connection, source, "job_seed", batch)
+    helpers.seed(source, "job_seed", batch)
 
 
 def table(where: str = "TRUE") -> list[dict]:
@@ -177,8 +176,8 @@ def test_unknown_or_hostile_ids_are_404(client, export_id):
         assert r.status_code == 404, (export_id, suffix, r.text)
 
 
-def test_export_limits(client, api_url, tmp_path):
-    from api.client import Client, IngotError
+def test_export_limits(client, api_url, configure):
+    from cli.client import Client, IngotError
 
     settings = get_settings()
     key = make_key(["write"])
@@ -188,14 +187,10 @@ def test_export_limits(client, api_url, tmp_path):
         with pytest.raises(IngotError) as info:
             limited.start_export("csv")
         assert info.value.status == 429 and "exports queued or running" in info.value.message
-    old = settings.max_exports_per_key
-    settings.max_exports_per_key = 100
-    try:
-        with Client(api_url, make_key(["write"])) as limited:
-            results = [limited.http.post("/api/v1/data/export", json={"format": "csv"})
-                       for _ in range(settings.export_rate_limit_per_minute + 1)]
-    finally:
-        settings.max_exports_per_key = old
+    configure(max_exports_per_key=100)
+    with Client(api_url, make_key(["write"])) as limited:
+        results = [limited.http.post("/api/v1/data/export", json={"format": "csv"})
+                   for _ in range(settings.export_rate_limit_per_minute + 1)]
     assert [r.status_code for r in results[:-1]] == [202] * settings.export_rate_limit_per_minute
     last = results[-1]
     assert last.status_code == 429 and last.json()["error"]["code"] == "RATE_LIMIT_EXCEEDED"

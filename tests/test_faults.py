@@ -6,9 +6,9 @@ import signal
 import pytest
 from sqlalchemy import text
 
-from pipelines.db import get_engine
-from tests.conftest import wait_for
+from pipelines.core.db import get_engine
 from tests.datagen import sources_toml, write_csv
+from tests.helpers import wait_for
 
 ROWS, BAD_EVERY, BATCH = 150_000, 1000, 1500
 

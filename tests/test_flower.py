@@ -6,15 +6,15 @@ import sys
 
 import httpx
 
-from tests.conftest import ROOT, free_port, wait_for
 from tests.datagen import sources_toml, write_csv
+from tests.helpers import ROOT, free_port, wait_for
 
 
 def test_flower_lists_the_ingestion_task_with_its_final_state(client, worker, write_sources, data_dir, home):
     port = free_port()
     env = dict(os.environ, INGOT_FLOWER_PORT=str(port), INGOT_FLOWER_BASIC_AUTH="watcher:s3cret-pass")
     log = open(home / "flower.log", "w")
-    flower = subprocess.Popen([sys.executable, "-m", "api.cli", "flower"], cwd=ROOT, env=env,
+    flower = subprocess.Popen([sys.executable, "-m", "cli.main", "flower"], cwd=ROOT, env=env,
                               stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         base = f"http://127.0.0.1:{port}"

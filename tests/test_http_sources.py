@@ -4,7 +4,7 @@ import time
 
 from sqlalchemy import text
 
-from pipelines.db import get_engine
+from pipelines.core.db import get_engine
 from tests.fakeapi import as_json, http_source, records
 
 

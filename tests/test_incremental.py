@@ -5,9 +5,9 @@ import signal
 
 from sqlalchemy import text
 
-from pipelines.db import get_engine
-from tests.conftest import wait_for
+from pipelines.core.db import get_engine
 from tests.datagen import incremental_toml, write_series
+from tests.helpers import wait_for
 
 
 def writers() -> dict[str, int]:

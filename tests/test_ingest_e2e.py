@@ -2,7 +2,7 @@
 
 from sqlalchemy import text
 
-from pipelines.db import get_engine
+from pipelines.core.db import get_engine
 from tests.datagen import sources_toml, write_csv
 
 

@@ -5,15 +5,15 @@ import socket
 import pytest
 from sqlalchemy import text
 
-from pipelines import jobs
-from pipelines.db import get_engine, session_scope
-from pipelines.models import Job, JobState
+from pipelines.core.db import get_engine, session_scope
+from pipelines.core.models import Job, JobState
+from pipelines.jobs import machine, reaper
 
 
 def new_job(**params) -> tuple[str, list]:
     sent = []
     with session_scope() as s:
-        job = jobs.create_job(s, kind="ingestion", queue="ingest", params=params, send=sent.append,
+        job = machine.create_job(s, kind="ingestion", queue="ingest", params=params, send=sent.append,
                               sources=["x"])
         assert sent == []  # nothing is sent before the transaction commits
         job_id = job.id
@@ -34,7 +34,7 @@ def sql(statement: str, **params) -> None:
 def test_message_is_dropped_when_the_transaction_rolls_back():
     sent = []
     with pytest.raises(RuntimeError), session_scope() as s:
-        jobs.create_job(s, kind="ingestion", queue="ingest", params={}, send=sent.append)
+        machine.create_job(s, kind="ingestion", queue="ingest", params={}, send=sent.append)
         raise RuntimeError("boom")
     assert sent == []
     with session_scope() as s:
@@ -44,8 +44,8 @@ def test_message_is_dropped_when_the_transaction_rolls_back():
 def test_a_job_runs_once_and_late_duplicates_do_nothing():
     job_id, _ = new_job()
     calls = []
-    assert jobs.execute(job_id, lambda run: calls.append(run.id) or {"ok": 1}) == "succeeded"
-    assert jobs.execute(job_id, lambda run: calls.append(run.id) or {}) == "skipped"
+    assert machine.execute(job_id, lambda run: calls.append(run.id) or {"ok": 1}) == "succeeded"
+    assert machine.execute(job_id, lambda run: calls.append(run.id) or {}) == "skipped"
     job = state(job_id)
     assert calls == [job_id]
     assert (job.state, job.progress, job.result, job.attempts) == ("succeeded", 100, {"ok": 1}, 1)
@@ -54,27 +54,27 @@ def test_a_job_runs_once_and_late_duplicates_do_nothing():
 
 def test_a_live_attempt_keeps_its_job():
     job_id, _ = new_job()
-    run = jobs.claim(job_id, "otherhost:1")
+    run = machine.claim(job_id, "otherhost:1")
     assert run is not None
-    assert jobs.claim(job_id, "me:2") is None  # taken, heartbeat fresh, owner on another host
+    assert machine.claim(job_id, "me:2") is None  # taken, heartbeat fresh, owner on another host
 
 
 def test_an_attempt_whose_process_died_is_taken_over_at_once():
     job_id, _ = new_job()
-    first = jobs.claim(job_id, f"{socket.gethostname()}:{2**22 + 12345}")  # no such pid
+    first = machine.claim(job_id, f"{socket.gethostname()}:{2**22 + 12345}")  # no such pid
     assert first is not None
-    second = jobs.claim(job_id, jobs.owner_name())
+    second = machine.claim(job_id, machine.owner_name())
     assert second is not None and second.attempts == 2
     # the first attempt lost its lease: its writes are refused and it cannot finish the job
-    with pytest.raises(jobs.JobStopped), first.batch(processed=1, failed=0, checkpoint={}, progress=1):
+    with pytest.raises(machine.JobStopped), first.batch(processed=1, failed=0, checkpoint={}, progress=1):
         pass
-    assert not jobs.finish(first, JobState.SUCCEEDED)
-    assert jobs.finish(second, JobState.SUCCEEDED)
+    assert not machine.finish(first, JobState.SUCCEEDED)
+    assert machine.finish(second, JobState.SUCCEEDED)
 
 
 def test_batches_commit_progress_with_the_work_and_resume_from_the_checkpoint():
     job_id, _ = new_job()
-    run = jobs.claim(job_id, jobs.owner_name())
+    run = machine.claim(job_id, machine.owner_name())
     with run.batch(processed=10, failed=2, checkpoint={"batch": 1}, progress=40) as conn:
         conn.execute("INSERT INTO source_state (source, status, successful, failed) VALUES ('x', 'ok', 0, 0)")
     with pytest.raises(ZeroDivisionError), run.batch(processed=5, failed=0, checkpoint={"batch": 2}, progress=60) as c:
@@ -88,23 +88,23 @@ def test_batches_commit_progress_with_the_work_and_resume_from_the_checkpoint():
 
 def test_finished_jobs_never_move_backwards():
     job_id, _ = new_job()
-    run = jobs.claim(job_id, jobs.owner_name())
-    assert jobs.finish(run, JobState.FAILED, error="bad file")
-    assert not jobs.finish(run, JobState.SUCCEEDED)
+    run = machine.claim(job_id, machine.owner_name())
+    assert machine.finish(run, JobState.FAILED, error="bad file")
+    assert not machine.finish(run, JobState.SUCCEEDED)
     sql("UPDATE jobs SET heartbeat_at = now() - interval '1 hour' WHERE id = :id", id=job_id)
-    assert jobs.claim(job_id, jobs.owner_name()) is None
+    assert machine.claim(job_id, machine.owner_name()) is None
     assert (state(job_id).state, state(job_id).error) == ("failed", "bad file")
 
 
 def test_a_job_whose_worker_keeps_dying_fails_clearly(monkeypatch):
     job_id, _ = new_job()
     dead = f"{socket.gethostname()}:{2**22 + 999}"
-    from pipelines.settings import get_settings
+    from pipelines.core.settings import get_settings
 
     limit = get_settings().max_job_attempts
     for _ in range(limit):
-        assert jobs.claim(job_id, dead) is not None
-    assert jobs.claim(job_id, jobs.owner_name()) is None
+        assert machine.claim(job_id, dead) is not None
+    assert machine.claim(job_id, machine.owner_name()) is None
     job = state(job_id)
     assert job.state == "failed" and f"gave up after {limit} attempts" in job.error
 
@@ -113,9 +113,9 @@ def test_errors_fail_the_job_with_their_message():
     job_id, _ = new_job()
 
     def work(run):
-        raise jobs.JobFailed("source 'x': no file matches 'a/*.csv'")
+        raise machine.JobFailed("source 'x': no file matches 'a/*.csv'")
 
-    assert jobs.execute(job_id, work) == "failed"
+    assert machine.execute(job_id, work) == "failed"
     assert state(job_id).error == "source 'x': no file matches 'a/*.csv'"
 
 
@@ -123,9 +123,9 @@ def test_reaper_resends_queued_jobs_whose_message_is_gone():
     job_id, first = new_job()
     resent = []
     sql("UPDATE jobs SET sent_at = now() - interval '1 minute' WHERE id = :id", id=job_id)
-    report = jobs.reap(resent.append, lambda queue, task: task == first[0].celery_task_id)
+    report = reaper.reap(resent.append, lambda queue, task: task == first[0].celery_task_id)
     assert report["resent"] == [] and resent == []  # the message is still there
-    report = jobs.reap(resent.append, lambda queue, task: False)
+    report = reaper.reap(resent.append, lambda queue, task: False)
     assert report["resent"] == [job_id]
     assert [j.id for j in resent] == [job_id] and resent[0].celery_task_id != first[0].celery_task_id
     assert state(job_id).celery_task_id == resent[0].celery_task_id
@@ -133,13 +133,13 @@ def test_reaper_resends_queued_jobs_whose_message_is_gone():
 
 def test_reaper_requeues_running_jobs_whose_heartbeat_stopped_and_fails_timeouts():
     stale_id, _ = new_job()
-    jobs.claim(stale_id, "gone-host:1")
+    machine.claim(stale_id, "gone-host:1")
     slow_id, _ = new_job()
-    jobs.claim(slow_id, jobs.owner_name())
+    machine.claim(slow_id, machine.owner_name())
     sql("UPDATE jobs SET heartbeat_at = now() - interval '1 hour' WHERE id = :id", id=stale_id)
     sql("UPDATE jobs SET started_at = now() - interval '2 hours', timeout_seconds = 60 WHERE id = :id", id=slow_id)
     resent = []
-    report = jobs.reap(resent.append, lambda q, t: True)
+    report = reaper.reap(resent.append, lambda q, t: True)
     assert report["recovered"] == [stale_id] and report["timed_out"] == [slow_id]
     assert [j.id for j in resent] == [stale_id]
     assert state(stale_id).state == "queued"

@@ -6,11 +6,11 @@ import numpy as np
 import pyarrow as pa
 from sqlalchemy import text
 
-from pipelines.db import get_engine
-from pipelines.load import merge_observations
-from pipelines.quarantine import Book
-from pipelines.sources.files import Reject
-from pipelines.validate import ValidBatch
+from pipelines.core.db import get_engine
+from pipelines.ingestion.quarantine import Book
+from pipelines.ingestion.sources.files import Reject
+from pipelines.ingestion.validate import ValidBatch
+from tests.helpers import seed
 
 UTC = dt.UTC
 
@@ -26,8 +26,7 @@ def batch(rows: list[tuple], meta: dict | None = None) -> ValidBatch:
 
 
 def merge(b: ValidBatch, job: str = "job_1", source: str = "s") -> None:
-    with get_engine().begin() as conn:
-        merge_observations(conn.connection.driver_connection, source, job, b)
+    seed(source, job, b)
 
 
 def table() -> list[tuple]:

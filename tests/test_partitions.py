@@ -6,9 +6,10 @@ import psycopg
 import pytest
 from sqlalchemy import text
 
-from pipelines import migrate, partitions
-from pipelines.db import get_engine
-from pipelines.load import Loader
+from pipelines.core import migrate
+from pipelines.core.db import get_engine
+from pipelines.ingestion import partitions
+from pipelines.ingestion.load import Loader
 from tests.test_load import T0, batch
 
 HOUR = dt.timedelta(hours=1)

@@ -3,8 +3,8 @@
 import psycopg
 from sqlalchemy import text
 
-from pipelines import migrate
-from pipelines.db import get_engine
+from pipelines.core import migrate
+from pipelines.core.db import get_engine
 from tests.datagen import sources_toml, write_csv
 
 
@@ -52,7 +52,7 @@ def test_reruns_count_each_bad_row_once_and_fixes_resolve_it(client, worker, wri
 
 
 def test_an_unknown_state_or_cursor_is_a_validation_error(client):
-    from api.client import IngotError
+    from cli.client import IngotError
 
     for params in ({"state": "maybe"}, {"cursor": "bm90IG91cnM"}):
         try:

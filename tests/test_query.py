@@ -7,9 +7,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from pipelines.db import get_engine
-from pipelines.load import merge_observations
-from pipelines.validate import ValidBatch
+from pipelines.ingestion.validate import ValidBatch
+from tests.helpers import seed
 
 T0 = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
 
@@ -25,8 +24,7 @@ def rows():
         batch = ValidBatch(pa.array(ids), {"timestamp": pa.array(stamps, pa.timestamp("us", "UTC")),
                                            "value": pa.array(values, pa.float64())},
                            {"n": pa.array(list(range(30)))}, np.arange(30))
-        with get_engine().begin() as conn:
-            merge_observations(conn.connection.driver_connection, source, "job_q", batch)
+        seed(source, "job_q", batch)
         data += [{"id": i, "source": source, "timestamp": t, "value": v} for i, t, v in zip(ids, stamps, values,
                                                                                            strict=True)]
     return data
@@ -73,8 +71,7 @@ def test_cursor_pagination_walks_everything_once_in_order_even_with_inserts(http
         if pages == 2:  # a row arriving mid-walk must not shift or repeat what follows
             batch = ValidBatch(pa.array(["zzz"]), {"timestamp": pa.array([T0], pa.timestamp("us", "UTC")),
                                                    "value": pa.array([-1.0])}, {}, np.arange(1))
-            with get_engine().begin() as conn:
-                merge_observations(conn.connection.driver_connection, "alpha", "job_q", batch)
+            seed("alpha", "job_q", batch)
         cursor = data["pagination"]["next_cursor"]
         if not cursor:
             break

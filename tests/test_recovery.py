@@ -3,7 +3,7 @@
 import pytest
 from sqlalchemy import text
 
-from pipelines.db import get_engine
+from pipelines.core.db import get_engine
 from tests.datagen import sources_toml, write_csv
 from worker.dispatch import broker_redis, message_exists
 
@@ -60,8 +60,8 @@ def test_openapi_document_lists_the_contract(api_url):
 
 
 def test_logs_and_json_metrics(client, worker, write_sources, data_dir, api_url):
-    from api.client import Client, IngotError
-    from tests.conftest import make_key
+    from cli.client import Client, IngotError
+    from tests.helpers import make_key
 
     write_csv(data_dir / "a.csv", 8, bad_every=4)
     (data_dir / "bad.csv").write_text("id\n1\n")
@@ -84,9 +84,8 @@ def test_logs_and_json_metrics(client, worker, write_sources, data_dir, api_url)
 
 
 def test_runtime_config_is_admin_only_validated_and_applies_live(client, api_url, worker, write_sources, data_dir):
-    from api.client import Client, IngotError
-    from pipelines import runtime
-    from tests.conftest import make_key
+    from cli.client import Client, IngotError
+    from tests.helpers import make_key
 
     shown = client.request("GET", "/config")["data"]
     assert shown["config"]["batch_size"] == 50_000 and "reaper_interval_seconds" in shown["restart_required"]
@@ -100,24 +99,18 @@ def test_runtime_config_is_admin_only_validated_and_applies_live(client, api_url
         assert info.value.status == 422, bad
     changed = client.request("PUT", "/config", json={"batch_size": 7, "reaper_interval_seconds": 30})["data"]
     assert changed["config"]["batch_size"] == 7 and changed["restart_required"] == ["reaper_interval_seconds"]
-    runtime._cache["at"] = 0.0
     write_csv(data_dir / "a.csv", 30)
     write_sources(sources_toml("prices", "a.csv"))
     job = client.wait(client.start_ingestion(["prices"])["job_id"], timeout=60)
     assert job["state"] == "succeeded" and job["result"]["sources"]["prices"]["batches"] == 5  # 30 rows, 7 a batch
 
 
-def test_a_redis_restart_loses_no_queued_job(client, start_worker, write_sources, data_dir):
-    from tests.conftest import _state
-
-    if "redis" not in _state:
-        pytest.skip("Redis is an external server here (INGOT_TEST_REDIS_URL)")
+def test_a_redis_restart_loses_no_queued_job(client, start_worker, write_sources, data_dir, embedded_redis):
     write_csv(data_dir / "a.csv", 40)
     write_sources(sources_toml("prices", "a.csv"))
     job_id = client.start_ingestion(["prices"])["job_id"]  # queued: no worker yet
-    redis = _state["redis"]
-    redis.stop()  # a real restart of the broker, with the message in it
-    redis.start()
+    embedded_redis.stop()  # a real restart of the broker, with the message in it
+    embedded_redis.start()
     start_worker()
     job = client.wait(job_id, timeout=90)
     assert job["state"] == "succeeded" and job["records_processed"] == 40

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from pipelines.sources.registry import SourceError, load_registry
+from pipelines.ingestion.sources.registry import SourceError, load_registry
 
 GOOD = """
 [sources.prices]

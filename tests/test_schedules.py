@@ -9,12 +9,12 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from sqlalchemy import text
 
-from pipelines.db import get_engine
-from pipelines.schedules import parse
-from pipelines.settings import get_settings
-from pipelines.sources.registry import load_registry
-from tests.conftest import ROOT, wait_for
+from pipelines.core.db import get_engine
+from pipelines.core.settings import get_settings
+from pipelines.ingestion.sources.registry import load_registry
+from pipelines.jobs.schedules import parse
 from tests.fakeapi import as_json, http_source, records
+from tests.helpers import ROOT, wait_for
 from worker.schedule import beat_schedule, cron
 
 
@@ -94,7 +94,7 @@ def test_importing_the_worker_does_no_work(tmp_path):
 def test_the_api_answers_with_a_broken_sources_file(client, write_sources):
     write_sources("[sources.x\n")
     assert client.request("GET", "/health")["data"]["status"] == "healthy"
-    from api.client import IngotError
+    from cli.client import IngotError
 
     with pytest.raises(IngotError) as caught:
         client.request("GET", "/sources")

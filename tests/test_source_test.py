@@ -4,7 +4,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from sqlalchemy import text
 
-from pipelines.db import get_engine
+from pipelines.core.db import get_engine
 from tests.datagen import sources_toml, write_csv
 from tests.fakeapi import as_json, http_source, records
 

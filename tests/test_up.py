@@ -11,7 +11,7 @@ import time
 import httpx
 import psutil
 
-from tests.conftest import ROOT, free_port, wait_for
+from tests.helpers import ROOT, free_port, wait_for
 
 
 def processes_under(home) -> list[psutil.Process]:
@@ -31,7 +31,7 @@ def start_up(home, api_port, flower_port):
                INGOT_SOURCES_FILE=str(ROOT / "sources.toml"), INGOT_WORKER_CONCURRENCY="1",
                INGOT_IGNORE_ENV_FILE="1", INGOT_LOG_LEVEL="WARNING")
     log = open(home.parent / f"up-{time.time_ns()}.log", "w+")
-    proc = subprocess.Popen([sys.executable, "-m", "api.cli", "up"], cwd=ROOT, env=env, stdout=log,
+    proc = subprocess.Popen([sys.executable, "-m", "cli.main", "up"], cwd=ROOT, env=env, stdout=log,
                             stderr=subprocess.STDOUT, start_new_session=True)
     return proc, log
 

@@ -6,10 +6,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.settings import get_settings
-from pipelines.sources.files import read_file
-from pipelines.sources.registry import SourceConfig, SourceError
-from pipelines.validate import validate
+from pipelines.core.settings import get_settings
+from pipelines.ingestion.sources.files import read_file
+from pipelines.ingestion.sources.registry import SourceConfig, SourceError
+from pipelines.ingestion.validate import validate
 
 
 def source(**overrides) -> SourceConfig:

@@ -8,10 +8,9 @@ from sqlalchemy import text
 from standardwebhooks import Webhook as Verifier
 from standardwebhooks.webhooks import WebhookVerificationError
 
-from pipelines.db import get_engine
-from pipelines.settings import get_settings
-from tests.conftest import free_port, wait_for
+from pipelines.core.db import get_engine
 from tests.datagen import sources_toml, write_csv
+from tests.helpers import free_port, wait_for
 from tests.receiver import Receiver
 
 
@@ -175,13 +174,9 @@ def test_an_event_committed_before_the_worker_died_is_still_delivered(client, st
 
 @pytest.mark.parametrize("url", ["http://127.0.0.1:8080/x", "http://10.0.0.1/x", "http://169.254.169.254/latest",
                                  "http://[::1]:8000/x", "http://localhost:8000/x", "http://[::ffff:127.0.0.1]/x"])
-def test_private_addresses_are_refused_when_not_allowed(client, url):
-    settings = get_settings()
-    settings.webhook_allow_private = False
-    try:
-        r = client.http.post("/api/v1/webhooks", json={"url": url, "events": ["job.cancelled"]})
-    finally:
-        settings.webhook_allow_private = True
+def test_private_addresses_are_refused_when_not_allowed(client, url, configure):
+    configure(webhook_allow_private=False)
+    r = client.http.post("/api/v1/webhooks", json={"url": url, "events": ["job.cancelled"]})
     assert r.status_code == 422 and "private or reserved" in r.json()["error"]["message"]
 
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 from celery import Celery
 from kombu import Queue
 
-from pipelines import embedded
-from pipelines.settings import get_settings
+from pipelines.core import embedded
+from pipelines.core.settings import get_settings
 from worker.queues import Queues
 
 TASK_MODULES = ["worker.tasks.ingest", "worker.tasks.export", "worker.tasks.webhooks", "worker.tasks.housekeeping"]

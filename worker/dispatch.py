@@ -7,9 +7,9 @@ from functools import lru_cache
 
 import redis
 
-from pipelines import embedded
-from pipelines.models import Job
-from pipelines.settings import get_settings
+from pipelines.core import embedded
+from pipelines.core.models import Job
+from pipelines.core.settings import get_settings
 from worker.app import app
 from worker.queues import JOB_TASKS
 
@@ -53,12 +53,12 @@ def revoke(task_id: str) -> None:
 
 def relay_webhooks() -> int:
     """Turn new job events into deliveries and send every delivery that is due (after the commit)."""
-    from pipelines import webhooks
-    from pipelines.db import session_scope
+    from pipelines.core.db import session_scope
+    from pipelines.webhooks import relay
 
     try:
         with session_scope() as session:
-            due = webhooks.relay(session)
+            due = relay.relay(session)
     except Exception:  # the periodic relay will pick the events up
         log.exception("webhook relay failed")
         return 0

@@ -15,8 +15,8 @@ from datetime import UTC, datetime
 
 import psycopg
 
-from pipelines.db import get_engine
-from pipelines.settings import get_settings
+from pipelines.core.db import get_engine
+from pipelines.core.settings import get_settings
 
 log = logging.getLogger(__name__)
 CHANNEL = "ingot_outbox"
@@ -31,7 +31,7 @@ def _seconds_to_next_due(conn: psycopg.Connection, ceiling: float) -> float:
     """How long until the earliest pending delivery falls due (or a claim on one runs out)."""
     due = conn.execute(
         "SELECT min(COALESCE(next_attempt_at, claimed_until)) FROM webhook_deliveries WHERE state = 'pending'"
-    ).fetchone()[0]
+    ).fetchone()[0]  # type: ignore[index]  # an aggregate always returns one row
     if due is None:
         return ceiling
     return min(max((due - datetime.now(UTC)).total_seconds(), _MIN_WAIT), ceiling)

@@ -3,7 +3,7 @@
 It is built when beat starts (`SourcesScheduler`), never at import. A source whose schedule cannot
 be used is left out with an error logged (the registry already shows it on `/sources/{id}`); the
 others are scheduled as usual. Cron expressions are read by croniter through
-`pipelines.schedules`, the same parser `sources.toml` is checked with.
+`pipelines.jobs.schedules`, the same parser `sources.toml` is checked with.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from datetime import datetime, timedelta
 from celery.beat import PersistentScheduler
 from celery.schedules import BaseSchedule, schedstate
 
-from pipelines.schedules import Schedule, parse
-from pipelines.settings import Settings, get_settings
+from pipelines.core.settings import Settings, get_settings
+from pipelines.jobs.schedules import Schedule, parse
 from worker.queues import Queues
 
 log = logging.getLogger(__name__)
@@ -63,7 +63,7 @@ def beat_schedule(settings: Settings) -> dict:
         "webhooks.relay": _housekeeping("webhooks.relay", settings.webhook_relay_interval_seconds, Queues.WEBHOOKS),
         "exports.expire": _housekeeping("exports.expire", settings.export_expiry_interval_seconds, Queues.DEFAULT),
     }
-    from pipelines.sources.registry import SourceError, load_registry
+    from pipelines.ingestion.sources.registry import SourceError, load_registry
 
     try:
         registry = load_registry(settings.sources_file, settings.data_root_paths)

@@ -5,9 +5,9 @@ import logging
 
 from celery.signals import setup_logging, worker_init, worker_process_init, worker_ready, worker_shutdown
 
-from pipelines.db import dispose_engine
-from pipelines.logs import configure
-from pipelines.settings import get_settings
+from pipelines.core.db import dispose_engine
+from pipelines.core.logs import configure
+from pipelines.core.settings import get_settings
 from worker.queues import Queues
 from worker.schedule import HOUSEKEEPING
 

@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query, Request
 from pydantic import AwareDatetime, BaseModel
-from sqlalchemy import func, select, text
 
 from api.broker import broker_status, queue_depths
 from api.deps import AdminKey, ReadKey, SessionDep
 from api.envelope import ApiError, Envelope, UTCDateTime, ok
-from pipelines import runtime, status
-from pipelines.models import ACTIVE_STATES, Event, Job
+from pipelines.core import runtime
+from pipelines.jobs import journal, status
 
 router = APIRouter(tags=["operations"])
 
@@ -46,40 +46,21 @@ def logs(
     cursor: Annotated[int | None, Query(ge=1, description="the id of the last entry seen")] = None,
 ) -> dict:
     """Structured job and system events recorded in the database, newest first."""
-    query = select(Event).order_by(Event.id.desc()).limit(limit + 1)
-    for column, value in ((Event.level, level), (Event.source, source), (Event.job_id, job_id)):
-        if value is not None:
-            query = query.where(column == value)
-    if start_time:
-        query = query.where(Event.created_at >= start_time)
-    if end_time:
-        query = query.where(Event.created_at <= end_time)
-    if cursor:
-        query = query.where(Event.id < cursor)
-    rows = list(session.scalars(query))
-    more, rows = len(rows) > limit, rows[:limit]
+    where = journal.Filter(level=level, source=source, job_id=job_id, start=start_time, end=end_time)
+    rows, before = journal.listing(session, where, cursor, limit)
     entries = [{"id": e.id, "created_at": e.created_at, "level": e.level, "event": e.event, "message": e.message,
                 "source": e.source, "job_id": e.job_id, "details": e.details} for e in rows]
-    return ok(request, {"logs": entries}, next_cursor=str(rows[-1].id) if more else None)
+    return ok(request, {"logs": entries}, next_cursor=None if before is None else str(before))
 
 
 @router.get("/metrics", response_model=Envelope[dict[str, Any]])
 def metrics(request: Request, session: SessionDep, _key: ReadKey) -> dict:
     """Throughput over the last hour, job and database facts, and queue depths."""
-    hour = session.execute(text(
-        "SELECT COALESCE(sum(records_processed), 0), COALESCE(sum(records_failed), 0), "
-        "COALESCE(sum(extract(epoch FROM finished_at - started_at)), 0) FROM jobs "
-        "WHERE kind = 'ingestion' AND finished_at > now() - interval '1 hour'")).one()
-    processed, failed, seconds = int(hour[0]), int(hour[1]), float(hour[2])
-    active = session.scalar(select(func.count()).where(Job.state.in_(ACTIVE_STATES)))
+    rates = status.throughput(session)
     connected = broker_status()
     return ok(request, {
         "system": {"version": request.app.version},
-        "ingestion": {
-            "records_per_second": round(processed / seconds, 1) if seconds else 0.0,
-            "error_rate": round(failed / (processed + failed), 4) if processed + failed else 0.0,
-            "active_jobs": active,
-        },
+        "ingestion": dataclasses.asdict(rates),
         "database": status.database_stats(session),
         "queues": queue_depths() if connected else {},
     })

@@ -8,7 +8,8 @@ from pydantic import BaseModel, Field
 from api.deps import SessionDep
 from api.envelope import ApiError, Envelope, ok
 from api.limits import limit
-from pipelines import runtime, users
+from pipelines.auth import users
+from pipelines.core import runtime
 
 router = APIRouter(prefix="/auth", tags=["auth"])
 

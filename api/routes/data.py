@@ -9,7 +9,8 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validato
 
 from api.deps import ReadKey, SessionDep
 from api.envelope import ApiError, Envelope, UTCDateTime, ok
-from pipelines import pagination, query
+from pipelines.core import pagination
+from pipelines.exports import query
 
 router = APIRouter(prefix="/data", tags=["data"])
 

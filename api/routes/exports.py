@@ -2,27 +2,23 @@
 
 from __future__ import annotations
 
-import re
-import shutil
 from datetime import datetime
 from typing import Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse
 from pydantic import BaseModel, Field
-from sqlalchemy import func, select
 
 from api.deps import ReadKey, SessionDep, WriteKey
-from api.envelope import ApiError, Envelope, ok
+from api.envelope import ApiError, Envelope, found, iso, ok
 from api.limits import limit
 from api.routes.data import Filters
-from pipelines import export, jobs, runtime
-from pipelines.models import ACTIVE_STATES, Job
-from pipelines.settings import get_settings
+from pipelines.core import runtime
+from pipelines.core.models import Job
+from pipelines.exports import admission, export
 from worker.dispatch import send_job
 
 router = APIRouter(prefix="/data/export", tags=["exports"])
-_JOB_ID = re.compile(r"^job_[0-9a-f]{24}$")
 
 
 class ExportRequest(BaseModel):
@@ -58,34 +54,20 @@ def _download_url(request: Request, job_id: str) -> str:
 
 
 def _export_job(session, export_id: str) -> Job:
-    job = session.get(Job, export_id) if _JOB_ID.match(export_id) else None
-    if job is None or job.kind != "export":
-        raise ApiError(404, f"no export '{export_id}'")
-    return job
-
-
-def _status(job: Job) -> str:
-    return "expired" if job.state == "succeeded" and "expired_at" in job.result else job.state
+    return found(admission.find(session, export_id), f"no export '{export_id}'")
 
 
 @router.post("", status_code=202, response_model=Envelope[ExportStarted],
              dependencies=[limit("export", lambda: runtime.value("export_rate_limit_per_minute"))])
 def start_export(body: ExportRequest, request: Request, session: SessionDep, key: WriteKey) -> dict:
-    settings = get_settings()
-    running = session.scalar(select(func.count()).where(
-        Job.kind == "export", Job.state.in_(ACTIVE_STATES), Job.api_key_id == key.id))
-    most = runtime.value("max_exports_per_key")
-    if running >= most:
-        raise ApiError(429, f"this key already has {running} exports queued or running "
-                       f"(at most {most}); wait for one to finish",
-                       headers={"Retry-After": "10"})
-    free = shutil.disk_usage(export.exports_dir()).free
-    if free < settings.export_min_free_bytes:
-        raise ApiError(503, f"not enough disk space for exports: {free / 2**20:,.0f} MiB free")
     params = {"format": body.format, "filters": body.filters.model_dump(mode="json", exclude_none=True),
               "columns": body.columns or export.DEFAULT_COLUMNS}
-    job = jobs.create_job(session, kind="export", queue="export", params=params, send=send_job,
-                          request_id=request.state.request_id, api_key_id=key.id)
+    try:
+        job = admission.start(session, params, key.id, send_job, request.state.request_id)
+    except admission.TooManyExports as exc:
+        raise ApiError(429, str(exc), headers={"Retry-After": "10"}) from None
+    except admission.DiskFull as exc:
+        raise ApiError(503, str(exc)) from None
     session.commit()
     return ok(request, {"export_id": job.id, "status": job.state, "download_url": _download_url(request, job.id)},
               message="export queued")
@@ -96,16 +78,16 @@ def export_status(export_id: str, request: Request, session: SessionDep, _key: R
     job = _export_job(session, export_id)
     result = job.result or {}
     return ok(request, {
-        "export_id": job.id, "status": _status(job), "progress": job.progress,
+        "export_id": job.id, "status": admission.status(job), "progress": job.progress,
         "row_count": result.get("row_count", job.records_processed), "file_size": result.get("file_size"),
         "checksum": result.get("checksum"), "format": job.params["format"],
-        "download_url": _download_url(request, job.id), "expires_at": _iso(result.get("expires_at")),
+        "download_url": _download_url(request, job.id), "expires_at": iso(_parsed(result.get("expires_at"))),
         "error": job.error,
     })
 
 
-def _iso(value: str | None) -> str | None:
-    return value and datetime.fromisoformat(value).isoformat().replace("+00:00", "Z")
+def _parsed(value: str | None) -> datetime | None:
+    return datetime.fromisoformat(value) if value else None
 
 
 @router.get("/{export_id}/download", name="download_export",

@@ -11,7 +11,8 @@ from fastapi.responses import JSONResponse
 from api.broker import broker_status, queue_depths, workers_online
 from api.deps import ReadKey, SessionDep
 from api.envelope import Envelope, iso, ok
-from pipelines import __version__, status
+from pipelines import __version__
+from pipelines.jobs import status
 
 STARTED = time.monotonic()
 root = APIRouter(tags=["health"])

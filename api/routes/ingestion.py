@@ -6,7 +6,6 @@ from datetime import UTC, datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Body, Query, Request
-from sqlalchemy import select
 
 from api.deps import ReadKey, SessionDep, WriteKey
 from api.envelope import ApiError, Envelope, ok
@@ -19,9 +18,9 @@ from api.schemas import (
     StartIngestion,
     StopIngestion,
 )
-from pipelines import jobs, pagination, quarantine
-from pipelines.models import ACTIVE_STATES, FINAL_STATES, Job
-from worker.dispatch import send_job
+from pipelines.ingestion import catalog, quarantine
+from pipelines.jobs import control, listing
+from worker.dispatch import relay_webhooks, revoke, send_job
 
 router = APIRouter(prefix="/ingestion", tags=["ingestion"])
 
@@ -34,21 +33,16 @@ def start(
     body: Annotated[StartIngestion | None, Body()] = None,
 ) -> dict:
     body = body or StartIngestion()
-    registry = registry_or_error()
-    if body.sources:
-        requested = list(dict.fromkeys(body.sources))
-        unknown = [s for s in requested if s not in registry.ids()]
-        if unknown:
-            raise ApiError(404, f"unknown source(s): {', '.join(unknown)}", {"sources": unknown})
-        invalid = {s: registry.errors[s] for s in requested if s in registry.errors}
-        if invalid:
-            raise ApiError(422, "source declaration(s) are invalid", {"sources": invalid})
-    else:
-        requested = registry.enabled()
-        if not requested:
-            raise ApiError(422, "no enabled source is declared")
     try:
-        job = jobs.start_ingestion(
+        requested = catalog.resolve(registry_or_error(), body.sources)
+    except catalog.UnknownSources as exc:
+        raise ApiError(404, str(exc), {"sources": exc.sources}) from None
+    except catalog.InvalidSources as exc:
+        raise ApiError(422, str(exc), {"sources": exc.errors}) from None
+    except catalog.NoEnabledSource as exc:
+        raise ApiError(422, str(exc)) from None
+    try:
+        job = control.start_ingestion(
             session,
             requested,
             body.options.model_dump(exclude_none=True),
@@ -57,7 +51,7 @@ def start(
             api_key_id=key.id,
             timeout_seconds=body.options.timeout,
         )
-    except jobs.SourcesBusy as exc:
+    except control.SourcesBusy as exc:
         raise ApiError(409, str(exc), {"sources": exc.sources}) from None
     session.commit()  # before answering: the client may ask for the job at once; the message goes now
     return ok(request, {"job_id": job.id, "status": job.state, "sources": requested},
@@ -72,34 +66,22 @@ def stop(
     body: Annotated[StopIngestion | None, Body()] = None,
 ) -> dict:
     """Stop one ingestion job, or every queued and running one when no job_id is given."""
-    from api.routes.jobs import cancel_job
-
     body = body or StopIngestion()
-    if body.job_id:
-        kind = session.scalar(select(Job.kind).where(Job.id == body.job_id))
-        if kind != "ingestion":
-            raise ApiError(404, f"no ingestion job '{body.job_id}'")
-        targets = [body.job_id]
-    else:
-        targets = list(session.scalars(
-            select(Job.id).where(Job.kind == "ingestion", Job.state.in_(("queued", "running")))
-        ))
-    for job_id in targets:
-        cancel_job(session, job_id, request.state.request_id)
+    try:
+        targets = control.stop_ingestion(session, body.job_id, request.state.request_id, revoke=revoke,
+                                         relay=relay_webhooks)
+    except control.NoSuchJob:
+        raise ApiError(404, f"no ingestion job '{body.job_id}'") from None
+    except control.NotCancellable as exc:
+        raise ApiError(409, str(exc)) from None
     session.commit()
     return ok(request, {"status": "stopped", "stopped_at": datetime.now(UTC), "jobs": targets})
 
 
 @router.get("/status", response_model=Envelope[IngestionStatus])
 def ingestion_status(request: Request, session: SessionDep, _key: ReadKey) -> dict:
-    current = session.scalars(
-        select(Job).where(Job.kind == "ingestion", Job.state.in_(ACTIVE_STATES))
-        .order_by(Job.created_at.desc()).limit(1)
-    ).first()
-    last = session.scalars(
-        select(Job).where(Job.kind == "ingestion", Job.state.in_(FINAL_STATES))
-        .order_by(Job.finished_at.desc()).limit(1)
-    ).first()
+    overview = listing.ingestion_overview(session)
+    current, last = overview.current, overview.last
     return ok(
         request,
         {
@@ -136,11 +118,8 @@ def list_quarantine(
 ) -> dict:
     """Rows set aside by ingestion, each held once: unresolved ones by default; `job_id` lists what
     that run met."""
-    try:
-        rows, next_cursor = quarantine.listing(session, source=source, job_id=job_id, state=state, limit=limit,
-                                               cursor=cursor)
-    except pagination.BadCursor:
-        raise ApiError(422, "cursor is not valid") from None
+    rows, next_cursor = quarantine.listing(session, source=source, job_id=job_id, state=state, limit=limit,
+                                           cursor=cursor)
     data = [
         {"id": r.id, "source": r.source, "job_id": r.job_id, "file": r.file, "line": r.line,
          "reason": r.reason, "raw": r.raw, "created_at": r.created_at, "last_seen_job_id": r.last_seen_job_id,

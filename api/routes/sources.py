@@ -8,7 +8,7 @@ from api.deps import ReadKey, SessionDep
 from api.envelope import ApiError, Envelope, ok
 from api.registry import registry_or_error
 from api.schemas import SourceDetail, SourceList, SourceTest
-from pipelines import catalog, probe
+from pipelines.ingestion import catalog, probe
 
 router = APIRouter(prefix="/sources", tags=["sources"])
 

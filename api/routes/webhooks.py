@@ -6,14 +6,12 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ConfigDict, Field, field_validator
-from sqlalchemy import select, text
 
 from api.deps import ReadKey, SessionDep, WriteKey
-from api.envelope import ApiError, Envelope, UTCDateTime, ok
-from api.routes import newest_first_page
-from pipelines import netguard, webhooks
-from pipelines.db import on_commit
-from pipelines.models import Webhook, WebhookDelivery
+from api.envelope import ApiError, Envelope, UTCDateTime, found, ok
+from pipelines.core.db import on_commit
+from pipelines.core.models import Webhook
+from pipelines.webhooks import endpoints, netguard
 from worker.dispatch import relay_webhooks
 
 router = APIRouter(prefix="/webhooks", tags=["webhooks"])
@@ -23,15 +21,15 @@ class WebhookIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     url: str = Field(max_length=2000)
-    events: list[str] = Field(min_length=1, max_length=len(webhooks.EVENTS))
+    events: list[str] = Field(min_length=1, max_length=len(endpoints.EVENTS))
     secret: str | None = Field(default=None, max_length=200)
 
     @field_validator("events")
     @classmethod
     def _known(cls, events: list[str]) -> list[str]:
-        unknown = sorted(set(events) - set(webhooks.EVENTS))
+        unknown = sorted(set(events) - set(endpoints.EVENTS))
         if unknown:
-            raise ValueError(f"unknown event(s) {unknown}; known: {list(webhooks.EVENTS)}")
+            raise ValueError(f"unknown event(s) {unknown}; known: {list(endpoints.EVENTS)}")
         return events
 
 
@@ -87,17 +85,14 @@ def _view(hook: Webhook) -> dict:
 
 
 def _hook(session, webhook_id: str) -> Webhook:
-    hook = session.get(Webhook, webhook_id)
-    if hook is None or hook.deleted_at is not None:
-        raise ApiError(404, f"no webhook '{webhook_id}'")
-    return hook
+    return found(endpoints.get(session, webhook_id), f"no webhook '{webhook_id}'")
 
 
 @router.post("", status_code=201, response_model=Envelope[WebhookCreated])
 def create(body: WebhookIn, request: Request, session: SessionDep, key: WriteKey) -> dict:
     """Register an endpoint. The secret (generated when none is given) is shown only in this answer."""
     try:
-        hook, secret = webhooks.create(session, body.url, body.events, body.secret, key.id)
+        hook, secret = endpoints.create(session, body.url, body.events, body.secret, key.id)
     except (netguard.UnsafeUrl, ValueError) as exc:
         raise ApiError(422, str(exc)) from None
     session.commit()
@@ -106,8 +101,7 @@ def create(body: WebhookIn, request: Request, session: SessionDep, key: WriteKey
 
 @router.get("", response_model=Envelope[WebhookList])
 def list_webhooks(request: Request, session: SessionDep, _key: ReadKey) -> dict:
-    hooks = session.scalars(select(Webhook).where(Webhook.deleted_at.is_(None)).order_by(Webhook.created_at))
-    return ok(request, {"webhooks": [_view(h) for h in hooks]}, next_cursor=None)
+    return ok(request, {"webhooks": [_view(h) for h in endpoints.listing(session)]}, next_cursor=None)
 
 
 @router.get("/{webhook_id}", response_model=Envelope[WebhookOut])
@@ -118,11 +112,8 @@ def get_webhook(webhook_id: str, request: Request, session: SessionDep, _key: Re
 @router.delete("/{webhook_id}", response_model=Envelope[WebhookOut])
 def delete_webhook(webhook_id: str, request: Request, session: SessionDep, _key: WriteKey) -> dict:
     hook = _hook(session, webhook_id)
-    session.execute(text("UPDATE webhooks SET deleted_at = now(), enabled = false WHERE id = :id"), {"id": hook.id})
-    session.execute(text("UPDATE webhook_deliveries SET state = 'failed', last_error = 'endpoint deleted', "
-                         "completed_at = now() WHERE webhook_id = :id AND state = 'pending'"), {"id": hook.id})
+    endpoints.delete(session, hook)
     session.commit()
-    session.refresh(hook)
     return ok(request, _view(hook), message="webhook deleted")
 
 
@@ -138,23 +129,7 @@ def deliveries(
 ) -> dict:
     """Every delivery to this endpoint, newest first, each with every attempt."""
     _hook(session, webhook_id)
-    query = select(WebhookDelivery).where(WebhookDelivery.webhook_id == webhook_id)
-    if state:
-        query = query.where(WebhookDelivery.state == state)
-    rows, next_cursor = newest_first_page(session, query, WebhookDelivery.created_at, WebhookDelivery.id, cursor, limit)
-    ids = [r.id for r in rows]
-    types = dict(session.execute(text("SELECT id, type FROM webhook_events WHERE id = ANY(:ids)"),
-                                 {"ids": [r.event_id for r in rows]}).all())
-    log: dict[str, list] = {i: [] for i in ids}
-    for a in session.execute(text("SELECT * FROM webhook_attempts WHERE delivery_id = ANY(:ids) ORDER BY id"),
-                             {"ids": ids}).mappings():
-        log[a["delivery_id"]].append(dict(a))
-    data = [{
-        "id": r.id, "event_id": r.event_id, "event_type": types.get(r.event_id, ""), "state": r.state,
-        "attempts": r.attempts, "status_code": r.last_status_code, "error": r.last_error,
-        "next_retry_at": r.next_attempt_at if r.state == "pending" else None, "created_at": r.created_at,
-        "completed_at": r.completed_at, "attempt_log": log[r.id],
-    } for r in rows]
+    data, next_cursor = endpoints.deliveries(session, webhook_id, state=state, cursor=cursor, limit=limit)
     return ok(request, {"deliveries": data}, next_cursor=next_cursor)
 
 
@@ -165,7 +140,7 @@ def redeliver(webhook_id: str, delivery_id: str, request: Request, session: Sess
     hook = _hook(session, webhook_id)
     if not hook.enabled:
         raise ApiError(409, f"webhook {hook.id} is disabled: {hook.disabled_reason}")
-    if not webhooks.redeliver(session, webhook_id, delivery_id):
+    if not endpoints.redeliver(session, webhook_id, delivery_id):
         raise ApiError(404, f"no delivery '{delivery_id}' for webhook {webhook_id}")
     on_commit(session, relay_webhooks)
     session.commit()

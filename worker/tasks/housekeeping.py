@@ -4,7 +4,8 @@ Housekeeping sends no task events, so Flower lists people's work, not a reaper t
 its log lines are at debug (see worker.signals).
 """
 
-from pipelines import export, jobs
+from pipelines.exports import export
+from pipelines.jobs import reaper
 from worker.app import app
 from worker.dispatch import message_exists, send_job
 from worker.queues import Queues
@@ -12,7 +13,7 @@ from worker.queues import Queues
 
 @app.task(name="jobs.reap", queue=Queues.DEFAULT.value, send_events=False)
 def reap() -> dict:
-    return jobs.reap(send_job, message_exists)
+    return reaper.reap(send_job, message_exists)
 
 
 @app.task(name="exports.expire", queue=Queues.DEFAULT.value, send_events=False)

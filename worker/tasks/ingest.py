@@ -1,7 +1,8 @@
 """Ingestion tasks: load the job, run it through `pipelines`, record the outcome."""
 
-from pipelines import ingest, jobs, schedules
-from pipelines.db import session_scope
+from pipelines.core.db import session_scope
+from pipelines.ingestion import ingest
+from pipelines.jobs import machine, schedules
 from worker.app import app
 from worker.dispatch import relay_webhooks
 from worker.queues import Queues
@@ -9,7 +10,7 @@ from worker.queues import Queues
 
 @app.task(name="ingest.run", queue=Queues.INGEST.value)
 def run(job_id: str) -> str:
-    outcome = jobs.execute(job_id, ingest.run)
+    outcome = machine.execute(job_id, ingest.run)
     relay_webhooks()  # the job's end event went out with its final state: deliver it now
     return outcome
 

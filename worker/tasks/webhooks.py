@@ -6,8 +6,8 @@ import threading
 
 import httpx
 
-from pipelines import webhooks
-from pipelines.settings import get_settings
+from pipelines.core.settings import get_settings
+from pipelines.webhooks import delivery
 from worker.app import app
 from worker.queues import Queues
 
@@ -23,7 +23,7 @@ def _client() -> httpx.Client:
 
 @app.task(name="webhooks.deliver", queue=Queues.WEBHOOKS.value)
 def deliver(delivery_id: str) -> str:
-    return webhooks.deliver(delivery_id, _client())
+    return delivery.deliver(delivery_id, _client())
 
 
 @app.task(name="webhooks.relay", queue=Queues.WEBHOOKS.value, send_events=False)

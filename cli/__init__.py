@@ -1,0 +1,1 @@
+"""The `ingot` command (typer), the `ingot up` supervisor, and the Python client both are built on."""

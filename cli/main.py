@@ -1,0 +1,368 @@
+"""`ingot`: run the parts of the system, manage keys, and drive jobs over the HTTP API."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from cli.client import Client, IngotError
+
+app = typer.Typer(help="Ingot: ingestion and job workers for market data.", no_args_is_help=True)
+db_app = typer.Typer(help="Database maintenance.")
+keys_app = typer.Typer(help="API keys (acts on the database directly).")
+jobs_app = typer.Typer(help="List, show and follow jobs.", invoke_without_command=True)
+app.add_typer(db_app, name="db")
+app.add_typer(keys_app, name="keys")
+app.add_typer(jobs_app, name="jobs")
+err = Console(stderr=True)
+# Piped output is read by scripts: never truncate ids to fit an 80-column default.
+out = Console() if sys.stdout.isatty() else Console(width=250)
+
+UrlOpt = Annotated[str, typer.Option("--url", envvar="INGOT_URL", help="control plane address")]
+KeyOpt = Annotated[str | None, typer.Option("--api-key", envvar="INGOT_API_KEY", help="API key")]
+DEFAULT_URL = "http://127.0.0.1:8000"
+
+
+def _client(url: str, api_key: str | None) -> Client:
+    return Client(url, api_key)
+
+
+def _fail(exc: IngotError) -> None:
+    err.print(f"[red]error[/red] {exc.status} {exc.code}: {exc.message}")
+    raise typer.Exit(1)
+
+
+# --- processes -----------------------------------------------------------------------------------
+
+
+@app.command()
+def up() -> None:
+    """Start everything (embedded servers unless URLs are set) and supervise it until Ctrl-C."""
+    from cli.supervisor import Supervisor
+
+    raise typer.Exit(Supervisor().run())
+
+
+@app.command()
+def api(migrate: bool = typer.Option(True, help="wait for the database and migrate first")) -> None:
+    """Run the HTTP API."""
+    import uvicorn
+
+    from pipelines.core.settings import get_settings
+
+    if migrate:
+        _wait_and_migrate()
+    settings = get_settings()
+    uvicorn.run("api.main:create_app", factory=True, host=settings.api_host, port=settings.api_port,
+                log_config=None, proxy_headers=True)
+
+
+@app.command()
+def worker(
+    queues: Annotated[str, typer.Option(help="comma-separated queues")] = "ingest,export,scenarios,webhooks,default",
+    concurrency: Annotated[int | None, typer.Option(help="pool processes")] = None,
+    beat: Annotated[bool, typer.Option(help="also run the beat scheduler in this process")] = False,
+    pool: Annotated[str, typer.Option(help="prefork (CPU-bound work) or threads (I/O: webhooks)")] = "prefork",
+) -> None:
+    """Run a Celery worker consuming QUEUES."""
+    from pipelines.core.settings import get_settings
+    from worker.app import app as celery_app
+
+    settings = get_settings()
+    argv = ["worker", "-Q", queues, "-E", "--loglevel", settings.log_level,
+            "--concurrency", str(concurrency or settings.worker_concurrency), "-n", f"ingot-{os.getpid()}@%h",
+            "--pool", pool]
+    if beat:
+        argv += ["-B", "-s", str(settings.home / "celerybeat-schedule")]
+    celery_app.worker_main(argv)
+
+
+@app.command()
+def beat() -> None:
+    """Run Celery beat: the reaper and source schedules."""
+    from pipelines.core.settings import get_settings
+    from worker.app import app as celery_app
+
+    settings = get_settings()
+    settings.home.mkdir(parents=True, exist_ok=True)
+    celery_app.start(["beat", "-s", str(settings.home / "celerybeat-schedule"), "--loglevel", settings.log_level])
+
+
+@app.command()
+def flower() -> None:
+    """Run Flower (basic auth on) to watch workers and tasks."""
+    from pipelines.core.settings import get_settings
+    from worker.app import app as celery_app
+
+    settings = get_settings()
+    settings.home.mkdir(parents=True, exist_ok=True)
+    celery_app.start([
+        "flower", f"--port={settings.flower_port}", f"--address={settings.api_host}",
+        f"--basic-auth={settings.flower_credentials()}", "--persistent=True",
+        f"--db={settings.home / 'flower.db'}", "--purge_offline_workers=60",
+    ])
+
+
+def _wait_and_migrate(timeout: float = 60) -> None:
+    import time
+
+    from pipelines.core import migrate
+    from pipelines.jobs import status
+
+    deadline = time.monotonic() + timeout
+    while not status.database_ok():
+        if time.monotonic() > deadline:
+            err.print("[red]the database did not become reachable[/red]")
+            raise typer.Exit(1)
+        time.sleep(1)
+    migrate.upgrade()
+
+
+@db_app.command("upgrade")
+def db_upgrade() -> None:
+    """Apply migrations (Alembic) up to the newest."""
+    from pipelines.core import migrate
+
+    migrate.upgrade()
+    err.print("database is up to date")
+
+
+# --- keys ----------------------------------------------------------------------------------------
+
+
+@keys_app.command("create")
+def keys_create(
+    name: Annotated[str, typer.Option(help="who or what the key is for")],
+    scopes: Annotated[str, typer.Option(help="comma-separated: read,write,admin")] = "read",
+) -> None:
+    """Create a key and print it, alone, on standard output (it is shown only this once)."""
+    from pipelines.auth import keys
+    from pipelines.core import migrate
+    from pipelines.core.db import session_scope
+
+    migrate.upgrade()
+    try:
+        with session_scope() as session:
+            row, key = keys.create_key(session, name, [s.strip() for s in scopes.split(",") if s.strip()])
+    except ValueError as exc:
+        err.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from None
+    err.print(f"created {row.id} ({name}, scopes {','.join(row.scopes)}); store it now, it is not shown again")
+    print(key)
+
+
+@keys_app.command("list")
+def keys_list() -> None:
+    """List keys (never their secrets)."""
+    from pipelines.auth import keys
+    from pipelines.core.db import session_scope
+
+    table = Table("id", "name", "prefix", "scopes", "created", "last used", "revoked")
+    with session_scope() as session:
+        for k in keys.list_keys(session):
+            table.add_row(k.id, k.name, k.prefix + "…", ",".join(k.scopes), str(k.created_at)[:19],
+                          str(k.last_used_at or "")[:19], str(k.revoked_at or "")[:19])
+    out.print(table)
+
+
+@keys_app.command("revoke")
+def keys_revoke(key_id: str) -> None:
+    """Revoke a key by id."""
+    from pipelines.auth import keys
+    from pipelines.core.db import session_scope
+
+    with session_scope() as session:
+        if not keys.revoke(session, key_id):
+            err.print(f"no active key {key_id}")
+            raise typer.Exit(1)
+    err.print(f"revoked {key_id}")
+
+
+users_app = typer.Typer(help="Users who log in for bearer tokens (acts on the database directly).")
+app.add_typer(users_app, name="users")
+
+
+@users_app.command("create")
+def users_create(
+    name: str,
+    scopes: Annotated[str, typer.Option(help="comma-separated: read,write,admin")] = "read,write",
+    password_stdin: Annotated[bool, typer.Option("--password-stdin", help="read the password from stdin")] = False,
+) -> None:
+    """Create a user; the password is asked for (or read from stdin), never taken as an argument."""
+    from pipelines.auth import users
+    from pipelines.core import migrate
+    from pipelines.core.db import session_scope
+
+    if password_stdin:
+        password = sys.stdin.readline().rstrip("\n")
+    else:
+        password = typer.prompt("password", hide_input=True, confirmation_prompt=True)
+    migrate.upgrade()
+    try:
+        with session_scope() as session:
+            user = users.create_user(session, name, password, [s.strip() for s in scopes.split(",") if s.strip()])
+    except ValueError as exc:
+        err.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from None
+    err.print(f"created user {user.username} ({user.id}), scopes {','.join(user.scopes)}")
+
+
+# --- jobs over the API ---------------------------------------------------------------------------
+
+
+def follow(client: Client, job_id: str) -> dict:
+    """A live progress bar until JOB_ID ends; returns the final job."""
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
+                  TextColumn("{task.fields[records]} records, {task.fields[failed]} quarantined"),
+                  TimeElapsedColumn(), console=err) as progress:
+        task = progress.add_task(job_id, total=100, records=0, failed=0)
+
+        def update(job: dict) -> None:
+            progress.update(task, completed=job["progress"], records=job["records_processed"],
+                            failed=job["records_failed"], description=f"{job_id} {job['state']}")
+
+        return client.wait(job_id, on_update=update)
+
+
+@app.command()
+def ingest(
+    sources: Annotated[list[str] | None, typer.Argument(help="source ids; all enabled when none")] = None,
+    full: Annotated[bool, typer.Option("--full", help="reload everything")] = False,
+    wait: Annotated[bool, typer.Option("--wait", help="follow the job to its end")] = False,
+    url: UrlOpt = DEFAULT_URL,
+    api_key: KeyOpt = None,
+) -> None:
+    """Start an ingestion job."""
+    with _client(url, api_key) as client:
+        try:
+            started = client.start_ingestion(sources or None, mode="full" if full else None)
+            err.print(f"queued {started['job_id']} for {', '.join(started['sources'])}")
+            if not wait:
+                print(started["job_id"])
+                return
+            job = follow(client, started["job_id"])
+        except IngotError as exc:
+            _fail(exc)
+    colour = "green" if job["state"] == "succeeded" else "red"
+    err.print(f"[{colour}]{job['id']} {job['state']}[/{colour}]: {job['records_processed']} records, "
+              f"{job['records_failed']} quarantined" + (f"; {job['error']}" if job.get("error") else ""))
+    raise typer.Exit(0 if job["state"] == "succeeded" else 1)
+
+
+@app.command()
+def export(
+    fmt: Annotated[str, typer.Option("--format", help="parquet, csv or jsonl")],
+    output: Annotated[str, typer.Option("-o", "--output", help="where to write the file")],
+    source: Annotated[str | None, typer.Option(help="only this source")] = None,
+    start: Annotated[str | None, typer.Option(help="from this time (ISO 8601)")] = None,
+    end: Annotated[str | None, typer.Option(help="until this time (ISO 8601)")] = None,
+    columns: Annotated[str | None, typer.Option(help="comma-separated columns")] = None,
+    url: UrlOpt = DEFAULT_URL,
+    api_key: KeyOpt = None,
+) -> None:
+    """Export rows to a file: start the export, follow it, download it and verify its checksum."""
+    filters: dict = {"source": source} if source else {}
+    if start or end:
+        filters["date_range"] = {k: v for k, v in {"start": start, "end": end}.items() if v}
+    with _client(url, api_key) as client:
+        try:
+            started = client.start_export(fmt, filters=filters,
+                                          columns=[c.strip() for c in columns.split(",")] if columns else None)
+            job = follow(client, started["export_id"])
+            if job["state"] != "succeeded":
+                err.print(f"[red]export {job['state']}[/red]: {job.get('error') or ''}")
+                raise typer.Exit(1)
+            digest = client.download(job["id"], output)
+        except IngotError as exc:
+            _fail(exc)
+    err.print(f"[green]wrote {output}[/green]: {job['result']['row_count']} rows, "
+              f"{job['result']['file_size']} bytes, sha256 {digest} verified")
+
+
+@jobs_app.callback()
+def jobs_list(
+    ctx: typer.Context,
+    kind: Annotated[str | None, typer.Option(help="ingestion, export or scenario_run")] = None,
+    state: Annotated[str | None, typer.Option(help="queued, running, succeeded, ...")] = None,
+    limit: int = 20,
+    url: UrlOpt = DEFAULT_URL,
+    api_key: KeyOpt = None,
+) -> None:
+    """List recent jobs."""
+    ctx.obj = (url, api_key)
+    if ctx.invoked_subcommand:
+        return
+    with _client(url, api_key) as client:
+        try:
+            jobs, _ = client.jobs(kind=kind, state=state, limit=limit)
+        except IngotError as exc:
+            _fail(exc)
+    table = Table("id", "kind", "state", "progress", "records", "failed", "created")
+    for j in jobs:
+        table.add_row(j["id"], j["kind"], j["state"], f"{j['progress']}%", str(j["records_processed"]),
+                      str(j["records_failed"]), j["created_at"])
+    out.print(table)
+
+
+def _jobs_client(ctx: typer.Context, url: str, api_key: str | None) -> Client:
+    """`ingot jobs --url U show ID` and `ingot jobs show ID --url U` both work."""
+    parent_url, parent_key = ctx.obj
+    return _client(url if url != DEFAULT_URL else parent_url, api_key or parent_key)
+
+
+@jobs_app.command("show")
+def jobs_show(ctx: typer.Context, job_id: str, url: UrlOpt = DEFAULT_URL, api_key: KeyOpt = None) -> None:
+    """Show one job in full."""
+    with _jobs_client(ctx, url, api_key) as client:
+        try:
+            out.print_json(data=client.job(job_id))
+        except IngotError as exc:
+            _fail(exc)
+
+
+@jobs_app.command("cancel")
+def jobs_cancel(ctx: typer.Context, job_id: str, url: UrlOpt = DEFAULT_URL, api_key: KeyOpt = None) -> None:
+    """Cancel a job (a running one stops at its next batch; committed work stays)."""
+    with _jobs_client(ctx, url, api_key) as client:
+        try:
+            job = client.cancel(job_id)
+        except IngotError as exc:
+            _fail(exc)
+    err.print(f"{job['id']} is {job['state']}")
+
+
+@app.command("quarantine")
+def quarantine_list(
+    source: Annotated[str | None, typer.Argument(help="only this source")] = None,
+    state: Annotated[str, typer.Option(help="unresolved, resolved or all")] = "unresolved",
+    job_id: Annotated[str | None, typer.Option("--job", help="only what this run met")] = None,
+    limit: int = 50,
+    url: UrlOpt = DEFAULT_URL,
+    api_key: KeyOpt = None,
+) -> None:
+    """Rows that failed validation, each held once, with where they are and why."""
+    with _client(url, api_key) as client:
+        try:
+            rows, more = client.quarantine(source=source, job_id=job_id, state=state, limit=limit)
+        except IngotError as exc:
+            _fail(exc)
+    table = Table("source", "file", "line", "reason", "seen", "last run", "resolved")
+    for r in rows:
+        table.add_row(r["source"], r["file"] or "", str(r["line"] or ""), r["reason"], str(r["times_seen"]),
+                      r["last_seen_job_id"] or "", r["resolved_at"] or "")
+    out.print(table)
+    err.print(f"{len(rows)} {state} row(s)" + (f"; more with --limit {limit * 2}" if more else ""))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,199 @@
+"""`ingot up`: the whole system in the foreground, supervised, stopped cleanly on Ctrl-C.
+
+Order matters: servers first (embedded unless URLs are set), then migrations and a local admin key,
+then the api, worker, beat and Flower as child processes. A child that dies is started again. On
+SIGINT or SIGTERM the children stop first, then Redis, then PostgreSQL, within 30 seconds.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+import httpx
+from rich.console import Console
+
+from pipelines.auth import keys
+from pipelines.core import embedded, migrate
+from pipelines.core.db import session_scope
+from pipelines.core.logs import configure
+from pipelines.core.settings import get_settings
+
+console = Console(stderr=True)
+LOCAL_KEY_NAME = "local-admin (ingot up)"
+
+
+@dataclass
+class Child:
+    name: str
+    argv: list[str]
+    process: subprocess.Popen | None = None
+    restarts: list[float] = field(default_factory=list)
+
+    def start(self, env: dict[str, str]) -> None:
+        self.process = subprocess.Popen(self.argv, env=env, start_new_session=True)
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def signal(self, sig: int) -> None:
+        if self.process is not None and self.alive():
+            try:
+                os.killpg(self.process.pid, sig)
+            except ProcessLookupError:
+                pass
+
+
+class Supervisor:
+    def __init__(self) -> None:
+        self.settings = get_settings()
+        self.stopping = False
+        self.redis: embedded.EmbeddedRedis | None = None
+        self.children: list[Child] = []
+
+    def _on_signal(self, signum, _frame) -> None:
+        if not self.stopping:
+            console.print(f"\n[yellow]{signal.Signals(signum).name}: stopping Ingot...[/yellow]")
+        self.stopping = True
+
+    def run(self) -> int:
+        configure(self.settings.log_level, "console")
+        signal.signal(signal.SIGINT, self._on_signal)
+        signal.signal(signal.SIGTERM, self._on_signal)
+        try:
+            env = self._start_servers()
+            migrate.upgrade()
+            api_key = self._local_admin_key()
+            self._start_children(env)
+            if not self._wait_ready():
+                console.print("[red]the API did not become ready; see the logs above[/red]")
+                return 1
+            self._banner(api_key)
+            self._ingest_demo(api_key)
+            while not self.stopping:
+                self._restart_dead(env)
+                time.sleep(0.5)
+            return 0
+        finally:
+            self._shutdown()
+
+    def _start_servers(self) -> dict[str, str]:
+        s = self.settings
+        s.home.mkdir(parents=True, exist_ok=True)
+        if not s.database_url:
+            console.print(f"starting embedded PostgreSQL under {s.home / 'pgdata'}")
+        database_url = embedded.database_url(s)
+        if not s.redis_url:
+            console.print(f"starting embedded Redis under {s.home / 'redis'}")
+            self.redis = embedded.EmbeddedRedis(s.home)
+            s.redis_url = self.redis.start()
+        env = dict(os.environ)
+        env.setdefault("INGOT_LOG_FORMAT", "console")  # a person is watching this terminal
+        env.update(
+            INGOT_DATABASE_URL=database_url,
+            INGOT_REDIS_URL=s.redis_url,
+            INGOT_HOME=str(s.home),
+            INGOT_FLOWER_BASIC_AUTH=s.flower_credentials(),
+        )
+        return env
+
+    def _local_admin_key(self) -> str:
+        # Keys are stored hashed, so the previous run's key cannot be shown again: make a new one.
+        with session_scope() as session:
+            keys.revoke_named(session, LOCAL_KEY_NAME)
+            _row, key = keys.create_key(session, LOCAL_KEY_NAME, ["admin"])
+        return key
+
+    def _start_children(self, env: dict[str, str]) -> None:
+        cli = [sys.executable, "-m", "cli.main"]
+        self.children = [
+            Child("api", [*cli, "api", "--no-migrate"]),
+            Child("worker", [*cli, "worker", "--queues", "ingest,export,scenarios,default"]),
+            # Deliveries get processes of their own, so a long ingestion never delays a webhook.
+            Child("webhooks", [*cli, "worker", "--queues", "webhooks", "--concurrency", "4"]),
+            Child("beat", [*cli, "beat"]),
+            Child("flower", [*cli, "flower"]),
+        ]
+        for child in self.children:
+            child.start(env)
+
+    def _wait_ready(self, timeout: float = 60) -> bool:
+        deadline = time.monotonic() + timeout
+        url = f"http://{self.settings.api_host}:{self.settings.api_port}/ready"
+        while time.monotonic() < deadline and not self.stopping:
+            try:
+                if httpx.get(url, timeout=2).status_code == 200:
+                    return True
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        return False
+
+    def _banner(self, api_key: str) -> None:
+        s = self.settings
+        api = f"http://{s.api_host}:{s.api_port}"
+        user, _, password = s.flower_credentials().partition(":")
+        lines = [
+            "[bold green]Ingot is up[/bold green]",
+            f"  API        {api}",
+            f"  API docs   {api}/docs",
+            f"  Flower     http://{s.api_host}:{s.flower_port}   user {user}   password {password}",
+            f"  Admin key  {api_key}",
+            f"  Data       {s.home}",
+            f"  Try        curl -H 'X-API-Key: {api_key}' {api}/api/v1/jobs",
+            "  Ctrl-C stops everything.",
+        ]
+        for line in lines:
+            console.print(line, soft_wrap=True)
+
+    def _ingest_demo(self, api_key: str) -> None:
+        from cli.client import Client, IngotError
+
+        url = f"http://{self.settings.api_host}:{self.settings.api_port}"
+        try:
+            with Client(url, api_key) as client:
+                started = client.start_ingestion()
+            console.print(f"ingesting the demo sources: job {started['job_id']} ({', '.join(started['sources'])})",
+                          soft_wrap=True)
+        except IngotError as exc:
+            console.print(f"[yellow]demo ingestion not started: {exc.message}[/yellow]")
+
+    def _restart_dead(self, env: dict[str, str]) -> None:
+        now = time.monotonic()
+        for child in self.children:
+            if child.alive() or self.stopping:
+                continue
+            code = child.process.returncode if child.process else None
+            # Back off a child that keeps dying: at most 5 restarts a minute.
+            child.restarts = [t for t in child.restarts if now - t < 60]
+            if len(child.restarts) >= 5:
+                continue
+            console.print(f"[yellow]{child.name} exited ({code}); starting it again[/yellow]")
+            child.restarts.append(now)
+            child.start(env)
+
+    def _shutdown(self) -> None:
+        self.stopping = True
+        deadline = time.monotonic() + 25
+        for child in self.children:
+            child.signal(signal.SIGTERM)
+        escalated = False
+        while any(c.alive() for c in self.children) and time.monotonic() < deadline:
+            if not escalated and time.monotonic() > deadline - 15:
+                # A worker still finishing a task after 10 s: cold shutdown; its job resumes next time.
+                for child in self.children:
+                    child.signal(signal.SIGQUIT)
+                escalated = True
+            time.sleep(0.1)
+        for child in self.children:
+            child.signal(signal.SIGKILL)
+            if child.process:
+                child.process.wait()
+        if self.redis:
+            self.redis.stop()
+        console.print("Ingot stopped.")
+        # The embedded PostgreSQL is stopped by pgserver at exit, after everything else.

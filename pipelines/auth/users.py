@@ -1,0 +1,83 @@
+"""Users: passwords kept as scrypt hashes (slow on purpose), short-lived signed tokens (JWT HS256)."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import secrets
+import time
+from functools import lru_cache
+
+import jwt
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from pipelines.auth.keys import SCOPES
+from pipelines.core.models import User
+from pipelines.core.settings import get_settings
+
+_N, _R, _P = 2**15, 8, 1  # scrypt cost: about 50 ms and 32 MiB a check
+
+
+def hash_password(password: str) -> str:
+    salt = secrets.token_bytes(16)
+    digest = hashlib.scrypt(password.encode(), salt=salt, n=_N, r=_R, p=_P, maxmem=64 * 1024 * 1024)
+    return f"scrypt${_N}${_R}${_P}${base64.b64encode(salt).decode()}${base64.b64encode(digest).decode()}"
+
+
+def check_password(password: str, stored: str) -> bool:
+    try:
+        _scheme, n, r, p, salt, digest = stored.split("$")
+        expected = base64.b64decode(digest)
+        got = hashlib.scrypt(password.encode(), salt=base64.b64decode(salt), n=int(n), r=int(r), p=int(p),
+                             maxmem=64 * 1024 * 1024)
+    except (ValueError, TypeError):
+        return False
+    return hmac.compare_digest(got, expected)
+
+
+@lru_cache(maxsize=1)
+def _dummy_hash() -> str:
+    return hash_password(secrets.token_urlsafe(16))
+
+
+def create_user(session: Session, username: str, password: str, scopes: list[str]) -> User:
+    if len(password) < 12:
+        raise ValueError("the password must have at least 12 characters")
+    unknown = sorted(set(scopes) - set(SCOPES))
+    if unknown or not scopes:
+        raise ValueError(f"scopes must be among {', '.join(SCOPES)}")
+    if session.scalar(select(User.id).where(User.username == username)):
+        raise ValueError(f"user {username!r} already exists")
+    user = User(username=username, password_hash=hash_password(password), scopes=sorted(set(scopes)))
+    session.add(user)
+    session.flush()
+    return user
+
+
+def login(session: Session, username: str, password: str) -> tuple[str, int] | None:
+    """(token, lifetime in seconds) for good credentials, else None (in the same time either way)."""
+    user = session.scalar(select(User).where(User.username == username, User.disabled_at.is_(None)))
+    if user is None:
+        # Spend the same time as a real check, so timing does not tell which usernames exist.
+        check_password(password, _dummy_hash())
+        return None
+    if not check_password(password, user.password_hash):
+        return None
+    settings = get_settings()
+    now = int(time.time())
+    claims = {"sub": user.id, "name": user.username, "scopes": user.scopes, "iat": now,
+              "exp": now + settings.jwt_expiry_seconds, "iss": "ingot"}
+    return jwt.encode(claims, settings.jwt_key(), algorithm="HS256"), settings.jwt_expiry_seconds
+
+
+def verify(session: Session, token: str) -> User | None:
+    """The user a valid, unexpired token names (and who is still enabled), else None."""
+    try:
+        claims = jwt.decode(token, get_settings().jwt_key(), algorithms=["HS256"], issuer="ingot",
+                            options={"require": ["exp", "sub", "iss"]})
+    except jwt.PyJWTError:
+        return None
+    user = session.get(User, claims["sub"])
+    return user if user is not None and user.disabled_at is None else None

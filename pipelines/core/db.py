@@ -1,0 +1,89 @@
+"""Engine and sessions. The request or the task owns the transaction, never a service."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from functools import lru_cache
+from typing import cast
+
+import psycopg
+from sqlalchemy import create_engine, event
+from sqlalchemy.engine import Connection, CursorResult, Engine, Result
+from sqlalchemy.orm import Session, sessionmaker
+
+from pipelines.core import embedded
+from pipelines.core.settings import get_settings
+
+
+def sqlalchemy_url(url: str) -> str:
+    for prefix in ("postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url.removeprefix(prefix)
+    return url
+
+
+@lru_cache
+def get_engine() -> Engine:
+    url = sqlalchemy_url(embedded.database_url(get_settings()))
+    return create_engine(url, pool_size=10, max_overflow=10, pool_pre_ping=True, pool_recycle=1800)
+
+
+@lru_cache
+def _sessionmaker() -> sessionmaker[Session]:
+    return sessionmaker(get_engine(), expire_on_commit=False)
+
+
+def dispose_engine() -> None:
+    """Forget the engine (a forked worker process must not share its parent's connections)."""
+    if get_engine.cache_info().currsize:
+        get_engine().dispose(close=False)
+    get_engine.cache_clear()
+    _sessionmaker.cache_clear()
+
+
+@contextmanager
+def session_scope() -> Iterator[Session]:
+    """One transaction: committed on success, rolled back on error."""
+    session = _sessionmaker()()
+    try:
+        with session.begin():
+            yield session
+    finally:
+        session.close()
+
+
+def new_session() -> Session:
+    return _sessionmaker()()
+
+
+def on_commit(session: Session, callback: Callable[[], object]) -> None:
+    """Run CALLBACK once SESSION's transaction commits; drop it if the transaction rolls back.
+
+    Background work is sent this way, so a task never runs for a row that was never committed.
+    """
+    session.info.setdefault("on_commit", []).append(callback)
+
+
+@event.listens_for(Session, "after_commit")
+def _run_on_commit(session: Session) -> None:
+    callbacks = session.info.pop("on_commit", [])
+    for callback in callbacks:
+        callback()
+
+
+@event.listens_for(Session, "after_rollback")
+def _drop_on_commit(session: Session) -> None:
+    session.info.pop("on_commit", None)
+
+
+def driver(connection: Connection) -> psycopg.Connection:
+    """The psycopg connection under a SQLAlchemy one (for COPY and other psycopg-only calls)."""
+    raw = connection.connection.driver_connection
+    assert raw is not None, "a checked-out connection always has its driver connection"
+    return raw
+
+
+def affected(result: Result) -> int:
+    """How many rows an UPDATE or DELETE touched."""
+    return cast(CursorResult, result).rowcount

@@ -1,0 +1,303 @@
+"""SQLAlchemy models: the tables Alembic migrates and the code queries."""
+
+from __future__ import annotations
+
+import enum
+import secrets
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    DateTime,
+    Double,
+    ForeignKey,
+    Index,
+    Integer,
+    PrimaryKeyConstraint,
+    Text,
+    func,
+    text,
+)
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dict[str, Any]: JSONB, datetime: DateTime(timezone=True)}
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}_{secrets.token_hex(12)}"
+
+
+class JobKind(enum.StrEnum):
+    INGESTION = "ingestion"
+    EXPORT = "export"
+    SCENARIO_RUN = "scenario_run"
+
+
+class JobState(enum.StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLING = "cancelling"
+    CANCELLED = "cancelled"
+
+
+FINAL_STATES = (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
+ACTIVE_STATES = (JobState.QUEUED, JobState.RUNNING, JobState.CANCELLING)
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+
+    id: Mapped[str] = mapped_column(Text, primary_key=True, default=lambda: new_id("job"))
+    kind: Mapped[str] = mapped_column(Text)
+    state: Mapped[str] = mapped_column(Text, default=JobState.QUEUED)
+    progress: Mapped[int] = mapped_column(Integer, default=0)
+    records_processed: Mapped[int] = mapped_column(BigInteger, default=0)
+    records_failed: Mapped[int] = mapped_column(BigInteger, default=0)
+    params: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    result: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    error: Mapped[str | None] = mapped_column(Text)
+    sources: Mapped[list[str]] = mapped_column(ARRAY(Text), default=list)
+    request_id: Mapped[str | None] = mapped_column(Text)
+    api_key_id: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(server_default=func.now())
+    started_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
+    # Delivery bookkeeping: the message last sent, and the attempt that holds the job now.
+    queue: Mapped[str] = mapped_column(Text)
+    celery_task_id: Mapped[str | None] = mapped_column(Text)
+    sent_at: Mapped[datetime | None]
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    lease_id: Mapped[str | None] = mapped_column(Text)
+    lease_owner: Mapped[str | None] = mapped_column(Text)
+    heartbeat_at: Mapped[datetime | None]
+    timeout_seconds: Mapped[int] = mapped_column(Integer)
+    # Where a resumed attempt picks up: committed with every batch.
+    checkpoint: Mapped[dict[str, Any]] = mapped_column(default=dict)
+
+    __table_args__ = (
+        CheckConstraint(
+            "state IN ('queued','running','succeeded','failed','cancelling','cancelled')", name="job_state"
+        ),
+        CheckConstraint("kind IN ('ingestion','export','scenario_run')", name="job_kind"),
+        Index("ix_jobs_created", "created_at", "id"),
+        Index("ix_jobs_kind_state", "kind", "state"),
+        Index("ix_jobs_active", "state", postgresql_where="state IN ('queued','running','cancelling')"),
+    )
+
+
+class ApiKey(Base):
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(Text, primary_key=True, default=lambda: new_id("key"))
+    name: Mapped[str] = mapped_column(Text)
+    prefix: Mapped[str] = mapped_column(Text)
+    key_hash: Mapped[str] = mapped_column(Text, unique=True)
+    scopes: Mapped[list[str]] = mapped_column(ARRAY(Text))
+    created_at: Mapped[datetime] = mapped_column(server_default=func.now())
+    last_used_at: Mapped[datetime | None]
+    revoked_at: Mapped[datetime | None]
+
+
+class User(Base):
+    """A person who logs in for a short-lived token; the password is kept only as a scrypt hash."""
+
+    __tablename__ = "users"
+
+    id: Mapped[str] = mapped_column(Text, primary_key=True, default=lambda: new_id("usr"))
+    username: Mapped[str] = mapped_column(Text, unique=True)
+    password_hash: Mapped[str] = mapped_column(Text)
+    scopes: Mapped[list[str]] = mapped_column(ARRAY(Text))
+    created_at: Mapped[datetime] = mapped_column(server_default=func.now())
+    disabled_at: Mapped[datetime | None]
+
+
+class ConfigOverride(Base):
+    """A runtime setting changed through PUT /api/v1/config, overriding the environment's value."""
+
+    __tablename__ = "config_overrides"
+
+    name: Mapped[str] = mapped_column(Text, primary_key=True)
+    value: Mapped[Any] = mapped_column(JSONB)
+    updated_at: Mapped[datetime] = mapped_column(server_default=func.now())
+
+
+class QuarantineRow(Base):
+    __tablename__ = "quarantine"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    source: Mapped[str] = mapped_column(Text)
+    job_id: Mapped[str | None] = mapped_column(Text)
+    file: Mapped[str | None] = mapped_column(Text)
+    line: Mapped[int | None] = mapped_column(BigInteger)
+    reason: Mapped[str] = mapped_column(Text)
+    raw: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    created_at: Mapped[datetime] = mapped_column(server_default=func.now())
+    # An entry is one bad row: (source, file, line, raw_hash) is unique (see pipelines.ingestion.quarantine).
+    raw_hash: Mapped[str] = mapped_column(Text)
+    last_seen_job_id: Mapped[str | None] = mapped_column(Text)
+    times_seen: Mapped[int] = mapped_column(Integer, default=1)
+    resolved_at: Mapped[datetime | None]
+    resolved_by_job_id: Mapped[str | None] = mapped_column(Text)
+
+    __table_args__ = (
+        Index("ix_quarantine_source", "source", "id"),
+        Index("ix_quarantine_job", "job_id", "id"),
+        Index("uq_quarantine_entry", "source", "file", "line", "raw_hash", unique=True,
+              postgresql_nulls_not_distinct=True),
+        Index("ix_quarantine_unresolved", "source", "id", postgresql_where=text("resolved_at IS NULL")),
+    )
+
+
+class QuarantineSighting(Base):
+    """One run meeting one quarantined row."""
+
+    __tablename__ = "quarantine_sightings"
+
+    job_id: Mapped[str] = mapped_column(Text, primary_key=True)
+    quarantine_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("quarantine.id", ondelete="CASCADE"),
+                                               primary_key=True, index=True)
+    seen_at: Mapped[datetime] = mapped_column(server_default=func.now())
+
+
+class Observation(Base):
+    __tablename__ = "observations"
+
+    # Byte-order collation: keys are identifiers, and C comparisons make the key index cheaper.
+    source: Mapped[str] = mapped_column(Text(collation="C"), primary_key=True)
+    id: Mapped[str] = mapped_column(Text(collation="C"), primary_key=True)  # key: (id, source), below
+    timestamp: Mapped[datetime | None]
+    value: Mapped[float | None] = mapped_column(Double)
+    metadata_: Mapped[dict[str, Any]] = mapped_column("metadata", default=dict)
+    job_id: Mapped[str | None] = mapped_column(Text)
+    ingested_at: Mapped[datetime] = mapped_column(server_default=func.now())
+
+    __table_args__ = (
+        # The data query's time order (source and id break ties for cursors). Inside a source's
+        # partition the source is constant, so the same index serves queries for one source.
+        # The key, id first: a source's partition holds one source, and an index led by a constant
+        # column sorts and searches much more slowly than one led by the id.
+        PrimaryKeyConstraint("id", "source"),
+        Index("ix_observations_time", "timestamp", "source", "id"),
+        # One partition per source (pipelines/ingestion/partitions.py), created by ingestion.
+        {"postgresql_partition_by": "LIST (source)"},
+    )
+
+
+class SourceState(Base):
+    """What Ingot knows of each declared source between runs."""
+
+    __tablename__ = "source_state"
+
+    source: Mapped[str] = mapped_column(Text, primary_key=True)
+    status: Mapped[str] = mapped_column(Text, default="never_run")
+    last_sync: Mapped[datetime | None]
+    last_job_id: Mapped[str | None] = mapped_column(Text)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    successful: Mapped[int] = mapped_column(BigInteger, default=0)
+    failed: Mapped[int] = mapped_column(BigInteger, default=0)
+    # Incremental loading: the highest cursor value committed (as text; typed by the source's cursor).
+    cursor_value: Mapped[str | None] = mapped_column(Text)
+    cursor_ids: Mapped[list[str]] = mapped_column(JSONB, default=list, server_default="[]")
+    skipped: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    last_skipped_at: Mapped[datetime | None]
+
+
+class Event(Base):
+    """Structured job and system events, kept in the database for /api/v1/logs and the status page."""
+
+    __tablename__ = "events"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    created_at: Mapped[datetime] = mapped_column(server_default=func.now())
+    level: Mapped[str] = mapped_column(Text, default="info")
+    event: Mapped[str] = mapped_column(Text)
+    message: Mapped[str] = mapped_column(Text)
+    source: Mapped[str | None] = mapped_column(Text)
+    job_id: Mapped[str | None] = mapped_column(Text)
+    details: Mapped[dict[str, Any]] = mapped_column(default=dict)
+
+    __table_args__ = (
+        Index("ix_events_created", "created_at", "id"),
+        Index("ix_events_job", "job_id", "id"),
+        Index("ix_events_source", "source", "id"),
+    )
+
+
+class Webhook(Base):
+    """An endpoint that receives signed job events. The secret is stored encrypted."""
+
+    __tablename__ = "webhooks"
+
+    id: Mapped[str] = mapped_column(Text, primary_key=True, default=lambda: new_id("wh"))
+    url: Mapped[str] = mapped_column(Text)
+    events: Mapped[list[str]] = mapped_column(ARRAY(Text))
+    enabled: Mapped[bool] = mapped_column(default=True)
+    secret_encrypted: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(server_default=func.now())
+    api_key_id: Mapped[str | None] = mapped_column(Text)
+    failing_since: Mapped[datetime | None]
+    disabled_at: Mapped[datetime | None]
+    disabled_reason: Mapped[str | None] = mapped_column(Text)
+    deleted_at: Mapped[datetime | None]
+
+
+class WebhookEvent(Base):
+    """The outbox: written by a trigger in the same transaction as a job's final state."""
+
+    __tablename__ = "webhook_events"
+
+    id: Mapped[str] = mapped_column(Text, primary_key=True)  # the webhook-id receivers de-duplicate on
+    type: Mapped[str] = mapped_column(Text)
+    job_id: Mapped[str] = mapped_column(Text)
+    payload: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    created_at: Mapped[datetime] = mapped_column(server_default=func.now())
+    dispatched_at: Mapped[datetime | None]
+
+    __table_args__ = (Index("ix_webhook_events_pending", "created_at", postgresql_where="dispatched_at IS NULL"),)
+
+
+class WebhookDelivery(Base):
+    """One event to one endpoint, through all its attempts."""
+
+    __tablename__ = "webhook_deliveries"
+
+    id: Mapped[str] = mapped_column(Text, primary_key=True, default=lambda: new_id("dlv"))
+    webhook_id: Mapped[str] = mapped_column(Text)
+    event_id: Mapped[str] = mapped_column(Text)
+    state: Mapped[str] = mapped_column(Text, default="pending")  # pending | succeeded | failed
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime | None]
+    claimed_until: Mapped[datetime | None]
+    last_status_code: Mapped[int | None] = mapped_column(Integer)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(server_default=func.now())
+    completed_at: Mapped[datetime | None]
+
+    __table_args__ = (
+        Index("uq_delivery_event", "webhook_id", "event_id", unique=True),
+        Index("ix_deliveries_due", "next_attempt_at", postgresql_where="state = 'pending'"),
+        Index("ix_deliveries_webhook", "webhook_id", "created_at", "id"),
+    )
+
+
+class DeliveryAttempt(Base):
+    __tablename__ = "webhook_attempts"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    delivery_id: Mapped[str] = mapped_column(Text)
+    attempt: Mapped[int] = mapped_column(Integer)
+    attempted_at: Mapped[datetime] = mapped_column(server_default=func.now())
+    status_code: Mapped[int | None] = mapped_column(Integer)
+    duration_ms: Mapped[float | None] = mapped_column(Double)
+    error: Mapped[str | None] = mapped_column(Text)
+    response_excerpt: Mapped[str | None] = mapped_column(Text)
+    next_retry_at: Mapped[datetime | None]
+
+    __table_args__ = (Index("ix_attempts_delivery", "delivery_id", "id"),)

@@ -1,0 +1,112 @@
+"""One Settings class, read once, from INGOT_* environment variables (and `.env`)."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="INGOT_", env_file=".env", extra="ignore")
+
+    home: Path = Path(".ingot")
+    database_url: str | None = None
+    redis_url: str | None = None
+    sources_file: Path = Path("sources.toml")
+    data_roots: str = ""
+
+    api_host: str = "127.0.0.1"
+    api_port: int = 8000
+    flower_port: int = 5555
+    worker_concurrency: int = Field(default_factory=lambda: os.cpu_count() or 2)
+
+    jwt_secret: SecretStr | None = None
+    jwt_expiry_seconds: int = 3600
+    login_rate_limit_per_minute: int = 10
+    auth_disabled: bool = False
+    rate_limit_per_minute: int = 1000
+    max_body_bytes: int = 1024 * 1024
+    export_retention_days: int = 7
+    export_rate_limit_per_minute: int = 10
+    max_exports_per_key: int = 3
+    export_min_free_bytes: int = 256 * 1024 * 1024
+    export_expiry_interval_seconds: float = 3600
+    webhook_allow_private: bool = False
+    webhook_retry_schedule: str = "0,5,300,1800,7200,18000,36000,36000"
+    webhook_timeout_seconds: float = 15.0
+    webhook_relay_interval_seconds: float = 30.0  # the safety net: the outbox listener relays at once
+    webhook_claim_seconds: float = 120.0  # a delivery handed to a lost task is handed out again after this
+    webhook_disable_after_seconds: float = 5 * 24 * 3600
+    secret_key: SecretStr | None = None
+    flower_basic_auth: SecretStr | None = None
+    log_level: str = "INFO"
+    log_format: str = "json"
+
+    # Jobs: how long a running attempt may go quiet before the reaper takes it back, how often the
+    # reaper looks, how many attempts a job gets, and how long a job may run at all.
+    batch_size: int = 50_000
+    max_line_bytes: int = 1024 * 1024  # a longer line in a file is quarantined with an excerpt
+    read_chunk_bytes: int = 4 * 1024 * 1024  # how much of a file is read at a time
+    http_max_response_bytes: int = 64 * 1024 * 1024
+    heartbeat_seconds: float = 2.0
+    heartbeat_stale_seconds: float = 20.0
+    reaper_interval_seconds: float = 30.0
+    queued_grace_seconds: float = 10.0
+    max_job_attempts: int = 5
+    job_timeout_seconds: int = 6 * 3600
+
+    @field_validator("home", "sources_file")
+    @classmethod
+    def _absolute(cls, value: Path) -> Path:
+        return value.expanduser().resolve()
+
+    @property
+    def data_root_paths(self) -> list[Path]:
+        return [Path(p).expanduser().resolve() for p in self.data_roots.split(":") if p.strip()]
+
+    def jwt_key(self) -> str:
+        """INGOT_JWT_SECRET, or one generated under INGOT_HOME on first start."""
+        if self.jwt_secret:
+            return self.jwt_secret.get_secret_value()
+        return self.secret_file("jwt_secret", lambda: secrets.token_urlsafe(48))
+
+    def encryption_key(self) -> str:
+        """The key that protects stored secrets: INGOT_SECRET_KEY, or one generated under INGOT_HOME."""
+        if self.secret_key:
+            return self.secret_key.get_secret_value()
+        return self.secret_file("secret_key", lambda: secrets.token_urlsafe(32))
+
+    @property
+    def visibility_timeout(self) -> int:
+        # Longer than the longest job: the reaper, not the broker, recovers work from dead workers.
+        return self.job_timeout_seconds + 3600
+
+    def secret_file(self, name: str, generate) -> str:
+        """Read a secret kept under INGOT_HOME, generating it (mode 0600) on first use."""
+        path = self.home / name
+        if path.exists():
+            return path.read_text().strip()
+        self.home.mkdir(parents=True, exist_ok=True)
+        value = generate()
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(value)
+        return value
+
+    def flower_credentials(self) -> str:
+        if self.flower_basic_auth:
+            return self.flower_basic_auth.get_secret_value()
+        return self.secret_file("flower_basic_auth", lambda: f"ingot:{secrets.token_urlsafe(18)}")
+
+
+@lru_cache
+def get_settings() -> Settings:
+    # The tests set INGOT_IGNORE_ENV_FILE so a developer's own .env never leaks into them.
+    if os.environ.get("INGOT_IGNORE_ENV_FILE"):
+        return Settings(_env_file=None)  # type: ignore[call-arg]  # pydantic-settings' init-only option
+    return Settings()

@@ -1,0 +1,48 @@
+"""Whether an export may start now (per-key concurrency, free disk), and finding one by id."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from pipelines.core import runtime
+from pipelines.core.models import ACTIVE_STATES, Job, JobKind, JobState
+from pipelines.exports.export import DiskFull, check_space, exports_dir
+from pipelines.jobs.machine import Sender, create_job
+
+_EXPORT_ID = re.compile(r"^job_[0-9a-f]{24}$")
+
+__all__ = ["DiskFull", "TooManyExports", "start", "find", "status"]
+
+
+class TooManyExports(Exception):
+    def __init__(self, running: int, most: int):
+        super().__init__(f"this key already has {running} exports queued or running (at most {most}); "
+                         "wait for one to finish")
+
+
+def start(session: Session, params: dict[str, Any], api_key_id: str, send: Sender, request_id: str | None) -> Job:
+    """Queue an export for API_KEY_ID: TooManyExports past the key's concurrency, DiskFull when the
+    exports folder's disk is short of space."""
+    running = session.scalar(select(func.count()).where(
+        Job.kind == JobKind.EXPORT, Job.state.in_(ACTIVE_STATES), Job.api_key_id == api_key_id)) or 0
+    most = runtime.value("max_exports_per_key")
+    if running >= most:
+        raise TooManyExports(running, most)
+    check_space(exports_dir())
+    return create_job(session, kind=JobKind.EXPORT, queue="export", params=params, send=send,
+                      request_id=request_id, api_key_id=api_key_id)
+
+
+def find(session: Session, export_id: str) -> Job | None:
+    """The export job EXPORT_ID, or None (an id of another shape is not looked up)."""
+    job = session.get(Job, export_id) if _EXPORT_ID.match(export_id) else None
+    return job if job is not None and job.kind == JobKind.EXPORT else None
+
+
+def status(job: Job) -> str:
+    """The job's state, or `expired` once its file has been removed."""
+    return "expired" if job.state == JobState.SUCCEEDED and "expired_at" in job.result else job.state

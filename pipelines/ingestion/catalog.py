@@ -1,0 +1,104 @@
+"""Sources as the API shows them: declaration, state and statistics, with no secret revealed."""
+
+from __future__ import annotations
+
+import re
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from pipelines.core.models import Observation, SourceState
+from pipelines.ingestion.sources.registry import Registry
+from pipelines.jobs.control import active_sources
+
+_REFERENCE = re.compile(r"^\$\{[A-Za-z_][A-Za-z0-9_]*\}$")
+
+
+def _redact(values: dict) -> dict:
+    """Header and parameter values are shown only when they are ${VAR} references."""
+    return {k: v if isinstance(v, str) and _REFERENCE.match(v) else "<redacted>" for k, v in values.items()}
+
+
+def _states(session: Session) -> dict[str, SourceState]:
+    return {row.source: row for row in session.scalars(select(SourceState))}
+
+
+def summaries(session: Session, registry: Registry) -> list[dict]:
+    states, running = _states(session), active_sources(session)
+    return [_summary(registry, sid, states.get(sid), sid in running) for sid in registry.ids()]
+
+
+def _summary(registry: Registry, source_id: str, state: SourceState | None, running: bool) -> dict:
+    config = registry.sources.get(source_id)
+    if config is None:
+        return {"id": source_id, "name": source_id, "type": None, "enabled": False,
+                "last_sync": state.last_sync if state else None, "status": "invalid"}
+    status = "running" if running else (state.status if state else "never_run")
+    return {
+        "id": source_id,
+        "name": config.display_name,
+        "type": config.type,
+        "enabled": config.enabled,
+        "last_sync": state.last_sync if state else None,
+        "status": status,
+    }
+
+
+def detail(session: Session, registry: Registry, source_id: str) -> dict:
+    state = session.get(SourceState, source_id)
+    summary = _summary(registry, source_id, state, source_id in active_sources(session))
+    total = session.scalar(select(func.count()).select_from(Observation).where(Observation.source == source_id))
+    config = registry.sources.get(source_id)
+    body = config.model_dump(exclude={"id", "validation"}) if config else {}
+    if config:
+        body["headers"] = _redact(config.headers)
+        body["params"] = _redact(config.params)
+    return {
+        **summary,
+        "config": body,
+        "validation": config.validation.model_dump() | {"primary_key": config.primary_key} if config else {},
+        "schedule": config.schedule if config else None,
+        "error": registry.errors.get(source_id),
+        "sync_stats": {
+            "total_records": total,
+            "successful": state.successful if state else 0,
+            "failed": state.failed if state else 0,
+            "last_error": registry.errors.get(source_id) or (state.last_error if state else None),
+            "last_sync": state.last_sync if state else None,
+        },
+    }
+
+
+class UnknownSources(LookupError):
+    def __init__(self, sources: list[str]):
+        super().__init__(f"unknown source(s): {', '.join(sources)}")
+        self.sources = sources
+
+
+class InvalidSources(ValueError):
+    def __init__(self, errors: dict[str, str]):
+        super().__init__("source declaration(s) are invalid")
+        self.errors = errors
+
+
+class NoEnabledSource(ValueError):
+    def __init__(self) -> None:
+        super().__init__("no enabled source is declared")
+
+
+def resolve(registry: Registry, requested: list[str] | None) -> list[str]:
+    """The sources a request names (each once, in its order), or every enabled one when it names none.
+    UnknownSources, InvalidSources, NoEnabledSource."""
+    if not requested:
+        enabled = registry.enabled()
+        if not enabled:
+            raise NoEnabledSource()
+        return enabled
+    sources = list(dict.fromkeys(requested))
+    unknown = [s for s in sources if s not in registry.ids()]
+    if unknown:
+        raise UnknownSources(unknown)
+    invalid = {s: registry.errors[s] for s in sources if s in registry.errors}
+    if invalid:
+        raise InvalidSources(invalid)
+    return sources

@@ -1,0 +1,394 @@
+"""The file connector: CSV, Parquet and JSON Lines read as a stream of Arrow batches.
+
+Every batch carries the 1-based line (or record) number of each row and the rows that could not be
+split into columns at all, so validation can quarantine exactly what failed and say where. Reading
+goes through `lines.LineStream` (gzip, encodings, byte order marks, line breaks of every kind, lines
+over the limit), so memory is bounded by the chunk size whatever the size or dialect of the file.
+
+CSV follows RFC 4180: a quoted field may hold the delimiter, doubled quotes and line breaks, and its
+row is numbered by the line it starts on. Blocks without a quote character (most of them) are cut
+into rows by line breaks and parsed by Arrow; blocks with one go through Python's `csv` module, which
+says where each record starts and ends. JSON Lines blocks are parsed by Arrow's JSON reader with
+inferred types kept exact (timestamps stay text until validation parses them as declared, integers
+too large for 64 bits send the block to the exact path); a block with a bad line takes the exact
+path, line by line, so only that line is quarantined.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.json as pajson
+import pyarrow.parquet as pq
+
+from pipelines.core.settings import get_settings
+from pipelines.ingestion.sources.batches import Piece, RawBatch, Reject, records_table
+from pipelines.ingestion.sources.lines import Block, LineStream, open_stream
+from pipelines.ingestion.sources.registry import Registry, SourceConfig, SourceError
+
+csv.field_size_limit(sys.maxsize)  # lines over the limit are caught before the csv module sees them
+_PHYSICAL_LINE = re.compile(r"[^\r\n]*(?:\r\n|\r|\n)|[^\r\n]+$")
+# Arrow reads an integer too large for 64 bits as a float; no float column holding an integral value
+# this large is trusted to be exact.
+_EXACT_FLOAT_LIMIT = 2.0**53
+
+
+def read_file(source: SourceConfig, path: Path, batch_rows: int) -> Iterator[RawBatch]:
+    readers = {"csv": _read_lines, "parquet": _read_parquet, "jsonl": _read_lines}
+    try:
+        yield from readers[source.format](source, path, batch_rows)
+    except (pa.ArrowInvalid, OSError, EOFError, UnicodeDecodeError, ValueError) as exc:
+        raise SourceError(f"source '{source.id}': cannot read {path.name}: {exc}") from exc
+
+
+def line_limit(source: SourceConfig) -> int:
+    return source.max_line_bytes or get_settings().max_line_bytes
+
+
+def _slices(batch: RawBatch, batch_rows: int) -> Iterator[RawBatch]:
+    """Split BATCH into pieces of at most BATCH_ROWS rows; its rejects travel with the first piece."""
+    if batch.table.num_rows <= batch_rows:
+        yield batch
+        return
+    for start in range(0, batch.table.num_rows, batch_rows):
+        yield RawBatch(
+            batch.table.slice(start, batch_rows),
+            batch.lines[start : start + batch_rows],
+            batch.rejects if start == 0 else [],
+            batch.fraction,
+        )
+
+
+def _stream_batches(fh: BinaryIO, source: SourceConfig, size: int, batch_rows: int,
+                    parse: Callable[[Block, LineStream], tuple[pa.Table, np.ndarray, list[Reject]]]
+                    ) -> Iterator[RawBatch]:
+    """Blocks of FH's lines through PARSE, as raw batches with progress by FH's own bytes."""
+    stream = LineStream(open_stream(fh), source.encoding, line_limit(source), get_settings().read_chunk_bytes)
+    seen_any = yielded = False
+    for block in stream.blocks():
+        seen_any = seen_any or len(block.data) > 0
+        table, lines, rejects = parse(block, stream)
+        rejects = stream.rejects + rejects
+        stream.rejects = []
+        # An input with no row at all still gives one (empty) batch: its columns are checked, and an
+        # empty file is noted.
+        if not (table.num_rows or rejects or (block.final and not yielded)):
+            continue
+        notes = [] if seen_any else ["the file is empty"]
+        yielded = True
+        yield from _slices(RawBatch(table, lines, sorted(rejects, key=lambda r: r.line),
+                                    min(fh.tell() / size, 1.0), notes), batch_rows)
+
+
+# --- CSV ------------------------------------------------------------------------------------------
+
+
+def _read_lines(source: SourceConfig, path: Path, batch_rows: int) -> Iterator[RawBatch]:
+    with path.open("rb") as fh:
+        yield from read_stream(source, fh, path.stat().st_size or 1, batch_rows)
+
+
+def read_stream(source: SourceConfig, fh: BinaryIO, size: int, batch_rows: int) -> Iterator[RawBatch]:
+    """CSV or JSON Lines, as the source declares, from the binary stream FH (a file, or an HTTP body)."""
+    parser = _CsvParser(source) if source.format == "csv" else _JsonLinesParser(source)
+    yield from _stream_batches(fh, source, size, batch_rows, parser.parse)
+
+
+class _CsvParser:
+    """Blocks of lines into tables of binary cells; the first record of the input is the header."""
+
+    def __init__(self, source: SourceConfig):
+        self.source = source
+        self.names: list[str] | None = None
+
+    def _empty(self) -> pa.Table:
+        return pa.table({name: pa.array([], pa.binary()) for name in self.names or []})
+
+    def _no_rows(self, rejects: list[Reject] | None = None) -> tuple[pa.Table, np.ndarray, list[Reject]]:
+        return self._empty(), np.empty(0, np.int64), rejects or []
+
+    def parse(self, block: Block, stream: LineStream) -> tuple[pa.Table, np.ndarray, list[Reject]]:
+        if self.names is None:
+            found = self._header(block, stream)
+            if found is None:
+                return self._no_rows()
+            block = block.tail(found)
+        if not (block.ends > block.starts).any():
+            return self._no_rows()
+        if block.data.find(b'"') < 0:
+            return self._plain(block)
+        return self._quoted(block, stream) or self._exact(block, stream)
+
+    def _header(self, block: Block, stream: LineStream) -> int | None:
+        """Read the header from BLOCK; the index of the line after it, or None if it is not complete."""
+        text = block.data.decode("utf-8", "replace")
+        lines = _PHYSICAL_LINE.findall(text)
+        reader = csv.reader(lines, delimiter=self.source.delimiter, strict=False)
+        for fields in reader:
+            if fields:
+                if reader.line_num == len(lines) and not block.final:
+                    break  # a header whose quoted name may go on in the next block
+                # Spreadsheets often end every line with a delimiter: unnamed columns get a name.
+                self.names = [f.strip() or f"column_{i}" for i, f in enumerate(fields, start=1)]
+                if len(set(self.names)) != len(self.names):
+                    raise SourceError(f"source '{self.source.id}': the header repeats a column name: {self.names}")
+                return reader.line_num
+        if not block.final:
+            stream.push_back(block, 0)
+        return None
+
+    def _plain(self, block: Block) -> tuple[pa.Table, np.ndarray, list[Reject]]:
+        """A block without quotes: one line is one row; Arrow parses it."""
+        array = np.frombuffer(block.data, dtype=np.uint8)
+        delimiters = np.flatnonzero(array == ord(self.source.delimiter))
+        lines = np.arange(len(block))
+        result = self._arrow(block, lines, lines, delimiters, quoted=False)
+        assert result is not None
+        return result
+
+    def _quoted(self, block: Block, stream: LineStream) -> tuple[pa.Table, np.ndarray, list[Reject]] | None:
+        """A block with quotes, parsed by Arrow when every quote is where RFC 4180 puts one (opening a
+        field, closing it, or doubled inside it): then a line break or delimiter is inside a quoted
+        field exactly when an odd number of quotes precede it, which finds every record and the line
+        it starts on at once. None (take the exact path) for anything else."""
+        array = np.frombuffer(block.data, dtype=np.uint8)
+        is_quote = array == ord('"')
+        quotes = np.flatnonzero(is_quote)
+        edge = np.zeros(256, dtype=bool)
+        edge[[ord(self.source.delimiter), 10, 13, ord('"')]] = True
+        openers, closers = quotes[0::2], quotes[1::2]
+        if not (edge[array[np.maximum(openers - 1, 0)]] | (openers == 0)).all():
+            return None
+        if not (edge[array[np.minimum(closers + 1, len(array) - 1)]] | (closers == len(array) - 1)).all():
+            return None
+        def inside(positions: np.ndarray) -> np.ndarray:  # an odd number of quotes precede them
+            return (np.searchsorted(quotes, positions) & 1).astype(bool)
+
+        closes = ~inside(block.ends)  # line i ends a record
+        if not closes[-1]:
+            if block.final:
+                return None  # a quote left open at the end: the exact path says which row
+            done = int(np.flatnonzero(closes)[-1]) + 1 if closes.any() else 0
+            stream.push_back(block, done)  # the last record goes on in the next block
+            block = block.head(done)
+            closes = closes[:done]
+            if not done:
+                return self._no_rows()
+        last_lines = np.flatnonzero(closes)
+        first_lines = np.concatenate([[0], last_lines[:-1] + 1])
+        delimiters = np.flatnonzero(array[:len(block.data)] == ord(self.source.delimiter))
+        outside = delimiters[~inside(delimiters)]
+        return self._arrow(block, first_lines, last_lines, outside, quoted=True)
+
+    def _arrow(self, block: Block, first_lines: np.ndarray, last_lines: np.ndarray,
+               delimiters: np.ndarray, quoted: bool) -> tuple[pa.Table, np.ndarray, list[Reject]] | None:
+        """Arrow parses BLOCK, whose records span lines FIRST_LINES[i]..LAST_LINES[i] and whose field
+        separators are DELIMITERS; records with the wrong number of fields become rejects."""
+        assert self.names is not None
+        data = block.data
+        n = len(self.names)
+        begin, end = block.starts[first_lines], block.ends[last_lines]
+        columns = np.searchsorted(delimiters, end) - np.searchsorted(delimiters, begin) + 1
+        blank = (end == begin)
+        wrong = ~blank & (columns != n)
+        rejects = [Reject(int(block.numbers[first_lines[i]]),
+                          f"wrong number of columns: expected {n}, found {int(columns[i])}",
+                          {"line": data[begin[i]:end[i]].decode("utf-8", "replace")}) for i in np.flatnonzero(wrong)]
+        if (blank | wrong).all():
+            return self._no_rows(rejects)
+        if rejects:  # Arrow is given only the records with the right number of fields
+            stops = np.append(block.starts[first_lines[1:]], len(data))
+            data = b"".join(data[begin[i]:stops[i]] for i in np.flatnonzero(~wrong))
+        refused = [0]
+
+        def on_invalid(_row) -> str:
+            refused[0] += 1
+            return "skip"
+
+        table = pacsv.read_csv(
+            io.BytesIO(data),
+            read_options=pacsv.ReadOptions(column_names=self.names, block_size=len(data) + 1),
+            parse_options=pacsv.ParseOptions(delimiter=self.source.delimiter, quote_char='"' if quoted else False,
+                                             double_quote=True, newlines_in_values=quoted, ignore_empty_lines=True,
+                                             invalid_row_handler=on_invalid),
+            convert_options=pacsv.ConvertOptions(column_types={name: pa.binary() for name in self.names},
+                                                 null_values=[""], strings_can_be_null=True),
+        )
+        lines = block.numbers[first_lines[~blank & ~wrong]]
+        if table.num_rows != len(lines) or refused[0]:
+            if quoted:
+                return None
+            raise SourceError(f"source '{self.source.id}': could not align rows with lines near line "
+                              f"{int(block.numbers[0])}")
+        return table, lines, rejects
+
+    def _exact(self, block: Block, stream: LineStream) -> tuple[pa.Table, np.ndarray, list[Reject]]:
+        """Quotes anywhere, as Python's csv module reads them: it finds each record and its first line."""
+        assert self.names is not None
+        n = len(self.names)
+        try:
+            text, binary = block.data.decode("utf-8"), False
+        except UnicodeDecodeError:  # keep every byte; validation says which cells are not valid text
+            text, binary = block.data.decode("latin-1"), True
+        lines = _PHYSICAL_LINE.findall(text)
+        reader = csv.reader(lines, delimiter=self.source.delimiter, strict=False)
+        records: list[tuple[int, int, list[str] | None, str]] = []
+        start = 0
+        while True:
+            try:
+                fields: list[str] | None = next(reader)
+                problem = ""
+            except StopIteration:
+                break
+            except csv.Error as exc:
+                fields, problem = None, f"unparseable CSV: {exc}"
+            records.append((start, reader.line_num, fields, problem))
+            start = reader.line_num
+        if records and not block.final:
+            stream.push_back(block, records.pop()[0])  # the last record may go on in the next block
+        rows, numbers, rejects = [], [], []
+        for first, end, fields, problem in records:
+            if fields == []:
+                continue
+            if fields is not None and len(fields) == n:
+                rows.append(fields)
+                numbers.append(block.numbers[first])
+                continue
+            raw = "".join(lines[first:end]).rstrip("\r\n")
+            if binary:
+                raw = raw.encode("latin-1").decode("utf-8", "replace")
+            reason = problem or f"wrong number of columns: expected {n}, found {len(fields or [])}"
+            rejects.append(Reject(int(block.numbers[first]), reason, {"line": raw}))
+        return self._table(rows, binary), np.array(numbers, dtype=np.int64), rejects
+
+    def _table(self, rows: list[list[str]], binary: bool) -> pa.Table:
+        assert self.names is not None
+        if not rows:
+            return self._empty()
+        columns = list(zip(*rows, strict=True))
+        arrays = []
+        for cells in columns:
+            if binary:
+                arrays.append(pa.array([c.encode("latin-1") if c else None for c in cells], pa.binary()))
+            else:
+                arrays.append(pa.array([c or None for c in cells], pa.string()))
+        return pa.table(dict(zip(self.names, arrays, strict=True)))
+
+
+# --- Parquet --------------------------------------------------------------------------------------
+
+
+def _read_parquet(source: SourceConfig, path: Path, batch_rows: int) -> Iterator[RawBatch]:
+    parquet = pq.ParquetFile(path)
+    total = parquet.metadata.num_rows or 1
+    record = 1
+    for batch in parquet.iter_batches(batch_size=batch_rows):
+        lines = np.arange(record, record + batch.num_rows, dtype=np.int64)
+        record += batch.num_rows
+        yield RawBatch(pa.Table.from_batches([batch]), lines, fraction=(record - 1) / total)
+
+
+# --- JSON Lines -----------------------------------------------------------------------------------
+
+
+class _JsonLinesParser:
+    """Blocks of JSON Lines into tables: Arrow's reader where it is exact, line by line where not."""
+
+    def __init__(self, source: SourceConfig):
+        self.source = source
+        self.as_text: dict[str, pa.DataType] = {}  # columns Arrow would read as times: kept as text
+        self.limit = line_limit(source)
+
+    def parse(self, block: Block, _stream: LineStream) -> tuple[pa.Table, np.ndarray, list[Reject]]:
+        filled = block.ends > block.starts
+        table = self._fast(block, int(filled.sum()))
+        if table is not None:
+            return table, block.numbers[filled], []
+        return self._exact(block)
+
+    def _read(self, data: bytes) -> pa.Table:
+        schema = pa.schema(list(self.as_text.items())) if self.as_text else None
+        return pajson.read_json(
+            io.BytesIO(data),
+            # Blocks of Arrow's own, parsed in parallel, each larger than the longest line can be.
+            read_options=pajson.ReadOptions(block_size=max(self.limit + 2, 1 << 20)),
+            parse_options=pajson.ParseOptions(explicit_schema=schema, unexpected_field_behavior="infer"),
+        )
+
+    def _fast(self, block: Block, rows: int) -> pa.Table | None:
+        if rows == 0:
+            return None
+        try:
+            table = self._read(block.data)
+            times = [f.name for f in table.schema if pa.types.is_temporal(f.type)]
+            if times:
+                self.as_text.update(dict.fromkeys(times, pa.string()))
+                table = self._read(block.data)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            return None
+        types = table.schema.types
+        if table.num_rows != rows or any(pa.types.is_nested(t) or pa.types.is_temporal(t) for t in types):
+            return None
+        if any(pa.types.is_floating(t) and _maybe_inexact(c) for t, c in zip(types, table.columns, strict=True)):
+            return None  # maybe an integer too large for 64 bits, read as a float: take the exact path
+        return table
+
+    def _exact(self, block: Block) -> tuple[pa.Table, np.ndarray, list[Reject]]:
+        records, lines, rejects = [], [], []
+        for index in range(len(block)):
+            raw = block.line(index)
+            if not raw.strip():
+                continue
+            number = int(block.numbers[index])
+            try:
+                record = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError:
+                rejects.append(Reject(number, f"bad encoding (not {self.source.encoding})",
+                                      {"line": raw.decode("utf-8", "replace")}))
+                continue
+            except json.JSONDecodeError as exc:
+                rejects.append(Reject(number, f"invalid JSON: {exc.msg}", {"line": raw.decode("utf-8", "replace")}))
+                continue
+            if not isinstance(record, dict):
+                rejects.append(Reject(number, "record is not a JSON object", {"line": raw.decode("utf-8", "replace")}))
+                continue
+            records.append(record)
+            lines.append(number)
+        return records_table(records), np.array(lines, dtype=np.int64), rejects
+
+
+def _maybe_inexact(column: pa.ChunkedArray) -> bool:
+    large = pc.greater_equal(pc.abs(column), _EXACT_FLOAT_LIMIT)
+    return bool(pc.any(pc.and_(large, pc.equal(pc.floor(column), column))).as_py())
+
+
+# --- a source's files -----------------------------------------------------------------------------
+
+
+def stream(source: SourceConfig, registry: Registry, batch_rows: int, resume: dict | None) -> Iterator[Piece]:
+    """Every batch of every file SOURCE matches, after the position RESUME (a committed checkpoint)."""
+    files = registry.files(source)
+    sizes = [p.stat().st_size for p in files]
+    total = sum(sizes) or 1
+    start_file, start_batch = (resume or {}).get("file", 0), (resume or {}).get("batch", 0)
+    for f_index, path in enumerate(files):
+        if f_index < start_file:
+            continue
+        label = registry.display_path(path)
+        before = sum(sizes[:f_index])
+        for b_index, raw in enumerate(read_file(source, path, batch_rows)):
+            if f_index == start_file and b_index < start_batch:
+                continue
+            progress = (before + raw.fraction * sizes[f_index]) / total
+            yield Piece(raw, label, {"file": f_index, "batch": b_index + 1}, progress)

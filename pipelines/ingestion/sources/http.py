@@ -1,0 +1,228 @@
+"""The HTTP connector: JSON, JSON Lines or CSV pages from an API, one batch per page.
+
+Pagination by page number, offset, a cursor in the body, or next links (in the body or the Link
+header). Connection errors, timeouts, 429 (honouring Retry-After) and 5xx are retried with exponential
+backoff and jitter; anything else, or the last failure, is a clear error on the job. `${VAR}` in the
+URL, headers and parameters is read from the environment at request time and never stored or shown.
+The position after each page is the checkpoint, so a resumed run carries on from the next page.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+import re
+import time
+from collections.abc import Iterator
+from urllib.parse import urlsplit, urlunsplit
+
+import httpx
+import numpy as np
+import pyarrow as pa
+
+from pipelines.core.retry import retry_after
+from pipelines.core.settings import get_settings
+from pipelines.ingestion.sources.batches import Piece, RawBatch, Reject, records_table
+from pipelines.ingestion.sources.files import read_stream
+from pipelines.ingestion.sources.registry import SourceConfig, SourceError
+
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_RETRY_STATUS = {429, 500, 502, 503, 504}
+BACKOFF_BASE, BACKOFF_CAP, RETRY_AFTER_CAP = 0.5, 30.0, 120.0
+
+
+def expand(source: SourceConfig, value: str) -> str:
+    """VALUE with each ${VAR} replaced from the environment; a missing variable is named, never shown."""
+
+    def lookup(match: re.Match) -> str:
+        name = match.group(1)
+        if name not in os.environ:
+            raise SourceError(f"source '{source.id}': environment variable {name} is not set")
+        return os.environ[name]
+
+    return _VAR.sub(lookup, value)
+
+
+def public_url(url: str) -> str:
+    """URL without its query string or credentials: what errors and quarantine rows may show."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return urlunsplit((parts.scheme, host, parts.path, "", ""))
+
+
+def _dig(document, path: str | None):
+    for part in (path or "").split("."):
+        if not part:
+            continue
+        if isinstance(document, dict):
+            document = document.get(part)
+        elif isinstance(document, list) and part.isdigit() and int(part) < len(document):
+            document = document[int(part)]
+        else:
+            return None
+    return document
+
+
+class Fetcher:
+    """GETs with retries, a timeout and a size limit, for one source."""
+
+    def __init__(self, source: SourceConfig, client: httpx.Client | None = None):
+        self.source = source
+        self.limit = source.max_response_bytes or get_settings().http_max_response_bytes
+        self.client = client or httpx.Client(timeout=source.timeout, follow_redirects=True)
+
+    def close(self) -> None:
+        self.client.close()
+
+    def get(self, url: str, params: dict) -> tuple[bytes, httpx.Headers]:
+        source, shown = self.source, public_url(url)
+        headers = {k: expand(source, v) for k, v in source.headers.items()}
+        params = {k: expand(source, v) if isinstance(v, str) else v for k, v in params.items()}
+        attempts = source.retries + 1
+        for attempt in range(1, attempts + 1):
+            wait = BACKOFF_BASE * 2 ** (attempt - 1) * (0.5 + random.random() / 2)
+            try:
+                # params=None, not {}: an empty mapping would wipe the query of a next link.
+                with self.client.stream("GET", url, params=params or None, headers=headers) as response:
+                    if response.status_code in _RETRY_STATUS:
+                        problem = f"HTTP {response.status_code}"
+                        wait = retry_after(response, RETRY_AFTER_CAP) or wait
+                    elif response.is_error:
+                        raise SourceError(f"source '{source.id}': {shown} answered HTTP {response.status_code}")
+                    else:
+                        return self._read(response, shown), response.headers
+            except httpx.TimeoutException:
+                problem = f"no answer within {source.timeout:g} s"
+            except httpx.TransportError as exc:
+                problem = f"connection failed ({type(exc).__name__})"
+            if attempt < attempts:
+                time.sleep(min(wait, BACKOFF_CAP if problem != "HTTP 429" else RETRY_AFTER_CAP))
+        raise SourceError(f"source '{source.id}': {shown}: {problem} after {attempts} attempt(s)")
+
+    def _read(self, response: httpx.Response, shown: str) -> bytes:
+        declared = response.headers.get("content-length")
+        too_big = f"source '{self.source.id}': the response from {shown} is larger than {self.limit:,} bytes"
+        if declared and declared.isdigit() and int(declared) > self.limit:
+            raise SourceError(too_big)
+        body = bytearray()
+        for chunk in response.iter_bytes():
+            body += chunk
+            if len(body) > self.limit:
+                raise SourceError(too_big)
+        return bytes(body)
+
+
+def _parse(source: SourceConfig, body: bytes, first_record: int, shown: str) -> RawBatch:
+    """One page as a raw batch; records are numbered on from FIRST_RECORD across pages."""
+    if source.format not in ("csv", "jsonl"):
+        return _parse_json(source, body, first_record, shown)
+    batches = list(read_stream(source, io.BytesIO(body), len(body) or 1, 10**9))
+    offset = first_record - (2 if source.format == "csv" else 1)
+    rejects = [r for b in batches for r in b.rejects]
+    batches = [b for b in batches if b.table.num_columns]
+    for reject in rejects:
+        reject.line += offset
+    if not batches:
+        return RawBatch(records_table([]), np.array([], dtype=np.int64), rejects)
+    table = pa.concat_tables([b.table for b in batches], promote_options="permissive")
+    return RawBatch(table, np.concatenate([b.lines for b in batches]) + offset, rejects)
+
+
+def _parse_json(source: SourceConfig, body: bytes, first_record: int, shown: str) -> RawBatch:
+    try:
+        document = json.loads(body.decode(source.encoding))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SourceError(f"source '{source.id}': the response from {shown} is not valid JSON: {exc}") from None
+    records = _dig(document, source.records_path)
+    if records is None:
+        records = []
+    if not isinstance(records, list):
+        where = f"at '{source.records_path}'" if source.records_path else "at the top level"
+        raise SourceError(f"source '{source.id}': the response from {shown} has no list of records {where}")
+    good, lines, rejects = [], [], []
+    for number, record in enumerate(records, start=first_record):
+        if isinstance(record, dict):
+            good.append(record)
+            lines.append(number)
+        else:
+            rejects.append(Reject(number, "record is not a JSON object", {"record": json.dumps(record)[:1000]}))
+    return RawBatch(records_table(good), np.array(lines, dtype=np.int64), rejects)
+
+
+def _next_state(source: SourceConfig, state: dict, body: bytes, headers: httpx.Headers, count: int) -> dict | None:
+    """Where the next page is, or None when this was the last."""
+    pagination = source.pagination
+    record = state["record"] + count
+    if pagination.type == "none" or state["pages"] + 1 >= pagination.max_pages:
+        return None
+    if pagination.type in ("page", "offset"):
+        if count == 0 or (pagination.size and count < pagination.size):
+            return None
+        step = 1 if pagination.type == "page" else (pagination.size or count)
+        return {**state, "value": state["value"] + step, "record": record, "pages": state["pages"] + 1}
+    if pagination.type == "cursor":
+        cursor = _dig(json.loads(body), pagination.cursor_path)
+        if cursor in (None, "") or count == 0:
+            return None
+        return {**state, "value": cursor, "record": record, "pages": state["pages"] + 1}
+    # link: a next URL in the body, or in the Link header
+    url = _dig(json.loads(body), pagination.next_path) if pagination.next_path else None
+    if not pagination.next_path:
+        match = re.search(r'<([^>]+)>\s*;\s*rel="?next"?', headers.get("link", ""))
+        url = match.group(1) if match else None
+    if not url:
+        return None
+    return {**state, "url": str(httpx.URL(state["url"] or source.url or "").join(url)), "record": record,
+            "pages": state["pages"] + 1}
+
+
+def _request(source: SourceConfig, state: dict) -> tuple[str, dict]:
+    pagination = source.pagination
+    params = dict(source.params)
+    if state.get("url"):  # a next link carries its own query
+        return state["url"], {}
+    if pagination.type in ("page", "offset", "cursor") and pagination.param and state["value"] is not None:
+        params[pagination.param] = state["value"]
+    if pagination.size_param and pagination.size:
+        params[pagination.size_param] = pagination.size
+    return expand(source, source.url or ""), params
+
+
+def first_state(source: SourceConfig) -> dict:
+    pagination = source.pagination
+    value = None
+    if pagination.type == "page":
+        value = 1 if pagination.start is None else pagination.start
+    elif pagination.type == "offset":
+        value = pagination.start or 0
+    return {"url": None, "value": value, "record": 1, "pages": 0}
+
+
+def stream(
+    source: SourceConfig, resume: dict | None, since: str | None = None, fetcher: Fetcher | None = None
+) -> Iterator[Piece]:
+    """The pages of SOURCE from the position RESUME (or the first page), one Piece each; with SINCE
+    (the committed cursor value) and a `cursor_param`, the API is asked only for what is new."""
+    if (resume or {}).get("done"):
+        return
+    fetcher = fetcher or Fetcher(source)
+    state = (resume or {}).get("http") or first_state(source)
+    try:
+        while state is not None:
+            url, params = _request(source, state)
+            if since is not None and source.cursor_param:
+                params[source.cursor_param] = since  # the API itself sends only what is new
+            shown = public_url(url)
+            body, headers = fetcher.get(url, params)
+            raw = _parse(source, body, state["record"], shown)
+            try:
+                state = _next_state(source, state, body, headers, raw.rows_seen)
+            except json.JSONDecodeError as exc:
+                raise SourceError(f"source '{source.id}': the response from {shown} is not valid JSON: {exc}") from None
+            yield Piece(raw, shown, {"http": state} if state else {"done": True}, None)
+    finally:
+        fetcher.close()

@@ -1,0 +1,79 @@
+"""Schedules from sources.toml: `every 60s` (s, m, h) or a standard five-field cron expression.
+
+Cron fields are in the standard order (minute, hour, day of month, month, day of week) and read by
+croniter, in UTC; an expression croniter refuses (`99 99 * * *`) is an error on that source alone.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from croniter import CroniterError, croniter
+from sqlalchemy import text
+from sqlalchemy.orm import Session
+
+from pipelines.jobs import control, journal, machine
+
+_EVERY = re.compile(r"^every\s+(\d+(?:\.\d+)?)\s*(s|sec|secs|seconds?|m|min|mins|minutes?|h|hours?)$", re.I)
+_UNITS = {"s": 1, "m": 60, "h": 3600}
+
+
+@dataclass(frozen=True)
+class Schedule:
+    every_seconds: float | None = None
+    cron: str | None = None
+
+    @property
+    def expires_seconds(self) -> float:
+        """A run not started within one period is dropped: the next one will do the same work."""
+        return self.every_seconds or 60.0
+
+    def next_after(self, moment: datetime) -> datetime:
+        """The first time this schedule fires after MOMENT (an aware datetime)."""
+        if self.every_seconds is not None:
+            return moment + timedelta(seconds=self.every_seconds)
+        assert self.cron is not None
+        return croniter(self.cron, moment).get_next(datetime)
+
+
+def parse(spec: str) -> Schedule:
+    """SPEC as a Schedule; ValueError saying what is accepted otherwise."""
+    spec = spec.strip()
+    match = _EVERY.match(spec)
+    if match:
+        seconds = float(match.group(1)) * _UNITS[match.group(2)[0].lower()]
+        if seconds < 1:
+            raise ValueError("a schedule must be at least 'every 1s'")
+        return Schedule(every_seconds=seconds)
+    fields = spec.split()
+    if len(fields) != 5:
+        raise ValueError(f"schedule {spec!r} is neither 'every N s|m|h' nor a five-field cron expression "
+                         "(minute hour day-of-month month day-of-week)")
+    try:
+        croniter(spec)
+    except (CroniterError, ValueError, KeyError) as exc:
+        raise ValueError(f"schedule {spec!r} is not a valid cron expression: {exc}") from None
+    return Schedule(cron=" ".join(fields))
+
+
+def start_scheduled(session: Session, source_id: str, send: machine.Sender) -> str | None:
+    """Queue a scheduled incremental run of SOURCE_ID, or record it skipped if one is already active."""
+    try:
+        job = control.start_ingestion(session, [source_id], {"mode": "incremental"}, send, request_id="schedule")
+    except control.SourcesBusy:
+        session.execute(
+            text(
+                "INSERT INTO source_state (source, status, successful, failed, skipped, last_skipped_at) "
+                "VALUES (:s, 'running', 0, 0, 1, now()) ON CONFLICT (source) DO UPDATE SET "
+                "skipped = source_state.skipped + 1, last_skipped_at = now()"
+            ),
+            {"s": source_id},
+        )
+        journal.record(session, "ingestion.skipped", f"scheduled run of {source_id} skipped: a run is still active",
+                       source=source_id)
+        return None
+    journal.record(session, "ingestion.scheduled", f"scheduled run of {source_id} queued as {job.id}",
+                   source=source_id, job_id=job.id)
+    return job.id

@@ -1,0 +1,125 @@
+"""Webhook endpoints: registering one (its secret generated or checked, kept encrypted), listing,
+deleting, and their deliveries with every attempt."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import secrets
+from functools import lru_cache
+
+from cryptography.fernet import Fernet
+from sqlalchemy import select, text
+from sqlalchemy.orm import Session
+
+from pipelines.core.db import affected
+from pipelines.core.models import DeliveryAttempt, Webhook, WebhookDelivery, WebhookEvent
+from pipelines.core.pagination import Keyset
+from pipelines.core.settings import get_settings
+from pipelines.webhooks import netguard
+
+EVENTS = ("ingestion.completed", "ingestion.failed", "export.completed", "export.failed",
+          "scenario.run.completed", "scenario.run.failed", "job.cancelled")
+NEWEST_FIRST = Keyset((WebhookDelivery.created_at, WebhookDelivery.id), descending=True)
+
+
+# --- secrets, encrypted at rest -------------------------------------------------------------------
+
+
+def generate_secret() -> str:
+    return "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
+
+
+def check_secret(secret: str) -> str:
+    """A caller's own secret must be `whsec_` + base64 of at least 24 bytes."""
+    body = secret.removeprefix("whsec_")
+    try:
+        raw = base64.b64decode(body + "=" * (-len(body) % 4), validate=True)
+    except ValueError:
+        raise ValueError("secret must be 'whsec_' followed by base64") from None
+    if len(raw) < 24:
+        raise ValueError("secret must hold at least 24 random bytes")
+    return secret if secret.startswith("whsec_") else "whsec_" + body
+
+
+@lru_cache(maxsize=4)
+def _fernet_for(key: str) -> Fernet:
+    return Fernet(base64.urlsafe_b64encode(hashlib.sha256(key.encode()).digest()))
+
+
+def _fernet() -> Fernet:
+    return _fernet_for(get_settings().encryption_key())
+
+
+def encrypt(secret: str) -> str:
+    return _fernet().encrypt(secret.encode()).decode()
+
+
+def decrypt(token: str) -> str:
+    return _fernet().decrypt(token.encode()).decode()
+
+
+# --- endpoints ------------------------------------------------------------------------------------
+
+
+def create(session: Session, url: str, events: list[str], secret: str | None, api_key_id: str | None
+           ) -> tuple[Webhook, str]:
+    """Register URL for EVENTS; returns the endpoint and its secret (shown to the caller once)."""
+    netguard.resolve(url, get_settings().webhook_allow_private)
+    secret = check_secret(secret) if secret else generate_secret()
+    hook = Webhook(url=url, events=sorted(set(events)), secret_encrypted=encrypt(secret), enabled=True,
+                   api_key_id=api_key_id)
+    session.add(hook)
+    session.flush()
+    return hook, secret
+
+
+def listing(session: Session) -> list[Webhook]:
+    """Every endpoint not deleted, oldest first."""
+    return list(session.scalars(select(Webhook).where(Webhook.deleted_at.is_(None)).order_by(Webhook.created_at)))
+
+
+def get(session: Session, webhook_id: str) -> Webhook | None:
+    hook = session.get(Webhook, webhook_id)
+    return hook if hook is not None and hook.deleted_at is None else None
+
+
+def delete(session: Session, hook: Webhook) -> None:
+    """Delete HOOK: it receives nothing more, and its pending deliveries fail."""
+    session.execute(text("UPDATE webhooks SET deleted_at = now(), enabled = false WHERE id = :id"), {"id": hook.id})
+    session.execute(text("UPDATE webhook_deliveries SET state = 'failed', last_error = 'endpoint deleted', "
+                         "completed_at = now() WHERE webhook_id = :id AND state = 'pending'"), {"id": hook.id})
+    session.flush()
+    session.refresh(hook)
+
+
+def deliveries(session: Session, webhook_id: str, *, state: str | None, cursor: str | None, limit: int
+               ) -> tuple[list[dict], str | None]:
+    """The endpoint's deliveries newest first, each with its event type and every attempt."""
+    query = select(WebhookDelivery).where(WebhookDelivery.webhook_id == webhook_id)
+    if state:
+        query = query.where(WebhookDelivery.state == state)
+    rows, next_cursor = NEWEST_FIRST.page(session, query, cursor, limit)
+    types = dict(session.execute(select(WebhookEvent.id, WebhookEvent.type)
+                                 .where(WebhookEvent.id.in_([r.event_id for r in rows]))).tuples())
+    log: dict[str, list[dict]] = {r.id: [] for r in rows}
+    for a in session.scalars(select(DeliveryAttempt).where(DeliveryAttempt.delivery_id.in_(list(log)))
+                             .order_by(DeliveryAttempt.id)):
+        log[a.delivery_id].append({
+            "attempt": a.attempt, "attempted_at": a.attempted_at, "status_code": a.status_code,
+            "duration_ms": a.duration_ms, "error": a.error, "response_excerpt": a.response_excerpt,
+            "next_retry_at": a.next_retry_at})
+    return [{
+        "id": r.id, "event_id": r.event_id, "event_type": types.get(r.event_id, ""), "state": r.state,
+        "attempts": r.attempts, "status_code": r.last_status_code, "error": r.last_error,
+        "next_retry_at": r.next_attempt_at if r.state == "pending" else None, "created_at": r.created_at,
+        "completed_at": r.completed_at, "attempt_log": log[r.id],
+    } for r in rows], next_cursor
+
+
+def redeliver(session: Session, webhook_id: str, delivery_id: str) -> bool:
+    """Send DELIVERY_ID again from its first retry step (history kept); False if there is no such one."""
+    return bool(affected(session.execute(text(
+        "UPDATE webhook_deliveries SET state = 'pending', attempts = 0, next_attempt_at = now(), "
+        "claimed_until = NULL, completed_at = NULL WHERE id = :d AND webhook_id = :w"
+    ), {"d": delivery_id, "w": webhook_id})))
