@@ -10,8 +10,6 @@ import os
 import secrets
 import shutil
 import signal
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -20,7 +18,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from tests.helpers import ROOT, free_port, make_key
+from tests.helpers import WorkerProcess, free_port, make_key
 
 _state: dict = {}  # what pytest_configure started, for pytest_unconfigure and the fixtures below
 # Tests that use these fixtures start worker processes: `make test-fast` leaves them out.
@@ -220,69 +218,6 @@ def admin_key() -> str:
 
 
 # --- real processes ------------------------------------------------------------------------------
-
-
-class WorkerProcess:
-    """A real `ingot worker` (with beat, so the reaper runs) in its own process group."""
-
-    def __init__(self, concurrency: int = 1, beat: bool = True, env: dict | None = None):
-        argv = [sys.executable, "-m", "cli.main", "worker", "--concurrency", str(concurrency)]
-        if beat:
-            argv.append("--beat")
-        self.log = open(_state["home"] / f"worker-{time.time_ns()}.log", "w")
-        self.process = subprocess.Popen(argv, cwd=ROOT, env={**os.environ, **(env or {})}, start_new_session=True,
-                                        stdout=self.log, stderr=subprocess.STDOUT)
-        self.name = None
-
-    def wait_ready(self, timeout: float = 60) -> WorkerProcess:
-        from worker.app import app
-
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.process.poll() is None, self.output()
-            try:
-                replies = app.control.ping(timeout=0.5) or []
-            except Exception:  # the broker restarted under this app's pooled connections: use a new app
-                from worker.app import create_app
-
-                app = create_app()
-                continue
-            for reply in replies:
-                for name in reply:
-                    if name.startswith(f"ingot-{self.process.pid}@"):
-                        self.name = name
-                        return self
-        raise AssertionError(f"worker did not come up:\n{self.output()}")
-
-    def pool_pids(self) -> list[int]:
-        import psutil
-
-        return [c.pid for c in psutil.Process(self.process.pid).children(recursive=True)
-                if "beat" not in " ".join(c.cmdline()).lower()]
-
-    def output(self) -> str:
-        self.log.flush()
-        return Path(self.log.name).read_text()[-5000:]
-
-    def kill(self) -> None:
-        import signal
-
-        try:
-            os.killpg(self.process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.process.wait()
-
-    def stop(self) -> None:
-        import signal
-
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(20)
-            except subprocess.TimeoutExpired:
-                self.kill()
-        self.log.close()
 
 
 @pytest.fixture

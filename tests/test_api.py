@@ -51,25 +51,34 @@ def test_keys_are_stored_only_as_hashes(admin_key, session):
     assert stored and all(admin_key not in (h + p) for h, p in stored)
 
 
-def test_errors_are_enveloped(http, admin_key, declared):
-    headers = {"X-API-Key": admin_key}
-    r = http.get("/api/v1/nothing-here", headers=headers)
-    assert r.status_code == 404 and r.json()["error"]["code"] == "NOT_FOUND" and "detail" not in r.json()
-    r = http.post("/api/v1/ingestion/start", headers=headers, json={"sources": ["nope"]})
-    assert r.status_code == 404 and r.json()["error"]["details"] == {"sources": ["nope"]}
-    r = http.post("/api/v1/ingestion/start", headers=headers, json={"sources": "prices"})
-    assert r.status_code == 422 and r.json()["error"]["code"] == "VALIDATION_ERROR"
-    r = http.post("/api/v1/ingestion/start", headers=headers, json={"options": {"batch_size": 0}})
-    assert r.status_code == 422 and r.json()["error"]["details"]["errors"][0]["field"] == "options.batch_size"
-    r = http.post("/api/v1/ingestion/start", headers={**headers, "Content-Type": "application/json"},
-                  content=b"{not json")
-    assert r.status_code == 400 and r.json()["error"]["code"] == "VALIDATION_ERROR"
-    r = http.get("/api/v1/jobs/job_missing", headers=headers)
-    assert r.status_code == 404 and r.json()["success"] is False
-    r = http.get("/api/v1/jobs", headers=headers, params={"limit": 10**9})
-    assert r.status_code == 422
-    r = http.get("/api/v1/jobs", headers=headers, params={"cursor": "garbage"})
-    assert r.status_code == 422
+ERRORS = [  # (case, method, path, request arguments, status, code, what else the answer says)
+    ("no such route", "GET", "/api/v1/nothing-here", {}, 404, "NOT_FOUND", lambda e: "detail" not in e),
+    ("unknown source", "POST", "/api/v1/ingestion/start", {"json": {"sources": ["nope"]}}, 404, "NOT_FOUND",
+     lambda e: e["error"]["details"] == {"sources": ["nope"]}),
+    ("wrong type", "POST", "/api/v1/ingestion/start", {"json": {"sources": "prices"}}, 422, "VALIDATION_ERROR",
+     lambda e: e["error"]["details"]["errors"][0]["field"] == "sources"),
+    ("out of range", "POST", "/api/v1/ingestion/start", {"json": {"options": {"batch_size": 0}}}, 422,
+     "VALIDATION_ERROR", lambda e: e["error"]["details"]["errors"][0]["field"] == "options.batch_size"),
+    ("not JSON", "POST", "/api/v1/ingestion/start",
+     {"content": b"{not json", "headers": {"Content-Type": "application/json"}}, 400, "VALIDATION_ERROR",
+     lambda e: e["error"]["message"] == "request body is not valid JSON"),
+    ("no such job", "GET", "/api/v1/jobs/job_missing", {}, 404, "NOT_FOUND",
+     lambda e: e["error"]["message"] == "no job 'job_missing'"),
+    ("limit too large", "GET", "/api/v1/jobs", {"params": {"limit": 10**9}}, 422, "VALIDATION_ERROR",
+     lambda e: e["error"]["details"]["errors"][0]["field"] == "query.limit"),
+    ("foreign cursor", "GET", "/api/v1/jobs", {"params": {"cursor": "garbage"}}, 422, "VALIDATION_ERROR",
+     lambda e: e["error"]["message"] == "cursor is not valid"),
+]
+
+
+@pytest.mark.parametrize(("method", "path", "arguments", "status", "code", "check"), [c[1:] for c in ERRORS],
+                         ids=[c[0] for c in ERRORS])
+def test_errors_are_enveloped(http, admin_key, declared, method, path, arguments, status, code, check):
+    arguments = {**arguments, "headers": {"X-API-Key": admin_key, **arguments.get("headers", {})}}
+    r = http.request(method, path, **arguments)
+    body = r.json()
+    assert (r.status_code, body["success"], body["error"]["code"]) == (status, False, code), body
+    assert body["request_id"] == r.headers["x-request-id"] and check(body), body
 
 
 def test_a_second_start_for_a_busy_source_conflicts(http, admin_key, declared):

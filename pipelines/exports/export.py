@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import io
+import itertools
 import logging
 import os
 import shutil
@@ -165,22 +166,21 @@ def stream_rows(conn, columns: list[str], filters: dict) -> Iterator[pa.RecordBa
     cursor = conn.cursor()
     _session_formats(cursor)
     with cursor.copy(query, params or None) as copy:
-        try:
-            reader = pacsv.open_csv(
-                io.BufferedReader(_BlockReader(_blocks(copy)), buffer_size=READ_BLOCK),
-                read_options=pacsv.ReadOptions(column_names=columns, block_size=READ_BLOCK, use_threads=True),
-                parse_options=pacsv.ParseOptions(newlines_in_values=True),
-                convert_options=pacsv.ConvertOptions(
-                    column_types={c: COLUMN_TYPES[c] for c in columns},
-                    strings_can_be_null=True,
-                    quoted_strings_can_be_null=False,
-                    null_values=[""],
-                ),
-            )
-        except pa.ArrowInvalid as exc:
-            if "Empty CSV file" in str(exc):
-                return  # no matching rows: the writer still leaves a valid file with its header
-            raise
+        blocks = _blocks(copy)
+        first = next(blocks, None)
+        if first is None:
+            return  # no matching rows: the writer still leaves a valid file with its header
+        reader = pacsv.open_csv(
+            io.BufferedReader(_BlockReader(itertools.chain([first], blocks)), buffer_size=READ_BLOCK),
+            read_options=pacsv.ReadOptions(column_names=columns, block_size=READ_BLOCK, use_threads=True),
+            parse_options=pacsv.ParseOptions(newlines_in_values=True),
+            convert_options=pacsv.ConvertOptions(
+                column_types={c: COLUMN_TYPES[c] for c in columns},
+                strings_can_be_null=True,
+                quoted_strings_can_be_null=False,
+                null_values=[""],
+            ),
+        )
         yield from reader
 
 

@@ -37,6 +37,10 @@ class State(Enum):
     ATTACHED = "attached"
 
 
+# Advisory locks per source (two-key form: this name space, then the source) serialise its partition's DDL.
+PARTITION_LOCKS = "ingot.partition"
+
+
 def partition_name(source: str) -> str:
     """The table that holds SOURCE's rows: readable, unique (a hash tells `a-b` from `a_b`), and short
     enough (54 bytes) that its index names (`_key`, `_time`, `_pkey`) stay within PostgreSQL's 63:
@@ -47,7 +51,7 @@ def partition_name(source: str) -> str:
 
 def _lock(conn: psycopg.Connection, source: str) -> None:
     """Serialise partition changes for SOURCE until the end of the caller's transaction."""
-    conn.execute("SELECT pg_advisory_xact_lock(hashtext('ingot.partition'), hashtext(%s))", (source,))
+    conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s), hashtext(%s))", (PARTITION_LOCKS, source))
 
 
 def state(conn: psycopg.Connection, source: str) -> State:

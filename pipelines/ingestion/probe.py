@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 
 from pipelines.ingestion.ingest import pieces
 from pipelines.ingestion.sources.lines import GZIP_MAGIC
-from pipelines.ingestion.sources.registry import Registry, SourceConfig, SourceError
+from pipelines.ingestion.sources.registry import Registry, SourceConfig, SourceContentError, SourceError
 from pipelines.ingestion.validate import validate
 
 SAMPLE_ROWS = 5
@@ -73,5 +73,5 @@ def probe(registry: Registry, source_id: str) -> dict:
         result.update(connected=True, sample_data=rows, sample_rejects=rejects, total_records=_total(source, registry))
     except SourceError as exc:
         result["error"] = str(exc)
-        result["connected"] = "cannot read" in str(exc) or "missing required column" in str(exc)
+        result["connected"] = isinstance(exc, SourceContentError)  # reached, but its content is bad
     return result

@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipelines.ingestion.sources.files import RawBatch, Reject
-from pipelines.ingestion.sources.registry import DATASET_FIELDS, SourceConfig, SourceError
+from pipelines.ingestion.sources.registry import DATASET_FIELDS, SourceConfig, SourceContentError
 
 UTC_US = pa.timestamp("us", "UTC")
 ARROW_TYPES = {
@@ -54,7 +54,7 @@ def check_columns(source: SourceConfig, names: list[str]) -> None:
     needed = dict.fromkeys([*source.validation.required_columns, *source.primary_key])
     missing = [c for c in needed if c not in names]
     if missing:
-        raise SourceError(f"source '{source.id}': missing required column(s) {missing}; found {names}")
+        raise SourceContentError(f"source '{source.id}': missing required column(s) {missing}; found {names}")
 
 
 def _python_parse(kind: str, text: str, fmt: str | None):

@@ -7,6 +7,7 @@ write on behalf of an attempt that lost it.
 
 from __future__ import annotations
 
+import enum
 import json
 import logging
 import os
@@ -31,6 +32,15 @@ from pipelines.core.settings import get_settings
 log = logging.getLogger(__name__)
 
 Sender = Callable[[Job], None]
+
+
+class Outcome(enum.StrEnum):
+    """How one attempt at a job ended, as `execute` reports it."""
+
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    STOPPED = "stopped"  # cancelled or taken over while it ran
+    SKIPPED = "skipped"  # another attempt holds the job, or it has ended
 
 
 class JobStopped(Exception):
@@ -265,11 +275,11 @@ class Heartbeat(threading.Thread):
         self.join(timeout=5)
 
 
-def execute(job_id: str, work: Callable[[JobRun], dict], owner: str | None = None) -> str:
+def execute(job_id: str, work: Callable[[JobRun], dict], owner: str | None = None) -> Outcome:
     """Run one attempt of JOB_ID: claim it, do WORK with a heartbeat, and record how it ended."""
     run = claim(job_id, owner or owner_name())
     if run is None:
-        return "skipped"
+        return Outcome.SKIPPED
     # Every log line of this attempt names the job (and the request that started it, via the job).
     structlog.contextvars.bind_contextvars(job_id=job_id, job_kind=run.kind)
     log.info("%s %s started (attempt %s)", run.kind, job_id, run.attempts)
@@ -280,16 +290,16 @@ def execute(job_id: str, work: Callable[[JobRun], dict], owner: str | None = Non
     except JobStopped:
         # Cancelled or taken over: finish() only acts if this attempt still holds the lease.
         finish(run, JobState.CANCELLED, result=run.result)
-        return "stopped"
+        return Outcome.STOPPED
     except JobFailed as exc:
         finish(run, JobState.FAILED, result=run.result, error=str(exc))
-        return "failed"
+        return Outcome.FAILED
     except Exception as exc:
         log.exception("job %s failed", job_id)
         finish(run, JobState.FAILED, result=run.result, error=f"{type(exc).__name__}: {exc}"[:1000])
-        return "failed"
+        return Outcome.FAILED
     finally:
         heartbeat.stop()
         structlog.contextvars.unbind_contextvars("job_id", "job_kind")
     finish(run, JobState.SUCCEEDED, result=result)
-    return "succeeded"
+    return Outcome.SUCCEEDED

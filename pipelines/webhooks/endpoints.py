@@ -101,7 +101,7 @@ def deliveries(session: Session, webhook_id: str, *, state: str | None, cursor: 
         query = query.where(WebhookDelivery.state == state)
     rows, next_cursor = NEWEST_FIRST.page(session, query, cursor, limit)
     types = dict(session.execute(select(WebhookEvent.id, WebhookEvent.type)
-                                 .where(WebhookEvent.id.in_([r.event_id for r in rows]))).tuples())
+                                 .where(WebhookEvent.id.in_([r.event_id for r in rows]))).tuples().all())
     log: dict[str, list[dict]] = {r.id: [] for r in rows}
     for a in session.scalars(select(DeliveryAttempt).where(DeliveryAttempt.delivery_id.in_(list(log)))
                              .order_by(DeliveryAttempt.id)):

@@ -40,7 +40,7 @@ class Piece:
     progress: float | None
 
 
-def _json_text(value) -> str | None:
+def _cell_text(value) -> str | None:
     if value is None:
         return None
     if isinstance(value, str):
@@ -63,7 +63,7 @@ def records_table(records: list[dict]) -> pa.Table:
         return _text_table(records)
     for index, kind in enumerate(table.schema.types):
         if pa.types.is_nested(kind):
-            texts = [_json_text(v) for v in table.column(index).to_pylist()]
+            texts = [_cell_text(v) for v in table.column(index).to_pylist()]
             table = table.set_column(index, table.column_names[index], pa.array(texts, pa.string()))
     return table
 
@@ -72,4 +72,4 @@ def _text_table(records: list[dict]) -> pa.Table:
     names: dict[str, None] = {}
     for record in records:
         names.update(dict.fromkeys(record))
-    return pa.table({name: pa.array([_json_text(r.get(name)) for r in records], pa.string()) for name in names})
+    return pa.table({name: pa.array([_cell_text(r.get(name)) for r in records], pa.string()) for name in names})

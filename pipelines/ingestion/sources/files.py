@@ -35,7 +35,7 @@ import pyarrow.parquet as pq
 from pipelines.core.settings import get_settings
 from pipelines.ingestion.sources.batches import Piece, RawBatch, Reject, records_table
 from pipelines.ingestion.sources.lines import Block, LineStream, open_stream
-from pipelines.ingestion.sources.registry import Registry, SourceConfig, SourceError
+from pipelines.ingestion.sources.registry import Registry, SourceConfig, SourceContentError, SourceError
 
 csv.field_size_limit(sys.maxsize)  # lines over the limit are caught before the csv module sees them
 _PHYSICAL_LINE = re.compile(r"[^\r\n]*(?:\r\n|\r|\n)|[^\r\n]+$")
@@ -49,7 +49,7 @@ def read_file(source: SourceConfig, path: Path, batch_rows: int) -> Iterator[Raw
     try:
         yield from readers[source.format](source, path, batch_rows)
     except (pa.ArrowInvalid, OSError, EOFError, UnicodeDecodeError, ValueError) as exc:
-        raise SourceError(f"source '{source.id}': cannot read {path.name}: {exc}") from exc
+        raise SourceContentError(f"source '{source.id}': cannot read {path.name}: {exc}") from exc
 
 
 def line_limit(source: SourceConfig) -> int:

@@ -32,6 +32,10 @@ class SourceError(Exception):
     """A source that cannot be used as declared, or whose data cannot be read."""
 
 
+class SourceContentError(SourceError):
+    """The source was reached, but what it holds cannot be loaded (unreadable, columns missing)."""
+
+
 class Validation(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
