@@ -17,6 +17,8 @@ from cli.client import Client
 from pipelines.core.db import get_engine
 from tests.helpers import WorkerProcess, make_key
 
+pytestmark = pytest.mark.worker  # starts worker processes of its own
+
 HEADER = "id,timestamp,px,note"
 T = "2026-01-01T00:00:00Z"
 

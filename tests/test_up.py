@@ -10,8 +10,11 @@ import time
 
 import httpx
 import psutil
+import pytest
 
 from tests.helpers import ROOT, free_port, wait_for
+
+pytestmark = pytest.mark.worker  # starts worker processes of its own
 
 
 def processes_under(home) -> list[psutil.Process]:
