@@ -1,1 +1,2 @@
-"""Ingot's control plane: a slim FastAPI shell over `pipelines`, plus the client and the CLI."""
+"""Ingot's control plane: the HTTP app, a slim FastAPI shell over `pipelines` (the CLI and the
+client live in `cli`)."""

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Depends, FastAPI
 
 from api import envelope, metrics
 from api.limits import default_limit
-from api.routes import admin, auth, data, exports, health, ingestion, jobs, sources, webhooks
+from api.routes import admin, auth, curves, data, exports, health, ingestion, jobs, scenarios, sources, webhooks
 from pipelines import __version__
 from pipelines.core.logs import configure
 from pipelines.core.settings import get_settings
@@ -24,7 +24,7 @@ def create_app() -> FastAPI:
     app = FastAPI(
         title="Ingot control plane",
         version=__version__,
-        description="Start, stop and watch ingestion and export jobs.",
+        description="Start, stop and watch ingestion, export and scenario jobs; read curves.",
         responses=envelope.ERROR_RESPONSES,
     )
     metrics.install(app)
@@ -32,7 +32,7 @@ def create_app() -> FastAPI:
     app.include_router(health.root)
     api = APIRouter(prefix="/api/v1", dependencies=[Depends(default_limit)])
     api.include_router(health.router)
-    for module in (auth, sources, ingestion, jobs, data, exports, webhooks, admin):
+    for module in (auth, sources, ingestion, jobs, data, exports, curves, scenarios, webhooks, admin):
         api.include_router(module.router)
     app.include_router(api)
     return app

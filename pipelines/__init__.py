@@ -1,3 +1,4 @@
-"""Ingot's domain library: sources, validation, loading, jobs. Never imports FastAPI or Celery."""
+"""Ingot's domain library, one package per domain (core, jobs, ingestion, exports, curves, scenarios,
+webhooks, auth). Never imports FastAPI or Celery."""
 
 __version__ = "0.1.0"

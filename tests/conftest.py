@@ -121,6 +121,7 @@ def _stop_embedded_postgres(pgdata: Path, timeout: float = 30) -> None:
 # --- per-test state ------------------------------------------------------------------------------
 
 TABLES = ("jobs, quarantine_sightings, quarantine, observations, source_state, api_keys, users, config_overrides, "
+          "curves, curve_index, scenarios, scenario_outputs, scenario_metrics, "
           "events, webhooks, webhook_events, webhook_deliveries, webhook_attempts")
 
 
@@ -143,6 +144,9 @@ def clean_state():
 
     client = broker_redis()
     client.delete(*[q.value for q in Queues], "unacked", "unacked_index")
+    from pipelines.core import cache
+
+    cache.drop("")
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,8 @@ from pipelines.core import embedded
 from pipelines.core.settings import get_settings
 from worker.queues import Queues
 
-TASK_MODULES = ["worker.tasks.ingest", "worker.tasks.export", "worker.tasks.webhooks", "worker.tasks.housekeeping"]
+TASK_MODULES = ["worker.tasks.ingest", "worker.tasks.export", "worker.tasks.scenarios", "worker.tasks.webhooks",
+                "worker.tasks.housekeeping"]
 
 
 def _config() -> dict:

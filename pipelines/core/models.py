@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import enum
 import secrets
-from datetime import datetime
+from datetime import date, datetime
 from typing import Any
 
 from sqlalchemy import (
     BigInteger,
     CheckConstraint,
+    Date,
     DateTime,
     Double,
     ForeignKey,
@@ -301,3 +302,78 @@ class DeliveryAttempt(Base):
     next_retry_at: Mapped[datetime | None]
 
     __table_args__ = (Index("ix_attempts_delivery", "delivery_id", "id"),)
+
+
+class Curve(Base):
+    """One point of a forward curve (the `curves` dataset)."""
+
+    __tablename__ = "curves"
+
+    curve_key: Mapped[str] = mapped_column(Text, primary_key=True)
+    asof_date: Mapped[date] = mapped_column(Date, primary_key=True)
+    contract_month: Mapped[date] = mapped_column(Date, primary_key=True)
+    tenor_label: Mapped[str | None] = mapped_column(Text)
+    value: Mapped[float | None] = mapped_column(Double)
+    currency: Mapped[str | None] = mapped_column(Text)
+    unit: Mapped[str | None] = mapped_column(Text)
+    asset_class: Mapped[str | None] = mapped_column(Text)
+    iso: Mapped[str | None] = mapped_column(Text)
+    location: Mapped[str | None] = mapped_column(Text)
+    metadata_: Mapped[dict] = mapped_column("metadata", JSONB, server_default="{}")
+    source: Mapped[str] = mapped_column(Text)
+    job_id: Mapped[str | None] = mapped_column(Text)
+    ingested_at: Mapped[datetime] = mapped_column(server_default=func.now())
+
+
+class CurveIndex(Base):
+    """One row per curve: its dimensions and the as-of dates it has (kept with the points)."""
+
+    __tablename__ = "curve_index"
+
+    curve_key: Mapped[str] = mapped_column(Text, primary_key=True)
+    asset_class: Mapped[str | None] = mapped_column(Text)
+    iso: Mapped[str | None] = mapped_column(Text)
+    location: Mapped[str | None] = mapped_column(Text)
+    currency: Mapped[str | None] = mapped_column(Text)
+    unit: Mapped[str | None] = mapped_column(Text)
+    first_asof: Mapped[date] = mapped_column(Date)
+    last_asof: Mapped[date] = mapped_column(Date)
+
+
+class Scenario(Base):
+    __tablename__ = "scenarios"
+
+    id: Mapped[str] = mapped_column(Text, primary_key=True, default=lambda: new_id("scn"))
+    name: Mapped[str] = mapped_column(Text)
+    description: Mapped[str | None] = mapped_column(Text)
+    base: Mapped[dict] = mapped_column(JSONB)
+    shocks: Mapped[list] = mapped_column(JSONB)
+    api_key_id: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(server_default=func.now())
+
+
+class ScenarioOutput(Base):
+    __tablename__ = "scenario_outputs"
+
+    run_id: Mapped[str] = mapped_column(Text, primary_key=True)
+    scenario_id: Mapped[str] = mapped_column(Text)
+    curve_key: Mapped[str] = mapped_column(Text, primary_key=True)
+    contract_month: Mapped[date] = mapped_column(Date, primary_key=True)
+    asof_date: Mapped[date] = mapped_column(Date)
+    tenor_label: Mapped[str | None] = mapped_column(Text)
+    unit: Mapped[str | None] = mapped_column(Text)
+    base: Mapped[float] = mapped_column(Double)
+    shocked: Mapped[float] = mapped_column(Double)
+    change: Mapped[float] = mapped_column(Double)
+
+
+class ScenarioMetric(Base):
+    __tablename__ = "scenario_metrics"
+
+    run_id: Mapped[str] = mapped_column(Text, primary_key=True)
+    scenario_id: Mapped[str] = mapped_column(Text)
+    curve_key: Mapped[str | None] = mapped_column(Text, primary_key=True)  # NULL: over all curves
+    mean_change: Mapped[float | None] = mapped_column(Double)
+    max_abs_change: Mapped[float | None] = mapped_column(Double)
+    mean_pct_change: Mapped[float | None] = mapped_column(Double)
+    value_weighted_change: Mapped[float | None] = mapped_column(Double)

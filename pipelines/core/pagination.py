@@ -14,7 +14,7 @@ import base64
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import date, datetime
 from typing import Any
 
 from sqlalchemy import Select, tuple_
@@ -75,13 +75,13 @@ class Keyset:
 
 
 def _plain(value: Any) -> Any:
-    return value.isoformat() if isinstance(value, datetime) else value
+    return value.isoformat() if isinstance(value, date) else value  # dates and datetimes
 
 
 def _typed(column: InstrumentedAttribute, value: Any) -> Any:
     kind = column.type.python_type
-    if kind is datetime:
-        return datetime.fromisoformat(value)
+    if kind in (datetime, date):
+        return kind.fromisoformat(value)
     if not isinstance(value, kind) or isinstance(value, bool):
         raise TypeError(f"{column.key}: {value!r} is not {kind.__name__}")
     return value

@@ -9,17 +9,21 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from contextlib import nullcontext
 
 import pyarrow as pa
 from psycopg import sql
 from psycopg.types.json import Jsonb
 from sqlalchemy import text
 
-from pipelines.core import runtime
+from pipelines.core import cache, runtime
 from pipelines.core.db import get_engine
 from pipelines.core.prefetch import prefetch
 from pipelines.core.settings import get_settings
+from pipelines.curves.queries import CACHE_GROUP as CURVES_CACHE
+from pipelines.ingestion.datasets import CURVES
 from pipelines.ingestion.load import loading
+from pipelines.ingestion.load_curves import CurveLoader
 from pipelines.ingestion.quarantine import Book
 from pipelines.ingestion.sources import files, http
 from pipelines.ingestion.sources.batches import Piece
@@ -29,6 +33,7 @@ from pipelines.jobs import journal
 from pipelines.jobs.machine import JobFailed, JobRun
 
 log = logging.getLogger(__name__)
+
 # How each cursor type compares in SQL (the state is kept as text).
 _CURSOR_SQL = {"datetime": "timestamptz", "date": "date", "int": "numeric", "float": "double precision",
                "string": "text"}
@@ -101,7 +106,8 @@ def _ingest_source(job, registry, source, s_index, since, batch_rows, stats) -> 
     cursor_type = _CURSOR_SQL.get(effective_types(source).get(source.cursor or "", "string"), "text")
 
     book = Book.open(source.id, job.id)
-    with loading(source.id, job.id, resuming) as loader:
+    curves = source.dataset == CURVES.name
+    with nullcontext(CurveLoader(source.id, job.id)) if curves else loading(source.id, job.id, resuming) as loader:
 
         def prepared():
             """Batches validated and serialised, one ahead in a thread while the database loads."""
@@ -125,6 +131,8 @@ def _ingest_source(job, registry, source, s_index, since, batch_rows, stats) -> 
                 book.record(conn, piece.label, valid.rejects, valid.lines)
                 if valid.cursor_max is not None:
                     _advance_cursor(conn, source.id, valid.cursor_max, valid.cursor_max_ids, cursor_type)
+            if curves and valid.num_rows:
+                cache.drop(CURVES_CACHE)  # committed: what the curves cover may have changed
             del valid, payload
             # Hand freed batch memory back to the OS, so RSS stays flat whatever the input size.
             pa.default_memory_pool().release_unused()

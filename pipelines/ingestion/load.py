@@ -15,7 +15,7 @@ import json
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import psycopg
@@ -116,6 +116,7 @@ class Payload:
     parts: tuple[bytes, bytes, bytes]
     rows: int
     columns: tuple[str, ...]
+    summary: list[tuple] = field(default_factory=list)  # what else the batch updates (curves: their index)
 
 
 def _microseconds(timestamp: pa.Array) -> pa.Array:
@@ -125,16 +126,30 @@ def _microseconds(timestamp: pa.Array) -> pa.Array:
     return timestamp.cast(_COLUMNS.field("timestamp").type)
 
 
-def prepare(source: str, job_id: str, batch: ValidBatch, bulk: bool = False) -> Payload:
-    """BATCH as a COPY payload; BULK leaves out the columns a first load's table supplies."""
-    n = batch.num_rows
+def deduplicated(batch: ValidBatch) -> tuple[pa.Array, dict[str, pa.Array], dict[str, pa.Array]]:
+    """BATCH's ids, fields and metadata with one row per key: the last line wins."""
     ids, fields, metadata = batch.ids, batch.fields, batch.metadata
-    keep = _last_per_key(ids) if n else None
+    keep = _last_per_key(ids) if batch.num_rows else None
     if keep is not None:
         ids = ids.take(keep)
         fields = {k: v.take(keep) for k, v in fields.items()}
         metadata = {k: v.take(keep) for k, v in metadata.items()}
-        n = len(keep)
+    return ids, fields, metadata
+
+
+def copy_payload(conn: psycopg.Connection, table: sql.Identifier, payload: Payload) -> None:
+    """COPY PAYLOAD into TABLE, in the caller's transaction."""
+    statement = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT binary)").format(
+        table, sql.SQL(", ").join(map(sql.Identifier, payload.columns)))
+    with conn.cursor().copy(statement) as copy:
+        for part in payload.parts:
+            copy.write(part)
+
+
+def prepare(source: str, job_id: str, batch: ValidBatch, bulk: bool = False) -> Payload:
+    """BATCH as a COPY payload; BULK leaves out the columns a first load's table supplies."""
+    ids, fields, metadata = deduplicated(batch)
+    n = len(ids)
     timestamp = fields.get("timestamp")
     arrays = {
         "id": ids.cast(pa.string()),
@@ -184,12 +199,12 @@ class Loader:
         if not payload.rows:
             return
         if self.bulk:
-            self._copy(conn, self.table, payload)
+            copy_payload(conn, self.table, payload)
             return
         if self.direct:
             try:
                 with conn.transaction():  # a savepoint
-                    self._copy(conn, self.table, payload)
+                    copy_payload(conn, self.table, payload)
                 return
             except psycopg.errors.UniqueViolation:
                 self.direct = False
@@ -200,20 +215,12 @@ class Loader:
         if self.bulk:
             partitions.finish_bulk(self.source)
 
-    @staticmethod
-    def _copy(conn: psycopg.Connection, table: sql.Identifier, payload: Payload) -> None:
-        statement = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT binary)").format(
-            table, sql.SQL(", ").join(map(sql.Identifier, payload.columns)))
-        with conn.cursor().copy(statement) as copy:
-            for part in payload.parts:
-                copy.write(part)
-
     def _merge(self, conn: psycopg.Connection, payload: Payload) -> None:
         conn.execute(
             "CREATE TEMP TABLE IF NOT EXISTS ingot_stage (source text, id text, timestamp timestamptz, "
             "value double precision, metadata jsonb, job_id text) ON COMMIT DELETE ROWS"
         )
-        self._copy(conn, sql.Identifier("ingot_stage"), payload)
+        copy_payload(conn, sql.Identifier("ingot_stage"), payload)
         conn.execute(sql.SQL(
             "INSERT INTO {} AS o (source, id, timestamp, value, metadata, job_id) "
             "SELECT source, id, timestamp, value, metadata, job_id FROM ingot_stage "

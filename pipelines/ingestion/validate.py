@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pipelines.ingestion.datasets import DATASETS
 from pipelines.ingestion.sources.files import RawBatch, Reject
 from pipelines.ingestion.sources.registry import DATASET_FIELDS, SourceConfig, SourceContentError
 
@@ -24,6 +25,7 @@ ARROW_TYPES = {
     "float": pa.float64(),
     "datetime": UTC_US,
     "date": pa.date32(),
+    "month": pa.date32(),  # the month's first day
     "bool": pa.bool_(),
 }
 _ZONED = re.compile(r"(?:[Zz]|[+-]\d\d(?::?\d\d)?)$")
@@ -71,7 +73,11 @@ def _python_parse(kind: str, text: str, fmt: str | None):
             return False
         raise ValueError(text)
     if kind == "date":
-        return dt.date.fromisoformat(text)
+        return dt.datetime.strptime(text, fmt).date() if fmt else dt.date.fromisoformat(text)
+    if kind == "month":
+        if fmt:
+            return dt.datetime.strptime(text, fmt).date().replace(day=1)
+        return dt.date.fromisoformat(text + "-01" if len(text) == 7 else text).replace(day=1)
     if kind == "datetime":
         value = dt.datetime.strptime(text, fmt) if fmt else dt.datetime.fromisoformat(text)
         return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value.astimezone(dt.UTC)
@@ -104,7 +110,26 @@ def _vector_cast(array: pa.Array, kind: str, fmt: str | None) -> pa.Array:
             return attempts[1](array)
     if kind == "bool":
         return _bool_vector(pc.utf8_lower(pc.utf8_trim_whitespace(array)))
+    if kind in ("date", "month"):
+        return _cast_day(array, fmt, month=kind == "month")
     return array.cast(target)
+
+
+def _cast_day(array: pa.Array, fmt: str | None, month: bool) -> pa.Array:
+    """Dates from text: ISO (`YYYY-MM` too, for months) or FMT; months as their first day."""
+    if fmt:
+        parsed = pc.strptime(array, format=fmt, unit="s", error_is_null=True)
+        if parsed.null_count != array.null_count:
+            raise pa.ArrowInvalid("unparseable date")
+        days = parsed.cast(pa.date32())
+    else:
+        text = pc.utf8_trim_whitespace(array)
+        if month:  # YYYY-MM is the month's first day
+            text = pc.if_else(pc.equal(pc.utf8_length(text), 7), pc.binary_join_element_wise(text, "-01", ""), text)
+        days = text.cast(pa.date32())
+    if month:
+        days = pc.floor_temporal(days, unit="month")
+    return days
 
 
 def _cast_naive(array: pa.Array) -> pa.Array:
@@ -310,7 +335,7 @@ def as_text(array: pa.Array) -> pa.Array:
 def effective_types(source: SourceConfig) -> dict[str, str]:
     """Declared types, plus the dataset's own for columns that feed its fields and were not declared."""
     types = dict(source.validation.data_types)
-    for target, kind in (("timestamp", "datetime"), ("value", "float")):
+    for target, kind in ((f.name, f.kind) for f in DATASETS[source.dataset].fields if f.kind != "string"):
         column = source.dataset_column(target)
         if column:
             types.setdefault(column, kind)

@@ -143,6 +143,8 @@ class JobRun:
     checkpoint: dict[str, Any]
     attempts: int
     result: dict[str, Any] = field(default_factory=dict)
+    # Writes that belong with success (a scenario run's outputs): made in the transaction that records it.
+    final_writes: Callable[[Any], None] | None = None
 
     @contextmanager
     def batch(self, *, processed: int, failed: int, checkpoint: dict, progress: int | None) -> Iterator[Any]:
@@ -231,7 +233,9 @@ def claim(job_id: str, owner: str) -> JobRun | None:
 
 
 def finish(run: JobRun, state: JobState, *, result: dict | None = None, error: str | None = None) -> bool:
-    """End RUN's job in STATE if this attempt still holds it (a cancelling job can only be cancelled)."""
+    """End RUN's job in STATE if this attempt still holds it (a cancelling job can only be cancelled).
+
+    A success also makes RUN's `final_writes`, in the same transaction: both commit, or neither."""
     with get_engine().begin() as connection:
         ended = connection.execute(
             text(
@@ -243,6 +247,8 @@ def finish(run: JobRun, state: JobState, *, result: dict | None = None, error: s
             ),
             {"state": str(state), "result": json.dumps(result or {}), "error": error, "id": run.id, "lease": run.lease},
         ).one_or_none()
+        if ended is not None and ended.state == JobState.SUCCEEDED and run.final_writes is not None:
+            run.final_writes(driver(connection))
     if ended is not None:  # what a person watching the console wants to see of each job
         took = ended.took.total_seconds() if ended.took else 0.0
         log.info("%s %s %s in %.1f s: %s records, %s quarantined%s", run.kind, run.id, ended.state, took,
@@ -301,5 +307,11 @@ def execute(job_id: str, work: Callable[[JobRun], dict], owner: str | None = Non
     finally:
         heartbeat.stop()
         structlog.contextvars.unbind_contextvars("job_id", "job_kind")
-    finish(run, JobState.SUCCEEDED, result=result)
+    try:
+        finish(run, JobState.SUCCEEDED, result=result)
+    except Exception as exc:  # its final writes failed: nothing of the success committed
+        log.exception("job %s could not record its success", job_id)
+        run.final_writes = None
+        finish(run, JobState.FAILED, result=result, error=f"{type(exc).__name__}: {exc}"[:1000])
+        return Outcome.FAILED
     return Outcome.SUCCEEDED

@@ -15,7 +15,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-DATA_TYPES = {"string", "int", "float", "datetime", "date", "bool"}
+from pipelines.ingestion.datasets import DATASETS
+
+DATA_TYPES = {"string", "int", "float", "datetime", "date", "month", "bool"}
 _TYPE_ALIASES = {
     "integer": "int",
     "str": "string",
@@ -25,7 +27,7 @@ _TYPE_ALIASES = {
     "number": "float",
     "text": "string",
 }
-DATASET_FIELDS = {"observations": ("timestamp", "value")}
+DATASET_FIELDS = {name: dataset.field_names for name, dataset in DATASETS.items()}
 
 
 class SourceError(Exception):
@@ -85,7 +87,7 @@ class SourceConfig(BaseModel):
     name: str = ""
     type: Literal["file", "http"]
     format: Literal["csv", "parquet", "jsonl", "json"] = "csv"
-    dataset: Literal["observations"] = "observations"
+    dataset: Literal["observations", "curves"] = "observations"
     enabled: bool = True
     schedule: str | None = None
     primary_key: list[str] = Field(default_factory=lambda: ["id"], min_length=1)
@@ -140,6 +142,14 @@ class SourceConfig(BaseModel):
         for column, target in self.mapping.items():
             if target not in fields:
                 raise ValueError(f"mapping {column!r} -> {target!r}: target must be one of {list(fields)}")
+        key = DATASETS[self.dataset].key
+        if key:  # the dataset's own key: the input columns that feed it, unless the declaration names them
+            columns = [self.dataset_column(name) or name for name in key]
+            if "primary_key" not in self.model_fields_set:
+                self.primary_key = columns
+            elif sorted(self.primary_key) != sorted(columns):
+                raise ValueError(f"primary_key of a {self.dataset} source must be the columns that feed "
+                                 f"{list(key)}: {columns}")
         return self
 
     def dataset_column(self, field_name: str) -> str | None:

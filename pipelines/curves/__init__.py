@@ -1,0 +1,2 @@
+"""Forward curves: the points as stored, one curve against another, and what the curves cover
+(dimensions, locations)."""

@@ -1,0 +1,224 @@
+"""Scenario runs: jobs of kind `scenario_run` on the `scenarios` queue.
+
+A run reads its base curves (the scenario's as-of date, or each curve's latest when it starts),
+applies the shocks in order with pandas, and computes per-curve and overall metrics. Its outputs and
+metrics are written in the same transaction that records it succeeded (`JobRun.final_writes`), so a
+killed run leaves nothing behind and its retry writes them once; the same scenario over the same
+data gives the same outputs.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pandas as pd
+import psycopg
+from sqlalchemy import select, text
+from sqlalchemy.orm import Session
+
+from pipelines.core.db import on_commit, session_scope
+from pipelines.core.models import Job, JobKind, JobState, Scenario, ScenarioMetric, ScenarioOutput
+from pipelines.core.pagination import Keyset
+from pipelines.jobs.machine import JobFailed, JobRun, Sender, create_job
+from pipelines.scenarios.definitions import parse_month, runs_of
+
+NEWEST_FIRST = Keyset((Job.created_at, Job.id), descending=True)
+OUTPUT_COLUMNS = ("curve_key", "contract_month", "tenor_label", "base", "shocked", "change")
+METRICS = ("mean_change", "max_abs_change", "mean_pct_change", "value_weighted_change")
+
+
+class NoSuchRun(LookupError):
+    pass
+
+
+class StateNotAllowed(Exception):
+    """The run cannot move to the asked state from the one it is in."""
+
+
+def start(session: Session, scenario_id: str, send: Sender, request_id: str | None, api_key_id: str | None) -> Job:
+    """Queue a run of SCENARIO_ID (locked, so a delete cannot slip in between)."""
+    session.get(Scenario, scenario_id, with_for_update=True)
+    return create_job(session, kind=JobKind.SCENARIO_RUN, queue="scenarios", params={"scenario_id": scenario_id},
+                      send=send, request_id=request_id, api_key_id=api_key_id)
+
+
+def page(session: Session, scenario_id: str, cursor: str | None, limit: int) -> tuple[list[Job], str | None]:
+    return NEWEST_FIRST.page(session, runs_of(scenario_id), cursor, limit)
+
+
+def get(session: Session, run_id: str, scenario_id: str | None = None) -> Job | None:
+    job = session.get(Job, run_id)
+    if job is None or job.kind != JobKind.SCENARIO_RUN:
+        return None
+    return job if scenario_id is None or job.params.get("scenario_id") == scenario_id else None
+
+
+def set_state(session: Session, run_id: str, state: str, reason: str | None, send: Sender) -> str:
+    """An admin's move of a run: `failed` (with REASON) from queued or running, `queued` (run it
+    again) from failed or cancelled. NoSuchRun, StateNotAllowed. (`cancelled` goes through
+    `pipelines.jobs.control.request_cancel`.)"""
+    if get(session, run_id) is None:
+        raise NoSuchRun(run_id)
+    if state == JobState.FAILED:
+        moved = session.execute(text(
+            "UPDATE jobs SET state = 'failed', error = :reason, finished_at = now(), lease_id = NULL "
+            "WHERE id = :id AND state IN ('queued', 'running') RETURNING id"),
+            {"id": run_id, "reason": reason or "marked failed by an admin"}).one_or_none()
+    elif state == JobState.QUEUED:
+        moved = session.execute(text(
+            "UPDATE jobs SET state = 'queued', error = NULL, finished_at = NULL, started_at = NULL, lease_id = NULL, "
+            "attempts = 0, progress = 0, result = '{}', checkpoint = '{}', celery_task_id = :task, sent_at = now() "
+            "WHERE id = :id AND state IN ('failed', 'cancelled') RETURNING id, kind, queue, celery_task_id"),
+            {"id": run_id, "task": str(uuid.uuid4())}).one_or_none()
+        if moved is not None:
+            snapshot = Job(id=moved.id, kind=moved.kind, queue=moved.queue, celery_task_id=moved.celery_task_id)
+            on_commit(session, lambda: send(snapshot))
+    else:
+        moved = None
+    if moved is None:
+        current = session.scalar(select(Job.state).where(Job.id == run_id))
+        raise StateNotAllowed(f"run {run_id} is {current}: it cannot become {state}")
+    return state
+
+
+# --- the run --------------------------------------------------------------------------------------
+
+
+def apply(base: pd.DataFrame, shocks: list[dict]) -> pd.Series:
+    """BASE's `value` after SHOCKS, in order (BASE has `contract_month` as dates)."""
+    shocked = base["value"].astype("float64").copy()
+    months = pd.to_datetime(base["contract_month"])
+    for shock in shocks:
+        if shock["type"] == "parallel":
+            shocked += shock["value"]
+        elif shock["type"] == "percent":
+            shocked *= 1 + shock["value"] / 100
+        else:
+            inside = (months >= pd.Timestamp(parse_month(shock["from"]))) & \
+                     (months <= pd.Timestamp(parse_month(shock["to"])))
+            shocked = shocked.where(~inside, shocked + shock["value"])
+    return shocked
+
+
+def metrics(frame: pd.DataFrame) -> dict[str, float | None]:
+    """The four figures over FRAME's rows (`base`, `change`)."""
+    change, base = frame["change"], frame["base"]
+    weight = base.abs()
+    nonzero = weight > 0
+    return {
+        "mean_change": _number(change.mean()),
+        "max_abs_change": _number(change.abs().max()),
+        "mean_pct_change": _number((100 * change[nonzero] / weight[nonzero]).mean()) if nonzero.any() else None,
+        "value_weighted_change": _number((change * weight).sum() / weight.sum()) if weight.sum() else None,
+    }
+
+
+def _number(value: Any) -> float | None:
+    return None if value is None or pd.isna(value) else float(value)
+
+
+def _base_curves(conn: psycopg.Connection, keys: list[str], asof: dt.date | None) -> pd.DataFrame:
+    """The base points of KEYS at ASOF (None: each curve's latest as-of date), in key order."""
+    rows = conn.execute(
+        "SELECT c.curve_key, c.asof_date, c.contract_month, c.tenor_label, c.unit, c.value "
+        "FROM curve_index i JOIN curves c ON c.curve_key = i.curve_key "
+        "AND c.asof_date = COALESCE(%(asof)s::date, i.last_asof) "
+        "WHERE i.curve_key = ANY(%(keys)s) AND c.value IS NOT NULL ORDER BY c.curve_key, c.contract_month",
+        {"keys": keys, "asof": asof}).fetchall()
+    return pd.DataFrame(rows, columns=["curve_key", "asof_date", "contract_month", "tenor_label", "unit", "value"])
+
+
+def run(job: JobRun) -> dict:
+    """One scenario run: shocks over the base curves, outputs and metrics kept with the final state."""
+    scenario_id = job.params["scenario_id"]
+    with session_scope() as session:
+        scenario = session.get(Scenario, scenario_id)
+        if scenario is None:
+            raise JobFailed(f"scenario {scenario_id} no longer exists")
+        keys, shocks = list(scenario.base["curve_keys"]), list(scenario.shocks)
+        asof = dt.date.fromisoformat(scenario.base["asof_date"]) if scenario.base.get("asof_date") else None
+    with job.batch(processed=0, failed=0, checkpoint={}, progress=10) as conn:  # also: stop if cancelled
+        base = _base_curves(conn, keys, asof)
+    missing = sorted(set(keys) - set(base["curve_key"]))
+    if missing:
+        when = asof.isoformat() if asof else "its latest as-of date"
+        raise JobFailed(f"no base curve for {', '.join(missing)} on {when}")
+    frame = base.assign(base=base["value"].astype("float64"))
+    frame["shocked"] = apply(base, shocks)
+    frame["change"] = frame["shocked"] - frame["base"]
+    per_curve = {key: metrics(group) for key, group in frame.groupby("curve_key", sort=True)}
+    total = metrics(frame)
+    with job.batch(processed=len(frame), failed=0, checkpoint={}, progress=90):
+        pass  # a cancel that came while computing stops the run here, before anything is written
+
+    def write(conn: psycopg.Connection) -> None:
+        _write_outputs(conn, job.id, scenario_id, frame)
+        _write_metrics(conn, job.id, scenario_id, per_curve, total)
+
+    job.final_writes = write
+    asof_used = {k: d.isoformat() for k, d in frame.groupby("curve_key")["asof_date"].first().items()}
+    return {"scenario_id": scenario_id, "asof_dates": asof_used, "curves": len(per_curve), "points": len(frame),
+            "metrics": total}
+
+
+def _write_outputs(conn: psycopg.Connection, run_id: str, scenario_id: str, frame: pd.DataFrame) -> None:
+    conn.execute("DELETE FROM scenario_outputs WHERE run_id = %s", (run_id,))
+    columns = ["curve_key", "contract_month", "asof_date", "tenor_label", "unit", "base", "shocked", "change"]
+    with conn.cursor().copy(
+        "COPY scenario_outputs (run_id, scenario_id, curve_key, contract_month, asof_date, tenor_label, unit, "
+        "base, shocked, change) FROM STDIN"
+    ) as copy:
+        for row in frame[columns].itertuples(index=False, name=None):
+            copy.write_row((run_id, scenario_id, *row))
+
+
+def _write_metrics(conn: psycopg.Connection, run_id: str, scenario_id: str, per_curve: dict, total: dict) -> None:
+    conn.execute("DELETE FROM scenario_metrics WHERE run_id = %s", (run_id,))
+    rows = [(run_id, scenario_id, key, *(m[name] for name in METRICS)) for key, m in per_curve.items()]
+    rows.append((run_id, scenario_id, None, *(total[name] for name in METRICS)))
+    with conn.cursor() as cursor:
+        cursor.executemany(
+            "INSERT INTO scenario_metrics (run_id, scenario_id, curve_key, mean_change, max_abs_change, "
+            "mean_pct_change, value_weighted_change) VALUES (%s, %s, %s, %s, %s, %s, %s)", rows)
+
+
+# --- what a run produced --------------------------------------------------------------------------
+
+
+def latest_succeeded(session: Session, scenario_id: str) -> str | None:
+    """The id of the scenario's last run that succeeded, or None."""
+    return session.scalar(runs_of(scenario_id).with_only_columns(Job.id).where(Job.state == JobState.SUCCEEDED)
+                          .order_by(Job.finished_at.desc()).limit(1))
+
+
+def outputs(session: Session, run_id: str) -> Iterator[ScenarioOutput]:
+    """The run's outputs by curve and contract month, streamed."""
+    query = (select(ScenarioOutput).where(ScenarioOutput.run_id == run_id)
+             .order_by(ScenarioOutput.curve_key, ScenarioOutput.contract_month)
+             .execution_options(yield_per=5000))
+    yield from session.scalars(query)
+
+
+def stream_outputs(run_id: str) -> Iterator[ScenarioOutput]:
+    """`outputs` in a session of its own, for a response that is still streaming when the request's
+    session has closed."""
+    with session_scope() as session:
+        yield from outputs(session, run_id)
+
+
+def metrics_of(session: Session, run_id: str) -> dict:
+    rows = list(session.scalars(select(ScenarioMetric).where(ScenarioMetric.run_id == run_id)
+                                .order_by(ScenarioMetric.curve_key.nulls_last())))
+    figures = [{"curve_key": r.curve_key, **{name: getattr(r, name) for name in METRICS}} for r in rows]
+    total = next((f for f in figures if f["curve_key"] is None), None)
+    return {"run_id": run_id, "curves": [f for f in figures if f["curve_key"] is not None],
+            "total": {k: v for k, v in (total or {}).items() if k != "curve_key"}}
+
+
+def output_frame(session: Session, run_id: str) -> pd.DataFrame:
+    """The run's outputs as a table (for charts)."""
+    rows = [(o.curve_key, o.contract_month, o.unit, o.base, o.shocked) for o in outputs(session, run_id)]
+    return pd.DataFrame(rows, columns=["curve_key", "contract_month", "unit", "base", "shocked"])
