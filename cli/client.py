@@ -44,10 +44,18 @@ class Client:
         except ValueError:
             raise IngotError(response.status_code, "BAD_RESPONSE", response.text[:200]) from None
         if not response.is_success or not body.get("success", False):
-            error = body.get("error") or {}
-            raise IngotError(response.status_code, error.get("code", "ERROR"), error.get("message", ""),
-                             error.get("details"))
+            self._raise(response)
         return body
+
+    @staticmethod
+    def _raise(response: httpx.Response) -> None:
+        """IngotError from an error envelope."""
+        try:
+            error = response.json().get("error") or {}
+        except ValueError:
+            error = {"code": "BAD_RESPONSE", "message": response.text[:200]}
+        raise IngotError(response.status_code, error.get("code", "ERROR"), error.get("message", ""),
+                         error.get("details"))
 
     def start_ingestion(self, sources: list[str] | None = None, *, mode: str | None = None,
                         batch_size: int | None = None, timeout: int | None = None) -> dict:
@@ -115,6 +123,36 @@ class Client:
         params = {k: v for k, v in params.items() if v}
         body = self.request("GET", "/ingestion/quarantine", params=params)
         return body["data"]["rows"], body["meta"]["next_cursor"]
+
+    def curves(self, *, curve_key: str | None = None, asof_date: str | None = None, limit: int = 500,
+               cursor: str | None = None, **filters: str) -> tuple[list[dict], str | None]:
+        """One page of curve points (each curve's latest as-of date unless ASOF_DATE), and the next cursor."""
+        params = {"curve_key": curve_key, "asof_date": asof_date, "limit": limit, "cursor": cursor, **filters}
+        body = self.request("GET", "/curves", params={k: v for k, v in params.items() if v})
+        return body["data"], body["meta"]["next_cursor"]
+
+    def curve_diff(self, curve_key: str, asof_a: str, asof_b: str) -> list[dict]:
+        params = {"curve_key": curve_key, "asof_a": asof_a, "asof_b": asof_b}
+        return self.request("GET", "/curves/diff", params=params)["data"]
+
+    def create_scenario(self, definition: dict) -> dict:
+        return self.request("POST", "/scenarios", json=definition)["data"]
+
+    def run_scenario(self, scenario_id: str) -> dict:
+        """Queue a run; its `run_id` is a job id (`wait` follows it)."""
+        return self.request("POST", f"/scenarios/{scenario_id}/run")["data"]
+
+    def scenario_outputs(self, scenario_id: str, fmt: str = "json") -> dict | bytes:
+        """The latest succeeded run's outputs: a dict for JSON, the file's bytes for CSV and PNG."""
+        if fmt == "json":
+            return self.request("GET", f"/scenarios/{scenario_id}/outputs")["data"]
+        response = self.http.get(f"/api/v1/scenarios/{scenario_id}/outputs", params={"format": fmt})
+        if response.is_error:
+            self._raise(response)
+        return response.content
+
+    def scenario_metrics(self, scenario_id: str) -> dict:
+        return self.request("GET", f"/scenarios/{scenario_id}/metrics/latest")["data"]
 
     def wait(self, job_id: str, *, poll: float = 0.5, timeout: float | None = None,
              on_update: Callable[[dict], None] | None = None) -> dict:

@@ -7,11 +7,11 @@ import sys
 from typing import Annotated
 
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from cli.client import Client, IngotError
+from cli.common import DEFAULT_URL, KeyOpt, UrlOpt, client_for, err, fail, follow, out
+from cli.markets import curves_app, scenarios_app
 
 app = typer.Typer(help="Ingot: ingestion and job workers for market data.", no_args_is_help=True)
 db_app = typer.Typer(help="Database maintenance.")
@@ -20,24 +20,8 @@ jobs_app = typer.Typer(help="List, show and follow jobs.", invoke_without_comman
 app.add_typer(db_app, name="db")
 app.add_typer(keys_app, name="keys")
 app.add_typer(jobs_app, name="jobs")
-err = Console(stderr=True)
-# Piped output is read by scripts: never truncate ids to fit an 80-column default.
-out = Console() if sys.stdout.isatty() else Console(width=250)
-
-UrlOpt = Annotated[str, typer.Option("--url", envvar="INGOT_URL", help="control plane address")]
-KeyOpt = Annotated[str | None, typer.Option("--api-key", envvar="INGOT_API_KEY", help="API key")]
-DEFAULT_URL = "http://127.0.0.1:8000"
-
-
-def _client(url: str, api_key: str | None) -> Client:
-    return Client(url, api_key)
-
-
-def _fail(exc: IngotError) -> None:
-    err.print(f"[red]error[/red] {exc.status} {exc.code}: {exc.message}")
-    raise typer.Exit(1)
-
-
+app.add_typer(curves_app, name="curves")
+app.add_typer(scenarios_app, name="scenarios")
 # --- processes -----------------------------------------------------------------------------------
 
 
@@ -216,20 +200,6 @@ def users_create(
 # --- jobs over the API ---------------------------------------------------------------------------
 
 
-def follow(client: Client, job_id: str) -> dict:
-    """A live progress bar until JOB_ID ends; returns the final job."""
-    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
-                  TextColumn("{task.fields[records]} records, {task.fields[failed]} quarantined"),
-                  TimeElapsedColumn(), console=err) as progress:
-        task = progress.add_task(job_id, total=100, records=0, failed=0)
-
-        def update(job: dict) -> None:
-            progress.update(task, completed=job["progress"], records=job["records_processed"],
-                            failed=job["records_failed"], description=f"{job_id} {job['state']}")
-
-        return client.wait(job_id, on_update=update)
-
-
 @app.command()
 def ingest(
     sources: Annotated[list[str] | None, typer.Argument(help="source ids; all enabled when none")] = None,
@@ -239,7 +209,7 @@ def ingest(
     api_key: KeyOpt = None,
 ) -> None:
     """Start an ingestion job."""
-    with _client(url, api_key) as client:
+    with client_for(url, api_key) as client:
         try:
             started = client.start_ingestion(sources or None, mode="full" if full else None)
             err.print(f"queued {started['job_id']} for {', '.join(started['sources'])}")
@@ -248,7 +218,7 @@ def ingest(
                 return
             job = follow(client, started["job_id"])
         except IngotError as exc:
-            _fail(exc)
+            fail(exc)
     colour = "green" if job["state"] == "succeeded" else "red"
     err.print(f"[{colour}]{job['id']} {job['state']}[/{colour}]: {job['records_processed']} records, "
               f"{job['records_failed']} quarantined" + (f"; {job['error']}" if job.get("error") else ""))
@@ -270,7 +240,7 @@ def export(
     filters: dict = {"source": source} if source else {}
     if start or end:
         filters["date_range"] = {k: v for k, v in {"start": start, "end": end}.items() if v}
-    with _client(url, api_key) as client:
+    with client_for(url, api_key) as client:
         try:
             started = client.start_export(fmt, filters=filters,
                                           columns=[c.strip() for c in columns.split(",")] if columns else None)
@@ -280,7 +250,7 @@ def export(
                 raise typer.Exit(1)
             digest = client.download(job["id"], output)
         except IngotError as exc:
-            _fail(exc)
+            fail(exc)
     err.print(f"[green]wrote {output}[/green]: {job['result']['row_count']} rows, "
               f"{job['result']['file_size']} bytes, sha256 {digest} verified")
 
@@ -298,11 +268,11 @@ def jobs_list(
     ctx.obj = (url, api_key)
     if ctx.invoked_subcommand:
         return
-    with _client(url, api_key) as client:
+    with client_for(url, api_key) as client:
         try:
             jobs, _ = client.jobs(kind=kind, state=state, limit=limit)
         except IngotError as exc:
-            _fail(exc)
+            fail(exc)
     table = Table("id", "kind", "state", "progress", "records", "failed", "created")
     for j in jobs:
         table.add_row(j["id"], j["kind"], j["state"], f"{j['progress']}%", str(j["records_processed"]),
@@ -313,7 +283,7 @@ def jobs_list(
 def _jobs_client(ctx: typer.Context, url: str, api_key: str | None) -> Client:
     """`ingot jobs --url U show ID` and `ingot jobs show ID --url U` both work."""
     parent_url, parent_key = ctx.obj
-    return _client(url if url != DEFAULT_URL else parent_url, api_key or parent_key)
+    return client_for(url if url != DEFAULT_URL else parent_url, api_key or parent_key)
 
 
 @jobs_app.command("show")
@@ -323,7 +293,7 @@ def jobs_show(ctx: typer.Context, job_id: str, url: UrlOpt = DEFAULT_URL, api_ke
         try:
             out.print_json(data=client.job(job_id))
         except IngotError as exc:
-            _fail(exc)
+            fail(exc)
 
 
 @jobs_app.command("cancel")
@@ -333,7 +303,7 @@ def jobs_cancel(ctx: typer.Context, job_id: str, url: UrlOpt = DEFAULT_URL, api_
         try:
             job = client.cancel(job_id)
         except IngotError as exc:
-            _fail(exc)
+            fail(exc)
     err.print(f"{job['id']} is {job['state']}")
 
 
@@ -347,11 +317,11 @@ def quarantine_list(
     api_key: KeyOpt = None,
 ) -> None:
     """Rows that failed validation, each held once, with where they are and why."""
-    with _client(url, api_key) as client:
+    with client_for(url, api_key) as client:
         try:
             rows, more = client.quarantine(source=source, job_id=job_id, state=state, limit=limit)
         except IngotError as exc:
-            _fail(exc)
+            fail(exc)
     table = Table("source", "file", "line", "reason", "seen", "last run", "resolved")
     for r in rows:
         table.add_row(r["source"], r["file"] or "", str(r["line"] or ""), r["reason"], str(r["times_seen"]),

@@ -77,3 +77,40 @@ def test_export_downloads_and_verifies_the_file(api_url, admin_key, worker, writ
     assert "verified" in done.stderr and pq.read_table(out).num_rows == 25
     none = ingot("export", "--format", "csv", "--source", "nope", "-o", str(tmp_path / "x.csv"), **env)
     assert none.returncode == 0 and (tmp_path / "x.csv").read_text().startswith("id,source")
+
+
+def test_curves_and_scenarios_from_the_command_line(api_url, admin_key, worker, write_sources, data_dir, tmp_path):
+    from tests.test_curves import CURVES_SOURCE, write_curves
+
+    def row(asof, month, value):
+        return ("K", asof, month, month, value, "USD", "USD/MWh", "power", "PJM", "West Hub")
+
+    write_curves(data_dir / "k.csv", [row("2026-11-02", "2027-01", 10), row("2026-11-02", "2027-02", 20),
+                                      row("2026-11-03", "2027-01", 12), row("2026-11-03", "2027-02", 15)])
+    write_sources(CURVES_SOURCE.format(glob="*.csv"))
+    env = {"INGOT_URL": api_url, "INGOT_API_KEY": admin_key}
+    assert ingot("ingest", "curves", "--wait", **env).returncode == 0
+    listed = ingot("curves", "--curve-key", "K", **env)
+    assert listed.returncode == 0 and "2026-11-03" in listed.stdout and "2026-11-02" not in listed.stdout
+    diff = ingot("curves", "diff", "K", "2026-11-02", "2026-11-03", **env)
+    assert diff.returncode == 0, diff.stderr
+    assert "+2.0000" in diff.stdout and "-5.0000" in diff.stdout and "-25.0000%" in diff.stdout
+
+    definition = tmp_path / "scenario.json"
+    definition.write_text(json.dumps({"name": "cli", "base": {"curve_keys": ["K"], "asof_date": "2026-11-03"},
+                                      "shocks": [{"type": "percent", "value": 10}]}))
+    created = ingot("scenarios", "create", str(definition), **env)
+    assert created.returncode == 0, created.stderr
+    scenario_id = created.stdout.strip()
+    ran = ingot("scenarios", "run", scenario_id, "--wait", **env)
+    assert ran.returncode == 0 and "succeeded" in ran.stderr, ran.stderr
+    target = tmp_path / "out.csv"
+    assert ingot("scenarios", "outputs", scenario_id, "--format", "csv", "-o", str(target), **env).returncode == 0
+    lines = target.read_text().splitlines()
+    assert lines[0] == "curve_key,contract_month,tenor_label,base,shocked,change"
+    assert [tuple(line.split(",")[:2]) + (round(float(line.split(",")[4]), 6),) for line in lines[1:]] == [
+        ("K", "2027-01-01", 13.2), ("K", "2027-02-01", 16.5)]
+    shown = ingot("scenarios", "outputs", scenario_id, **env)
+    assert [round(o["shocked"], 6) for o in json.loads(shown.stdout)["outputs"]] == [13.2, 16.5]
+    missing = ingot("scenarios", "outputs", "scn_missing", **env)
+    assert missing.returncode == 1 and "NOT_FOUND" in missing.stderr

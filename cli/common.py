@@ -1,0 +1,43 @@
+"""What every `ingot` command shares: the consoles, the address and key options, errors, progress."""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated, NoReturn
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from cli.client import Client, IngotError
+
+err = Console(stderr=True)
+# Piped output is read by scripts: never truncate ids to fit an 80-column default.
+out = Console() if sys.stdout.isatty() else Console(width=250)
+
+UrlOpt = Annotated[str, typer.Option("--url", envvar="INGOT_URL", help="control plane address")]
+KeyOpt = Annotated[str | None, typer.Option("--api-key", envvar="INGOT_API_KEY", help="API key")]
+DEFAULT_URL = "http://127.0.0.1:8000"
+
+
+def client_for(url: str, api_key: str | None) -> Client:
+    return Client(url, api_key)
+
+
+def fail(exc: IngotError) -> NoReturn:
+    err.print(f"[red]error[/red] {exc.status} {exc.code}: {exc.message}")
+    raise typer.Exit(1)
+
+
+def follow(client: Client, job_id: str) -> dict:
+    """A live progress bar until JOB_ID ends; returns the final job."""
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
+                  TextColumn("{task.fields[records]} records, {task.fields[failed]} quarantined"),
+                  TimeElapsedColumn(), console=err) as progress:
+        task = progress.add_task(job_id, total=100, records=0, failed=0)
+
+        def update(job: dict) -> None:
+            progress.update(task, completed=job["progress"], records=job["records_processed"],
+                            failed=job["records_failed"], description=f"{job_id} {job['state']}")
+
+        return client.wait(job_id, on_update=update)

@@ -1,0 +1,246 @@
+"""Scenarios over real curves, run by a real worker: shocks against an independent computation,
+metrics against their definitions, every output format, validation, permissions and run states."""
+
+import csv
+import datetime as dt
+import io
+import json
+import math
+
+import pytest
+from sqlalchemy import text
+
+from pipelines.core.db import get_engine
+from pipelines.curves import synthetic
+from pipelines.curves.synthetic import DEMO
+from tests.helpers import make_key
+from tests.test_curves import CURVES_SOURCE, write_curves
+
+SHOCKS = [{"type": "parallel", "value": 1.5}, {"type": "percent", "value": -10},
+          {"type": "tenor", "from": "2027-03", "to": "2027-05", "value": 2.0}]
+KEYS = ["NG_HENRY_HUB", "PWR_ERCOT_NORTH_PEAK"]
+
+
+@pytest.fixture
+def curves(client, worker, write_sources, data_dir):
+    asofs = synthetic.business_days(dt.date(2026, 11, 20), 2)
+    write_curves(data_dir / "c.csv", synthetic.points(DEMO, asofs, 12))
+    write_sources(CURVES_SOURCE.format(glob="*.csv"))
+    job = client.wait(client.start_ingestion(["curves"])["job_id"], timeout=60)
+    assert job["state"] == "succeeded", job["error"]
+    return asofs
+
+
+def base_points(asof: dt.date) -> dict:
+    with get_engine().connect() as conn:
+        rows = conn.execute(text("SELECT curve_key, contract_month, value FROM curves WHERE asof_date = :d "
+                                 "AND curve_key = ANY(:k)"), {"d": asof, "k": KEYS}).all()
+    return {(k, m.isoformat()): v for k, m, v in rows}
+
+
+def expected_shock(month: str, value: float) -> float:
+    shocked = (value + 1.5) * (1 - 10 / 100)
+    return shocked + 2.0 if "2027-03-01" <= month <= "2027-05-01" else shocked
+
+
+def figures(pairs: list[tuple[float, float]]) -> dict:
+    """The four metrics by their definitions, from (base, change) pairs."""
+    changes = [c for _, c in pairs]
+    pct = [100 * c / abs(b) for b, c in pairs if b != 0]
+    weight = sum(abs(b) for b, _ in pairs)
+    return {"mean_change": sum(changes) / len(changes), "max_abs_change": max(abs(c) for c in changes),
+            "mean_pct_change": sum(pct) / len(pct), "value_weighted_change":
+            sum(c * abs(b) for b, c in pairs) / weight}
+
+
+def create(client, **overrides) -> dict:
+    body = {"name": "winter squeeze", "description": "test", "base": {"curve_keys": KEYS}, "shocks": SHOCKS}
+    return client.request("POST", "/scenarios", json={**body, **overrides})["data"]
+
+
+def run(client, scenario_id: str) -> dict:
+    run_id = client.request("POST", f"/scenarios/{scenario_id}/run")["data"]["run_id"]
+    job = client.wait(run_id, timeout=60)
+    assert job["state"] == "succeeded", job["error"]
+    return job
+
+
+def test_every_shock_type_against_an_independent_computation(client, curves):
+    latest = curves[-1]
+    scenario = create(client)
+    job = run(client, scenario["scenario_id"])
+    assert job["result"]["asof_dates"] == {k: latest.isoformat() for k in KEYS}  # the dates it used
+
+    base = base_points(latest)
+    outputs = client.request("GET", f"/scenarios/{scenario['scenario_id']}/outputs")["data"]
+    assert outputs["run_id"] == job["id"] and len(outputs["outputs"]) == len(base) == 2 * 12
+    for row in outputs["outputs"]:
+        value = base[(row["curve_key"], row["contract_month"])]
+        assert row["base"] == value
+        assert math.isclose(row["shocked"], expected_shock(row["contract_month"], value), rel_tol=1e-12)
+        assert math.isclose(row["change"], row["shocked"] - row["base"], abs_tol=1e-12)
+
+    metrics = client.request("GET", f"/scenarios/{scenario['scenario_id']}/metrics/latest")["data"]
+    by_curve = {m["curve_key"]: m for m in metrics["curves"]}
+    for key in KEYS:
+        pairs = [(o["base"], o["change"]) for o in outputs["outputs"] if o["curve_key"] == key]
+        for name, value in figures(pairs).items():
+            assert math.isclose(by_curve[key][name], value, rel_tol=1e-9), (key, name)
+    every = [(o["base"], o["change"]) for o in outputs["outputs"]]
+    for name, value in figures(every).items():
+        assert math.isclose(metrics["total"][name], value, rel_tol=1e-9), name
+
+    got = client.http.get(f"/api/v1/scenarios/{scenario['scenario_id']}/outputs", params={"format": "csv"})
+    assert got.status_code == 200 and got.headers["content-type"].startswith("text/csv")
+    table = list(csv.DictReader(io.StringIO(got.text)))
+    assert [(r["curve_key"], r["contract_month"], float(r["shocked"])) for r in table] == \
+        [(o["curve_key"], o["contract_month"], o["shocked"]) for o in outputs["outputs"]]
+
+    picture = client.http.get(f"/api/v1/scenarios/{scenario['scenario_id']}/outputs", params={"format": "png"})
+    from PIL import Image
+
+    image = Image.open(io.BytesIO(picture.content))
+    assert picture.headers["content-type"] == "image/png" and image.format == "PNG"
+    assert image.size == (1040, 340)  # two panels side by side, 5.2 x 3.4 inches each at 100 dpi
+
+    again = run(client, scenario["scenario_id"])  # the same scenario on the same data: the same outputs
+    with get_engine().connect() as conn:
+        def stored(run_id):
+            return conn.execute(text("SELECT curve_key, contract_month, base, shocked, change FROM scenario_outputs "
+                                     "WHERE run_id = :r ORDER BY 1, 2"), {"r": run_id}).all()
+        assert stored(again["id"]) == stored(job["id"])
+        events = conn.execute(text("SELECT count(*) FROM webhook_events WHERE type = 'scenario.run.completed'"))
+        assert events.scalar_one() == 2
+
+
+def test_a_fixed_asof_date_is_used_as_given(client, curves):
+    first = curves[0]
+    scenario = create(client, base={"curve_keys": ["NG_HENRY_HUB"], "asof_date": first.isoformat()},
+                      shocks=[{"type": "parallel", "value": 1}])
+    job = run(client, scenario["scenario_id"])
+    assert job["result"]["asof_dates"] == {"NG_HENRY_HUB": first.isoformat()}
+    outputs = client.request("GET", f"/scenarios/{scenario['scenario_id']}/outputs")["data"]["outputs"]
+    base = {m: v for (k, m), v in base_points(first).items() if k == "NG_HENRY_HUB"}
+    assert {o["contract_month"]: o["base"] for o in outputs} == base
+
+
+BAD = [
+    ("unknown curve key", {"base": {"curve_keys": ["NOPE"]}}),
+    ("no curve", {"base": {"curve_keys": []}}),
+    ("no shock", {"shocks": []}),
+    ("inverted range", {"shocks": [{"type": "tenor", "from": "2027-06", "to": "2027-01", "value": 1}]}),
+    ("unparseable range", {"shocks": [{"type": "tenor", "from": "June", "to": "2027-01", "value": 1}]}),
+    ("unknown shock", {"shocks": [{"type": "twist", "value": 1}]}),
+    ("not a number", {"shocks": [{"type": "parallel", "value": "NaN"}]}),
+    ("infinite", {"shocks": [{"type": "percent", "value": "Infinity"}]}),
+]
+
+
+@pytest.mark.parametrize("change", [c for _, c in BAD], ids=[n for n, _ in BAD])
+def test_bad_definitions_are_refused_in_the_envelope(client, change):
+    with get_engine().begin() as conn:
+        conn.execute(text("INSERT INTO curve_index (curve_key, first_asof, last_asof) "
+                          "VALUES ('NG_HENRY_HUB', '2026-11-02', '2026-11-02')"))
+    body = {"name": "bad", "base": {"curve_keys": ["NG_HENRY_HUB"]}, "shocks": [{"type": "parallel", "value": 1}],
+            **change}
+    raw = json.dumps(body).replace('"NaN"', "NaN").replace('"Infinity"', "Infinity")  # as JSON's extensions
+    answer = client.http.post("/api/v1/scenarios", content=raw, headers={"Content-Type": "application/json"})
+    assert answer.status_code == 422, answer.text
+    assert answer.json()["success"] is False and answer.json()["error"]["code"] == "VALIDATION_ERROR"
+
+
+@pytest.fixture
+def queued_run(client):
+    """A scenario over one stored curve, and a run of it that no worker takes."""
+    with get_engine().begin() as conn:
+        conn.execute(text("INSERT INTO curve_index (curve_key, first_asof, last_asof) VALUES ('K', '2026-11-02', "
+                          "'2026-11-02')"))
+    scenario = create(client, base={"curve_keys": ["K"]}, shocks=[{"type": "parallel", "value": 1}])
+    run_id = client.request("POST", f"/scenarios/{scenario['scenario_id']}/run")["data"]["run_id"]
+    return scenario["scenario_id"], run_id
+
+
+def test_run_states_follow_the_contract(client, queued_run):
+    scenario_id, run_id = queued_run
+
+    def move(state, reason=None):
+        return client.http.post(f"/api/v1/scenarios/runs/{run_id}/state", json={"state": state, "reason": reason})
+
+    assert move("queued").status_code == 409  # queued from queued
+    assert client.http.delete(f"/api/v1/scenarios/{scenario_id}").status_code == 409  # a run is queued
+    failed = move("failed", "stuck on a lost host")
+    assert failed.status_code == 200 and failed.json()["data"]["state"] == "failed"
+    assert client.request("GET", f"/scenarios/{scenario_id}/runs/{run_id}")["data"]["error"] == "stuck on a lost host"
+    assert move("failed").status_code == 409 and move("cancelled").status_code == 409
+    assert move("queued").json()["data"]["state"] == "queued"
+    cancelled = client.http.post(f"/api/v1/scenarios/runs/{run_id}/cancel")
+    assert cancelled.status_code == 202 and cancelled.json()["data"]["state"] == "cancelled"
+    assert client.http.post(f"/api/v1/scenarios/runs/{run_id}/cancel").status_code == 409
+    assert move("queued").json()["data"]["state"] == "queued"
+    assert move("cancelled").json()["data"]["state"] == "cancelled"
+    assert move("succeeded").status_code == 422  # not a state anyone may set
+    runs = client.request("GET", f"/scenarios/{scenario_id}/runs")["data"]
+    assert [r["run_id"] for r in runs] == [run_id]
+    assert client.http.get(f"/api/v1/scenarios/{scenario_id}/outputs").status_code == 404  # none succeeded
+    assert client.http.delete(f"/api/v1/scenarios/{scenario_id}").status_code == 200
+    assert client.http.get(f"/api/v1/scenarios/{scenario_id}").status_code == 404
+
+
+def test_state_changes_are_admin_only_and_a_read_key_cannot_create_or_run(api_url, queued_run):
+    from cli.client import Client
+
+    scenario_id, run_id = queued_run
+    with Client(api_url, make_key(["read"])) as reader:
+        assert reader.http.get(f"/api/v1/scenarios/{scenario_id}").status_code == 200
+        body = {"name": "x", "base": {"curve_keys": ["K"]}, "shocks": [{"type": "parallel", "value": 1}]}
+        assert reader.http.post("/api/v1/scenarios", json=body).status_code == 403
+        assert reader.http.post(f"/api/v1/scenarios/{scenario_id}/run").status_code == 403
+    with Client(api_url, make_key(["write"])) as writer:
+        moved = writer.http.post(f"/api/v1/scenarios/runs/{run_id}/state", json={"state": "failed"})
+        assert moved.status_code == 403
+
+
+def _blocked_run(client, scenario_id: str, lock_conn) -> str:
+    """Start a run while LOCK_CONN holds the curves table: the run claims its job, then waits on the lock."""
+    from tests.helpers import wait_for
+
+    lock_conn.execute(text("LOCK TABLE curves IN ACCESS EXCLUSIVE MODE"))
+    run_id = client.request("POST", f"/scenarios/{scenario_id}/run")["data"]["run_id"]
+    wait_for(lambda: client.job(run_id)["state"] == "running", timeout=30, message="the run to start")
+    with get_engine().connect() as conn:
+        wait_for(lambda: conn.execute(text("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                                           "AND query LIKE '%%curve_index i JOIN curves%%'")).scalar_one(),
+                 timeout=30, message="the run to wait on the curves")
+    return run_id
+
+
+def test_a_running_run_stops_at_its_next_check_when_cancelled(client, curves):
+    scenario = create(client)
+    with get_engine().connect() as lock_conn, lock_conn.begin():
+        run_id = _blocked_run(client, scenario["scenario_id"], lock_conn)
+        answer = client.http.post(f"/api/v1/scenarios/runs/{run_id}/cancel")
+        assert answer.status_code == 202 and answer.json()["data"]["state"] == "cancelling"
+    job = client.wait(run_id, timeout=60)
+    assert job["state"] == "cancelled"
+    with get_engine().connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM scenario_outputs WHERE run_id = :r"),
+                            {"r": run_id}).scalar_one() == 0
+
+
+def test_a_worker_killed_mid_run_leaves_one_set_of_outputs_equal_to_an_undisturbed_run(client, curves,
+                                                                                       start_worker, worker):
+    scenario = create(client)
+    calm = run(client, scenario["scenario_id"])
+    with get_engine().connect() as lock_conn, lock_conn.begin():
+        run_id = _blocked_run(client, scenario["scenario_id"], lock_conn)
+        worker.kill()  # the whole worker, SIGKILL, while the run waits on the curves
+    start_worker()
+    job = client.wait(run_id, timeout=90)
+    assert job["state"] == "succeeded" and job["attempts"] == 2
+    with get_engine().connect() as conn:
+        def stored(rid):
+            return conn.execute(text("SELECT curve_key, contract_month, base, shocked, change FROM scenario_outputs "
+                                     "WHERE run_id = :r ORDER BY 1, 2"), {"r": rid}).all()
+        assert stored(run_id) == stored(calm["id"]) and len(stored(run_id)) == 24
+        metrics = conn.execute(text("SELECT count(*) FROM scenario_metrics WHERE run_id = :r"), {"r": run_id})
+        assert metrics.scalar_one() == len(KEYS) + 1
