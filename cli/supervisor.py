@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -25,6 +26,17 @@ from pipelines.core.settings import get_settings
 
 console = Console(stderr=True)
 LOCAL_KEY_NAME = "local-admin (ingot up)"
+
+
+# What `ingot up` runs over the demo curves the first time: a cold winter, then a general sell-off.
+DEMO_SCENARIO = {
+    "name": "Demo: winter squeeze, then a 5% sell-off",
+    "description": "Created by `ingot up` over the demo curves.",
+    "base": {"curve_keys": ["NG_HENRY_HUB", "PWR_PJM_WEST_PEAK", "PWR_PJM_WEST_OFFPEAK", "PWR_ERCOT_NORTH_PEAK",
+                            "PWR_ERCOT_NORTH_OFFPEAK"]},
+    "shocks": [{"type": "tenor", "from": "2027-12", "to": "2028-02", "value": 1.0},
+               {"type": "parallel", "value": 0.5}, {"type": "percent", "value": -5}],
+}
 
 
 @dataclass
@@ -161,6 +173,34 @@ class Supervisor:
                           soft_wrap=True)
         except IngotError as exc:
             console.print(f"[yellow]demo ingestion not started: {exc.message}[/yellow]")
+            return
+        if "forward_curves" in started["sources"]:
+            threading.Thread(target=self._demo_scenario, args=(url, api_key, started["job_id"]), daemon=True,
+                             name="demo-scenario").start()
+
+    def _demo_scenario(self, url: str, api_key: str, ingestion_id: str) -> None:
+        """Once the demo curves are in, and if no scenario exists yet, run a demo scenario and save its
+        chart under INGOT_HOME."""
+        from cli.client import Client, IngotError
+
+        try:
+            with Client(url, api_key) as client:
+                if client.wait(ingestion_id, timeout=600)["state"] != "succeeded":
+                    return
+                if client.request("GET", "/scenarios", params={"limit": 1})["data"]:
+                    return
+                scenario = client.create_scenario(DEMO_SCENARIO)
+                run = client.wait(client.run_scenario(scenario["scenario_id"])["run_id"], timeout=600)
+                if run["state"] != "succeeded":
+                    console.print(f"[yellow]demo scenario {run['state']}: {run['error']}[/yellow]")
+                    return
+                chart = self.settings.home / "demo-scenario.png"
+                picture = client.scenario_outputs(scenario["scenario_id"], "png")
+                assert isinstance(picture, bytes)
+                chart.write_bytes(picture)
+            console.print(f"demo scenario {scenario['scenario_id']} ran: its chart is {chart}", soft_wrap=True)
+        except (IngotError, TimeoutError, httpx.HTTPError, OSError) as exc:
+            console.print(f"[yellow]demo scenario not run: {exc}[/yellow]")
 
     def _restart_dead(self, env: dict[str, str]) -> None:
         now = time.monotonic()

@@ -10,9 +10,10 @@ import math
 import pytest
 from sqlalchemy import text
 
-from pipelines.core.db import get_engine
+from pipelines.core.db import get_engine, session_scope
 from pipelines.curves import synthetic
 from pipelines.curves.synthetic import DEMO
+from pipelines.scenarios import runs
 from tests.helpers import make_key
 from tests.test_curves import CURVES_SOURCE, write_curves
 
@@ -51,6 +52,12 @@ def figures(pairs: list[tuple[float, float]]) -> dict:
     return {"mean_change": sum(changes) / len(changes), "max_abs_change": max(abs(c) for c in changes),
             "mean_pct_change": sum(pct) / len(pct), "value_weighted_change":
             sum(c * abs(b) for b, c in pairs) / weight}
+
+
+def stored(run_id: str) -> list[tuple]:
+    """What RUN_ID wrote, one row per curve and contract month."""
+    with session_scope() as session:
+        return [tuple(row) for row in runs.outputs(session, run_id)]
 
 
 def create(client, **overrides) -> dict:
@@ -104,11 +111,8 @@ def test_every_shock_type_against_an_independent_computation(client, curves):
     assert image.size == (1040, 340)  # two panels side by side, 5.2 x 3.4 inches each at 100 dpi
 
     again = run(client, scenario["scenario_id"])  # the same scenario on the same data: the same outputs
+    assert stored(again["id"]) == stored(job["id"]) and len(stored(job["id"])) == 24
     with get_engine().connect() as conn:
-        def stored(run_id):
-            return conn.execute(text("SELECT curve_key, contract_month, base, shocked, change FROM scenario_outputs "
-                                     "WHERE run_id = :r ORDER BY 1, 2"), {"r": run_id}).all()
-        assert stored(again["id"]) == stored(job["id"])
         events = conn.execute(text("SELECT count(*) FROM webhook_events WHERE type = 'scenario.run.completed'"))
         assert events.scalar_one() == 2
 
@@ -237,10 +241,7 @@ def test_a_worker_killed_mid_run_leaves_one_set_of_outputs_equal_to_an_undisturb
     start_worker()
     job = client.wait(run_id, timeout=90)
     assert job["state"] == "succeeded" and job["attempts"] == 2
+    assert stored(run_id) == stored(calm["id"]) and len(stored(run_id)) == 24
     with get_engine().connect() as conn:
-        def stored(rid):
-            return conn.execute(text("SELECT curve_key, contract_month, base, shocked, change FROM scenario_outputs "
-                                     "WHERE run_id = :r ORDER BY 1, 2"), {"r": rid}).all()
-        assert stored(run_id) == stored(calm["id"]) and len(stored(run_id)) == 24
         metrics = conn.execute(text("SELECT count(*) FROM scenario_metrics WHERE run_id = :r"), {"r": run_id})
         assert metrics.scalar_one() == len(KEYS) + 1

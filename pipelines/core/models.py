@@ -353,18 +353,20 @@ class Scenario(Base):
 
 
 class ScenarioOutput(Base):
+    """One curve of a run's outputs: its contract months and their values as parallel arrays."""
+
     __tablename__ = "scenario_outputs"
 
     run_id: Mapped[str] = mapped_column(Text, primary_key=True)
     scenario_id: Mapped[str] = mapped_column(Text)
     curve_key: Mapped[str] = mapped_column(Text, primary_key=True)
-    contract_month: Mapped[date] = mapped_column(Date, primary_key=True)
     asof_date: Mapped[date] = mapped_column(Date)
-    tenor_label: Mapped[str | None] = mapped_column(Text)
     unit: Mapped[str | None] = mapped_column(Text)
-    base: Mapped[float] = mapped_column(Double)
-    shocked: Mapped[float] = mapped_column(Double)
-    change: Mapped[float] = mapped_column(Double)
+    contract_months: Mapped[list[date]] = mapped_column(ARRAY(Date))
+    tenor_labels: Mapped[list[str | None]] = mapped_column(ARRAY(Text))
+    base: Mapped[list[float]] = mapped_column(ARRAY(Double))
+    shocked: Mapped[list[float]] = mapped_column(ARRAY(Double))
+    change: Mapped[list[float]] = mapped_column(ARRAY(Double))
 
 
 class ScenarioMetric(Base):

@@ -14,13 +14,15 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import psycopg
+from psycopg import sql
 from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
 from pipelines.core.db import on_commit, session_scope
-from pipelines.core.models import Job, JobKind, JobState, Scenario, ScenarioMetric, ScenarioOutput
+from pipelines.core.models import Job, JobKind, JobState, Scenario, ScenarioMetric
 from pipelines.core.pagination import Keyset
 from pipelines.jobs.machine import JobFailed, JobRun, Sender, create_job
 from pipelines.scenarios.definitions import parse_month, runs_of
@@ -103,17 +105,43 @@ def apply(base: pd.DataFrame, shocks: list[dict]) -> pd.Series:
     return shocked
 
 
-def metrics(frame: pd.DataFrame) -> dict[str, float | None]:
-    """The four figures over FRAME's rows (`base`, `change`)."""
-    change, base = frame["change"], frame["base"]
-    weight = base.abs()
+def curve_bounds(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Where each curve's rows start and end in KEYS (sorted by curve)."""
+    starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]]) if len(keys) else np.array([], dtype=int)
+    return starts, np.r_[starts[1:], len(keys)].astype(int)
+
+
+def metrics(frame: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, float | None]]:
+    """The four figures per curve (a table indexed by curve key) and over all of FRAME (`curve_key`,
+    sorted, `base`, `change`); `mean_pct_change` leaves out months whose base is 0. Column-wise, one
+    pass per figure whatever the number of curves."""
+    keys = frame["curve_key"].to_numpy()
+    change = frame["change"].to_numpy(dtype="float64")
+    weight = np.abs(frame["base"].to_numpy(dtype="float64"))
     nonzero = weight > 0
-    return {
+    pct = np.where(nonzero, 100 * change / np.where(nonzero, weight, 1.0), 0.0)
+    starts, ends = curve_bounds(keys)
+
+    def per(values: np.ndarray, ufunc: np.ufunc = np.add) -> np.ndarray:
+        return ufunc.reduceat(values, starts)
+
+    def ratio(top: np.ndarray, bottom: np.ndarray) -> np.ndarray:
+        return np.divide(top, bottom, out=np.full(len(top), np.nan), where=bottom > 0)
+
+    weighted = change * weight
+    per_curve = pd.DataFrame({
+        "mean_change": per(change) / (ends - starts),
+        "max_abs_change": per(np.abs(change), np.maximum),
+        "mean_pct_change": ratio(per(pct), per(nonzero.astype("float64"))),
+        "value_weighted_change": ratio(per(weighted), per(weight)),
+    }, index=pd.Index(keys[starts], name="curve_key"))
+    total = {
         "mean_change": _number(change.mean()),
-        "max_abs_change": _number(change.abs().max()),
-        "mean_pct_change": _number((100 * change[nonzero] / weight[nonzero]).mean()) if nonzero.any() else None,
-        "value_weighted_change": _number((change * weight).sum() / weight.sum()) if weight.sum() else None,
+        "max_abs_change": _number(np.abs(change).max()),
+        "mean_pct_change": _number(pct[nonzero].mean()) if nonzero.any() else None,
+        "value_weighted_change": _number(weighted.sum() / weight.sum()) if weight.sum() > 0 else None,
     }
+    return per_curve, total
 
 
 def _number(value: Any) -> float | None:
@@ -149,8 +177,7 @@ def run(job: JobRun) -> dict:
     frame = base.assign(base=base["value"].astype("float64"))
     frame["shocked"] = apply(base, shocks)
     frame["change"] = frame["shocked"] - frame["base"]
-    per_curve = {key: metrics(group) for key, group in frame.groupby("curve_key", sort=True)}
-    total = metrics(frame)
+    per_curve, total = metrics(frame)
     with job.batch(processed=len(frame), failed=0, checkpoint={}, progress=90):
         pass  # a cancel that came while computing stops the run here, before anything is written
 
@@ -159,30 +186,45 @@ def run(job: JobRun) -> dict:
         _write_metrics(conn, job.id, scenario_id, per_curve, total)
 
     job.final_writes = write
-    asof_used = {k: d.isoformat() for k, d in frame.groupby("curve_key")["asof_date"].first().items()}
+    starts, _ends = curve_bounds(frame["curve_key"].to_numpy())
+    asof_used = {frame["curve_key"].iat[i]: frame["asof_date"].iat[i].isoformat() for i in starts}
     return {"scenario_id": scenario_id, "asof_dates": asof_used, "curves": len(per_curve), "points": len(frame),
             "metrics": total}
 
 
+def _copy_frame(conn: psycopg.Connection, table: str, frame: pd.DataFrame) -> None:
+    """FRAME into TABLE (its columns by name) with one COPY in CSV (quoted as need be); NaN, None
+    and empty text as NULL. Floats are written as repr() does: the same double reads back."""
+    text = frame.to_csv(header=False, index=False, na_rep="")
+    statement = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT csv)").format(
+        sql.Identifier(table), sql.SQL(", ").join(map(sql.Identifier, frame.columns)))
+    with conn.cursor().copy(statement) as copy:
+        copy.write(text)
+
+
 def _write_outputs(conn: psycopg.Connection, run_id: str, scenario_id: str, frame: pd.DataFrame) -> None:
+    """One row per curve (FRAME is in curve and month order), its months and values as arrays."""
     conn.execute("DELETE FROM scenario_outputs WHERE run_id = %s", (run_id,))
-    columns = ["curve_key", "contract_month", "asof_date", "tenor_label", "unit", "base", "shocked", "change"]
+    keys = frame["curve_key"].to_numpy()
+    starts, ends = curve_bounds(keys)
+    columns = {name: frame[name].to_numpy() for name in
+               ("asof_date", "unit", "contract_month", "tenor_label", "base", "shocked", "change")}
     with conn.cursor().copy(
-        "COPY scenario_outputs (run_id, scenario_id, curve_key, contract_month, asof_date, tenor_label, unit, "
+        "COPY scenario_outputs (run_id, scenario_id, curve_key, asof_date, unit, contract_months, tenor_labels, "
         "base, shocked, change) FROM STDIN"
     ) as copy:
-        for row in frame[columns].itertuples(index=False, name=None):
-            copy.write_row((run_id, scenario_id, *row))
+        for start, end in zip(starts, ends, strict=True):
+            copy.write_row((run_id, scenario_id, keys[start], columns["asof_date"][start], columns["unit"][start],
+                            *(columns[name][start:end].tolist() for name in
+                              ("contract_month", "tenor_label", "base", "shocked", "change"))))
 
 
-def _write_metrics(conn: psycopg.Connection, run_id: str, scenario_id: str, per_curve: dict, total: dict) -> None:
+def _write_metrics(conn: psycopg.Connection, run_id: str, scenario_id: str, per_curve: pd.DataFrame,
+                   total: dict) -> None:
     conn.execute("DELETE FROM scenario_metrics WHERE run_id = %s", (run_id,))
-    rows = [(run_id, scenario_id, key, *(m[name] for name in METRICS)) for key, m in per_curve.items()]
-    rows.append((run_id, scenario_id, None, *(total[name] for name in METRICS)))
-    with conn.cursor() as cursor:
-        cursor.executemany(
-            "INSERT INTO scenario_metrics (run_id, scenario_id, curve_key, mean_change, max_abs_change, "
-            "mean_pct_change, value_weighted_change) VALUES (%s, %s, %s, %s, %s, %s, %s)", rows)
+    rows = per_curve.reset_index()
+    rows.loc[len(rows)] = [None, *(total[name] for name in METRICS)]  # the total: no curve key
+    _copy_frame(conn, "scenario_metrics", rows.assign(run_id=run_id, scenario_id=scenario_id))
 
 
 # --- what a run produced --------------------------------------------------------------------------
@@ -194,15 +236,19 @@ def latest_succeeded(session: Session, scenario_id: str) -> str | None:
                           .order_by(Job.finished_at.desc()).limit(1))
 
 
-def outputs(session: Session, run_id: str) -> Iterator[ScenarioOutput]:
-    """The run's outputs by curve and contract month, streamed."""
-    query = (select(ScenarioOutput).where(ScenarioOutput.run_id == run_id)
-             .order_by(ScenarioOutput.curve_key, ScenarioOutput.contract_month)
-             .execution_options(yield_per=5000))
-    yield from session.scalars(query)
+_UNNESTED = text(
+    "SELECT o.curve_key, u.contract_month, u.tenor_label, u.base, u.shocked, u.change, o.unit "
+    "FROM scenario_outputs o, unnest(o.contract_months, o.tenor_labels, o.base, o.shocked, o.change) "
+    "AS u(contract_month, tenor_label, base, shocked, change) "
+    "WHERE o.run_id = :run ORDER BY o.curve_key, u.contract_month")
 
 
-def stream_outputs(run_id: str) -> Iterator[ScenarioOutput]:
+def outputs(session: Session, run_id: str) -> Iterator[Any]:
+    """The run's outputs, one row per curve and contract month (OUTPUT_COLUMNS and `unit`), streamed."""
+    yield from session.execute(_UNNESTED.execution_options(yield_per=5000), {"run": run_id})
+
+
+def stream_outputs(run_id: str) -> Iterator[Any]:
     """`outputs` in a session of its own, for a response that is still streaming when the request's
     session has closed."""
     with session_scope() as session:

@@ -3,7 +3,9 @@
 `curves` holds one row per point, keyed on (curve_key, asof_date, contract_month). `curve_index`
 keeps one row per curve (its dimensions and the as-of dates it has), written by the same
 transaction as the points, so "the latest curve", dimensions and locations are answered from a
-table of hundreds of rows instead of a scan of millions.
+table of hundreds of rows instead of a scan of millions. A run's outputs are kept one row per curve,
+its contract months as arrays: a run writes hundreds of rows, not tens of thousands, and reads
+unnest them.
 
 Revision ID: 0009
 Revises: 0008
@@ -62,14 +64,14 @@ CREATE TABLE scenario_outputs (
     run_id text NOT NULL,
     scenario_id text NOT NULL,
     curve_key text NOT NULL,
-    contract_month date NOT NULL,
     asof_date date NOT NULL,
-    tenor_label text,
     unit text,
-    base double precision NOT NULL,
-    shocked double precision NOT NULL,
-    change double precision NOT NULL,
-    PRIMARY KEY (run_id, curve_key, contract_month)
+    contract_months date[] NOT NULL,
+    tenor_labels text[] NOT NULL,
+    base double precision[] NOT NULL,
+    shocked double precision[] NOT NULL,
+    change double precision[] NOT NULL,
+    PRIMARY KEY (run_id, curve_key)
 );
 CREATE INDEX ix_scenario_outputs_scenario ON scenario_outputs (scenario_id);
 CREATE TABLE scenario_metrics (
