@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Request
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from api.envelope import ApiError
@@ -30,9 +32,28 @@ def get_session() -> Iterator[Session]:
 SessionDep = Annotated[Session, Depends(get_session)]
 
 
-def _current_key(request: Request, session: SessionDep) -> ApiKey:
+@dataclass(frozen=True)
+class Principal:
+    """Who the credentials of a request name, checked once per request (the rate limiter and the
+    route share it): KEY when they are valid, else why not."""
+
+    key: ApiKey | None
+    problem: ApiError | None  # None with no key: no credentials were given
+
+
+def principal(request: Request, session: SessionDep) -> Principal:
+    try:
+        return _identify(request, session)
+    except OperationalError:  # the database is away: routes that need a caller answer 503, the rest go on
+        session.rollback()
+        return Principal(None, ApiError(503, "the database is unavailable; try again shortly",
+                                        headers={"Retry-After": "5"}))
+
+
+def _identify(request: Request, session: Session) -> Principal:
     if get_settings().auth_disabled:
-        return ApiKey(id="key_auth_disabled", name="auth disabled", prefix="", key_hash="", scopes=["admin"])
+        return Principal(ApiKey(id="key_auth_disabled", name="auth disabled", prefix="", key_hash="",
+                                scopes=["admin"]), None)
     supplied = request.headers.get("x-api-key")
     if not supplied:
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
@@ -40,22 +61,33 @@ def _current_key(request: Request, session: SessionDep) -> ApiKey:
             return _token_principal(request, session, token)
         supplied = token if scheme.lower() == "bearer" else None
     if not supplied:
-        raise ApiError(401, "an API key (X-API-Key) or a bearer token is required",
-                       headers={"WWW-Authenticate": "Bearer"})
+        return Principal(None, None)
     key = keys.authenticate(session, supplied)
     if key is None:
-        raise ApiError(401, "the API key is not valid or was revoked", headers={"WWW-Authenticate": "ApiKey"})
+        return Principal(None, ApiError(401, "the API key is not valid or was revoked",
+                                        headers={"WWW-Authenticate": "ApiKey"}))
     request.state.api_key_id = key.id
-    return key
+    return Principal(key, None)
 
 
-def _token_principal(request: Request, session: Session, token: str) -> ApiKey:
+def _token_principal(request: Request, session: Session, token: str) -> Principal:
     """A logged-in user, standing in the place of a key with the user's scopes."""
     user = users.verify(session, token)
     if user is None:
-        raise ApiError(401, "the bearer token is not valid or has expired", headers={"WWW-Authenticate": "Bearer"})
+        return Principal(None, ApiError(401, "the bearer token is not valid or has expired",
+                                        headers={"WWW-Authenticate": "Bearer"}))
     request.state.api_key_id = user.id
-    return ApiKey(id=user.id, name=user.username, prefix="", key_hash="", scopes=user.scopes)
+    return Principal(ApiKey(id=user.id, name=user.username, prefix="", key_hash="", scopes=user.scopes), None)
+
+
+PrincipalDep = Annotated[Principal, Depends(principal)]
+
+
+def _current_key(who: PrincipalDep) -> ApiKey:
+    if who.key is not None:
+        return who.key
+    raise who.problem or ApiError(401, "an API key (X-API-Key) or a bearer token is required",
+                                  headers={"WWW-Authenticate": "Bearer"})
 
 
 CurrentKey = Annotated[ApiKey, Depends(_current_key)]

@@ -5,21 +5,26 @@ from __future__ import annotations
 import logging
 import re
 import secrets
+import time
 from datetime import UTC, datetime
 from typing import Annotated, Any, Generic, TypeVar
 
+import psycopg
 import structlog
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, PlainSerializer
+from sqlalchemy.exc import OperationalError
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from api.metrics import route_template
 from pipelines.core.clock import utc_z
 from pipelines.core.pagination import BadCursor
-from pipelines.core.settings import get_settings
 
 log = logging.getLogger("ingot.api")
+access = logging.getLogger("ingot.access")
 T = TypeVar("T")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 _CODES = {
@@ -136,17 +141,25 @@ def install(app: FastAPI) -> None:
         supplied = request.headers.get("x-request-id", "")
         rid = supplied if _REQUEST_ID.match(supplied) else new_request_id()
         request.state.request_id = rid
-        length = request.headers.get("content-length", "")
-        limit = get_settings().max_body_bytes
-        if (length.isdigit() and int(length) > limit) or (not length and request.headers.get("transfer-encoding")):
-            # Refused before the body is read; chunked bodies (no length) are refused outright.
-            return error_response(request, 413, f"request body larger than {limit:,} bytes")
         structlog.contextvars.bind_contextvars(request_id=rid)
+        began = time.perf_counter()
         try:
             response = await call_next(request)
         finally:
             structlog.contextvars.unbind_contextvars("request_id")
+        # One access line per request, JSON like every other line (never a query string: it may hold a cursor).
+        access.info("%s %s %s", request.method, route_template(request), response.status_code, extra={
+            "method": request.method, "route": route_template(request), "status": response.status_code,
+            "duration_ms": round((time.perf_counter() - began) * 1000, 1),
+            "principal": getattr(request.state, "api_key_id", None), "request_id": rid})
         response.headers["X-Request-ID"] = rid
+        # The rate limit's figures on every answer: errors and downloads included (see api.limits).
+        shown = getattr(request.state, "rate_limit_headers", None)
+        if shown is None and request.url.path.startswith("/api/v1/"):
+            from api.limits import address_headers  # api.limits depends on this module
+
+            shown = await run_in_threadpool(address_headers, request)
+        response.headers.update(shown or {})
         return response
 
     @app.exception_handler(ApiError)
@@ -175,6 +188,14 @@ def install(app: FastAPI) -> None:
         ]
         message = "request body is not valid JSON" if malformed else "request is not valid"
         return error_response(request, 400 if malformed else 422, message, {"errors": problems})
+
+    @app.exception_handler(OperationalError)
+    @app.exception_handler(psycopg.OperationalError)
+    async def _database_unavailable(request: Request, exc: Exception):
+        # The database is down or restarting: say so, and when to try again; the pool reconnects by itself.
+        log.warning("database unavailable: %s", type(exc).__name__)
+        return error_response(request, 503, "the database is unavailable; try again shortly",
+                              headers={"Retry-After": "5"})
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):

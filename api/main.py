@@ -7,6 +7,7 @@ import logging
 from fastapi import APIRouter, Depends, FastAPI
 
 from api import envelope, metrics
+from api.bodylimit import BodyLimit
 from api.limits import default_limit
 from api.routes import admin, auth, curves, data, exports, health, ingestion, jobs, scenarios, sources, webhooks
 from pipelines import __version__
@@ -35,4 +36,6 @@ def create_app() -> FastAPI:
     for module in (auth, sources, ingestion, jobs, data, exports, curves, scenarios, webhooks, admin):
         api.include_router(module.router)
     app.include_router(api)
+    # Outermost: the body is counted before anything else reads the request.
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     return app

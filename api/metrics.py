@@ -70,7 +70,7 @@ REGISTRY.register(DatabaseCollector())
 REGISTRY.register(QueueCollector())
 
 
-def _template(request: Request) -> str:
+def route_template(request: Request) -> str:
     """The route template (/api/v1/jobs/{job_id}), never the raw path: labels stay bounded."""
     if request.scope.get("route") is None:
         return "unmatched"
@@ -84,7 +84,7 @@ def install(app: FastAPI) -> None:
     async def measure(request: Request, call_next):
         began = time.perf_counter()
         response = await call_next(request)
-        path = _template(request)
+        path = route_template(request)
         LATENCY.labels(request.method, path).observe(time.perf_counter() - began)
         REQUESTS.labels(request.method, path, str(response.status_code)).inc()
         return response

@@ -83,7 +83,8 @@ def plain_pandas(text: bytes) -> float:
         elif shock["type"] == "percent":
             shocked *= 1 + shock["value"] / 100
         else:
-            inside = (frame["contract_month"] >= shock["from"] + "-01") & (frame["contract_month"] <= shock["to"] + "-01")
+            months = frame["contract_month"]
+            inside = (months >= shock["from"] + "-01") & (months <= shock["to"] + "-01")
             shocked = shocked.where(~inside, shocked + shock["value"])
     frame["change"] = shocked - frame["value"]
     frame["weight"] = frame["value"].abs()

@@ -147,6 +147,8 @@ def clean_state():
     from pipelines.core import cache
 
     cache.drop("")
+    for key in client.scan_iter(match="ingot:ratelimit:*", count=1000):  # every test starts with full buckets
+        client.delete(key)
 
 
 @pytest.fixture(scope="session")
@@ -169,14 +171,19 @@ def configure(monkeypatch):
     sees them, and undone afterwards. `configure(max_exports_per_key=2)`."""
     from pipelines.core.settings import get_settings
 
-    def apply(**values) -> None:
-        for name, value in values.items():
-            monkeypatch.setenv(f"INGOT_{name.upper()}", str(value))
-        get_settings.cache_clear()
+    class Configure:
+        def __call__(self, **values) -> None:
+            for name, value in values.items():
+                monkeypatch.setenv(f"INGOT_{name.upper()}", str(value))
+            get_settings.cache_clear()
 
-    yield apply
-    monkeypatch.undo()
-    get_settings.cache_clear()
+        def undo(self) -> None:
+            monkeypatch.undo()
+            get_settings.cache_clear()
+
+    configure = Configure()
+    yield configure
+    configure.undo()
 
 
 @pytest.fixture

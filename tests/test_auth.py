@@ -57,3 +57,35 @@ def test_login_is_rate_limited_per_address(api_url):
                 break
     assert codes[-1] == 429 and set(codes[:-1]) == {401}
     assert r.headers["X-RateLimit-Limit"] == str(get_settings().login_rate_limit_per_minute)
+
+
+def test_me_names_the_caller_and_its_scopes(api_url, write_sources):
+    import subprocess
+    import sys
+
+    from tests.helpers import ROOT, make_key
+
+    key = make_key(["write"])
+    answer = httpx.get(f"{api_url}/api/v1/auth/me", headers={"X-API-Key": key}).json()["data"]
+    assert answer["kind"] == "key" and answer["id"].startswith("key_") and answer["scopes"] == ["write"]
+    made = subprocess.run([sys.executable, "-m", "cli.main", "users", "create", "ana", "--scopes", "read",
+                           "--password-stdin"], cwd=ROOT, input="a long enough password\n", capture_output=True,
+                          text=True, timeout=60)
+    assert made.returncode == 0, made.stderr
+    token = httpx.post(f"{api_url}/api/v1/auth/login",
+                       json={"username": "ana", "password": "a long enough password"}).json()["data"]["access_token"]
+    user = httpx.get(f"{api_url}/api/v1/auth/me", headers={"Authorization": f"Bearer {token}"}).json()["data"]
+    assert (user["kind"], user["name"], user["scopes"]) == ("user", "ana", ["read"])
+    assert httpx.get(f"{api_url}/api/v1/auth/me").status_code == 401
+
+
+def test_each_request_leaves_one_access_line(api_url, admin_key, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO, logger="ingot.access")
+    answer = httpx.get(f"{api_url}/api/v1/jobs/job_missing?secret=1", headers={"X-API-Key": admin_key})
+    lines = [r for r in caplog.records if r.name == "ingot.access" and r.request_id == answer.headers["x-request-id"]]
+    assert len(lines) == 1
+    line = lines[0]
+    assert (line.method, line.route, line.status) == ("GET", "/api/v1/jobs/{job_id}", 404)
+    assert line.principal.startswith("key_") and line.duration_ms >= 0 and "secret" not in line.getMessage()

@@ -70,6 +70,8 @@ def test_every_format_round_trips_exactly(client, worker, tmp_path):
         job = run_export(client, fmt)
         data = fetch(client, job, tmp_path)
         assert job["result"]["row_count"] == 50_000 and job["result"]["file_size"] == len(data)
+        stored = export.final_path(job["id"], fmt)
+        assert stored.stat().st_mode & 0o777 == 0o600 and stored.parent.stat().st_mode & 0o777 == 0o700
         if fmt == "parquet":
             got = pq.read_table(io.BytesIO(data))
             assert got.schema.field("timestamp").type == pa.timestamp("us", "UTC")

@@ -19,6 +19,7 @@ from pipelines.webhooks import netguard
     ("224.0.0.1", True),  # multicast
     ("::1", True),
     ("fc00::1", True),  # unique local
+    ("fec0::1", True),  # site-local (deprecated, still routed inside sites)
     ("fe80::1", True),  # link-local
     ("::ffff:127.0.0.1", True),  # IPv4-mapped loopback
     ("2002:7f00:1::", True),  # 6to4 around 127.0.0.1
@@ -53,6 +54,7 @@ def test_parse_refuses(url, reason):
 
 
 def test_resolve_refuses_private_answers_unless_allowed():
-    with pytest.raises(netguard.UnsafeUrl, match="private or reserved"):
-        netguard.resolve("http://127.0.0.1:8080/x", allow_private=False)
+    with pytest.raises(netguard.UnsafeUrl, match="private or reserved") as refused:
+        netguard.resolve("http://localhost:8080/x", allow_private=False)
+    assert "127.0.0.1" not in str(refused.value) and "::1" not in str(refused.value)  # the network is not mapped
     assert netguard.resolve("http://127.0.0.1:8080/x", allow_private=True) == "127.0.0.1"

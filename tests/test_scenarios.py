@@ -211,10 +211,12 @@ def _blocked_run(client, scenario_id: str, lock_conn) -> str:
     lock_conn.execute(text("LOCK TABLE curves IN ACCESS EXCLUSIVE MODE"))
     run_id = client.request("POST", f"/scenarios/{scenario_id}/run")["data"]["run_id"]
     wait_for(lambda: client.job(run_id)["state"] == "running", timeout=30, message="the run to start")
-    with get_engine().connect() as conn:
-        wait_for(lambda: conn.execute(text("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-                                           "AND query LIKE '%%curve_index i JOIN curves%%'")).scalar_one(),
-                 timeout=30, message="the run to wait on the curves")
+    def waiting() -> int:  # a new transaction each time: pg_stat_activity is a snapshot per transaction
+        with get_engine().connect() as conn:
+            return conn.execute(text("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                                     "AND query LIKE '%%curve_index i JOIN curves%%'")).scalar_one()
+
+    wait_for(waiting, timeout=30, message="the run to wait on the curves")
     return run_id
 
 

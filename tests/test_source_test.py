@@ -45,3 +45,17 @@ def test_unreachable_or_broken_sources_say_why(client, write_sources, api):
     assert missing["connected"] is False and "no file matches" in missing["error"]
     r = client.http.post("/api/v1/sources/nope/test")
     assert r.status_code == 404
+
+
+def test_a_source_test_needs_write_and_is_limited_per_key(api_url, write_sources, data_dir, configure):
+    from cli.client import Client
+    from tests.helpers import make_key
+
+    write_csv(data_dir / "a.csv", 3)
+    write_sources(sources_toml("prices", "a.csv"))
+    configure(source_test_rate_limit_per_minute=2)
+    with Client(api_url, make_key(["read"])) as reader:
+        assert reader.http.post("/api/v1/sources/prices/test").status_code == 403
+    with Client(api_url, make_key(["write"])) as writer:
+        answers = [writer.http.post("/api/v1/sources/prices/test").status_code for _ in range(3)]
+    assert answers == [200, 200, 429]

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
 
-from api.deps import SessionDep
+from api.deps import ReadKey, SessionDep
 from api.envelope import ApiError, Envelope, ok
 from api.limits import limit
 from pipelines.auth import users
@@ -28,7 +30,7 @@ class Token(BaseModel):
 
 
 @router.post("/login", response_model=Envelope[Token],
-             dependencies=[limit("login", lambda: runtime.value("login_rate_limit_per_minute"))])
+             dependencies=[limit("login", lambda: runtime.value("login_rate_limit_per_minute"), by_address=True)])
 def login(body: Login, request: Request, session: SessionDep) -> dict:
     """Exchange a user's credentials for a bearer token (`Authorization: Bearer ...`)."""
     issued = users.login(session, body.username, body.password)
@@ -36,3 +38,17 @@ def login(body: Login, request: Request, session: SessionDep) -> dict:
         raise ApiError(401, "wrong username or password")
     token, lifetime = issued
     return ok(request, {"access_token": token, "token_type": "bearer", "expires_in": lifetime})
+
+
+class Me(BaseModel):
+    id: str
+    kind: Literal["key", "user"]
+    name: str
+    scopes: list[str]
+
+
+@router.get("/me", response_model=Envelope[Me])
+def me(request: Request, key: ReadKey) -> dict:
+    """Who the credentials of this request name: a key or a logged-in user, and its scopes."""
+    kind = "user" if key.id.startswith("usr_") else "key"
+    return ok(request, {"id": key.id, "kind": kind, "name": key.name, "scopes": list(key.scopes)})

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 
-from api.deps import ReadKey, SessionDep
+from api.deps import ReadKey, SessionDep, WriteKey
 from api.envelope import ApiError, Envelope, ok
+from api.limits import limit
 from api.registry import registry_or_error
 from api.schemas import SourceDetail, SourceList, SourceTest
+from pipelines.core import runtime
 from pipelines.ingestion import catalog, probe
 
 router = APIRouter(prefix="/sources", tags=["sources"])
@@ -27,10 +29,12 @@ def get_source(source_id: str, request: Request, session: SessionDep, _key: Read
     return ok(request, catalog.detail(session, registry, source_id))
 
 
-@router.post("/{source_id}/test", response_model=Envelope[SourceTest])
-def test_source(source_id: str, request: Request, _key: ReadKey) -> dict:
+@router.post("/{source_id}/test", response_model=Envelope[SourceTest],
+             dependencies=[limit("source_test", lambda: runtime.value("source_test_rate_limit_per_minute"))])
+def test_source(source_id: str, request: Request, _key: WriteKey) -> dict:
     """Connect, read up to 5 rows through validation and count the records when that is cheap.
-    Writes nothing. An unreachable source answers `connected: false` with the reason."""
+    Writes nothing. An unreachable source answers `connected: false` with the reason. It reaches out
+    to the source from the API process: it needs the write scope, and a key may run a few a minute."""
     registry = registry_or_error()
     if source_id not in registry.ids():
         raise ApiError(404, f"no source '{source_id}' is declared")

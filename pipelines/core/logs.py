@@ -14,6 +14,7 @@ def configure(level: str = "INFO", fmt: str = "json") -> None:
         structlog.contextvars.merge_contextvars,
         structlog.stdlib.add_log_level,
         structlog.stdlib.add_logger_name,
+        structlog.stdlib.ExtraAdder(),  # `extra={...}` fields of standard logging calls, as keys of the line
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
     renderer = structlog.dev.ConsoleRenderer() if fmt == "console" else structlog.processors.JSONRenderer()

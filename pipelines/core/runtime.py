@@ -7,12 +7,14 @@ most every few seconds. Anything not overridden is the environment's value. Secr
 from __future__ import annotations
 
 import json
+import logging
 import time
 from dataclasses import dataclass
 from threading import Lock
 from typing import Any, cast
 
 from sqlalchemy import text
+from sqlalchemy.exc import OperationalError
 
 from pipelines.core.db import get_engine
 from pipelines.core.settings import get_settings
@@ -43,6 +45,7 @@ KNOBS = {
     "export_retention_days": Knob(int, 1, 3650),
     "rate_limit_per_minute": Knob(int, 1, 10_000_000),
     "export_rate_limit_per_minute": Knob(int, 1, 100_000),
+    "source_test_rate_limit_per_minute": Knob(int, 1, 10_000),
     "login_rate_limit_per_minute": Knob(int, 1, 100_000),
     "max_exports_per_key": Knob(int, 1, 1000),
     "webhook_retry_schedule": Knob(str),
@@ -51,6 +54,7 @@ KNOBS = {
     "webhook_relay_interval_seconds": Knob(float, 0.1, 3600, restart=True),
     "export_expiry_interval_seconds": Knob(float, 10, 86400, restart=True),
 }
+log = logging.getLogger(__name__)
 TTL = 5.0
 _cache: dict = {"at": 0.0, "values": {}}
 _lock = Lock()
@@ -59,8 +63,11 @@ _lock = Lock()
 def _overrides() -> dict:
     with _lock:
         if time.monotonic() - _cache["at"] > TTL:
-            with get_engine().connect() as conn:
-                _cache["values"] = dict(conn.execute(text("SELECT name, value FROM config_overrides")).all())
+            try:
+                with get_engine().connect() as conn:
+                    _cache["values"] = dict(conn.execute(text("SELECT name, value FROM config_overrides")).all())
+            except OperationalError:  # the database is away: the last values known serve until it is back
+                log.warning("runtime settings: the database is unavailable; keeping the last values read")
             _cache["at"] = time.monotonic()
         return _cache["values"]
 

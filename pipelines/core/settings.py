@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import tempfile
 from functools import lru_cache
 from pathlib import Path
 
@@ -33,6 +34,7 @@ class Settings(BaseSettings):
     max_body_bytes: int = 1024 * 1024
     export_retention_days: int = 7
     export_rate_limit_per_minute: int = 10
+    source_test_rate_limit_per_minute: int = 10
     max_exports_per_key: int = 3
     export_min_free_bytes: int = 256 * 1024 * 1024
     export_expiry_interval_seconds: float = 3600
@@ -86,17 +88,31 @@ class Settings(BaseSettings):
         # Longer than the longest job: the reaper, not the broker, recovers work from dead workers.
         return self.job_timeout_seconds + 3600
 
+    def ensure_home(self) -> Path:
+        """INGOT_HOME, made private to its user (0700) when this process creates it."""
+        if not self.home.exists():
+            self.home.mkdir(parents=True, exist_ok=True)
+            self.home.chmod(0o700)
+        return self.home
+
     def secret_file(self, name: str, generate) -> str:
-        """Read a secret kept under INGOT_HOME, generating it (mode 0600) on first use."""
+        """Read a secret kept under INGOT_HOME, generating it (mode 0600) on first use. The new value
+        is written whole to a private temporary file, then linked into place: a process racing this
+        one reads either nothing or the whole secret, and both end with the same one."""
         path = self.home / name
         if path.exists():
             return path.read_text().strip()
-        self.home.mkdir(parents=True, exist_ok=True)
-        value = generate()
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(value)
-        return value
+        self.ensure_home()
+        fd, temporary = tempfile.mkstemp(prefix=f".{name}.", dir=self.home)  # mode 0600
+        try:
+            with os.fdopen(fd, "w") as fh:
+                fh.write(generate())
+            os.link(temporary, path)
+        except FileExistsError:
+            pass  # another process got there first: its secret is the one
+        finally:
+            os.unlink(temporary)
+        return path.read_text().strip()
 
     def flower_credentials(self) -> str:
         if self.flower_basic_auth:

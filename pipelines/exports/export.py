@@ -58,8 +58,10 @@ WRITE_BLOCK = 1024 * 1024
 
 
 def exports_dir() -> Path:
-    path = get_settings().home / "exports"
-    path.mkdir(parents=True, exist_ok=True)
+    path = get_settings().ensure_home() / "exports"
+    if not path.exists():
+        path.mkdir(exist_ok=True)
+        path.chmod(0o700)
     return path
 
 
@@ -240,7 +242,7 @@ class _HashingFile(io.RawIOBase):
     """A file being written whose SHA-256 is computed on the way (no second read of the file)."""
 
     def __init__(self, path: Path):
-        self.file = path.open("wb")
+        self.file = os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb")  # owner only
         self.digest = hashlib.sha256()
         self.size = 0
 

@@ -13,7 +13,7 @@ from urllib.parse import urlsplit
 
 _CGNAT = ipaddress.ip_network("100.64.0.0/10")
 _EXTRA = [ipaddress.ip_network(n) for n in ("0.0.0.0/8", "192.0.0.0/24", "198.18.0.0/15", "64:ff9b::/96",
-                                            "64:ff9b:1::/48", "2001::/23", "fc00::/7")]
+                                            "64:ff9b:1::/48", "2001::/23", "fc00::/7", "fec0::/10")]
 
 
 class UnsafeUrl(ValueError):
@@ -62,6 +62,7 @@ def resolve(url: str, allow_private: bool) -> str:
     if not allow_private:
         refused = [str(a) for a in addresses if blocked(a)]
         if refused:
-            raise UnsafeUrl(f"{host} resolves to a private or reserved address ({', '.join(refused)}); "
+            # The addresses are not named: the answer must not map the server's network for the caller.
+            raise UnsafeUrl(f"{host} resolves to a private or reserved address; "
                             "set INGOT_WEBHOOK_ALLOW_PRIVATE=true to allow it")
     return str(addresses[0])

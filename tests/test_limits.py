@@ -1,0 +1,146 @@
+"""Limits that cannot be sidestepped: the body counted as it arrives, rate-limit buckets per principal
+(per address for logging in and for credentials that fail), the limit's headers on every answer, and
+503 (not 500) while the database is away."""
+
+import asyncio
+import json
+import secrets
+import time
+
+import httpx
+import pytest
+
+from api.main import create_app
+from tests.helpers import make_key, wait_for
+
+MiB = 1024 * 1024
+
+
+def _call(app, method: str, path: str, headers: list[tuple[bytes, bytes]], chunks: list[bytes]) -> tuple[int, dict]:
+    """One request straight through the ASGI app, its body in CHUNKS, with exactly HEADERS."""
+    sent: list[dict] = []
+    pending = list(chunks)
+
+    async def receive():
+        if pending:
+            body = pending.pop(0)
+            return {"type": "http.request", "body": body, "more_body": bool(pending)}
+        await asyncio.sleep(3600)
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method, "scheme": "http",
+             "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "", "headers": headers,
+             "client": ("127.0.0.1", 50000), "server": ("127.0.0.1", 80)}
+    asyncio.run(asyncio.wait_for(app(scope, receive, send), 30))
+    start = next(m for m in sent if m["type"] == "http.response.start")
+    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    return start["status"], json.loads(body or b"{}")
+
+
+@pytest.mark.parametrize("claimed", [[(b"content-length", b"1"), (b"transfer-encoding", b"chunked")],
+                                     [(b"transfer-encoding", b"chunked")], []],
+                         ids=["length 1 and chunked", "chunked", "no length"])
+def test_the_body_is_counted_as_it_arrives_whatever_the_headers_say(admin_key, claimed):
+    headers = [(b"x-api-key", admin_key.encode()), (b"content-type", b"application/json"), *claimed]
+    status, body = _call(create_app(), "POST", "/api/v1/webhooks", headers, [b" " * (256 * 1024)] * 8)  # 2 MiB
+    assert status == 413 and body["error"]["code"] == "PAYLOAD_TOO_LARGE"
+
+
+def test_a_chunked_body_within_the_limit_is_read(api_url):
+    def chunks():
+        yield b'{"username": "nobody", '
+        yield b'"password": "wrong"}'
+
+    answer = httpx.post(f"{api_url}/api/v1/auth/login", content=chunks(), headers={"Content-Type": "application/json"})
+    assert answer.status_code == 401  # read and judged, not refused for being chunked
+
+
+def _fresh_window() -> None:
+    """Start where a fixed one-minute window has room for the test (polling the clock, bounded)."""
+    wait_for(lambda: time.time() % 60 < 45, timeout=20, interval=0.5, message="a fresh rate-limit window")
+
+
+def test_a_key_has_one_bucket_however_it_is_spelled(api_url, configure):
+    configure(rate_limit_per_minute=6)
+    key = make_key(["read"])
+    spellings = [{"X-API-Key": key}, {"Authorization": f"Bearer {key}"}, {"authorization": f"bearer {key}"}]
+    _fresh_window()
+    with httpx.Client(base_url=api_url) as http:
+        answers = [http.get("/api/v1/jobs", headers=spellings[i % 3]) for i in range(7)]
+    assert [a.status_code for a in answers] == [200] * 6 + [429]
+    assert answers[-1].json()["error"]["code"] == "RATE_LIMIT_EXCEEDED"
+
+
+def test_invented_keys_share_their_address_bucket(api_url, configure):
+    configure(rate_limit_per_minute=5)
+    _fresh_window()
+    with httpx.Client(base_url=api_url) as http:
+        answers = [http.get("/api/v1/jobs", headers={"X-API-Key": f"ingot_{secrets.token_hex(16)}"})
+                   for _ in range(6)]
+    assert [a.status_code for a in answers] == [401] * 5 + [429]
+
+
+def test_login_is_limited_per_address_whatever_key_header_comes_with_it(api_url, configure):
+    configure(login_rate_limit_per_minute=3)
+    _fresh_window()
+    with httpx.Client(base_url=api_url) as http:
+        answers = [http.post("/api/v1/auth/login", json={"username": "u", "password": "p"},
+                             headers={"X-API-Key": f"ingot_{secrets.token_hex(16)}"}) for _ in range(4)]
+    assert [a.status_code for a in answers] == [401, 401, 401, 429]
+
+
+@pytest.mark.parametrize(("method", "path", "status"), [
+    ("GET", "/api/v1/jobs/job_missing", 404),
+    ("GET", "/api/v1/jobs?limit=0", 422),
+    ("POST", "/api/v1/ingestion/stop", 200),
+    ("GET", "/api/v1/nothing-here", 404),
+])
+def test_every_answer_carries_the_rate_limit_headers(api_url, admin_key, method, path, status):
+    answer = httpx.request(method, f"{api_url}{path}", headers={"X-API-Key": admin_key})
+    assert answer.status_code == status
+    assert int(answer.headers["X-RateLimit-Limit"]) >= int(answer.headers["X-RateLimit-Remaining"]) >= 0
+    unauthenticated = httpx.get(f"{api_url}/api/v1/jobs")
+    assert unauthenticated.status_code == 401 and "X-RateLimit-Remaining" in unauthenticated.headers
+
+
+def test_a_database_away_is_503_and_the_api_recovers_by_itself(api_url, admin_key, configure):
+    from pipelines.core import runtime
+    from pipelines.core.db import dispose_engine
+
+    with httpx.Client(base_url=api_url, headers={"X-API-Key": admin_key}) as http:
+        assert http.get("/api/v1/jobs").status_code == 200
+        runtime.value("rate_limit_per_minute")  # the limiter's settings, read while the database is there
+        configure(database_url="postgresql+psycopg://ingot@127.0.0.1:9/nothing")  # a port nobody listens on
+        dispose_engine()
+        try:
+            away = http.get("/api/v1/jobs")
+            assert away.status_code == 503 and away.json()["error"]["code"] == "SERVICE_UNAVAILABLE"
+            assert away.headers["Retry-After"] == "5"
+            assert http.get("/ready").status_code == 503
+            assert http.get("/api/v1/health").status_code == 200  # liveness never waits on the database
+        finally:
+            configure.undo()
+            dispose_engine()
+        assert http.get("/api/v1/jobs").status_code == 200
+        assert http.get("/ready").status_code == 200
+
+
+def _secret(home: str) -> str:
+    from pipelines.core.settings import Settings
+
+    return Settings(home=home).secret_file("racing_secret", lambda: secrets.token_hex(16))
+
+
+def test_a_generated_secret_is_one_and_private_however_many_processes_race(tmp_path):
+    import multiprocessing
+
+    home = tmp_path / "home"
+    with multiprocessing.get_context("spawn").Pool(6) as pool:
+        values = pool.map(_secret, [str(home)] * 12)
+    assert len(set(values)) == 1 and len(values[0]) == 32
+    assert (home / "racing_secret").stat().st_mode & 0o777 == 0o600
+    assert home.stat().st_mode & 0o777 == 0o700
+    assert sorted(p.name for p in home.iterdir()) == ["racing_secret"]  # no temporary file left behind
