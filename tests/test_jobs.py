@@ -119,6 +119,18 @@ def test_errors_fail_the_job_with_their_message():
     assert state(job_id).error == "source 'x': no file matches 'a/*.csv'"
 
 
+def test_an_unplanned_error_names_its_kind_never_its_text():
+    job_id, _ = new_job()
+
+    def work(run):
+        raise RuntimeError("(psycopg.errors.Foo) SELECT password FROM users WHERE id = 'secret-value'")
+
+    assert machine.execute(job_id, work) == "failed"
+    error = state(job_id).error
+    assert error.startswith("internal error (RuntimeError)") and job_id in error
+    assert "SELECT" not in error and "secret-value" not in error
+
+
 def test_reaper_resends_queued_jobs_whose_message_is_gone():
     job_id, first = new_job()
     resent = []

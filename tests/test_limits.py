@@ -144,3 +144,38 @@ def test_a_generated_secret_is_one_and_private_however_many_processes_race(tmp_p
     assert (home / "racing_secret").stat().st_mode & 0o777 == 0o600
     assert home.stat().st_mode & 0o777 == 0o700
     assert sorted(p.name for p in home.iterdir()) == ["racing_secret"]  # no temporary file left behind
+
+
+def test_webhooks_and_exports_belong_to_their_creator(api_url, admin_key):
+    from cli.client import Client
+
+    with Client(api_url, make_key(["write"])) as owner, Client(api_url, make_key(["write"])) as other, \
+            Client(api_url, admin_key) as admin:
+        hook = owner.request("POST", "/webhooks", json={"url": "http://127.0.0.1:9/hook",
+                                                         "events": ["job.cancelled"]})["data"]
+        export_id = owner.start_export("csv")["export_id"]
+        for path in (f"/api/v1/webhooks/{hook['id']}", f"/api/v1/webhooks/{hook['id']}/deliveries",
+                     f"/api/v1/data/export/{export_id}", f"/api/v1/data/export/{export_id}/download"):
+            answer = other.http.get(path)
+            assert answer.status_code == 404 and answer.json()["error"]["code"] == "NOT_FOUND", path
+            assert owner.http.get(path).status_code in (200, 409), path  # 409: the export is not ready yet
+            assert admin.http.get(path).status_code in (200, 409), path
+        assert other.http.delete(f"/api/v1/webhooks/{hook['id']}").status_code == 404
+        assert other.request("GET", "/webhooks")["data"]["webhooks"] == []
+        assert [h["id"] for h in owner.request("GET", "/webhooks")["data"]["webhooks"]] == [hook["id"]]
+        assert hook["id"] in [h["id"] for h in admin.request("GET", "/webhooks")["data"]["webhooks"]]
+
+
+def test_a_key_may_hold_only_so_many_webhooks(api_url, configure):
+    from cli.client import Client
+
+    configure(max_webhooks_per_key=2)
+    body = {"url": "http://127.0.0.1:9/hook", "events": ["job.cancelled"]}
+    with Client(api_url, make_key(["write"])) as owner:
+        made = [owner.http.post("/api/v1/webhooks", json=body).status_code for _ in range(3)]
+        assert made == [201, 201, 409]
+        first = owner.request("GET", "/webhooks")["data"]["webhooks"][0]["id"]
+        assert owner.http.delete(f"/api/v1/webhooks/{first}").status_code == 200
+        assert owner.http.post("/api/v1/webhooks", json=body).status_code == 201  # room again
+    with Client(api_url, make_key(["write"])) as other:  # the cap is per key
+        assert other.http.post("/api/v1/webhooks", json=body).status_code == 201

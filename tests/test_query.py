@@ -94,6 +94,8 @@ def test_cursor_pagination_walks_everything_once_in_order_even_with_inserts(http
     {"sort": {"field": "timestamp", "order": "sideways"}},
     {"pagination": {"limit": 10**9}},
     {"pagination": {"page": 0}},
+    {"pagination": {"page": 1_000_000, "limit": 1000}},  # OFFSET a billion rows deep
+    {"pagination": {"page": 102, "limit": 1000}},
     {"pagination": {"page": 1, "cursor": "abc"}},
     {"pagination": {"cursor": "not-a-cursor"}},
     {"pagination": {"cursor": "WzEsMiwzXQ"}},

@@ -13,6 +13,7 @@ from pipelines.core import pagination
 from pipelines.exports import query
 
 router = APIRouter(prefix="/data", tags=["data"])
+MAX_OFFSET = 100_000
 
 
 class _Strict(BaseModel):
@@ -44,6 +45,9 @@ class Pagination(_Strict):
     def _one_mode(self) -> Pagination:
         if self.page is not None and self.cursor is not None:
             raise ValueError("give either 'page' or 'cursor', not both")
+        if self.page is not None and (self.page - 1) * self.limit > MAX_OFFSET:
+            # Each page deeper costs the database a scan of every row before it: go on with the cursor.
+            raise ValueError(f"pages reach {MAX_OFFSET:,} rows deep at most; follow 'next_cursor' further")
         return self
 
 

@@ -13,8 +13,9 @@ from api.deps import ReadKey, SessionDep, WriteKey
 from api.envelope import ApiError, Envelope, found, iso, ok
 from api.limits import limit
 from api.routes.data import Filters
+from pipelines.auth import keys
 from pipelines.core import runtime
-from pipelines.core.models import Job
+from pipelines.core.models import ApiKey, Job
 from pipelines.exports import admission, export
 from worker.dispatch import send_job
 
@@ -53,8 +54,8 @@ def _download_url(request: Request, job_id: str) -> str:
     return str(request.url_for("download_export", export_id=job_id))
 
 
-def _export_job(session, export_id: str) -> Job:
-    return found(admission.find(session, export_id), f"no export '{export_id}'")
+def _export_job(session, export_id: str, key: ApiKey) -> Job:
+    return found(admission.find(session, export_id, keys.owner_filter(key)), f"no export '{export_id}'")
 
 
 @router.post("", status_code=202, response_model=Envelope[ExportStarted],
@@ -74,8 +75,8 @@ def start_export(body: ExportRequest, request: Request, session: SessionDep, key
 
 
 @router.get("/{export_id}", response_model=Envelope[ExportStatus])
-def export_status(export_id: str, request: Request, session: SessionDep, _key: ReadKey) -> dict:
-    job = _export_job(session, export_id)
+def export_status(export_id: str, request: Request, session: SessionDep, key: ReadKey) -> dict:
+    job = _export_job(session, export_id, key)
     result = job.result or {}
     return ok(request, {
         "export_id": job.id, "status": admission.status(job), "progress": job.progress,
@@ -92,10 +93,10 @@ def _parsed(value: str | None) -> datetime | None:
 
 @router.get("/{export_id}/download", name="download_export",
             responses={200: {"content": {t: {} for t, _ in export.FORMATS.values()}}})
-def download(export_id: str, session: SessionDep, _key: ReadKey) -> FileResponse:
+def download(export_id: str, session: SessionDep, key: ReadKey) -> FileResponse:
     """The file, streamed; `Range` requests resume large downloads. 409 before it is ready, 404 once
     it has expired."""
-    job = _export_job(session, export_id)
+    job = _export_job(session, export_id, key)
     if job.state != "succeeded":
         raise ApiError(409, f"export {job.id} is {job.state}, not ready to download")
     fmt = job.params["format"]

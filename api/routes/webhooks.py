@@ -9,8 +9,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from api.deps import ReadKey, SessionDep, WriteKey
 from api.envelope import ApiError, Envelope, UTCDateTime, found, ok
+from pipelines.auth import keys
 from pipelines.core.db import on_commit
-from pipelines.core.models import Webhook
+from pipelines.core.models import ApiKey, Webhook
 from pipelines.webhooks import endpoints, netguard
 from worker.dispatch import relay_webhooks
 
@@ -84,8 +85,8 @@ def _view(hook: Webhook) -> dict:
     return {k: getattr(hook, k) for k in WebhookOut.model_fields}
 
 
-def _hook(session, webhook_id: str) -> Webhook:
-    return found(endpoints.get(session, webhook_id), f"no webhook '{webhook_id}'")
+def _hook(session, webhook_id: str, key: ApiKey) -> Webhook:
+    return found(endpoints.get(session, webhook_id, keys.owner_filter(key)), f"no webhook '{webhook_id}'")
 
 
 @router.post("", status_code=201, response_model=Envelope[WebhookCreated])
@@ -95,23 +96,26 @@ def create(body: WebhookIn, request: Request, session: SessionDep, key: WriteKey
         hook, secret = endpoints.create(session, body.url, body.events, body.secret, key.id)
     except (netguard.UnsafeUrl, ValueError) as exc:
         raise ApiError(422, str(exc)) from None
+    except endpoints.TooManyWebhooks as exc:
+        raise ApiError(409, str(exc)) from None
     session.commit()
     return ok(request, {**_view(hook), "secret": secret}, message="store the secret now: it is not shown again")
 
 
 @router.get("", response_model=Envelope[WebhookList])
-def list_webhooks(request: Request, session: SessionDep, _key: ReadKey) -> dict:
-    return ok(request, {"webhooks": [_view(h) for h in endpoints.listing(session)]}, next_cursor=None)
+def list_webhooks(request: Request, session: SessionDep, key: ReadKey) -> dict:
+    return ok(request, {"webhooks": [_view(h) for h in endpoints.listing(session, keys.owner_filter(key))]},
+              next_cursor=None)
 
 
 @router.get("/{webhook_id}", response_model=Envelope[WebhookOut])
-def get_webhook(webhook_id: str, request: Request, session: SessionDep, _key: ReadKey) -> dict:
-    return ok(request, _view(_hook(session, webhook_id)))
+def get_webhook(webhook_id: str, request: Request, session: SessionDep, key: ReadKey) -> dict:
+    return ok(request, _view(_hook(session, webhook_id, key)))
 
 
 @router.delete("/{webhook_id}", response_model=Envelope[WebhookOut])
-def delete_webhook(webhook_id: str, request: Request, session: SessionDep, _key: WriteKey) -> dict:
-    hook = _hook(session, webhook_id)
+def delete_webhook(webhook_id: str, request: Request, session: SessionDep, key: WriteKey) -> dict:
+    hook = _hook(session, webhook_id, key)
     endpoints.delete(session, hook)
     session.commit()
     return ok(request, _view(hook), message="webhook deleted")
@@ -122,22 +126,22 @@ def deliveries(
     webhook_id: str,
     request: Request,
     session: SessionDep,
-    _key: ReadKey,
+    key: ReadKey,
     state: str | None = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     cursor: str | None = None,
 ) -> dict:
     """Every delivery to this endpoint, newest first, each with every attempt."""
-    _hook(session, webhook_id)
+    _hook(session, webhook_id, key)
     data, next_cursor = endpoints.deliveries(session, webhook_id, state=state, cursor=cursor, limit=limit)
     return ok(request, {"deliveries": data}, next_cursor=next_cursor)
 
 
 @router.post("/{webhook_id}/deliveries/{delivery_id}/redeliver", status_code=202,
              response_model=Envelope[dict])
-def redeliver(webhook_id: str, delivery_id: str, request: Request, session: SessionDep, _key: WriteKey) -> dict:
+def redeliver(webhook_id: str, delivery_id: str, request: Request, session: SessionDep, key: WriteKey) -> dict:
     """Send a delivery again (same `webhook-id`), from the start of the retry schedule."""
-    hook = _hook(session, webhook_id)
+    hook = _hook(session, webhook_id, key)
     if not hook.enabled:
         raise ApiError(409, f"webhook {hook.id} is disabled: {hook.disabled_reason}")
     if not endpoints.redeliver(session, webhook_id, delivery_id):

@@ -42,6 +42,11 @@ def authenticate(session: Session, key: str) -> ApiKey | None:
     return row
 
 
+def owner_filter(key: ApiKey) -> str | None:
+    """Whose objects (webhooks, exports) KEY may see: its own, or everyone's (None) for an admin."""
+    return None if grants(key, "admin") else key.id
+
+
 def grants(key: ApiKey, scope: str) -> bool:
     return any(scope in _IMPLIED.get(held, set()) for held in key.scopes)
 

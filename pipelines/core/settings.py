@@ -35,6 +35,7 @@ class Settings(BaseSettings):
     export_retention_days: int = 7
     export_rate_limit_per_minute: int = 10
     source_test_rate_limit_per_minute: int = 10
+    max_webhooks_per_key: int = 25
     max_exports_per_key: int = 3
     export_min_free_bytes: int = 256 * 1024 * 1024
     export_expiry_interval_seconds: float = 3600

@@ -37,10 +37,13 @@ def start(session: Session, params: dict[str, Any], api_key_id: str, send: Sende
                       request_id=request_id, api_key_id=api_key_id)
 
 
-def find(session: Session, export_id: str) -> Job | None:
-    """The export job EXPORT_ID, or None (an id of another shape is not looked up)."""
+def find(session: Session, export_id: str, owner: str | None) -> Job | None:
+    """The export job EXPORT_ID, or None (an id of another shape is not looked up; with OWNER, one
+    someone else started is not found either)."""
     job = session.get(Job, export_id) if _EXPORT_ID.match(export_id) else None
-    return job if job is not None and job.kind == JobKind.EXPORT else None
+    if job is None or job.kind != JobKind.EXPORT or (owner is not None and job.api_key_id != owner):
+        return None
+    return job
 
 
 def status(job: Job) -> str:

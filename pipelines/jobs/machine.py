@@ -281,6 +281,12 @@ class Heartbeat(threading.Thread):
         self.join(timeout=5)
 
 
+def _internal(exc: Exception, job_id: str) -> str:
+    """What a job's caller is told of an error nobody planned for: its kind, never its text (which may
+    hold SQL, paths or values); the worker's log has the whole of it."""
+    return f"internal error ({type(exc).__name__}); the worker's log has the details of job {job_id}"
+
+
 def execute(job_id: str, work: Callable[[JobRun], dict], owner: str | None = None) -> Outcome:
     """Run one attempt of JOB_ID: claim it, do WORK with a heartbeat, and record how it ended."""
     run = claim(job_id, owner or owner_name())
@@ -302,7 +308,7 @@ def execute(job_id: str, work: Callable[[JobRun], dict], owner: str | None = Non
         return Outcome.FAILED
     except Exception as exc:
         log.exception("job %s failed", job_id)
-        finish(run, JobState.FAILED, result=run.result, error=f"{type(exc).__name__}: {exc}"[:1000])
+        finish(run, JobState.FAILED, result=run.result, error=_internal(exc, job_id))
         return Outcome.FAILED
     finally:
         heartbeat.stop()
@@ -312,6 +318,6 @@ def execute(job_id: str, work: Callable[[JobRun], dict], owner: str | None = Non
     except Exception as exc:  # its final writes failed: nothing of the success committed
         log.exception("job %s could not record its success", job_id)
         run.final_writes = None
-        finish(run, JobState.FAILED, result=result, error=f"{type(exc).__name__}: {exc}"[:1000])
+        finish(run, JobState.FAILED, result=result, error=_internal(exc, job_id))
         return Outcome.FAILED
     return Outcome.SUCCEEDED

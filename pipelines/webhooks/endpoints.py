@@ -23,6 +23,10 @@ EVENTS = ("ingestion.completed", "ingestion.failed", "export.completed", "export
 NEWEST_FIRST = Keyset((WebhookDelivery.created_at, WebhookDelivery.id), descending=True)
 
 
+class TooManyWebhooks(Exception):
+    pass
+
+
 # --- secrets, encrypted at rest -------------------------------------------------------------------
 
 
@@ -64,7 +68,11 @@ def decrypt(token: str) -> str:
 
 def create(session: Session, url: str, events: list[str], secret: str | None, api_key_id: str | None
            ) -> tuple[Webhook, str]:
-    """Register URL for EVENTS; returns the endpoint and its secret (shown to the caller once)."""
+    """Register URL for EVENTS; returns the endpoint and its secret (shown to the caller once).
+    TooManyWebhooks past `INGOT_MAX_WEBHOOKS_PER_KEY` for the caller."""
+    most = get_settings().max_webhooks_per_key
+    if api_key_id is not None and len(listing(session, api_key_id)) >= most:
+        raise TooManyWebhooks(f"this key already has {most} webhooks; delete one first")
     netguard.resolve(url, get_settings().webhook_allow_private)
     secret = check_secret(secret) if secret else generate_secret()
     hook = Webhook(url=url, events=sorted(set(events)), secret_encrypted=encrypt(secret), enabled=True,
@@ -74,14 +82,20 @@ def create(session: Session, url: str, events: list[str], secret: str | None, ap
     return hook, secret
 
 
-def listing(session: Session) -> list[Webhook]:
-    """Every endpoint not deleted, oldest first."""
-    return list(session.scalars(select(Webhook).where(Webhook.deleted_at.is_(None)).order_by(Webhook.created_at)))
+def listing(session: Session, owner: str | None) -> list[Webhook]:
+    """Every endpoint not deleted (of OWNER only, unless None), oldest first."""
+    query = select(Webhook).where(Webhook.deleted_at.is_(None)).order_by(Webhook.created_at)
+    if owner is not None:
+        query = query.where(Webhook.api_key_id == owner)
+    return list(session.scalars(query))
 
 
-def get(session: Session, webhook_id: str) -> Webhook | None:
+def get(session: Session, webhook_id: str, owner: str | None) -> Webhook | None:
+    """The endpoint, unless deleted or (OWNER given) someone else's: another caller cannot tell it exists."""
     hook = session.get(Webhook, webhook_id)
-    return hook if hook is not None and hook.deleted_at is None else None
+    if hook is None or hook.deleted_at is not None or (owner is not None and hook.api_key_id != owner):
+        return None
+    return hook
 
 
 def delete(session: Session, hook: Webhook) -> None:
