@@ -1,6 +1,7 @@
 """Webhooks: signed, retried, logged, redeliverable, and never aimed at internal addresses by mistake."""
 
 import base64
+import threading
 import time
 
 import pytest
@@ -217,3 +218,67 @@ def test_the_outbox_wakes_the_relay_without_polling(client, start_worker, receiv
     assert time.monotonic() - began < 30
     assert [r["payload"]["data"]["id"] for r in receiver.received] == [job_id, job_id]
     assert all(r["verified"] for r in receiver.received)
+
+
+class _Hostile:
+    """A receiver answering with a gzip bomb, or a body trickled a byte at a time (bounded: 30 s)."""
+
+    def __init__(self, mode: str):
+        import gzip
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        bomb = gzip.compress(b"\0" * (50 * 2**20))  # 50 MiB of zeros in about 50 KiB
+
+        class Handle(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802
+                self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                if mode == "bomb":
+                    self.send_response(200)
+                    self.send_header("Content-Encoding", "gzip")
+                    self.send_header("Content-Length", str(len(bomb)))
+                    self.end_headers()
+                    self.wfile.write(bomb)
+                    return
+                self.send_response(500)
+                self.send_header("Content-Length", "1000000")
+                self.end_headers()
+                deadline = time.monotonic() + 30
+                try:
+                    while time.monotonic() < deadline:
+                        self.wfile.write(b"x")
+                        self.wfile.flush()
+                        time.sleep(0.2)
+                except OSError:
+                    pass  # the client hung up, as it should
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handle)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.parametrize("mode", ["bomb", "trickle"])
+def test_an_answer_is_never_unpacked_nor_waited_on_past_the_deadline(client, start_worker, write_sources,
+                                                                     data_dir, mode):
+    hostile = _Hostile(mode)
+    try:
+        hook = register(client, hostile.url, ["job.cancelled"])
+        start_worker(env={"INGOT_WEBHOOK_TIMEOUT_SECONDS": "1", "INGOT_WEBHOOK_RETRY_SCHEDULE": "0"})
+        queued_then_cancelled(client, write_sources, data_dir)
+        log = wait_for(lambda: (d := deliveries(client, hook["id"])) and d[0]["state"] != "pending" and d,
+                       timeout=40, message="the attempt to end")
+    finally:
+        hostile.close()
+    attempt = log[0]["attempt_log"][0]
+    if mode == "bomb":
+        assert log[0]["state"] == "succeeded" and attempt["response_excerpt"] == "(gzip-encoded answer, not decoded)"
+    else:
+        assert attempt["status_code"] == 500 and attempt["duration_ms"] < 5000, attempt  # 1 s deadline, one read
+        assert 1 <= len(attempt["response_excerpt"]) < 30

@@ -32,6 +32,7 @@ from pipelines.webhooks.endpoints import decrypt
 log = logging.getLogger(__name__)
 
 EXCERPT_CHARS = 1000
+EXCERPT_BYTES = 4 * EXCERPT_CHARS  # enough for EXCERPT_CHARS characters of UTF-8
 RETRY_AFTER_CAP = 24 * 3600  # a receiver may ask for a day's pause, no more
 
 
@@ -45,13 +46,30 @@ def body_of(event) -> str:
                       separators=(",", ":"))
 
 
-def _post(client: httpx.Client, url: str, address: str, body: str, headers: dict) -> httpx.Response:
-    """POST to the checked ADDRESS, presenting URL's host (Host header and TLS name) to the server."""
+def _post(client: httpx.Client, url: str, address: str, body: str, headers: dict, deadline: float
+          ) -> tuple[httpx.Response, str]:
+    """POST to the checked ADDRESS, presenting URL's host (Host header and TLS name) to the server.
+
+    The answer is streamed and dropped after a short excerpt, never decompressed, and read no longer
+    than DEADLINE (monotonic): a receiver cannot hand back a gzip bomb or trickle bytes forever."""
     target = httpx.URL(url)
     extensions = {"sni_hostname": target.host} if target.scheme == "https" else {}
     host_header = target.host if target.port is None else f"{target.host}:{target.port}"
-    return client.post(target.copy_with(host=address), content=body.encode(),
-                       headers={**headers, "Host": host_header}, extensions=extensions)
+    with client.stream("POST", target.copy_with(host=address), content=body.encode(), extensions=extensions,
+                       headers={**headers, "Host": host_header, "Accept-Encoding": "identity"}) as response:
+        return response, _excerpt(response, deadline)
+
+
+def _excerpt(response: httpx.Response, deadline: float) -> str:
+    encoding = response.headers.get("content-encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):
+        return f"({encoding}-encoded answer, not decoded)"
+    kept = bytearray()
+    for chunk in response.iter_raw():  # each piece as it arrives, so the deadline is looked at between them
+        kept += chunk
+        if len(kept) >= EXCERPT_BYTES or time.monotonic() > deadline:
+            break
+    return kept[:EXCERPT_BYTES].decode("utf-8", "replace")[:EXCERPT_CHARS]
 
 
 @dataclass
@@ -95,13 +113,13 @@ def _attempt(row, client: httpx.Client | None) -> Outcome:
                    "webhook-signature": signature, "Content-Type": "application/json",
                    "User-Agent": "Ingot-Webhooks/1"}
         own = client or httpx.Client(timeout=settings.webhook_timeout_seconds, follow_redirects=False)
+        deadline = time.monotonic() + settings.webhook_timeout_seconds  # for the whole answer
         try:
-            response = _post(own, row.url, address, body, headers)
+            response, outcome.excerpt = _post(own, row.url, address, body, headers, deadline)
         finally:
             if client is None:
                 own.close()
         outcome.response, outcome.status = response, response.status_code
-        outcome.excerpt = response.text[:EXCERPT_CHARS]
         if not response.is_success:
             outcome.error = f"HTTP {response.status_code}"
     except netguard.UnsafeUrl as exc:
