@@ -24,6 +24,13 @@ def client_for(url: str, api_key: str | None) -> Client:
     return Client(url, api_key)
 
 
+def group_client(ctx: typer.Context, url: str, api_key: str | None) -> Client:
+    """A client for a subcommand of a group whose callback took the options too: `ingot jobs --url U
+    show ID` and `ingot jobs show ID --url U` both work."""
+    parent_url, parent_key = ctx.obj
+    return client_for(url if url != DEFAULT_URL else parent_url, api_key or parent_key)
+
+
 def fail(exc: IngotError) -> NoReturn:
     err.print(f"[red]error[/red] {exc.status} {exc.code}: {exc.message}")
     raise typer.Exit(1)

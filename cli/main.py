@@ -9,8 +9,8 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from cli.client import Client, IngotError
-from cli.common import DEFAULT_URL, KeyOpt, UrlOpt, client_for, err, fail, follow, out
+from cli.client import IngotError
+from cli.common import DEFAULT_URL, KeyOpt, UrlOpt, client_for, err, fail, follow, group_client, out
 from cli.markets import curves_app, scenarios_app
 
 app = typer.Typer(help="Ingot: ingestion and job workers for market data.", no_args_is_help=True)
@@ -280,16 +280,10 @@ def jobs_list(
     out.print(table)
 
 
-def _jobs_client(ctx: typer.Context, url: str, api_key: str | None) -> Client:
-    """`ingot jobs --url U show ID` and `ingot jobs show ID --url U` both work."""
-    parent_url, parent_key = ctx.obj
-    return client_for(url if url != DEFAULT_URL else parent_url, api_key or parent_key)
-
-
 @jobs_app.command("show")
 def jobs_show(ctx: typer.Context, job_id: str, url: UrlOpt = DEFAULT_URL, api_key: KeyOpt = None) -> None:
     """Show one job in full."""
-    with _jobs_client(ctx, url, api_key) as client:
+    with group_client(ctx, url, api_key) as client:
         try:
             out.print_json(data=client.job(job_id))
         except IngotError as exc:
@@ -299,7 +293,7 @@ def jobs_show(ctx: typer.Context, job_id: str, url: UrlOpt = DEFAULT_URL, api_ke
 @jobs_app.command("cancel")
 def jobs_cancel(ctx: typer.Context, job_id: str, url: UrlOpt = DEFAULT_URL, api_key: KeyOpt = None) -> None:
     """Cancel a job (a running one stops at its next batch; committed work stays)."""
-    with _jobs_client(ctx, url, api_key) as client:
+    with group_client(ctx, url, api_key) as client:
         try:
             job = client.cancel(job_id)
         except IngotError as exc:

@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from cli.client import IngotError
-from cli.common import DEFAULT_URL, KeyOpt, UrlOpt, client_for, err, fail, follow, out
+from cli.common import DEFAULT_URL, KeyOpt, UrlOpt, client_for, err, fail, follow, group_client, out
 
 curves_app = typer.Typer(help="Forward curves: list points, compare two as-of dates.", invoke_without_command=True)
 scenarios_app = typer.Typer(help="Scenarios: declare, run, read their outputs.")
@@ -53,8 +53,7 @@ def _signed(value: float | None, suffix: str = "") -> str:
 def curves_diff(ctx: typer.Context, curve_key: str, asof_a: str, asof_b: str, url: UrlOpt = DEFAULT_URL,
                 api_key: KeyOpt = None) -> None:
     """Compare CURVE_KEY's curve on ASOF_B with ASOF_A, contract month by contract month."""
-    parent_url, parent_key = ctx.obj
-    with client_for(url if url != DEFAULT_URL else parent_url, api_key or parent_key) as client:
+    with group_client(ctx, url, api_key) as client:
         try:
             rows = client.curve_diff(curve_key, asof_a, asof_b)
         except IngotError as exc:

@@ -2,9 +2,11 @@
 
 import time
 
+import pytest
 from sqlalchemy import text
 
 from pipelines.core.db import get_engine
+from pipelines.ingestion.sources.registry import SourceError
 from tests.fakeapi import as_json, http_source, records
 
 
@@ -170,3 +172,45 @@ def test_jsonl_and_csv_responses(client, worker, write_sources, api):
     rows, _ = client.quarantine(job_id=job["id"])
     assert sorted((r["source"], r["line"], r["file"]) for r in rows) == [
         ("lines", 6, f"{api.url}/lines"), ("table", 2, f"{api.url}/table")]
+
+
+def _fetcher(url: str, **fields):
+    from pipelines.ingestion.sources.http import Fetcher
+    from pipelines.ingestion.sources.registry import SourceConfig
+
+    return Fetcher(SourceConfig(id="s", type="http", url=url, headers={"X-Api-Key": "s3cret"}, retries=0,
+                                timeout=5, **fields))
+
+
+def test_redirects_and_links_stay_on_the_declared_origin(api):
+    from tests.fakeapi import FakeApi
+
+    elsewhere = FakeApi()
+    try:
+        elsewhere.routes["/loot"] = lambda q, h: (200, {}, b'{"response": {"data": []}}')
+        api.routes["/away"] = lambda q, h: (302, {"Location": f"{elsewhere.url}/loot"}, b"")
+        api.routes["/here"] = lambda q, h: (301, {"Location": "/final"}, b"")
+        api.routes["/final"] = lambda q, h: (200, {}, b"ok")
+        own = _fetcher(f"{api.url}/here")
+        assert own.get(f"{api.url}/here", {})[0] == b"ok"  # a redirect on the same origin is followed
+        assert all(c["headers"].get("X-Api-Key") == "s3cret" for c in api.calls)
+        with pytest.raises(SourceError, match="outside the source's origin"):
+            _fetcher(f"{api.url}/away").get(f"{api.url}/away", {})
+        assert elsewhere.calls == []  # never asked, let alone given the key
+
+        localhost = api.url.replace("127.0.0.1", "localhost")  # the declared host; the other is 127.0.0.1
+        allowed = _fetcher(f"{localhost}/away", allowed_hosts=["127.0.0.1"])
+        assert allowed.get(f"{localhost}/away", {})[0] == b'{"response": {"data": []}}'
+        assert len(elsewhere.calls) == 1 and "X-Api-Key" not in elsewhere.calls[0]["headers"]
+    finally:
+        elsewhere.close()
+
+
+def test_a_next_link_to_another_host_is_not_followed(client, worker, write_sources, api):
+    api.routes["/first"] = lambda q, h: as_json({"response": {"data": records(0, 3)},
+                                                 "next": "http://169.254.169.254/latest/meta-data"})
+    write_sources(http_source("nexty", f"{api.url}/first",
+                              'pagination = { type = "link", next_path = "next" }'))
+    job = client.wait(client.start_ingestion(["nexty"])["job_id"], timeout=60)
+    assert job["state"] == "failed" and "outside the source's origin" in job["error"]
+    assert job["records_processed"] == 3  # the first page, from the declared origin, is kept

@@ -4,7 +4,7 @@ import ipaddress
 
 import pytest
 
-from pipelines.webhooks import netguard
+from pipelines.core import netguard
 
 
 @pytest.mark.parametrize(("address", "refused"), [

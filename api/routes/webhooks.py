@@ -10,9 +10,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from api.deps import ReadKey, SessionDep, WriteKey
 from api.envelope import ApiError, Envelope, UTCDateTime, found, ok
 from pipelines.auth import keys
+from pipelines.core import netguard
 from pipelines.core.db import on_commit
 from pipelines.core.models import ApiKey, Webhook
-from pipelines.webhooks import endpoints, netguard
+from pipelines.webhooks import endpoints
 from worker.dispatch import relay_webhooks
 
 router = APIRouter(prefix="/webhooks", tags=["webhooks"])

@@ -1,2 +1,2 @@
-"""Webhooks: endpoints and their secrets, the outbox relay, signed delivery, and the guard
-that keeps outbound calls off private networks."""
+"""Webhooks: endpoints and their secrets, the outbox relay, and signed delivery (the guard that
+keeps outbound calls off private networks is `pipelines.core.netguard`)."""

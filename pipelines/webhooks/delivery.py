@@ -21,12 +21,11 @@ from sqlalchemy import text
 from sqlalchemy.orm import Session
 from standardwebhooks import Webhook as Signer
 
-from pipelines.core import runtime
+from pipelines.core import netguard, runtime
 from pipelines.core.clock import utc_z
 from pipelines.core.db import session_scope
 from pipelines.core.retry import retry_after
 from pipelines.core.settings import get_settings
-from pipelines.webhooks import netguard
 from pipelines.webhooks.endpoints import decrypt
 
 log = logging.getLogger(__name__)

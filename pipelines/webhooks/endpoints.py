@@ -12,11 +12,11 @@ from cryptography.fernet import Fernet
 from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
+from pipelines.core import netguard
 from pipelines.core.db import affected
 from pipelines.core.models import DeliveryAttempt, Webhook, WebhookDelivery, WebhookEvent
 from pipelines.core.pagination import Keyset
 from pipelines.core.settings import get_settings
-from pipelines.webhooks import netguard
 
 EVENTS = ("ingestion.completed", "ingestion.failed", "export.completed", "export.failed",
           "scenario.run.completed", "scenario.run.failed", "job.cancelled")

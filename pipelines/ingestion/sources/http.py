@@ -31,6 +31,7 @@ from pipelines.ingestion.sources.registry import SourceConfig, SourceError
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _RETRY_STATUS = {429, 500, 502, 503, 504}
 BACKOFF_BASE, BACKOFF_CAP, RETRY_AFTER_CAP = 0.5, 30.0, 120.0
+MAX_REDIRECTS = 5
 
 
 def expand(source: SourceConfig, value: str) -> str:
@@ -67,20 +68,51 @@ def _dig(document, path: str | None):
     return document
 
 
+def _origin(url: httpx.URL) -> tuple[str, str, int | None]:
+    return url.scheme, url.host, url.port
+
+
 class Fetcher:
-    """GETs with retries, a timeout and a size limit, for one source."""
+    """GETs with retries, a timeout and a size limit, for one source, confined to where it was declared.
+
+    Redirects and next-page links are followed only to the origin of the source's `url` or to a host
+    its `allowed_hosts` names (so a link can never lead a worker to a host the declaration did not
+    name, metadata and private addresses included), and its own headers (API keys) go to its origin
+    alone."""
 
     def __init__(self, source: SourceConfig, client: httpx.Client | None = None):
         self.source = source
         self.limit = source.max_response_bytes or get_settings().http_max_response_bytes
-        self.client = client or httpx.Client(timeout=source.timeout, follow_redirects=True)
+        self.client = client or httpx.Client(timeout=source.timeout, follow_redirects=False)
+        self.origin = _origin(httpx.URL(expand(source, source.url or "")))
 
     def close(self) -> None:
         self.client.close()
 
+    def _confined(self, url: str) -> bool:
+        """Whether URL is the source's own origin (True) or a host it allowed (False); SourceError if neither."""
+        target = httpx.URL(url)
+        if _origin(target) == self.origin:
+            return True
+        if target.host not in self.source.allowed_hosts or target.scheme not in ("http", "https"):
+            # Never followed, whatever it resolves to: a link may not lead a worker onto other hosts.
+            raise SourceError(f"source '{self.source.id}': {public_url(url)} is outside the source's origin; "
+                              "name its host in allowed_hosts to follow it")
+        return False
+
     def get(self, url: str, params: dict) -> tuple[bytes, httpx.Headers]:
+        for _hop in range(MAX_REDIRECTS + 1):
+            own = self._confined(url)
+            outcome = self._get(url, params, own)
+            if isinstance(outcome, str):  # a redirect: where to, checked at the top of the next turn
+                url, params = outcome, {}
+                continue
+            return outcome
+        raise SourceError(f"source '{self.source.id}': more than {MAX_REDIRECTS} redirects from {public_url(url)}")
+
+    def _get(self, url: str, params: dict, own: bool) -> tuple[bytes, httpx.Headers] | str:
         source, shown = self.source, public_url(url)
-        headers = {k: expand(source, v) for k, v in source.headers.items()}
+        headers = {k: expand(source, v) for k, v in source.headers.items()} if own else {}
         params = {k: expand(source, v) if isinstance(v, str) else v for k, v in params.items()}
         attempts = source.retries + 1
         for attempt in range(1, attempts + 1):
@@ -88,6 +120,8 @@ class Fetcher:
             try:
                 # params=None, not {}: an empty mapping would wipe the query of a next link.
                 with self.client.stream("GET", url, params=params or None, headers=headers) as response:
+                    if response.is_redirect and "location" in response.headers:
+                        return str(response.url.join(response.headers["location"]))
                     if response.status_code in _RETRY_STATUS:
                         problem = f"HTTP {response.status_code}"
                         wait = retry_after(response, RETRY_AFTER_CAP) or wait

@@ -109,6 +109,8 @@ class SourceConfig(BaseModel):
     timeout: float = Field(default=30, gt=0)
     retries: int = Field(default=4, ge=0, le=10)
     max_response_bytes: int | None = Field(default=None, ge=1)
+    # Other hosts its redirects and next-page links may lead to (its own headers are never sent there).
+    allowed_hosts: list[str] = Field(default_factory=list)
 
     @field_validator("schedule")
     @classmethod

@@ -1,4 +1,4 @@
-"""The SSRF guard: where a webhook may be delivered.
+"""The SSRF guard: where a webhook may be delivered, and which hosts an HTTP source may be led to.
 
 A URL must be http(s), and every address its host resolves to must be public, unless the operator
 allows private addresses. The delivery then connects to the very address that was checked (no second
