@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 from fastapi import APIRouter, Depends, FastAPI
+from fastapi_offline import FastAPIOffline
 
 from api import envelope, metrics
 from api.bodylimit import BodyLimit
@@ -22,7 +23,9 @@ def create_app() -> FastAPI:
     configure(settings.log_level, settings.log_format)
     if settings.auth_disabled:
         log.warning("AUTHENTICATION IS DISABLED (INGOT_AUTH_DISABLED): every caller is an admin")
-    app = FastAPI(
+    # The documentation's scripts and styles are served from the installed package, not a CDN: /docs
+    # and /redoc work on a machine with no internet.
+    app = FastAPIOffline(
         title="Ingot control plane",
         version=__version__,
         description="Start, stop and watch ingestion, export and scenario jobs; read curves.",

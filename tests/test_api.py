@@ -124,3 +124,18 @@ def test_rate_limit_headers_on_every_api_response(http, admin_key):
     r = http.get("/api/v1/jobs", headers={"X-API-Key": admin_key})
     assert r.headers["X-RateLimit-Limit"] == "1000"
     assert int(r.headers["X-RateLimit-Remaining"]) < 1000 and int(r.headers["X-RateLimit-Reset"]) > 0
+
+
+@pytest.mark.parametrize("page", ["/docs", "/redoc"])
+def test_the_documentation_loads_with_no_internet(http, page):
+    import re
+
+    html = http.get(page)
+    assert html.status_code == 200 and "text/html" in html.headers["content-type"]
+    assets = re.findall(r'(?:src|href)=["\']([^"\']+)["\']', html.text)
+    assert assets, html.text[:500]
+    for asset in assets:
+        assert asset.startswith("/"), f"{page} loads {asset} from elsewhere"  # nothing from a CDN
+        assert http.get(asset).status_code == 200, asset
+    openapi = re.search(r"""(?:url|spec-url)["']?\s*[:=]\s*['"]([^'"]+openapi\.json)""", html.text)
+    assert openapi and http.get(openapi.group(1)).status_code == 200
