@@ -10,7 +10,20 @@ from fastapi_offline import FastAPIOffline
 from api import envelope, metrics
 from api.bodylimit import BodyLimit
 from api.limits import default_limit
-from api.routes import admin, auth, curves, data, exports, health, ingestion, jobs, scenarios, sources, webhooks
+from api.routes import (
+    admin,
+    auth,
+    curves,
+    data,
+    exports,
+    health,
+    ingestion,
+    jobs,
+    keys,
+    scenarios,
+    sources,
+    webhooks,
+)
 from pipelines import __version__
 from pipelines.core.logs import configure
 from pipelines.core.settings import get_settings
@@ -36,7 +49,7 @@ def create_app() -> FastAPI:
     app.include_router(health.root)
     api = APIRouter(prefix="/api/v1", dependencies=[Depends(default_limit)])
     api.include_router(health.router)
-    for module in (auth, sources, ingestion, jobs, data, exports, curves, scenarios, webhooks, admin):
+    for module in (auth, keys, sources, ingestion, jobs, data, exports, curves, scenarios, webhooks, admin):
         api.include_router(module.router)
     app.include_router(api)
     # Outermost: the body is counted before anything else reads the request.

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import hashlib
 import secrets
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import select, update
+from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import Session
 
 from pipelines.core.db import affected
@@ -22,24 +22,56 @@ def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
-def create_key(session: Session, name: str, scopes: list[str]) -> tuple[ApiKey, str]:
+def _secret() -> str:
+    return f"ingot_{secrets.token_urlsafe(32)}"
+
+
+def create_key(session: Session, name: str, scopes: list[str], expires_at: datetime | None = None
+               ) -> tuple[ApiKey, str]:
+    """A new key (and its secret, to be shown once); ValueError for unknown scopes or a past expiry."""
     unknown = sorted(set(scopes) - set(SCOPES))
     if unknown or not scopes:
         raise ValueError(f"scopes must be among {', '.join(SCOPES)}; got {', '.join(scopes) or 'none'}")
-    key = f"ingot_{secrets.token_urlsafe(32)}"
-    row = ApiKey(name=name, prefix=key[:12], key_hash=hash_key(key), scopes=sorted(set(scopes)))
+    if expires_at is not None and expires_at <= datetime.now(UTC):
+        raise ValueError("expires_at must be in the future")
+    key = _secret()
+    row = ApiKey(name=name, prefix=key[:12], key_hash=hash_key(key), scopes=sorted(set(scopes)),
+                 expires_at=expires_at)
     session.add(row)
     session.flush()
     return row, key
 
 
 def authenticate(session: Session, key: str) -> ApiKey | None:
+    """The live key KEY is (or was, within a rotation's grace period), else None."""
+    digest, now = hash_key(key), datetime.now(UTC)
     row = session.scalars(
-        select(ApiKey).where(ApiKey.key_hash == hash_key(key), ApiKey.revoked_at.is_(None))
+        select(ApiKey).where(
+            or_(ApiKey.key_hash == digest,
+                and_(ApiKey.previous_hash == digest, ApiKey.previous_valid_until > now)),
+            ApiKey.revoked_at.is_(None),
+            or_(ApiKey.expires_at.is_(None), ApiKey.expires_at > now),
+        )
     ).one_or_none()
     if row is not None:
-        row.last_used_at = datetime.now(UTC)
+        row.last_used_at = now
     return row
+
+
+def get(session: Session, key_id: str) -> ApiKey | None:
+    return session.get(ApiKey, key_id)
+
+
+def rotate(session: Session, key_id: str, grace: timedelta) -> tuple[ApiKey, str] | None:
+    """A new secret for KEY_ID; the old one keeps working for GRACE. None if there is no live key."""
+    row = session.get(ApiKey, key_id, with_for_update=True)
+    if row is None or row.revoked_at is not None:
+        return None
+    key = _secret()
+    row.previous_hash, row.previous_valid_until = row.key_hash, datetime.now(UTC) + grace
+    row.key_hash, row.prefix = hash_key(key), key[:12]
+    session.flush()
+    return row, key
 
 
 def owner_filter(key: ApiKey) -> str | None:

@@ -104,6 +104,10 @@ class ApiKey(Base):
     created_at: Mapped[datetime] = mapped_column(server_default=func.now())
     last_used_at: Mapped[datetime | None]
     revoked_at: Mapped[datetime | None]
+    expires_at: Mapped[datetime | None]
+    # After a rotation, the replaced secret's hash, accepted until previous_valid_until.
+    previous_hash: Mapped[str | None] = mapped_column(Text)
+    previous_valid_until: Mapped[datetime | None]
 
 
 class User(Base):

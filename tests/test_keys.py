@@ -1,0 +1,59 @@
+"""API keys over HTTP (admin): created with an expiry, listed without secrets, revoked at once,
+rotated with a grace period."""
+
+import datetime as dt
+
+import httpx
+import pytest
+
+from tests.helpers import make_key, wait_for
+
+
+@pytest.fixture
+def admin(api_url, admin_key):
+    with httpx.Client(base_url=f"{api_url}/api/v1", headers={"X-API-Key": admin_key}) as http:
+        yield http
+
+
+def works(api_url: str, key: str) -> int:
+    return httpx.get(f"{api_url}/api/v1/jobs", headers={"X-API-Key": key}).status_code
+
+
+def test_create_list_revoke(api_url, admin):
+    made = admin.post("/keys", json={"name": "ci", "scopes": ["read"]})
+    assert made.status_code == 201
+    key = made.json()["data"]
+    assert key["key"].startswith("ingot_") and key["prefix"] == key["key"][:12]
+    assert works(api_url, key["key"]) == 200
+    listed = admin.get("/keys").json()["data"]
+    assert key["id"] in [k["id"] for k in listed] and all("key" not in k for k in listed)
+    assert key["key"] not in admin.get("/keys").text  # never shown again
+    assert admin.delete(f"/keys/{key['id']}").json()["data"]["revoked_at"]
+    assert works(api_url, key["key"]) == 401  # the very next request
+    assert admin.delete("/keys/key_missing").status_code == 404
+
+
+def test_an_expired_key_is_refused(api_url, admin):
+    soon = (dt.datetime.now(dt.UTC) + dt.timedelta(seconds=2)).isoformat()
+    key = admin.post("/keys", json={"name": "brief", "scopes": ["read"], "expires_at": soon}).json()["data"]
+    assert works(api_url, key["key"]) == 200
+    wait_for(lambda: works(api_url, key["key"]) == 401, timeout=15, interval=0.5, message="the key to expire")
+    past = (dt.datetime.now(dt.UTC) - dt.timedelta(hours=1)).isoformat()
+    assert admin.post("/keys", json={"name": "x", "scopes": ["read"], "expires_at": past}).status_code == 422
+
+
+def test_rotation_keeps_the_old_secret_for_its_grace_period(api_url, admin):
+    key = admin.post("/keys", json={"name": "svc", "scopes": ["read"]}).json()["data"]
+    rotated = admin.post(f"/keys/{key['id']}/rotate", json={"grace_hours": 1}).json()["data"]
+    assert rotated["id"] == key["id"] and rotated["key"] != key["key"]
+    assert works(api_url, rotated["key"]) == 200 and works(api_url, key["key"]) == 200  # both, for an hour
+    again = admin.post(f"/keys/{key['id']}/rotate", json={"grace_hours": 0}).json()["data"]
+    assert works(api_url, again["key"]) == 200
+    assert works(api_url, rotated["key"]) == 401 and works(api_url, key["key"]) == 401
+
+
+@pytest.mark.parametrize("scopes", [["read"], ["write"]])
+def test_only_admins_manage_keys(api_url, scopes):
+    with httpx.Client(base_url=f"{api_url}/api/v1", headers={"X-API-Key": make_key(scopes)}) as http:
+        assert http.get("/keys").status_code == 403
+        assert http.post("/keys", json={"name": "x", "scopes": ["admin"]}).status_code == 403
