@@ -214,3 +214,20 @@ def test_a_next_link_to_another_host_is_not_followed(client, worker, write_sourc
     job = client.wait(client.start_ingestion(["nexty"])["job_id"], timeout=60)
     assert job["state"] == "failed" and "outside the source's origin" in job["error"]
     assert job["records_processed"] == 3  # the first page, from the declared origin, is kept
+
+
+def test_a_secret_in_the_url_path_is_never_shown(client, start_worker, write_sources, api):
+    token = "tok-8f3a9c21d7"
+    bad = records(0, 2)
+    bad[1]["value"] = "n/a"  # one row for quarantine, whose `file` names the page
+    api.routes[f"/{token}/data"] = lambda q, h: as_json({"response": {"data": bad}})
+    write_sources(http_source("hidden", f"{api.url}/${{PATH_TOKEN}}/data")
+                  + http_source("gone", f"{api.url}/${{PATH_TOKEN}}/missing"))
+    start_worker(env={"PATH_TOKEN": token})
+    ok = client.wait(client.start_ingestion(["hidden"])["job_id"], timeout=60)
+    assert ok["state"] == "succeeded" and ok["records_failed"] == 1
+    rows, _ = client.quarantine(source="hidden")
+    assert rows[0]["file"] == f"{api.url}/${{PATH_TOKEN}}/data" and token not in str(rows)
+    failed = client.wait(client.start_ingestion(["gone"])["job_id"], timeout=60)
+    assert failed["state"] == "failed" and "${PATH_TOKEN}" in failed["error"] and token not in failed["error"]
+    assert token not in client.http.get("/api/v1/sources/gone").text

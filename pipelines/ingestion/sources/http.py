@@ -46,6 +46,18 @@ def expand(source: SourceConfig, value: str) -> str:
     return _VAR.sub(lookup, value)
 
 
+def shown_url(source: SourceConfig, url: str) -> str:
+    """`public_url`, with every value that came from a ${VAR} of the declaration put back as ${VAR}
+    (a secret may sit in the URL's path, where the query's removal does not reach)."""
+    shown = public_url(url)
+    declared = " ".join([source.url or "", *map(str, source.headers.values()), *map(str, source.params.values())])
+    for name in set(_VAR.findall(declared)):
+        value = os.environ.get(name, "")
+        if len(value) >= 4:  # shorter values would mask ordinary text, and are no secret worth the name
+            shown = shown.replace(value, "${" + name + "}")
+    return shown
+
+
 def public_url(url: str) -> str:
     """URL without its query string or credentials: what errors and quarantine rows may show."""
     parts = urlsplit(url)
@@ -96,8 +108,8 @@ class Fetcher:
             return True
         if target.host not in self.source.allowed_hosts or target.scheme not in ("http", "https"):
             # Never followed, whatever it resolves to: a link may not lead a worker onto other hosts.
-            raise SourceError(f"source '{self.source.id}': {public_url(url)} is outside the source's origin; "
-                              "name its host in allowed_hosts to follow it")
+            raise SourceError(f"source '{self.source.id}': {shown_url(self.source, url)} is outside the "
+                              "source's origin; name its host in allowed_hosts to follow it")
         return False
 
     def get(self, url: str, params: dict) -> tuple[bytes, httpx.Headers]:
@@ -108,10 +120,11 @@ class Fetcher:
                 url, params = outcome, {}
                 continue
             return outcome
-        raise SourceError(f"source '{self.source.id}': more than {MAX_REDIRECTS} redirects from {public_url(url)}")
+        raise SourceError(f"source '{self.source.id}': more than {MAX_REDIRECTS} redirects from "
+                          f"{shown_url(self.source, url)}")
 
     def _get(self, url: str, params: dict, own: bool) -> tuple[bytes, httpx.Headers] | str:
-        source, shown = self.source, public_url(url)
+        source, shown = self.source, shown_url(self.source, url)
         headers = {k: expand(source, v) for k, v in source.headers.items()} if own else {}
         params = {k: expand(source, v) if isinstance(v, str) else v for k, v in params.items()}
         attempts = source.retries + 1
@@ -250,7 +263,7 @@ def stream(
             url, params = _request(source, state)
             if since is not None and source.cursor_param:
                 params[source.cursor_param] = since  # the API itself sends only what is new
-            shown = public_url(url)
+            shown = shown_url(source, url)
             body, headers = fetcher.get(url, params)
             raw = _parse(source, body, state["record"], shown)
             try:
