@@ -16,6 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, PlainSerializer
 from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout  # every connection busy past pool_timeout
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -191,6 +192,7 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(OperationalError)
     @app.exception_handler(psycopg.OperationalError)
+    @app.exception_handler(PoolTimeout)
     async def _database_unavailable(request: Request, exc: Exception):
         # The database is down or restarting: say so, and when to try again; the pool reconnects by itself.
         log.warning("database unavailable: %s", type(exc).__name__)

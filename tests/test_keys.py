@@ -57,3 +57,22 @@ def test_only_admins_manage_keys(api_url, scopes):
     with httpx.Client(base_url=f"{api_url}/api/v1", headers={"X-API-Key": make_key(scopes)}) as http:
         assert http.get("/keys").status_code == 403
         assert http.post("/keys", json={"name": "x", "scopes": ["admin"]}).status_code == 403
+
+
+def test_last_use_is_written_at_most_once_a_minute(api_url, admin):
+    from sqlalchemy import text
+
+    from pipelines.core.db import get_engine
+
+    key = admin.post("/keys", json={"name": "busy", "scopes": ["read"]}).json()["data"]
+
+    def last_used():
+        with get_engine().connect() as conn:
+            return conn.execute(text("SELECT last_used_at FROM api_keys WHERE id = :i"), {"i": key["id"]}).scalar_one()
+
+    assert works(api_url, key["key"]) == 200
+    first = last_used()
+    assert first is not None
+    for _ in range(5):
+        assert works(api_url, key["key"]) == 200
+    assert last_used() == first  # five more requests, no more writes

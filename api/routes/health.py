@@ -24,7 +24,7 @@ def _health() -> dict:
 
 
 @root.get("/health")
-def health() -> dict:
+async def health() -> dict:  # on the event loop: liveness never queues behind data routes for a thread
     return _health()
 
 
