@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: up test test-fast lint bench clean
+.PHONY: up test test-fast lint fuzz bench clean
 
 $(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,10 @@ test-fast: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy
+
+# The fuzz test at length: schemathesis with 300 examples an operation instead of 8.
+fuzz: $(STAMP)
+	INGOT_FUZZ_EXAMPLES=300 $(BIN)/pytest tests/test_fuzz.py --timeout=3600
 
 bench: $(STAMP)
 	$(BIN)/python bench/ingest.py

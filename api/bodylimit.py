@@ -4,20 +4,22 @@ An ASGI wrapper outside everything else: it reads the body (at most the limit, p
 any route, dependency or authentication sees the request, and answers 413 in the envelope as soon as
 the count passes the limit, whatever `Content-Length` or `Transfer-Encoding` said. A body within the
 limit is handed on unchanged.
+
+It also refuses, with 422, a NUL character anywhere in the path, the query string or a JSON body
+(raw, `%00` or `\u0000`): PostgreSQL cannot store one in text, and no field of the API has a use for
+it, so such a request is answered as invalid here instead of failing later in a query.
 """
 
 from __future__ import annotations
 
 import json
-import re
 import secrets
 from datetime import UTC, datetime
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from api.access import REQUEST_ID
 from pipelines.core.clock import utc_z
-
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 
 
 class BodyLimit:
@@ -28,6 +30,9 @@ class BodyLimit:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
+            return
+        if "\x00" in scope["path"] or _has_nul(scope.get("query_string", b"").replace(b"%00", b"\x00")):
+            await refuse(scope, send, 422, "VALIDATION_ERROR", "the path or query string holds a NUL character", [])
             return
         headers = dict(scope.get("headers") or [])
         claimed = headers.get(b"content-length", b"")
@@ -48,22 +53,34 @@ class BodyLimit:
             chunks.append(body)
             if not message.get("more_body", False):
                 break
-        await self.app(scope, _replay(b"".join(chunks), receive), send)
+        body = b"".join(chunks)
+        if _has_nul(body):
+            await refuse(scope, send, 422, "VALIDATION_ERROR", "the request body holds a NUL character", [])
+            return
+        await self.app(scope, _replay(body, receive), send)
 
     async def _refuse(self, scope: Scope, send: Send) -> None:
-        supplied = dict(scope.get("headers") or []).get(b"x-request-id", b"").decode("latin-1")
-        request_id = supplied if _REQUEST_ID.match(supplied) else f"req_{secrets.token_hex(8)}"
-        body = json.dumps({
-            "success": False,
-            "error": {"code": "PAYLOAD_TOO_LARGE", "message": f"request body larger than {self.limit:,} bytes",
-                      "details": {}},
-            "timestamp": utc_z(datetime.now(UTC)),
-            "request_id": request_id,
-        }).encode()
-        await send({"type": "http.response.start", "status": 413, "headers": [
-            (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-            (b"x-request-id", request_id.encode()), (b"connection", b"close")]})
-        await send({"type": "http.response.body", "body": body})
+        await refuse(scope, send, 413, "PAYLOAD_TOO_LARGE", f"request body larger than {self.limit:,} bytes",
+                     [(b"connection", b"close")])
+
+
+async def refuse(scope: Scope, send: Send, status: int, code: str, message: str,
+                 headers: list[tuple[bytes, bytes]]) -> None:
+    """Answer STATUS in the envelope from outside the app (no route, dependency or handler ran)."""
+    supplied = dict(scope.get("headers") or []).get(b"x-request-id", b"").decode("latin-1")
+    request_id = (scope.get("state") or {}).get("request_id")  # given already, inside api.envelope's layer
+    if request_id is None:
+        request_id = supplied if REQUEST_ID.match(supplied) else f"req_{secrets.token_hex(8)}"
+    body = json.dumps({
+        "success": False,
+        "error": {"code": code, "message": message, "details": {}},
+        "timestamp": utc_z(datetime.now(UTC)),
+        "request_id": request_id,
+    }).encode()
+    await send({"type": "http.response.start", "status": status, "headers": [
+        (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+        (b"x-request-id", request_id.encode()), *headers]})
+    await send({"type": "http.response.body", "body": body})
 
 
 def _replay(body: bytes, receive: Receive) -> Receive:
@@ -78,3 +95,8 @@ def _replay(body: bytes, receive: Receive) -> Receive:
         return await receive()
 
     return replay
+
+
+def _has_nul(data: bytes) -> bool:
+    """A NUL byte, or JSON's escape for one."""
+    return b"\x00" in data or b"\\u0000" in data.lower()

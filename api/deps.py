@@ -1,15 +1,23 @@
-"""Dependencies: a session per request (the request owns the transaction) and the caller's key."""
+"""Dependencies: a session per request (the request owns the transaction), the caller, and the limits
+counted against it.
+
+A sync dependency costs a trip to a worker thread and back; the ones here that do no I/O are async so
+that a request makes as few of those trips as it can: one to identify its caller and count it against
+the default rate limit, one for the route, one to commit.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Request
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
+from api import limits
 from api.envelope import ApiError
 from pipelines.auth import keys, users
 from pipelines.core.db import new_session
@@ -17,14 +25,22 @@ from pipelines.core.models import ApiKey
 from pipelines.core.settings import get_settings
 
 
-def get_session() -> Iterator[Session]:
-    session = new_session()
+async def get_session() -> AsyncIterator[Session]:
+    session = new_session()  # no connection yet: the first query takes one from the pool
     try:
         yield session
-        session.commit()
     except Exception:
-        session.rollback()
+        await run_in_threadpool(_end, session, False)
         raise
+    await run_in_threadpool(_end, session, True)
+
+
+def _end(session: Session, commit: bool) -> None:
+    try:
+        if commit:
+            session.commit()
+        else:
+            session.rollback()
     finally:
         session.close()
 
@@ -42,12 +58,15 @@ class Principal:
 
 
 def principal(request: Request, session: SessionDep) -> Principal:
+    """Who is calling, counted against the default rate limit (every /api/v1 route depends on this)."""
     try:
-        return _identify(request, session)
+        who = _identify(request, session)
     except OperationalError:  # the database is away: routes that need a caller answer 503, the rest go on
         session.rollback()
-        return Principal(None, ApiError(503, "the database is unavailable; try again shortly",
-                                        headers={"Retry-After": "5"}))
+        who = Principal(None, ApiError(503, "the database is unavailable; try again shortly",
+                                       headers={"Retry-After": "5"}))
+    limits.count_default(request, who.key)
+    return who
 
 
 def _identify(request: Request, session: Session) -> Principal:
@@ -83,7 +102,7 @@ def _token_principal(request: Request, session: Session, token: str) -> Principa
 PrincipalDep = Annotated[Principal, Depends(principal)]
 
 
-def _current_key(who: PrincipalDep) -> ApiKey:
+async def _current_key(who: PrincipalDep) -> ApiKey:
     if who.key is not None:
         return who.key
     raise who.problem or ApiError(401, "an API key (X-API-Key) or a bearer token is required",
@@ -96,7 +115,7 @@ CurrentKey = Annotated[ApiKey, Depends(_current_key)]
 def require(scope: str):
     """A dependency that lets the request through only with a key holding SCOPE."""
 
-    def check(key: CurrentKey) -> ApiKey:
+    async def check(key: CurrentKey) -> ApiKey:
         if not keys.grants(key, scope):
             raise ApiError(403, f"this API key lacks the '{scope}' scope")
         return key
@@ -107,3 +126,14 @@ def require(scope: str):
 ReadKey = Annotated[ApiKey, require("read")]
 WriteKey = Annotated[ApiKey, require("write")]
 AdminKey = Annotated[ApiKey, require("admin")]
+
+
+def limit(bucket: str, per_minute, by_address: bool = False):
+    """A dependency limiting a route to PER_MINUTE() requests a minute per caller (per client address
+    alone with BY_ADDRESS: for logging in, where there is no principal yet)."""
+
+    def check(request: Request, who: PrincipalDep) -> None:
+        limits.count(request, bucket, limits.address(request) if by_address else limits.caller(request, who.key),
+                     per_minute())
+
+    return Depends(check)

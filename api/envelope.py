@@ -5,35 +5,30 @@ from __future__ import annotations
 import logging
 import re
 import secrets
-import time
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
+from functools import lru_cache
 from typing import Annotated, Any, Generic, TypeVar
 
 import psycopg
-import structlog
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, PlainSerializer
+from pydantic import AwareDatetime, BaseModel, BeforeValidator, PlainSerializer
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout  # every connection busy past pool_timeout
-from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from api.metrics import route_template
 from pipelines.core.clock import utc_z
 from pipelines.core.pagination import BadCursor
 
 log = logging.getLogger("ingot.api")
-access = logging.getLogger("ingot.access")
 T = TypeVar("T")
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 _CODES = {
     400: "VALIDATION_ERROR",
     401: "AUTHENTICATION_ERROR",
     403: "AUTHORIZATION_ERROR",
     404: "NOT_FOUND",
-    405: "NOT_FOUND",
+    405: "METHOD_NOT_ALLOWED",
     409: "CONFLICT",
     413: "PAYLOAD_TOO_LARGE",
     422: "VALIDATION_ERROR",
@@ -48,6 +43,37 @@ def iso(value: datetime | None) -> str | None:
 
 
 UTCDateTime = Annotated[datetime, PlainSerializer(iso, return_type=str)]
+_ISO_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}")
+
+
+def _iso_only(value: Any) -> Any:
+    """Only ISO 8601 text (or a date already parsed) gets through: pydantic would otherwise read a
+    number, or text like "0.5", as seconds since 1970."""
+    if isinstance(value, str) and _ISO_DATE.match(value):
+        return value
+    if isinstance(value, date):
+        return value
+    raise ValueError("must be an ISO 8601 date (2026-01-31) or date and time with a zone (2026-01-31T00:00:00Z)")
+
+
+IsoDateTime = Annotated[AwareDatetime, BeforeValidator(_iso_only)]
+
+
+def _json_integer(value: Any) -> Any:
+    """An integer as JSON means one: 3 or 3.0, never true, "3" or 3.5 (pydantic's lax mode takes all
+    but the last; its strict mode refuses 3.0)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or (isinstance(value, float)
+                                                                        and not value.is_integer()):
+        raise ValueError("must be an integer")
+    return int(value)
+
+
+# Constraints go before it in the same Annotated (Field(ge=...), JSON_INTEGER), or the schema loses them.
+JSON_INTEGER = BeforeValidator(_json_integer)
+CURSOR_PATTERN = r"^[A-Za-z0-9_-]{1,2000}$"  # what pipelines.core.pagination.encode writes
+# A page's cursor, as a query parameter: opaque, the `next_cursor` of the page before.
+Cursor = Annotated[str | None, Query(pattern=CURSOR_PATTERN, description="the next_cursor of the previous page")]
+IsoDate = Annotated[date, BeforeValidator(_iso_only)]
 
 
 class Meta(BaseModel):
@@ -136,33 +162,21 @@ def error_response(request: Request, status: int, message: str, details: dict | 
     return response
 
 
+def allowed_methods(app: FastAPI, path: str) -> list[str]:
+    """Every method the OpenAPI document gives PATH, over all the routes that share its template."""
+    methods: set[str] = set()
+    for template, operations in app.openapi().get("paths", {}).items():
+        if _template(template).fullmatch(path):
+            methods |= {method.upper() for method in operations}
+    return sorted(methods)
+
+
+@lru_cache(maxsize=512)
+def _template(path: str) -> re.Pattern[str]:
+    return re.compile(re.sub(r"\\\{[^/]+?\\\}", "[^/]+", re.escape(path)))
+
+
 def install(app: FastAPI) -> None:
-    @app.middleware("http")
-    async def request_ids(request: Request, call_next):
-        supplied = request.headers.get("x-request-id", "")
-        rid = supplied if _REQUEST_ID.match(supplied) else new_request_id()
-        request.state.request_id = rid
-        structlog.contextvars.bind_contextvars(request_id=rid)
-        began = time.perf_counter()
-        try:
-            response = await call_next(request)
-        finally:
-            structlog.contextvars.unbind_contextvars("request_id")
-        # One access line per request, JSON like every other line (never a query string: it may hold a cursor).
-        access.info("%s %s %s", request.method, route_template(request), response.status_code, extra={
-            "method": request.method, "route": route_template(request), "status": response.status_code,
-            "duration_ms": round((time.perf_counter() - began) * 1000, 1),
-            "principal": getattr(request.state, "api_key_id", None), "request_id": rid})
-        response.headers["X-Request-ID"] = rid
-        # The rate limit's figures on every answer: errors and downloads included (see api.limits).
-        shown = getattr(request.state, "rate_limit_headers", None)
-        if shown is None and request.url.path.startswith("/api/v1/"):
-            from api.limits import address_headers  # api.limits depends on this module
-
-            shown = await run_in_threadpool(address_headers, request)
-        response.headers.update(shown or {})
-        return response
-
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError):
         return error_response(request, exc.status, exc.message, exc.details, exc.headers)
@@ -176,8 +190,13 @@ def install(app: FastAPI) -> None:
         message = exc.detail if isinstance(exc.detail, str) else "request failed"
         if exc.status_code == 404 and message == "Not Found":
             message = f"no route {request.method} {request.url.path}"
-        status = 404 if exc.status_code == 405 else exc.status_code
-        return error_response(request, status, message, headers=getattr(exc, "headers", None))
+        headers = getattr(exc, "headers", None)
+        if exc.status_code == 405:  # a known path, a method it does not have
+            message = f"{request.method} is not allowed on {request.url.path}"
+            allowed = allowed_methods(request.app, request.url.path)
+            if allowed:  # Starlette names only the methods of the first route on the path; these are all of them
+                headers = {**(headers or {}), "Allow": ", ".join(allowed)}
+        return error_response(request, exc.status_code, message, headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError):

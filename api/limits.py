@@ -1,35 +1,40 @@
-"""Rate-limit dependencies: the default limit on every /api/v1 route, and tighter ones per route."""
+"""Rate limiting as the API applies it: who a request counts against, and the figures it is told.
+
+The default limit is counted where the caller is identified (`api.deps.principal`, one step for
+both); tighter limits per route are `api.deps.limit(...)`.
+"""
 
 from __future__ import annotations
 
 import time
 
 import redis
-from fastapi import Depends, Request
+from fastapi import Request
 
-from api.deps import Principal, PrincipalDep
 from api.envelope import ApiError
 from pipelines.auth import limits
 from pipelines.core import runtime
+from pipelines.core.models import ApiKey
 from worker.dispatch import broker_redis
 
 
-def _address(request: Request) -> str:
+def address(request: Request) -> str:
     return "ip:" + (request.client.host if request.client else "unknown")
 
 
-def _caller(request: Request, who: Principal) -> str:
+def caller(request: Request, key: ApiKey | None) -> str:
     """The authenticated principal, whatever header or spelling carried its credentials; else (none
     given, or not valid) the client address alone, so invented keys share one bucket."""
-    return f"principal:{who.key.id}" if who.key is not None else _address(request)
+    return f"principal:{key.id}" if key is not None else address(request)
 
 
-def _apply(request: Request, bucket: str, caller: str, limit: int) -> None:
+def count(request: Request, bucket: str, who: str, limit: int) -> None:
+    """Count one request of WHO against BUCKET's LIMIT a minute; 429 past it."""
     try:
-        verdict = limits.hit(broker_redis(), bucket, caller, limit)
+        verdict = limits.hit(broker_redis(), bucket, who, limit)
     except redis.RedisError:
         return  # a limiter that cannot count lets requests through rather than taking the API down
-    # The tightest limit on the route is the one reported, on the answer whatever it is (see api.envelope).
+    # The tightest limit on the route is the one reported, on the answer whatever it is (see api.access).
     shown = getattr(request.state, "rate_limit_headers", None)
     if shown is None or int(shown["X-RateLimit-Remaining"]) > verdict.remaining:
         request.state.rate_limit_headers = verdict.headers()
@@ -39,25 +44,16 @@ def _apply(request: Request, bucket: str, caller: str, limit: int) -> None:
                        headers={**verdict.headers(), "Retry-After": str(retry)})
 
 
-def default_limit(request: Request, who: PrincipalDep) -> None:
-    _apply(request, "default", _caller(request, who), runtime.value("rate_limit_per_minute"))
-
-
-def limit(bucket: str, per_minute, by_address: bool = False):
-    """A dependency limiting a route to PER_MINUTE() requests a minute per caller (per client address
-    alone with BY_ADDRESS: for logging in, where there is no principal yet)."""
-
-    def check(request: Request, who: PrincipalDep) -> None:
-        _apply(request, bucket, _address(request) if by_address else _caller(request, who), per_minute())
-
-    return Depends(check)
+def count_default(request: Request, key: ApiKey | None) -> None:
+    own = key.rate_limit_per_minute if key is not None else None  # a key's tier, set at its creation
+    count(request, "default", caller(request, key), own or runtime.value("rate_limit_per_minute"))
 
 
 def address_headers(request: Request) -> dict[str, str]:
     """The default limit's figures for a request that matched no route (no dependency ran), counted
     against its address."""
     try:
-        verdict = limits.hit(broker_redis(), "default", _address(request), runtime.value("rate_limit_per_minute"))
+        verdict = limits.hit(broker_redis(), "default", address(request), runtime.value("rate_limit_per_minute"))
     except redis.RedisError:
         return {}
     return verdict.headers()

@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 from fastapi import APIRouter, Depends, FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi_offline import FastAPIOffline
+from starlette.concurrency import run_in_threadpool
 
 from api import envelope, metrics
+from api.access import Access
+from api.admission import Admission
 from api.bodylimit import BodyLimit
-from api.limits import default_limit
+from api.deps import principal
 from api.routes import (
     admin,
     auth,
@@ -25,10 +31,17 @@ from api.routes import (
     webhooks,
 )
 from pipelines import __version__
+from pipelines.core import runtime
 from pipelines.core.logs import configure
 from pipelines.core.settings import get_settings
 
 log = logging.getLogger("ingot.api")
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    await run_in_threadpool(runtime.refresh)  # runtime settings read before the first request needs them
+    yield
 
 
 def create_app() -> FastAPI:
@@ -43,15 +56,61 @@ def create_app() -> FastAPI:
         version=__version__,
         description="Start, stop and watch ingestion, export and scenario jobs; read curves.",
         responses=envelope.ERROR_RESPONSES,
+        lifespan=_lifespan,
     )
+    # Inside the access layer: a request turned away at capacity is still logged and counted.
+    app.add_middleware(Admission, limit=min(settings.api_concurrency, settings.db_pool_size),
+                       queue_seconds=settings.api_queue_seconds)
+    app.add_middleware(Access)
     metrics.install(app)
     envelope.install(app)
     app.include_router(health.root)
-    api = APIRouter(prefix="/api/v1", dependencies=[Depends(default_limit)])
+    api = APIRouter(prefix="/api/v1", dependencies=[Depends(principal)])  # identified and counted
     api.include_router(health.router)
     for module in (auth, keys, sources, ingestion, jobs, data, exports, curves, scenarios, webhooks, admin):
         api.include_router(module.router)
     app.include_router(api)
+    _document_no_nul(app)
+    origins = [o.strip() for o in settings.cors_origins.split(",") if o.strip()]
+    if origins:  # none by default: browsers on other origins may not call the API
+        app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["*"],
+                           allow_headers=["X-API-Key", "Authorization", "Content-Type", "X-Request-ID"],
+                           expose_headers=["X-Request-ID", "X-RateLimit-Limit", "X-RateLimit-Remaining",
+                                           "X-RateLimit-Reset", "Retry-After", "X-Pagination-Total"])
     # Outermost: the body is counted before anything else reads the request.
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     return app
+
+
+def _document_no_nul(app: FastAPI) -> None:
+    """Say in the OpenAPI document what api.bodylimit enforces: no text field or parameter may hold a
+    NUL character (PostgreSQL cannot store one). Clients and fuzzers read it as a pattern."""
+    generate = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            document = generate()
+            for path in document.get("paths", {}).values():
+                for operation in path.values():
+                    for parameter in operation.get("parameters", []):
+                        _no_nul(parameter.get("schema", {}))
+            for schema in document.get("components", {}).get("schemas", {}).values():
+                _no_nul(schema)
+            app.openapi_schema = document
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _no_nul(schema: dict) -> None:
+    if schema.get("type") == "string" and not {"pattern", "format", "enum", "const"} & schema.keys():
+        schema["pattern"] = "^[^\\u0000]*$"
+    for key in ("properties", "$defs"):
+        for child in schema.get(key, {}).values():
+            _no_nul(child)
+    for key in ("items", "additionalProperties"):
+        if isinstance(schema.get(key), dict):
+            _no_nul(schema[key])
+    for key in ("anyOf", "oneOf", "allOf"):
+        for child in schema.get(key, []):
+            _no_nul(child)

@@ -3,32 +3,50 @@ time from PostgreSQL and Redis, so every API process reports the same truth abou
 
 from __future__ import annotations
 
+import threading
 import time
-from collections.abc import Iterator
+from functools import lru_cache
 
 from fastapi import FastAPI, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
+from pipelines.core.settings import get_settings
 from pipelines.jobs import status
 
 REGISTRY = CollectorRegistry()
 REQUESTS = Counter("ingot_http_requests_total", "HTTP requests", ["method", "route", "status"], registry=REGISTRY)
 LATENCY = Histogram("ingot_http_request_duration_seconds", "HTTP request latency", ["method", "route"],
                     registry=REGISTRY)
-_DURATION_BUCKETS = (1, 5, 15, 60, 300, 900, 3600, 4 * 3600)
 
 
 class DatabaseCollector:
-    """Jobs, records and webhook attempts, counted where they are recorded."""
+    """Jobs, records and webhook attempts, counted where they are recorded: aggregated in SQL, and
+    kept for a few seconds so that several scrapers (or one eager one) cost one read."""
+
+    TTL = 10.0
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._cached: tuple[float, status.Counts] | None = None
+
+    def _counts(self) -> status.Counts:
+        with self._lock:
+            if self._cached is None or time.monotonic() - self._cached[0] > self.TTL:
+                self._cached = (time.monotonic(), status.counts())
+            return self._cached[1]
 
     def collect(self):
-        counts = status.counts()
+        counts = self._counts()
         family = GaugeMetricFamily("ingot_jobs", "Jobs by kind and state", labels=["kind", "state"])
-        for kind, state, n in counts.jobs:
+        for (kind, state), n in sorted(counts.jobs.items()):
             family.add_metric([kind, state], n)
         yield family
-        yield from self._durations(counts.durations)
+        durations = HistogramMetricFamily("ingot_job_duration_seconds", "Job run time", labels=["kind"])
+        for kind, histogram in sorted(counts.durations.items()):
+            buckets = [(f"{bound:g}", n) for bound, n in sorted(histogram.buckets.items())]
+            durations.add_metric([kind], buckets + [("+Inf", histogram.count)], histogram.total)
+        yield durations
         ingested = CounterMetricFamily("ingot_records_ingested", "Rows loaded, by source", labels=["source"])
         quarantined = CounterMetricFamily("ingot_records_quarantined", "Rows quarantined, by source",
                                           labels=["source"])
@@ -39,20 +57,14 @@ class DatabaseCollector:
         yield quarantined
         deliveries = CounterMetricFamily("ingot_webhook_attempts", "Webhook delivery attempts by outcome",
                                          labels=["outcome"])
-        for outcome, n in counts.attempts:
+        for outcome, n in sorted(counts.attempts.items()):
             deliveries.add_metric([outcome], n)
         yield deliveries
-
-    @staticmethod
-    def _durations(rows: list[tuple[str, float]]) -> Iterator[HistogramMetricFamily]:
-        by_kind: dict[str, list[float]] = {}
-        for kind, seconds in rows:
-            by_kind.setdefault(kind, []).append(float(seconds))
-        family = HistogramMetricFamily("ingot_job_duration_seconds", "Job run time", labels=["kind"])
-        for kind, values in by_kind.items():
-            buckets = [(str(b), sum(v <= b for v in values)) for b in _DURATION_BUCKETS]
-            family.add_metric([kind], buckets + [("+Inf", len(values))], sum(values))
-        yield family
+        deleted = CounterMetricFamily("ingot_retention_deleted_rows", "Rows deleted by retention, by table",
+                                      labels=["table"])
+        for table, n in sorted(counts.deleted.items()):
+            deleted.add_metric([table], n)
+        yield deleted
 
 
 class QueueCollector:
@@ -79,16 +91,22 @@ def route_template(request: Request) -> str:
     return "/".join(f"{{{params[part]}}}" if part in params else part for part in parts)
 
 
-def install(app: FastAPI) -> None:
-    @app.middleware("http")
-    async def measure(request: Request, call_next):
-        began = time.perf_counter()
-        response = await call_next(request)
-        path = route_template(request)
-        LATENCY.labels(request.method, path).observe(time.perf_counter() - began)
-        REQUESTS.labels(request.method, path, str(response.status_code)).inc()
-        return response
+@lru_cache(maxsize=1)
+def _requests_by_key() -> Counter:
+    """One series per key, route and status: registered only where INGOT_METRICS_KEY_LABELS asks for it."""
+    return Counter("ingot_http_requests_by_key_total", "HTTP requests by API key (or user) id",
+                   ["method", "route", "status", "key_id"], registry=REGISTRY)
 
+
+def observe(method: str, route: str, status: int, seconds: float, key_id: str | None) -> None:
+    """Count one answered request (see api.access)."""
+    LATENCY.labels(method, route).observe(seconds)
+    REQUESTS.labels(method, route, str(status)).inc()
+    if get_settings().metrics_key_labels:  # off by default: one series per key
+        _requests_by_key().labels(method, route, str(status), key_id or "none").inc()
+
+
+def install(app: FastAPI) -> None:
     @app.get("/metrics", include_in_schema=False)
     def metrics() -> Response:
         return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)

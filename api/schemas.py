@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from api.envelope import UTCDateTime
+from api.envelope import JSON_INTEGER, UTCDateTime
 from pipelines.core.models import Job
 
 
@@ -40,8 +40,9 @@ class JobList(BaseModel):
 class IngestionOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    batch_size: int | None = Field(default=None, ge=1, le=1_000_000)
-    timeout: int | None = Field(default=None, ge=1, le=7 * 24 * 3600, description="job timeout in seconds")
+    batch_size: Annotated[int, Field(ge=1, le=1_000_000), JSON_INTEGER] | None = None
+    timeout: Annotated[int, Field(ge=1, le=7 * 24 * 3600, description="job timeout in seconds"),
+                       JSON_INTEGER] | None = None
     mode: Literal["incremental", "full"] = "incremental"
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from tests.helpers import WorkerProcess, free_port, make_key
+from tests.helpers import WorkerProcess, free_port, make_key, with_database
 
 _state: dict = {}  # what pytest_configure started, for pytest_unconfigure and the fixtures below
 # Tests that use these fixtures start worker processes: `make test-fast` leaves them out.
@@ -32,11 +32,7 @@ def _test_database(base_url: str) -> str:
     with psycopg.connect(libpq, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
     _state["drop_database"] = (libpq, name)
-    prefix, _, rest = base_url.partition("//")
-    authority, _, path_query = rest.partition("/")
-    _db, _, query = path_query.partition("?")
-    url = f"{prefix}//{authority}/{name}" + (f"?{query}" if query else "")
-    return url.replace("postgresql://", "postgresql+psycopg://", 1)
+    return with_database(base_url, name).replace("postgresql://", "postgresql+psycopg://", 1)
 
 
 def pytest_configure(config) -> None:
@@ -122,7 +118,7 @@ def _stop_embedded_postgres(pgdata: Path, timeout: float = 30) -> None:
 
 TABLES = ("jobs, quarantine_sightings, quarantine, observations, source_state, api_keys, users, config_overrides, "
           "curves, curve_index, scenarios, scenario_outputs, scenario_metrics, "
-          "events, webhooks, webhook_events, webhook_deliveries, webhook_attempts")
+          "events, webhooks, webhook_events, webhook_deliveries, webhook_attempts, retired_totals")
 
 
 @pytest.fixture(autouse=True)

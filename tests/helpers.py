@@ -12,6 +12,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def with_database(url: str, name: str) -> str:
+    """URL naming database NAME on the same server (a socket directory in the query stays)."""
+    prefix, _, rest = url.partition("//")
+    authority, _, path_query = rest.partition("/")
+    _db, _, query = path_query.partition("?")
+    return f"{prefix}//{authority}/{name}" + (f"?{query}" if query else "")
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -62,6 +62,7 @@ def beat_schedule(settings: Settings) -> dict:
         "jobs.reap": _housekeeping("jobs.reap", settings.reaper_interval_seconds, Queues.DEFAULT),
         "webhooks.relay": _housekeeping("webhooks.relay", settings.webhook_relay_interval_seconds, Queues.WEBHOOKS),
         "exports.expire": _housekeeping("exports.expire", settings.export_expiry_interval_seconds, Queues.DEFAULT),
+        "retention.purge": _housekeeping("retention.purge", settings.retention_interval_seconds, Queues.DEFAULT),
     }
     from pipelines.ingestion.sources.registry import SourceError, load_registry
 
@@ -91,14 +92,19 @@ def beat_schedule(settings: Settings) -> dict:
     return entries
 
 
-HOUSEKEEPING = ("jobs.reap", "webhooks.relay", "exports.expire")
+HOUSEKEEPING = ("jobs.reap", "webhooks.relay", "exports.expire", "retention.purge")
 
 
 class SourcesScheduler(PersistentScheduler):
     """Celery's persistent scheduler, with the schedule read from `sources.toml` as beat starts."""
 
     def setup_schedule(self) -> None:
-        self.app.conf.beat_schedule = beat_schedule(get_settings())
+        from pipelines.core import runtime
+
+        # The intervals an admin changed through PUT /config (they say "restart required") apply here.
+        settings = get_settings()
+        restart = {name: runtime.value(name) for name, knob in runtime.KNOBS.items() if knob.restart}
+        self.app.conf.beat_schedule = beat_schedule(settings.model_copy(update=restart))
         # Beat sends only housekeeping and schedule ticks: no "sent" events, so Flower lists them
         # only if their task reports itself (housekeeping does not).
         self.app.conf.task_send_sent_event = False

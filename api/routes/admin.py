@@ -6,11 +6,11 @@ import dataclasses
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query, Request
-from pydantic import AwareDatetime, BaseModel
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictStr, create_model
 
 from api.broker import broker_status, queue_depths
 from api.deps import AdminKey, ReadKey, SessionDep
-from api.envelope import ApiError, Envelope, UTCDateTime, ok
+from api.envelope import JSON_INTEGER, ApiError, Envelope, IsoDateTime, UTCDateTime, ok
 from pipelines.core import runtime
 from pipelines.jobs import journal, status
 
@@ -40,8 +40,8 @@ def logs(
     level: Literal["debug", "info", "warning", "error"] | None = None,
     source: str | None = None,
     job_id: str | None = None,
-    start_time: AwareDatetime | None = None,
-    end_time: AwareDatetime | None = None,
+    start_time: IsoDateTime | None = None,
+    end_time: IsoDateTime | None = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     cursor: Annotated[int | None, Query(ge=1, description="the id of the last entry seen")] = None,
 ) -> dict:
@@ -66,8 +66,22 @@ def metrics(request: Request, session: SessionDep, _key: ReadKey) -> dict:
     })
 
 
+def _knob_field(knob: runtime.Knob, required: bool) -> tuple[Any, Any]:
+    rules = Field(ge=knob.low, le=knob.high, pattern=knob.pattern)
+    kind = {int: Annotated[int, rules, JSON_INTEGER], float: Annotated[StrictFloat, rules],
+            str: Annotated[StrictStr, rules]}[knob.kind]
+    return kind, Field(... if required else None, description="applies after a restart" if knob.restart else None)
+
+
+# The settings as a schema of their own (the document lists each by name and type), made from the knobs.
+ConfigValues = create_model("ConfigValues", **{  # type: ignore[call-overload]
+    name: _knob_field(knob, True) for name, knob in runtime.KNOBS.items()})
+ConfigUpdate = create_model("ConfigUpdate", __config__=ConfigDict(extra="forbid"), **{  # type: ignore[call-overload]
+    name: _knob_field(knob, False) for name, knob in runtime.KNOBS.items()})
+
+
 class ConfigView(BaseModel):
-    config: dict[str, Any]
+    config: ConfigValues  # type: ignore[valid-type]
     restart_required: list[str]
 
 
@@ -79,10 +93,10 @@ def get_config(request: Request, _key: AdminKey) -> dict:
 
 
 @router.put("/config", response_model=Envelope[ConfigView])
-def put_config(body: dict[str, Any], request: Request, _key: AdminKey) -> dict:
+def put_config(body: ConfigUpdate, request: Request, _key: AdminKey) -> dict:  # type: ignore[valid-type]
     """Change runtime settings (all or none); the answer names those that apply only after a restart."""
     try:
-        restart = runtime.update(body)
+        restart = runtime.update(body.model_dump(exclude_unset=True))  # type: ignore[attr-defined]
     except ValueError as exc:
         raise ApiError(422, str(exc)) from None
     return ok(request, {"config": runtime.snapshot(), "restart_required": restart},

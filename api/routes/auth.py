@@ -7,9 +7,8 @@ from typing import Literal
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
 
-from api.deps import ReadKey, SessionDep
+from api.deps import ReadKey, SessionDep, limit
 from api.envelope import ApiError, Envelope, ok
-from api.limits import limit
 from pipelines.auth import users
 from pipelines.core import runtime
 

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel
 
 from api.deps import ReadKey, SessionDep
-from api.envelope import ApiError, Envelope, found, ok
+from api.envelope import ApiError, Cursor, Envelope, IsoDate, found, ok
 from pipelines.core import cache
 from pipelines.curves import queries
 
@@ -57,13 +57,13 @@ def list_curves(
     request: Request,
     session: SessionDep,
     _key: ReadKey,
-    asof_date: dt.date | None = None,
+    asof_date: IsoDate | None = None,
     curve_key: str | None = None,
     asset_class: str | None = None,
     iso: str | None = None,
     location: str | None = None,
     limit: Annotated[int, Query(ge=1, le=5000)] = 500,
-    cursor: str | None = None,
+    cursor: Cursor = None,
 ) -> dict:
     """Curve points in (curve_key, asof_date, contract_month) order; without `asof_date`, each curve's
     latest."""
@@ -73,8 +73,8 @@ def list_curves(
 
 
 @router.get("/curves/diff", response_model=Envelope[list[DiffRow]])
-def diff(request: Request, session: SessionDep, _key: ReadKey, curve_key: str, asof_a: dt.date,
-         asof_b: dt.date) -> dict:
+def diff(request: Request, session: SessionDep, _key: ReadKey, curve_key: str, asof_a: IsoDate,
+         asof_b: IsoDate) -> dict:
     """Per contract month: both values, `diff_abs = value_b - value_a`, `diff_pct = 100 * diff_abs /
     |value_a|` (null for a month on one date only, and `diff_pct` null where `value_a` is 0)."""
     try:

@@ -5,10 +5,10 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from fastapi import APIRouter, Request, Response
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, model_validator
 
 from api.deps import ReadKey, SessionDep
-from api.envelope import ApiError, Envelope, UTCDateTime, ok
+from api.envelope import CURSOR_PATTERN, ApiError, Envelope, IsoDateTime, UTCDateTime, ok
 from pipelines.core import pagination
 from pipelines.exports import query
 
@@ -21,13 +21,13 @@ class _Strict(BaseModel):
 
 
 class DateRange(_Strict):
-    start: AwareDatetime | None = None
-    end: AwareDatetime | None = None
+    start: IsoDateTime | None = None
+    end: IsoDateTime | None = None
 
 
 class ValueRange(_Strict):
-    min: float | None = None
-    max: float | None = None
+    min: StrictFloat | None = None
+    max: StrictFloat | None = None
 
 
 class Filters(_Strict):
@@ -38,7 +38,7 @@ class Filters(_Strict):
 
 class Pagination(_Strict):
     page: int | None = Field(default=None, ge=1, le=1_000_000)
-    cursor: str | None = Field(default=None, max_length=2000)
+    cursor: str | None = Field(default=None, pattern=CURSOR_PATTERN)
     limit: int = Field(default=100, ge=1, le=1000)
 
     @model_validator(mode="after")

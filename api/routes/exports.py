@@ -9,9 +9,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse
 from pydantic import BaseModel, Field
 
-from api.deps import ReadKey, SessionDep, WriteKey
+from api.deps import ReadKey, SessionDep, WriteKey, limit
 from api.envelope import ApiError, Envelope, found, iso, ok
-from api.limits import limit
 from api.routes.data import Filters
 from pipelines.auth import keys
 from pipelines.core import runtime

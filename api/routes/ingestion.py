@@ -8,7 +8,7 @@ from typing import Annotated
 from fastapi import APIRouter, Body, Query, Request
 
 from api.deps import ReadKey, SessionDep, WriteKey
-from api.envelope import ApiError, Envelope, ok
+from api.envelope import ApiError, Cursor, Envelope, ok
 from api.registry import registry_or_error
 from api.schemas import (
     IngestionStarted,
@@ -39,8 +39,8 @@ def start(
         raise ApiError(404, str(exc), {"sources": exc.sources}) from None
     except catalog.InvalidSources as exc:
         raise ApiError(422, str(exc), {"sources": exc.errors}) from None
-    except catalog.NoEnabledSource as exc:
-        raise ApiError(422, str(exc)) from None
+    except catalog.NoEnabledSource as exc:  # nothing to start in what is declared now: the server's state
+        raise ApiError(409, str(exc)) from None
     try:
         job = control.start_ingestion(
             session,
@@ -114,7 +114,7 @@ def list_quarantine(
     job_id: str | None = None,
     state: quarantine.State = "unresolved",
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    cursor: str | None = None,
+    cursor: Cursor = None,
 ) -> dict:
     """Rows set aside by ingestion, each held once: unresolved ones by default; `job_id` lists what
     that run met."""

@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request
 
 from api.deps import ReadKey, SessionDep, WriteKey
-from api.envelope import ApiError, Envelope, found, ok
+from api.envelope import ApiError, Cursor, Envelope, found, ok
 from api.schemas import JobList, JobOut
 from pipelines.core.models import Job, JobKind, JobState
 from pipelines.jobs import control, listing
@@ -24,7 +24,7 @@ def list_jobs(
     kind: JobKind | None = None,
     state: JobState | None = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 50,
-    cursor: str | None = None,
+    cursor: Cursor = None,
 ) -> dict:
     rows, next_cursor = listing.page(session, kind=kind, state=state, cursor=cursor, limit=limit)
     return ok(request, {"jobs": [JobOut.of(j) for j in rows]}, next_cursor=next_cursor)

@@ -4,13 +4,13 @@ period. Keys are stored only as hashes; no answer but the one that makes a secre
 from __future__ import annotations
 
 from datetime import timedelta
-from typing import Literal
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Request
-from pydantic import AwareDatetime, BaseModel, Field
+from pydantic import BaseModel, Field, StrictFloat
 
 from api.deps import AdminKey, SessionDep
-from api.envelope import ApiError, Envelope, UTCDateTime, found, ok
+from api.envelope import JSON_INTEGER, ApiError, Envelope, IsoDateTime, UTCDateTime, found, ok
 from pipelines.auth import keys
 from pipelines.core.models import ApiKey
 
@@ -22,13 +22,15 @@ class KeyIn(BaseModel):
 
     name: str = Field(min_length=1, max_length=200)
     scopes: list[Literal["read", "write", "admin"]] = Field(min_length=1)
-    expires_at: AwareDatetime | None = None
+    expires_at: IsoDateTime | None = None
+    # This key's own requests a minute (its tier); without one, the default limit.
+    rate_limit_per_minute: Annotated[int, Field(ge=1, le=10_000_000), JSON_INTEGER] | None = None
 
 
 class Rotate(BaseModel):
     model_config = {"extra": "forbid"}
 
-    grace_hours: float = Field(default=24, ge=0, le=24 * 30)  # how long the old secret keeps working
+    grace_hours: StrictFloat = Field(default=24, ge=0, le=24 * 30)  # how long the old secret keeps working
 
 
 class KeyOut(BaseModel):
@@ -41,6 +43,7 @@ class KeyOut(BaseModel):
     last_used_at: UTCDateTime | None
     revoked_at: UTCDateTime | None
     previous_valid_until: UTCDateTime | None
+    rate_limit_per_minute: int | None
 
     @classmethod
     def of(cls, key: ApiKey) -> KeyOut:
@@ -55,7 +58,8 @@ class KeyCreated(KeyOut):
 def create(body: KeyIn, request: Request, session: SessionDep, _admin: AdminKey) -> dict:
     """A new key; its secret is in this answer only."""
     try:
-        row, secret = keys.create_key(session, body.name, list(body.scopes), body.expires_at)
+        row, secret = keys.create_key(session, body.name, list(body.scopes), body.expires_at,
+                                      body.rate_limit_per_minute)
     except ValueError as exc:
         raise ApiError(422, str(exc)) from None
     session.commit()

@@ -13,7 +13,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 
 from api.deps import AdminKey, ReadKey, SessionDep, WriteKey
-from api.envelope import ApiError, Envelope, UTCDateTime, found, ok
+from api.envelope import ApiError, Cursor, Envelope, UTCDateTime, found, ok
 from api.schemas import JobOut
 from pipelines.core.models import JobState, Scenario
 from pipelines.jobs import control
@@ -109,7 +109,7 @@ def create(body: ScenarioIn, request: Request, session: SessionDep, key: WriteKe
 
 @router.get("", response_model=Envelope[list[ScenarioOut]])
 def list_scenarios(request: Request, session: SessionDep, _key: ReadKey,
-                   limit: Annotated[int, Query(ge=1, le=500)] = 50, cursor: str | None = None) -> dict:
+                   limit: Annotated[int, Query(ge=1, le=500)] = 50, cursor: Cursor = None) -> dict:
     rows, next_cursor = definitions.page(session, cursor, limit)
     return ok(request, [ScenarioOut.of(s) for s in rows], next_cursor=next_cursor)
 
@@ -143,7 +143,7 @@ def run(scenario_id: str, request: Request, session: SessionDep, key: WriteKey) 
 
 @router.get("/{scenario_id}/runs", response_model=Envelope[list[RunOut]])
 def list_runs(scenario_id: str, request: Request, session: SessionDep, _key: ReadKey,
-              limit: Annotated[int, Query(ge=1, le=500)] = 50, cursor: str | None = None) -> dict:
+              limit: Annotated[int, Query(ge=1, le=500)] = 50, cursor: Cursor = None) -> dict:
     _scenario(session, scenario_id)
     rows, next_cursor = runs.page(session, scenario_id, cursor, limit)
     return ok(request, [RunOut.of(j) for j in rows], next_cursor=next_cursor)

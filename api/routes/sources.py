@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 
-from api.deps import ReadKey, SessionDep, WriteKey
+from api.deps import ReadKey, SessionDep, WriteKey, limit
 from api.envelope import ApiError, Envelope, ok
-from api.limits import limit
 from api.registry import registry_or_error
 from api.schemas import SourceDetail, SourceList, SourceTest
 from pipelines.core import runtime

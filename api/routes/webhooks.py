@@ -8,7 +8,7 @@ from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from api.deps import ReadKey, SessionDep, WriteKey
-from api.envelope import ApiError, Envelope, UTCDateTime, found, ok
+from api.envelope import ApiError, Cursor, Envelope, UTCDateTime, found, ok
 from pipelines.auth import keys
 from pipelines.core import netguard
 from pipelines.core.db import on_commit
@@ -22,8 +22,9 @@ router = APIRouter(prefix="/webhooks", tags=["webhooks"])
 class WebhookIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    url: str = Field(max_length=2000)
-    events: list[str] = Field(min_length=1, max_length=len(endpoints.EVENTS))
+    url: str = Field(max_length=2000, pattern=r"^[Hh][Tt][Tt][Pp][Ss]?://[^/?#\s]+")
+    events: list[str] = Field(min_length=1, max_length=len(endpoints.EVENTS),
+                              json_schema_extra={"items": {"type": "string", "enum": list(endpoints.EVENTS)}})
     secret: str | None = Field(default=None, max_length=200)
 
     @field_validator("events")
@@ -130,7 +131,7 @@ def deliveries(
     key: ReadKey,
     state: str | None = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
-    cursor: str | None = None,
+    cursor: Cursor = None,
 ) -> dict:
     """Every delivery to this endpoint, newest first, each with every attempt."""
     _hook(session, webhook_id, key)

@@ -27,36 +27,47 @@ def _secret() -> str:
     return f"ingot_{secrets.token_urlsafe(32)}"
 
 
-def create_key(session: Session, name: str, scopes: list[str], expires_at: datetime | None = None
-               ) -> tuple[ApiKey, str]:
-    """A new key (and its secret, to be shown once); ValueError for unknown scopes or a past expiry."""
+def create_key(session: Session, name: str, scopes: list[str], expires_at: datetime | None = None,
+               rate_limit_per_minute: int | None = None) -> tuple[ApiKey, str]:
+    """A new key (and its secret, to be shown once), limited to RATE_LIMIT_PER_MINUTE requests when
+    given instead of the default limit; ValueError for unknown scopes, a past expiry or a limit below 1."""
     unknown = sorted(set(scopes) - set(SCOPES))
     if unknown or not scopes:
         raise ValueError(f"scopes must be among {', '.join(SCOPES)}; got {', '.join(scopes) or 'none'}")
     if expires_at is not None and expires_at <= datetime.now(UTC):
         raise ValueError("expires_at must be in the future")
+    if rate_limit_per_minute is not None and rate_limit_per_minute < 1:
+        raise ValueError("rate_limit_per_minute must be at least 1")
     key = _secret()
     row = ApiKey(name=name, prefix=key[:12], key_hash=hash_key(key), scopes=sorted(set(scopes)),
-                 expires_at=expires_at)
+                 expires_at=expires_at, rate_limit_per_minute=rate_limit_per_minute)
     session.add(row)
     session.flush()
     return row, key
 
 
+_KEY_COLUMNS = [ApiKey.__table__.c[name] for name in (
+    "id", "name", "prefix", "scopes", "created_at", "last_used_at", "expires_at", "rate_limit_per_minute")]
+
+
 def authenticate(session: Session, key: str) -> ApiKey | None:
-    """The live key KEY is (or was, within a rotation's grace period), else None."""
+    """The live key KEY is (or was, within a rotation's grace period), else None: a detached copy of
+    its row, read with a plain select (this runs on every request; the ORM's bookkeeping of a loaded
+    object costs several times the query)."""
     digest, now = hash_key(key), datetime.now(UTC)
-    row = session.scalars(
-        select(ApiKey).where(
+    row = session.execute(
+        select(*_KEY_COLUMNS).where(
             or_(ApiKey.key_hash == digest,
                 and_(ApiKey.previous_hash == digest, ApiKey.previous_valid_until > now)),
             ApiKey.revoked_at.is_(None),
             or_(ApiKey.expires_at.is_(None), ApiKey.expires_at > now),
         )
     ).one_or_none()
-    if row is not None and (row.last_used_at is None or now - row.last_used_at > LAST_USED_RESOLUTION):
-        row.last_used_at = now  # at most once a minute: not a write on every request
-    return row
+    if row is None:
+        return None
+    if row.last_used_at is None or now - row.last_used_at > LAST_USED_RESOLUTION:  # not a write per request
+        session.execute(update(ApiKey).where(ApiKey.id == row.id).values(last_used_at=now))
+    return ApiKey(**row._asdict())
 
 
 def get(session: Session, key_id: str) -> ApiKey | None:

@@ -26,8 +26,10 @@ def sqlalchemy_url(url: str) -> str:
 @lru_cache
 def get_engine() -> Engine:
     url = sqlalchemy_url(embedded.database_url(get_settings()))
+    size = get_settings().db_pool_size
     # pool_timeout: a request that cannot get a connection soon is answered 503, not left hanging.
-    return create_engine(url, pool_size=10, max_overflow=10, pool_timeout=10, pool_pre_ping=True, pool_recycle=1800)
+    return create_engine(url, pool_size=size, max_overflow=size, pool_timeout=10, pool_pre_ping=True,
+                         pool_recycle=1800)
 
 
 @lru_cache

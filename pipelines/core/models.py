@@ -108,6 +108,7 @@ class ApiKey(Base):
     # After a rotation, the replaced secret's hash, accepted until previous_valid_until.
     previous_hash: Mapped[str | None] = mapped_column(Text)
     previous_valid_until: Mapped[datetime | None]
+    rate_limit_per_minute: Mapped[int | None] = mapped_column(Integer)  # this key's own limit (its tier)
 
 
 class User(Base):

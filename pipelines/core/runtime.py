@@ -26,6 +26,7 @@ class Knob:
     low: float | None = None
     high: float | None = None
     restart: bool = False  # applies only once the processes that read it start again
+    pattern: str | None = None  # for text: what it must look like (the API's schema says so too)
 
     def check(self, name: str, value: Any) -> Any:
         if self.kind is float and isinstance(value, int) and not isinstance(value, bool):
@@ -48,28 +49,42 @@ KNOBS = {
     "source_test_rate_limit_per_minute": Knob(int, 1, 10_000),
     "login_rate_limit_per_minute": Knob(int, 1, 100_000),
     "max_exports_per_key": Knob(int, 1, 1000),
-    "webhook_retry_schedule": Knob(str),
+    "webhook_retry_schedule": Knob(str, pattern=r"^\s*\d+(\.\d+)?\s*(,\s*\d+(\.\d+)?\s*)*$"),
     # Beat builds its schedule when it starts: these wait for a restart of beat.
     "reaper_interval_seconds": Knob(float, 1, 3600, restart=True),
     "webhook_relay_interval_seconds": Knob(float, 0.1, 3600, restart=True),
     "export_expiry_interval_seconds": Knob(float, 10, 86400, restart=True),
+    "retention_days": Knob(int, 0, 36500),
+    "retention_interval_seconds": Knob(float, 60, 7 * 86400, restart=True),
 }
 log = logging.getLogger(__name__)
 TTL = 5.0
-_cache: dict = {"at": 0.0, "values": {}}
+_cache: dict = {"at": 0.0, "values": {}, "loaded": False}
 _lock = Lock()
 
 
 def _overrides() -> dict:
-    with _lock:
-        if time.monotonic() - _cache["at"] > TTL:
-            try:
-                with get_engine().connect() as conn:
-                    _cache["values"] = dict(conn.execute(text("SELECT name, value FROM config_overrides")).all())
-            except OperationalError:  # the database is away: the last values known serve until it is back
-                log.warning("runtime settings: the database is unavailable; keeping the last values read")
-            _cache["at"] = time.monotonic()
-        return _cache["values"]
+    """The overrides, re-read at most every TTL seconds by one thread while the others go on with the
+    values they have: a caller that already holds a database connection (an API request does) never
+    waits here for a thread that waits for a connection. Only the very first read is waited for."""
+    if time.monotonic() - _cache["at"] > TTL and _lock.acquire(blocking=not _cache["loaded"]):
+        try:
+            if time.monotonic() - _cache["at"] > TTL:
+                refresh()
+        finally:
+            _lock.release()
+    return _cache["values"]
+
+
+def refresh() -> None:
+    """Read the overrides now (at start-up, and when they are stale)."""
+    try:
+        with get_engine().connect() as conn:
+            _cache["values"] = dict(conn.execute(text("SELECT name, value FROM config_overrides")).all())
+        _cache["loaded"] = True
+    except OperationalError:  # the database is away: the last values known serve until it is back
+        log.warning("runtime settings: the database is unavailable; keeping the last values read")
+    _cache["at"] = time.monotonic()
 
 
 def value(name: str):

@@ -32,6 +32,16 @@ class Settings(BaseSettings):
     auth_disabled: bool = False
     rate_limit_per_minute: int = 1000
     max_body_bytes: int = 1024 * 1024
+    # Database connections per process (and as many more on demand). The API lets in at most
+    # api_concurrency requests at once (capped at the pool size); the rest wait up to api_queue_seconds
+    # for a turn, then get 503 (api.admission).
+    db_pool_size: int = Field(default=10, ge=1)
+    api_concurrency: int = Field(default=4, ge=1)
+    api_queue_seconds: float = 5.0
+    cors_origins: str = ""  # comma-separated origins a browser may call the API from; none by default
+    metrics_key_labels: bool = False  # label HTTP request metrics by API key id (one series per key)
+    retention_days: int = 30  # finished jobs, events, webhook attempts, resolved quarantine; 0 keeps all
+    retention_interval_seconds: float = 3600
     export_retention_days: int = 7
     export_rate_limit_per_minute: int = 10
     source_test_rate_limit_per_minute: int = 10

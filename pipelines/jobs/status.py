@@ -89,25 +89,58 @@ def throughput(session: Session) -> Throughput:
 
 
 @dataclass(frozen=True)
-class Counts:
-    """What Prometheus is told, read where it is recorded."""
+class Histogram:
+    buckets: dict[float, int]  # upper bound -> jobs that took at most that long
+    count: int
+    total: float
 
-    jobs: list[tuple[str, str, int]]  # kind, state, count
-    durations: list[tuple[str, float]]  # kind, seconds, of every finished job
+
+@dataclass(frozen=True)
+class Counts:
+    """What Prometheus is told: aggregated in PostgreSQL over what is kept, plus what retention deleted
+    (pipelines.jobs.retention), so no counter goes backwards when old rows go."""
+
+    jobs: dict[tuple[str, str], int]  # (kind, state) -> jobs
+    durations: dict[str, Histogram]  # kind -> run times of finished jobs
     sources: list[tuple[str, int, int]]  # source, rows loaded, rows quarantined
-    attempts: list[tuple[str, int]]  # webhook attempt outcome, count
+    attempts: dict[str, int]  # webhook attempt outcome -> attempts
+    deleted: dict[str, int]  # table -> rows deleted by retention
 
 
 def counts() -> Counts:
+    from pipelines.jobs.retention import DURATION_BUCKETS
+
+    params = {"buckets": list(DURATION_BUCKETS)}
     with get_engine().connect() as conn:
-        return Counts(
-            jobs=[tuple(r) for r in conn.execute(text("SELECT kind, state, count(*) FROM jobs GROUP BY kind, state"))],
-            durations=[(k, float(s)) for k, s in conn.execute(text(
-                "SELECT kind, extract(epoch FROM finished_at - started_at) FROM jobs "
-                "WHERE finished_at IS NOT NULL AND started_at IS NOT NULL"))],
-            sources=[tuple(r) for r in conn.execute(text("SELECT source, successful, failed FROM source_state"))],
-            attempts=[tuple(r) for r in conn.execute(text(
-                "SELECT CASE WHEN status_code BETWEEN 200 AND 299 THEN 'success' "
-                "WHEN status_code IS NULL THEN 'error' ELSE 'http_' || status_code END, count(*) "
-                "FROM webhook_attempts GROUP BY 1"))],
-        )
+        jobs = {(k, s): n for k, s, n in conn.execute(text("SELECT kind, state, count(*) FROM jobs GROUP BY 1, 2"))}
+        totals = {k: (n, t) for k, n, t in conn.execute(text(
+            "SELECT kind, count(*), COALESCE(sum(seconds), 0) FROM job_run_times GROUP BY kind"))}
+        buckets: dict[str, dict[float, int]] = {}
+        for kind, bound, n in conn.execute(text(
+                "SELECT kind, bound, count(*) FILTER (WHERE seconds <= bound) FROM job_run_times "
+                "CROSS JOIN unnest(CAST(:buckets AS float8[])) AS bound GROUP BY kind, bound"), params):
+            buckets.setdefault(kind, {})[bound] = n
+        attempts: dict[str, int] = dict(conn.execute(text(
+            "SELECT ingot_attempt_outcome(status_code), count(*) FROM webhook_attempts GROUP BY 1")).tuples().all())
+        sources = [tuple(r) for r in conn.execute(text("SELECT source, successful, failed FROM source_state"))]
+        retired = conn.execute(text("SELECT metric, labels, value FROM retired_totals")).all()
+    deleted: dict[str, int] = {}
+    for metric, labels, value in retired:
+        if metric == "jobs":
+            jobs[(labels[0], labels[1])] = jobs.get((labels[0], labels[1]), 0) + int(value)
+        elif metric == "job_duration_count":
+            n, t = totals.get(labels[0], (0, 0.0))
+            totals[labels[0]] = (n + int(value), t)
+        elif metric == "job_duration_sum":
+            n, t = totals.get(labels[0], (0, 0.0))
+            totals[labels[0]] = (n, t + value)
+        elif metric == "job_duration_bucket":
+            kind_buckets = buckets.setdefault(labels[0], {})
+            kind_buckets[float(labels[1])] = kind_buckets.get(float(labels[1]), 0) + int(value)
+        elif metric == "webhook_attempts":
+            attempts[labels[0]] = attempts.get(labels[0], 0) + int(value)
+        elif metric == "retention_deleted":
+            deleted[labels[0]] = int(value)
+    durations = {kind: Histogram({b: buckets.get(kind, {}).get(b, 0) for b in DURATION_BUCKETS}, n, float(t))
+                 for kind, (n, t) in totals.items()}
+    return Counts(jobs, durations, sources, attempts, deleted)

@@ -19,7 +19,7 @@ from pipelines.core.models import ACTIVE_STATES, Job, JobKind, Scenario, Scenari
 from pipelines.core.pagination import Keyset
 from pipelines.curves.queries import known_keys
 
-Finite = Annotated[float, Field(allow_inf_nan=False)]
+Finite = Annotated[float, Field(allow_inf_nan=False, strict=True)]  # a number: not true, not "1"
 NEWEST_FIRST = Keyset((Scenario.created_at, Scenario.id), descending=True)
 
 

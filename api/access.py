@@ -1,0 +1,72 @@
+"""Every request's bookkeeping, in one ASGI layer: its id, its access line, its metrics, and the rate
+limit's figures on whatever answer it gets (errors and downloads included).
+
+A plain ASGI wrapper rather than `@app.middleware("http")`: that kind of middleware runs the app in a
+task of its own and streams the answer through a memory channel, which cost more per request than the
+rest of this file does.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+
+import structlog
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import Headers, MutableHeaders
+from starlette.requests import Request
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from api import metrics
+
+access = logging.getLogger("ingot.access")
+REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+
+
+class Access:
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        from api.envelope import new_request_id
+
+        supplied = Headers(scope=scope).get("x-request-id", "")
+        rid = supplied if REQUEST_ID.match(supplied) else new_request_id()
+        state = scope.setdefault("state", {})  # what `request.state` reads and writes
+        state["request_id"] = rid
+        status = 500
+        began = time.perf_counter()
+
+        async def send_with_headers(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                headers = MutableHeaders(scope=message)
+                headers["X-Request-ID"] = rid
+                shown = state.get("rate_limit_headers")
+                if shown is None and scope["path"].startswith("/api/v1/"):
+                    from api.limits import address_headers  # api.limits depends on api.envelope
+
+                    # No dependency counted this request (no route matched, or the body was refused).
+                    shown = await run_in_threadpool(address_headers, Request(scope))
+                headers.update(shown or {})
+            await send(message)
+
+        structlog.contextvars.bind_contextvars(request_id=rid)
+        try:
+            await self.app(scope, receive, send_with_headers)
+        finally:
+            structlog.contextvars.unbind_contextvars("request_id")
+            seconds = time.perf_counter() - began
+            request = Request(scope)
+            route = metrics.route_template(request)
+            principal = state.get("api_key_id")
+            metrics.observe(request.method, route, status, seconds, principal)
+            # One access line per request, JSON like every other line (never a query string: it may hold a cursor).
+            access.info("%s %s %s", request.method, route, status, extra={
+                "method": request.method, "route": route, "status": status,
+                "duration_ms": round(seconds * 1000, 1), "principal": principal, "request_id": rid})

@@ -1,0 +1,62 @@
+"""Admission: at most N requests inside the app at once, the rest wait their turn or are told to come back.
+
+Every request that enters may hold a database connection from the moment its key is checked until its
+answer is shaped, and some hold a second one for a moment (a status query, the runtime settings
+refresh). With more requests inside than the pool has connections, they wait on each other: under a
+few dozen connections the process once stopped answering altogether. So the app lets in at most
+`INGOT_API_CONCURRENCY` requests at once (never more than the pool can serve twice over); the others
+wait on the event loop, which costs nothing, for up to `INGOT_API_QUEUE_SECONDS`, and are then
+answered 503 with `Retry-After`. A request gives its place back as soon as its answer starts (a
+download streaming out holds none). Liveness (`/health`) is never held: it needs neither a thread
+nor the database. Fewer requests inside at once also means less contention for the interpreter: on
+two cores, 4 at once served more requests a second than 10 (bench/api.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from api.bodylimit import refuse
+
+EXEMPT = frozenset({"/health"})
+
+
+class Admission:
+    def __init__(self, app: ASGIApp, limit: int, queue_seconds: float) -> None:
+        self.app = app
+        self.limit = limit
+        self.queue_seconds = queue_seconds
+        self._slots: asyncio.Semaphore | None = None  # made on the server's event loop, at the first request
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in EXEMPT:
+            await self.app(scope, receive, send)
+            return
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(self.limit)
+        try:
+            await asyncio.wait_for(self._slots.acquire(), self.queue_seconds)
+        except TimeoutError:
+            await refuse(scope, send, 503, "SERVICE_UNAVAILABLE",
+                         f"the API is at capacity ({self.limit} requests at once); retry shortly",
+                         [(b"retry-after", b"1")])
+            return
+        slots, held = self._slots, True
+
+        def release() -> None:
+            nonlocal held
+            if held:
+                held = False
+                slots.release()
+
+        async def send_then_release(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                release()  # the answer is decided: streaming a download out holds no slot
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_then_release)
+        finally:
+            release()

@@ -1,0 +1,144 @@
+"""API benchmark: the authenticated, rate-limited routes beside a bare FastAPI route, under wrk.
+
+    .venv/bin/python bench/api.py [--clients 1,10,50,200] [--seconds 10]
+
+Each server is one uvicorn process, as `ingot api` runs it (the bare one has no middleware, no
+database, no key). The key is an admin key, with the rate limit raised out of the way, and the API
+logs its JSON access line per request as it does in production (to /dev/null here). wrk comes from
+Debian's package (`apt-get install wrk`). Requests that got no answer (wrk's timeouts and socket
+errors) are reported beside the figures, as are answers other than 200, and the CPU time the server
+process spent per request.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+from harness import ROOT, Bench, free_port
+
+BARE = """
+import uvicorn
+from fastapi import FastAPI
+
+app = FastAPI()
+
+
+@app.get("/bare")
+def bare() -> dict:
+    return {"data": {"status": "ok"}}
+
+
+uvicorn.run(app, host="127.0.0.1", port={port}, log_config=None, access_log=False)
+"""
+
+
+def wait_up(url: str, headers: dict | None = None, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url, headers=headers, timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise SystemExit(f"{url} did not come up")
+
+
+def _seconds(text: str) -> float:
+    number, unit = re.fullmatch(r"([\d.]+)(us|ms|s|m)", text).groups()  # type: ignore[union-attr]
+    return float(number) * {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0}[unit]
+
+
+def wrk(url: str, clients: int, seconds: int, headers: dict[str, str]) -> dict:
+    args = ["wrk", f"-t{min(2, clients)}", f"-c{clients}", f"-d{seconds}s", "--timeout", "10s", "--latency"]
+    for name, value in headers.items():
+        args += ["-H", f"{name}: {value}"]
+    out = subprocess.run([*args, url], capture_output=True, text=True, check=True).stdout
+    figures = {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),  # type: ignore[union-attr]
+               "requests": int(re.search(r"(\d+) requests in", out).group(1))}  # type: ignore[union-attr]
+    for pct in ("50", "99"):
+        found = re.search(rf"^\s+{pct}(?:\.000)?%\s+(\S+)", out, re.M)
+        figures[f"p{pct}"] = _seconds(found.group(1)) if found else float("nan")
+    errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    figures["unanswered"] = sum(map(int, errors.groups())) if errors else 0
+    non_ok = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    figures["not_ok"] = int(non_ok.group(1)) if non_ok else 0
+    return figures
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) the server process PID has used so far: its cost per request."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clients", default="1,10,50,200")
+    parser.add_argument("--seconds", type=int, default=10)
+    args = parser.parse_args()
+    if shutil.which("wrk") is None:
+        raise SystemExit("wrk is needed: apt-get install wrk")
+
+    bench = Bench("", INGOT_LOG_LEVEL="INFO")
+    api_port, bare_port = free_port(), free_port()
+    procs: list[subprocess.Popen] = []
+    try:
+        from pipelines.auth import keys
+        from pipelines.core import embedded, migrate, runtime
+        from pipelines.core.db import session_scope
+        from pipelines.core.models import Job, JobKind
+        from pipelines.core.settings import get_settings
+
+        settings = get_settings()
+        os.environ.update(INGOT_DATABASE_URL=embedded.database_url(settings),
+                          INGOT_REDIS_URL=embedded.redis_url(settings))
+        migrate.upgrade()
+        with session_scope() as session:
+            _row, key = keys.create_key(session, "bench", ["admin"])
+            job = Job(kind=JobKind.INGESTION, queue="ingest", params={"sources": []}, timeout_seconds=3600)
+            session.add(job)
+            session.flush()
+            job_id = job.id
+        runtime.update({"rate_limit_per_minute": 10_000_000})
+        env = dict(os.environ, INGOT_API_PORT=str(api_port))
+        quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+        procs.append(subprocess.Popen([sys.executable, "-m", "cli.main", "api", "--no-migrate"], cwd=ROOT, env=env,
+                                      **quiet))
+        procs.append(subprocess.Popen([sys.executable, "-c", BARE.replace("{port}", str(bare_port))], **quiet))
+        auth = {"X-API-Key": key}
+        wait_up(f"http://127.0.0.1:{api_port}/api/v1/jobs/{job_id}", auth)
+        wait_up(f"http://127.0.0.1:{bare_port}/bare")
+        targets = [("bare FastAPI route", f"http://127.0.0.1:{bare_port}/bare", {}),
+                   ("GET /api/v1/jobs/{id}", f"http://127.0.0.1:{api_port}/api/v1/jobs/{job_id}", auth),
+                   ("GET /api/v1/ingestion/status", f"http://127.0.0.1:{api_port}/api/v1/ingestion/status", auth)]
+        print(f"wrk, {args.seconds} s per cell; one uvicorn process per server; {os.cpu_count()} cores shared")
+        print(f"{'route':30} {'clients':>7} {'req/s':>9} {'of bare':>8} {'p50':>9} {'p99':>9} "
+              f"{'not 200':>8} {'no answer':>9} {'CPU/req':>8}")
+        for clients in map(int, args.clients.split(",")):
+            bare_rps = None
+            for (name, url, headers), server in zip(targets, (procs[1], procs[0], procs[0]), strict=True):
+                before = cpu_seconds(server.pid)
+                figures = wrk(url, clients, args.seconds, headers)
+                per_request = (cpu_seconds(server.pid) - before) / max(figures["requests"], 1)
+                bare_rps = bare_rps or figures["rps"]
+                print(f"{name:30} {clients:7} {figures['rps']:9,.0f} {figures['rps'] / bare_rps:8.0%} "
+                      f"{figures['p50'] * 1000:7.1f}ms {figures['p99'] * 1000:7.1f}ms "
+                      f"{figures['not_ok']:8} {figures['unanswered']:9} {per_request * 1000:6.2f}ms", flush=True)
+    finally:
+        for proc in procs:
+            proc.terminate()
+            proc.wait(30)
+        bench.stop()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,214 @@
+"""The gateway under load and at its edges: admission (answers, never silence; /health never waits),
+runtime settings that never block a request, per-key limits, the limit shared across API processes,
+CORS, key-labelled metrics, 405 with Allow, NUL characters, types as JSON means them."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import psycopg
+import pytest
+import uvicorn
+
+from api.main import create_app
+from tests.helpers import ROOT, free_port, make_key, wait_for
+
+
+def _serve(app) -> tuple[str, uvicorn.Server]:
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    threading.Thread(target=server.run, daemon=True).start()
+    wait_for(lambda: server.started, message="the API")
+    return f"http://127.0.0.1:{port}", server
+
+
+@pytest.fixture
+def small_api(configure):
+    """An API that lets one request in at a time and keeps others waiting at most 0.3 s."""
+    configure(api_concurrency=1, api_queue_seconds=0.3)
+    url, server = _serve(create_app())
+    configure.undo()
+    yield url
+    server.should_exit = True
+
+
+def _libpq() -> str:
+    return os.environ["INGOT_DATABASE_URL"].replace("postgresql+psycopg://", "postgresql://", 1)
+
+
+def test_at_capacity_the_api_answers_503_at_once_and_health_never_waits(small_api):
+    key = make_key(["read"])
+    with psycopg.connect(_libpq()) as locker:
+        locker.execute("LOCK TABLE jobs IN ACCESS EXCLUSIVE MODE")  # the next job read waits on this
+        with ThreadPoolExecutor(1) as pool:
+            stuck = pool.submit(httpx.get, f"{small_api}/api/v1/jobs", headers={"X-API-Key": key}, timeout=60)
+            wait_for(lambda: _waiting_on_lock(), message="a request waiting on the lock")
+            began = time.monotonic()
+            turned_away = httpx.get(f"{small_api}/api/v1/jobs", headers={"X-API-Key": key}, timeout=10)
+            assert turned_away.status_code == 503 and time.monotonic() - began < 5
+            assert turned_away.headers["retry-after"] == "1"
+            assert turned_away.json()["error"]["code"] == "SERVICE_UNAVAILABLE"
+            began = time.monotonic()
+            assert httpx.get(f"{small_api}/health", timeout=5).status_code == 200
+            assert time.monotonic() - began < 1
+            locker.rollback()  # the lock goes; the request that waited is answered
+            assert stuck.result(30).status_code == 200
+
+
+def _waiting_on_lock() -> bool:
+    with psycopg.connect(_libpq()) as conn:  # a fresh connection: pg_stat_activity is a per-transaction snapshot
+        return bool(conn.execute("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                                 "AND query LIKE '%FROM jobs%'").fetchone()[0])
+
+
+def test_a_stale_runtime_read_never_waits_for_another_thread():
+    from pipelines.core import runtime
+
+    runtime.refresh()
+    runtime._cache["at"] = 0.0  # stale
+    with runtime._lock:  # another thread is re-reading (and, say, waiting for a connection)
+        began = time.monotonic()
+        with ThreadPoolExecutor(1) as pool:
+            assert pool.submit(runtime.value, "rate_limit_per_minute").result(5) >= 1
+        assert time.monotonic() - began < 1
+
+
+def test_a_key_can_carry_its_own_rate_limit(api_url):
+    admin = make_key(["admin"])
+    with httpx.Client(base_url=f"{api_url}/api/v1") as http:
+        created = http.post("/keys", headers={"X-API-Key": admin},
+                            json={"name": "tier", "scopes": ["read"], "rate_limit_per_minute": 3}).json()["data"]
+        assert created["rate_limit_per_minute"] == 3
+        answers = [http.get("/jobs", headers={"X-API-Key": created["key"]}) for _ in range(4)]
+    assert [r.status_code for r in answers] == [200, 200, 200, 429]
+    assert answers[0].headers["x-ratelimit-limit"] == "3" and "retry-after" in answers[3].headers
+
+
+def test_the_rate_limit_holds_across_two_api_processes(configure, tmp_path):
+    """1,000 + 50 requests from one key, spread over two API processes: exactly 50 are 429."""
+    key = make_key(["read"])
+    urls, procs = [], []
+    env = dict(os.environ, INGOT_RATE_LIMIT_PER_MINUTE="1000", INGOT_LOG_LEVEL="WARNING")
+    try:
+        for _ in range(2):
+            port = free_port()
+            procs.append(subprocess.Popen([sys.executable, "-m", "cli.main", "api", "--no-migrate"], cwd=ROOT,
+                                          env={**env, "INGOT_API_PORT": str(port)},
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            urls.append(f"http://127.0.0.1:{port}")
+        for url in urls:
+            wait_for(lambda url=url: _up(url), timeout=60, message="an API process")
+        _wait_for_a_fresh_minute(20)  # all 1,050 requests fall in one window
+
+        def burst(url: str) -> list[httpx.Response]:
+            with httpx.Client(base_url=url, headers={"X-API-Key": key}, timeout=30) as http:
+                return [http.get("/api/v1/health") for _ in range(525)]
+
+        with ThreadPoolExecutor(2) as pool:
+            answers = [r for batch in pool.map(burst, urls) for r in batch]
+        refused = [r for r in answers if r.status_code == 429]
+        assert len(refused) == 50 and len(answers) - len(refused) == 1000
+        assert all(int(r.headers["retry-after"]) >= 1 for r in refused)
+        # A random key header does not buy a fresh bucket: it counts against the address.
+        assert httpx.get(f"{urls[0]}/api/v1/jobs", headers={"X-API-Key": "ingot_made_up"}).status_code == 401
+    finally:
+        for proc in procs:
+            proc.terminate()
+            proc.wait(30)
+
+
+def _up(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/health", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _wait_for_a_fresh_minute(needed_seconds: float) -> None:
+    """Wait, if need be, until at least NEEDED_SECONDS are left in the current minute window."""
+    left = 60 - time.time() % 60
+    if left < needed_seconds:
+        time.sleep(left + 0.05)
+
+
+def test_cors_is_off_by_default_and_follows_configuration(api_url, configure):
+    preflight = {"Origin": "https://desk.example", "Access-Control-Request-Method": "GET",
+                 "Access-Control-Request-Headers": "X-API-Key"}
+    assert "access-control-allow-origin" not in httpx.options(f"{api_url}/api/v1/jobs", headers=preflight).headers
+    configure(cors_origins="https://desk.example")
+    url, server = _serve(create_app())
+    try:
+        answer = httpx.options(f"{url}/api/v1/jobs", headers=preflight)
+        assert answer.status_code == 200
+        assert answer.headers["access-control-allow-origin"] == "https://desk.example"
+        other = httpx.options(f"{url}/api/v1/jobs", headers={**preflight, "Origin": "https://evil.example"})
+        assert other.headers.get("access-control-allow-origin") != "https://evil.example"
+    finally:
+        server.should_exit = True
+
+
+def test_request_metrics_are_labelled_by_key_only_when_asked(api_url, configure):
+    key = make_key(["read"])
+    key_id = httpx.get(f"{api_url}/api/v1/auth/me", headers={"X-API-Key": key}).json()["data"]["id"]
+    assert key_id not in httpx.get(f"{api_url}/metrics").text  # off by default
+    configure(metrics_key_labels="true")
+    url, server = _serve(create_app())
+    try:
+        httpx.get(f"{url}/api/v1/jobs", headers={"X-API-Key": key})
+        text = httpx.get(f"{url}/metrics").text
+        assert f'key_id="{key_id}"' in text and "ingot_http_requests_by_key_total" in text
+    finally:
+        server.should_exit = True
+
+
+@pytest.mark.parametrize(("method", "path", "allow"), [
+    ("DELETE", "/api/v1/config", "GET, PUT"),
+    ("PUT", "/api/v1/keys", "GET, POST"),
+    ("PATCH", "/api/v1/scenarios/scn_x", "DELETE, GET"),
+    ("GET", "/api/v1/ingestion/start", "POST"),
+])
+def test_a_method_a_path_lacks_is_405_naming_every_method_it_has(api_url, method, path, allow):
+    answer = httpx.request(method, f"{api_url}{path}", headers={"X-API-Key": make_key(["admin"])})
+    assert answer.status_code == 405 and answer.headers["allow"] == allow
+    assert answer.json()["error"]["code"] == "METHOD_NOT_ALLOWED"
+
+
+@pytest.mark.parametrize(("method", "path", "arguments"), [
+    ("GET", "/api/v1/ingestion/quarantine", {"params": {"source": "a\x00b"}}),
+    ("GET", "/api/v1/jobs/job%00x", {}),
+    ("POST", "/api/v1/webhooks", {"json": {"url": "https://example.com/\x00", "events": ["job.cancelled"]}}),
+])
+def test_a_nul_character_anywhere_is_422_not_500(api_url, method, path, arguments):
+    answer = httpx.request(method, f"{api_url}{path}", headers={"X-API-Key": make_key(["admin"])}, **arguments)
+    assert answer.status_code == 422 and answer.json()["error"]["code"] == "VALIDATION_ERROR"
+
+
+@pytest.mark.parametrize(("method", "path", "body", "params"), [
+    ("POST", "/api/v1/ingestion/start", {"options": {"timeout": True}}, None),
+    ("POST", "/api/v1/ingestion/start", {"options": {"timeout": "60"}}, None),
+    ("POST", "/api/v1/ingestion/start", {"options": {"batch_size": 2.5}}, None),
+    ("GET", "/api/v1/logs", None, {"start_time": "0.5"}),
+    ("GET", "/api/v1/curves", None, {"asof_date": "1"}),
+    ("PUT", "/api/v1/config", {"rate_limit_per_minute": True}, None),
+    ("PUT", "/api/v1/config", {"webhook_retry_schedule": "soon"}, None),
+    ("POST", "/api/v1/keys/key_x/rotate", {"grace_hours": False}, None),
+])
+def test_values_are_taken_as_json_types_them(api_url, method, path, body, params):
+    answer = httpx.request(method, f"{api_url}{path}", headers={"X-API-Key": make_key(["admin"])}, json=body,
+                           params=params)
+    assert answer.status_code == 422, answer.text
+
+
+def test_an_integral_number_is_an_integer(api_url, write_sources):
+    write_sources('[sources.s]\ntype = "file"\nformat = "csv"\npath = "nothing/*.csv"\nprimary_key = ["id"]\n')
+    answer = httpx.post(f"{api_url}/api/v1/ingestion/start", headers={"X-API-Key": make_key(["write"])},
+                        json={"sources": ["s"], "options": {"timeout": 60.0}})
+    assert answer.status_code == 202, answer.text
+    job_id = answer.json()["data"]["job_id"]
+    httpx.post(f"{api_url}/api/v1/jobs/{job_id}/cancel", headers={"X-API-Key": make_key(["write"])})
