@@ -15,7 +15,7 @@ from cli.markets import curves_app, scenarios_app
 
 app = typer.Typer(help="Ingot: ingestion and job workers for market data.", no_args_is_help=True)
 db_app = typer.Typer(help="Database maintenance.")
-keys_app = typer.Typer(help="API keys (acts on the database directly).")
+keys_app = typer.Typer(help="API keys: through the API with an admin key, else on the database directly.")
 jobs_app = typer.Typer(help="List, show and follow jobs.", invoke_without_command=True)
 app.add_typer(db_app, name="db")
 app.add_typer(keys_app, name="keys")
@@ -118,54 +118,123 @@ def db_upgrade() -> None:
 
 
 # --- keys ----------------------------------------------------------------------------------------
+# With an admin's key (--api-key or INGOT_API_KEY) these go through the API like every other command;
+# without one, on the database directly: that is how the first admin key is made.
+
+
+def _scopes(scopes: str) -> list[str]:
+    return [s.strip() for s in scopes.split(",") if s.strip()]
 
 
 @keys_app.command("create")
 def keys_create(
     name: Annotated[str, typer.Option(help="who or what the key is for")],
     scopes: Annotated[str, typer.Option(help="comma-separated: read,write,admin")] = "read",
+    expires: Annotated[str | None, typer.Option(help="ISO 8601 time the key stops working")] = None,
+    rate_limit: Annotated[int | None, typer.Option(help="this key's own requests per minute")] = None,
+    url: UrlOpt = DEFAULT_URL,
+    api_key: KeyOpt = None,
 ) -> None:
     """Create a key and print it, alone, on standard output (it is shown only this once)."""
-    from pipelines.auth import keys
-    from pipelines.core import migrate
-    from pipelines.core.db import session_scope
+    if api_key:
+        with client_for(url, api_key) as client:
+            try:
+                made = client.create_key(name, _scopes(scopes), expires_at=expires, rate_limit_per_minute=rate_limit)
+            except IngotError as exc:
+                fail(exc)
+        key_id, shown_scopes, key = made["id"], made["scopes"], made["key"]
+    else:
+        from datetime import datetime
 
-    migrate.upgrade()
-    try:
-        with session_scope() as session:
-            row, key = keys.create_key(session, name, [s.strip() for s in scopes.split(",") if s.strip()])
-    except ValueError as exc:
-        err.print(f"[red]{exc}[/red]")
-        raise typer.Exit(2) from None
-    err.print(f"created {row.id} ({name}, scopes {','.join(row.scopes)}); store it now, it is not shown again")
+        from pipelines.auth import keys
+        from pipelines.core import migrate
+        from pipelines.core.db import session_scope
+
+        migrate.upgrade()
+        try:
+            expiry = datetime.fromisoformat(expires) if expires else None
+            with session_scope() as session:
+                row, key = keys.create_key(session, name, _scopes(scopes), expiry, rate_limit)
+                key_id, shown_scopes = row.id, row.scopes
+        except ValueError as exc:
+            err.print(f"[red]{exc}[/red]")
+            raise typer.Exit(2) from None
+    err.print(f"created {key_id} ({name}, scopes {','.join(shown_scopes)}); store it now, it is not shown again")
     print(key)
 
 
 @keys_app.command("list")
-def keys_list() -> None:
+def keys_list(url: UrlOpt = DEFAULT_URL, api_key: KeyOpt = None) -> None:
     """List keys (never their secrets)."""
-    from pipelines.auth import keys
-    from pipelines.core.db import session_scope
+    if api_key:
+        with client_for(url, api_key) as client:
+            try:
+                rows = client.keys()
+            except IngotError as exc:
+                fail(exc)
+    else:
+        from pipelines.auth import keys
+        from pipelines.core.db import session_scope
 
-    table = Table("id", "name", "prefix", "scopes", "created", "last used", "revoked")
-    with session_scope() as session:
-        for k in keys.list_keys(session):
-            table.add_row(k.id, k.name, k.prefix + "…", ",".join(k.scopes), str(k.created_at)[:19],
-                          str(k.last_used_at or "")[:19], str(k.revoked_at or "")[:19])
+        with session_scope() as session:
+            rows = [{"id": k.id, "name": k.name, "prefix": k.prefix, "scopes": k.scopes, "created_at": k.created_at,
+                     "last_used_at": k.last_used_at, "expires_at": k.expires_at, "revoked_at": k.revoked_at}
+                    for k in keys.list_keys(session)]
+    table = Table("id", "name", "prefix", "scopes", "created", "last used", "expires", "revoked")
+    for k in rows:
+        table.add_row(k["id"], k["name"], k["prefix"] + "…", ",".join(k["scopes"]),
+                      *(str(k[f] or "")[:19] for f in ("created_at", "last_used_at", "expires_at", "revoked_at")))
     out.print(table)
 
 
 @keys_app.command("revoke")
-def keys_revoke(key_id: str) -> None:
-    """Revoke a key by id."""
-    from pipelines.auth import keys
-    from pipelines.core.db import session_scope
+def keys_revoke(key_id: str, url: UrlOpt = DEFAULT_URL, api_key: KeyOpt = None) -> None:
+    """Revoke a key by id: its next request is refused."""
+    if api_key:
+        with client_for(url, api_key) as client:
+            try:
+                client.revoke_key(key_id)
+            except IngotError as exc:
+                fail(exc)
+    else:
+        from pipelines.auth import keys
+        from pipelines.core.db import session_scope
 
-    with session_scope() as session:
-        if not keys.revoke(session, key_id):
-            err.print(f"no active key {key_id}")
-            raise typer.Exit(1)
+        with session_scope() as session:
+            if not keys.revoke(session, key_id):
+                err.print(f"no active key {key_id}")
+                raise typer.Exit(1)
     err.print(f"revoked {key_id}")
+
+
+@keys_app.command("rotate")
+def keys_rotate(
+    key_id: str,
+    grace_hours: Annotated[float, typer.Option(help="how long the old secret keeps working")] = 24,
+    url: UrlOpt = DEFAULT_URL,
+    api_key: KeyOpt = None,
+) -> None:
+    """Give a key a new secret (printed alone on standard output); the old one works for the grace period."""
+    if api_key:
+        with client_for(url, api_key) as client:
+            try:
+                key = client.rotate_key(key_id, grace_hours=grace_hours)["key"]
+            except IngotError as exc:
+                fail(exc)
+    else:
+        from datetime import timedelta
+
+        from pipelines.auth import keys
+        from pipelines.core.db import session_scope
+
+        with session_scope() as session:
+            rotated = keys.rotate(session, key_id, timedelta(hours=grace_hours))
+            if rotated is None:
+                err.print(f"no active key {key_id}")
+                raise typer.Exit(1)
+            key = rotated[1]
+    err.print(f"rotated {key_id}; the old secret works for {grace_hours:g} more hours")
+    print(key)
 
 
 users_app = typer.Typer(help="Users who log in for bearer tokens (acts on the database directly).")

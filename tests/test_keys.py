@@ -76,3 +76,31 @@ def test_last_use_is_written_at_most_once_a_minute(api_url, admin):
     for _ in range(5):
         assert works(api_url, key["key"]) == 200
     assert last_used() == first  # five more requests, no more writes
+
+
+def test_the_cli_manages_keys_through_the_api_when_given_an_admin_key(api_url, admin):
+    import subprocess
+    import sys
+
+    from tests.helpers import ROOT, make_key
+
+    def ingot(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "cli.main", "keys", *args, "--url", api_url,
+                               "--api-key", make_key(["admin"])], cwd=ROOT, capture_output=True, text=True, timeout=60)
+
+    made = ingot("create", "--name", "over-http", "--scopes", "read", "--rate-limit", "50")
+    assert made.returncode == 0, made.stderr
+    secret = made.stdout.strip()
+    assert works(api_url, secret) == 200
+    listed = admin.get("/keys").json()["data"]
+    mine = next(k for k in listed if k["name"] == "over-http")
+    assert mine["rate_limit_per_minute"] == 50
+    assert "over-http" in ingot("list").stdout
+    rotated = ingot("rotate", mine["id"], "--grace-hours", "0")
+    assert rotated.returncode == 0 and rotated.stdout.strip() != secret
+    assert works(api_url, rotated.stdout.strip()) == 200 and works(api_url, secret) == 401
+    assert ingot("revoke", mine["id"]).returncode == 0
+    assert works(api_url, rotated.stdout.strip()) == 401
+    refused = subprocess.run([sys.executable, "-m", "cli.main", "keys", "list", "--url", api_url, "--api-key",
+                              make_key(["read"])], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 1 and "AUTHORIZATION_ERROR" in refused.stderr

@@ -7,6 +7,8 @@ stable under concurrent inserts: a page starts strictly after the last row of th
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from dataclasses import dataclass
 from datetime import datetime
@@ -15,9 +17,10 @@ from typing import Any
 from sqlalchemy import ColumnElement, UnaryExpression, and_, func, or_, select, tuple_
 from sqlalchemy.orm import Session
 
-from pipelines.core import pagination
+from pipelines.core import cache, pagination
 from pipelines.core.models import Observation
 
+TOTALS = "query-totals:"  # the cache group of query totals, dropped when an ingestion commits rows
 SORT_FIELDS = {
     "timestamp": Observation.timestamp,
     "value": Observation.value,
@@ -90,11 +93,21 @@ def _encode(q: Query, row: Observation) -> str:
     return pagination.encode([value, row.source, row.id])
 
 
+def _total(session: Session, q: Query, where: list) -> int:
+    """How many rows Q's filters match: counted once, then kept in Redis (every API process shares it)
+    until an ingestion commits new rows or a minute passes, not counted again for every page."""
+    filters = json.dumps([q.source, q.start and q.start.isoformat(), q.end and q.end.isoformat(), q.min_value,
+                          q.max_value])
+    key = TOTALS + hashlib.sha256(filters.encode()).hexdigest()
+    return int(cache.cached(key, lambda: session.scalar(select(func.count()).select_from(Observation).where(*where)),
+                            ttl=60))
+
+
 def run(session: Session, q: Query) -> tuple[list[Observation], dict]:
     """One page of rows and the pagination facts (page, limit, total, pages, next_cursor)."""
     column = SORT_FIELDS[q.sort]
     conditions_ = conditions(q)
-    total = session.scalar(select(func.count()).select_from(Observation).where(*conditions_))
+    total = _total(session, q, conditions_)
     order: list[UnaryExpression[Any]] = [column.desc().nulls_last() if q.descending else column.asc().nulls_last()]
     order += [tie.desc() if q.descending else tie.asc() for tie in (Observation.source, Observation.id)]
     statement = select(Observation).where(*conditions_).order_by(*order).limit(q.limit + 1)

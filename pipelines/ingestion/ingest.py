@@ -21,6 +21,7 @@ from pipelines.core.db import get_engine
 from pipelines.core.prefetch import prefetch
 from pipelines.core.settings import get_settings
 from pipelines.curves.queries import CACHE_GROUP as CURVES_CACHE
+from pipelines.exports.query import TOTALS as QUERY_TOTALS
 from pipelines.ingestion.datasets import CURVES
 from pipelines.ingestion.load import loading
 from pipelines.ingestion.load_curves import CurveLoader
@@ -131,8 +132,8 @@ def _ingest_source(job, registry, source, s_index, since, batch_rows, stats) -> 
                 book.record(conn, piece.label, valid.rejects, valid.lines)
                 if valid.cursor_max is not None:
                     _advance_cursor(conn, source.id, valid.cursor_max, valid.cursor_max_ids, cursor_type)
-            if curves and valid.num_rows:
-                cache.drop(CURVES_CACHE)  # committed: what the curves cover may have changed
+            if valid.num_rows:  # committed: what the curves cover, or how many rows a query matches, changed
+                cache.drop(CURVES_CACHE if curves else QUERY_TOTALS)
             del valid, payload
             # Hand freed batch memory back to the OS, so RSS stays flat whatever the input size.
             pa.default_memory_pool().release_unused()
@@ -181,3 +182,4 @@ def _finish_source(job: JobRun, source_id: str, s_index: int, stats: dict) -> No
                            f"{source_id}: {source_stats['records']} records, {source_stats['failed']} quarantined, "
                            f"{source_stats['skipped']} already loaded", source=source_id, job_id=job.id,
                            details=source_stats)
+    cache.drop(QUERY_TOTALS)  # a first load's rows appear when its table is attached, after the last batch
