@@ -1,7 +1,8 @@
 """`ingot up`: the whole system in the foreground, supervised, stopped cleanly on Ctrl-C.
 
 Order matters: servers first (embedded unless URLs are set), then migrations and a local admin key,
-then the api, worker, beat and Flower as child processes. A child that dies is started again. On
+then the api, worker, beat and Flower as child processes. A child that dies is started again, and so
+is an embedded server (Redis or PostgreSQL), on the same data. On
 SIGINT or SIGTERM the children stop first, then Redis, then PostgreSQL, within 30 seconds.
 """
 
@@ -87,6 +88,7 @@ class Supervisor:
             self._banner(api_key)
             self._ingest_demo(api_key)
             while not self.stopping:
+                self._revive_servers()
                 self._restart_dead(env)
                 time.sleep(0.5)
             return 0
@@ -201,6 +203,19 @@ class Supervisor:
             console.print(f"demo scenario {scenario['scenario_id']} ran: its chart is {chart}", soft_wrap=True)
         except (IngotError, TimeoutError, httpx.HTTPError, OSError) as exc:
             console.print(f"[yellow]demo scenario not run: {exc}[/yellow]")
+
+    def _revive_servers(self) -> None:
+        """The embedded servers are supervised like the children: one that dies is started again on the
+        same data, and the API and workers reconnect by themselves."""
+        if self.stopping:
+            return
+        try:
+            if self.redis is not None and self.redis.revive():
+                console.print("[yellow]embedded Redis had exited; started it again[/yellow]")
+            if embedded.revive_postgres():
+                console.print("[yellow]embedded PostgreSQL had exited; started it again[/yellow]")
+        except (OSError, RuntimeError) as exc:  # tried again on the next pass
+            console.print(f"[red]could not start an embedded server again: {exc}[/red]")
 
     def _restart_dead(self, env: dict[str, str]) -> None:
         now = time.monotonic()

@@ -27,6 +27,8 @@ def postgres_url(home: Path) -> str:
     server = pgserver.get_server(home / "pgdata", cleanup_mode="stop")
     # pgserver is reference-counted across processes: the last process that joined it stops it.
     _tune(server)
+    global _postgres
+    _postgres = server
     return server.get_uri().replace("postgresql://", "postgresql+psycopg://", 1)
 
 
@@ -61,6 +63,29 @@ def _tune(server) -> None:
     if stale.keys() & _START_SETTINGS.keys() and others == (0,):
         pg_ctl(["-w", "-m", "fast", "restart"], pgdata=server.pgdata, user=server.system_user)
         server.ensure_postgres_running()  # follow the new postmaster, so the last one out still stops it
+
+
+_postgres = None  # the embedded PostgreSQL this process started or joined, if any
+
+
+def revive_postgres() -> bool:
+    """Start the embedded PostgreSQL again, on the same data and socket, if its postmaster has died
+    (crash recovery replays its WAL: nothing committed is lost). True if it had to; False if it runs,
+    or this process has none. A start that fails (the dead server's backends not yet gone) is tried
+    again at the next call."""
+    if _postgres is None:
+        return False
+    from pgserver.postgres_server import PostmasterInfo
+
+    info = PostmasterInfo.read_from_pgdata(_postgres.pgdata)
+    if info is not None and info.is_running():
+        return False
+    try:
+        _postgres.ensure_postgres_running()
+    except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
+        log.warning("embedded PostgreSQL did not start again yet (%s); trying again", type(exc).__name__)
+        return False
+    return True
 
 
 class EmbeddedRedis:
@@ -122,6 +147,15 @@ class EmbeddedRedis:
                 raise RuntimeError(f"embedded Redis did not start; see {self.dir / 'redis.log'}")
             time.sleep(0.05)
         return self.url
+
+    def revive(self) -> bool:
+        """Start the server again on the same socket and data if the one we started has died (its
+        append-only file gives back what was queued, to the last second). True if it had to."""
+        if self.process is None or self.process.poll() is None:
+            return False
+        self.process = None
+        self.start()
+        return True
 
     def stop(self) -> None:
         """Stop the server if we started it (SIGTERM lets it flush its append-only file)."""
