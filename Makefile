@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: up test test-fast lint fuzz bench clean
+.PHONY: up test test-fast lint fuzz faults soak bench clean
 
 $(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,15 @@ lint: $(STAMP)
 # The fuzz test at length: schemathesis with 300 examples an operation instead of 8.
 fuzz: $(STAMP)
 	INGOT_FUZZ_EXAMPLES=300 $(BIN)/pytest tests/test_fuzz.py --timeout=3600
+
+# The fault suite at length: every fault five times over a load ten times larger, its table printed.
+faults: $(STAMP)
+	INGOT_FAULT_REPEAT=5 INGOT_FAULT_ROWS=60000 $(BIN)/pytest tests/faults -s --timeout=3600
+
+# A steady mixed load for SOAK_MINUTES (10), then throughput, latency and what grew.
+SOAK_MINUTES ?= 10
+soak: $(STAMP)
+	$(BIN)/python bench/soak.py --minutes $(SOAK_MINUTES)
 
 bench: $(STAMP)
 	$(BIN)/python bench/ingest.py

@@ -14,6 +14,7 @@ class Receiver:
         self.secret: str | None = None
         self.statuses: list[int] = []  # answers to give, in order; then 200
         self.received: list[dict] = []  # every request, verified or not
+        self.delay = 0.0  # seconds to wait before answering: a slow receiver
         receiver = self
 
         class Handle(BaseHTTPRequestHandler):
@@ -27,6 +28,8 @@ class Receiver:
                 except Exception as exc:  # noqa: BLE001 - recorded for the test to assert on
                     entry["verified"] = False
                     entry["error"] = str(exc)
+                if receiver.delay:
+                    time.sleep(receiver.delay)
                 status = receiver.statuses.pop(0) if receiver.statuses else 200
                 entry["status"] = status
                 receiver.received.append(entry)

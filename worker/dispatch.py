@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from functools import lru_cache
 
 import redis
@@ -33,13 +34,25 @@ def broker_redis() -> redis.Redis:
 
 
 def message_exists(queue: str, task_id: str) -> bool:
-    """Is TASK_ID's message waiting in QUEUE, or delivered and not yet acknowledged?"""
+    """Is TASK_ID's message waiting in QUEUE, or delivered to a worker that is still going to run it?
+
+    The reaper asks this of jobs still `queued`. A worker takes a message only when a pool process
+    is free (prefetch 1, late acks), so it starts the job within moments; a message delivered longer
+    ago than a heartbeat's stale period whose job has still not started was delivered to a worker
+    that died. Kombu would hand it out again only after the visibility timeout (hours: longer than
+    the longest job), so it counts as gone: the job is sent again, and the old message, should it
+    ever be delivered, finds the job taken and does nothing."""
     client = broker_redis()
     needle = task_id.encode()
     for suffix in _PRIORITY_KEYS:
         if any(needle in raw for raw in client.lrange(queue + suffix, 0, -1)):
             return True
-    return any(needle in raw for raw in client.hvals("unacked"))
+    stale = get_settings().heartbeat_stale_seconds
+    for tag, raw in client.hgetall("unacked").items():
+        if needle in raw:
+            delivered = client.zscore("unacked_index", tag)
+            return delivered is None or time.time() - delivered < stale
+    return False
 
 
 def revoke(task_id: str) -> None:

@@ -1,0 +1,188 @@
+"""A mixed load for the fault suite, and its ledger.
+
+Each round submits, through the API, an ingestion of a few CSV sources of its own (known good and
+bad rows), an export, and a scenario run over curves loaded once at the start; every job's end is a
+webhook event to a local receiver. The ledger is what PostgreSQL and the receiver say was done:
+
+- lost: a submitted job that did not end `succeeded`, a row of its files missing from
+  `observations` or `quarantine`, a scenario run without its outputs, or a succeeded job whose event
+  never reached the receiver with a 2xx;
+- doubled: a row stored twice, a bad row quarantined twice, a run's outputs written twice, or an
+  event (webhook-id) received again after the receiver had already answered it 2xx.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sqlalchemy import text
+
+from cli.client import Client
+from pipelines.core.db import get_engine
+from pipelines.curves import synthetic
+from pipelines.curves.synthetic import DEMO
+from tests.datagen import SOURCES, write_csv
+from tests.helpers import wait_for
+from tests.receiver import Receiver
+from tests.test_curves import CURVES_SOURCE, write_curves
+
+EVENTS = {"ingestion": "ingestion.completed", "export": "export.completed", "scenario_run": "scenario.run.completed"}
+SOURCES_PER_ROUND, BAD_EVERY = 3, 500
+ROWS = int(os.environ.get("INGOT_FAULT_ROWS", "6000"))  # per source and round; `make faults` raises it
+CURVE_KEYS = ["NG_HENRY_HUB", "PWR_PJM_WEST_PEAK", "PWR_ERCOT_NORTH_PEAK"]
+
+
+@dataclass
+class Row:
+    fault: str
+    submitted: int
+    succeeded: int
+    lost: int
+    doubled: int
+    recovery_seconds: float
+
+
+@dataclass
+class Load:
+    client: Client
+    data_dir: Path
+    write_sources: object
+    rounds: int
+    receiver: Receiver = field(default_factory=Receiver)
+    expected: dict[str, tuple[int, int]] = field(default_factory=dict)  # source -> (good rows, bad rows)
+    jobs: list[tuple[str, str]] = field(default_factory=list)  # (kind, job id), in submission order
+    scenario_id: str = ""
+    webhook_secret: str = ""
+
+    def prepare(self) -> None:
+        """Every round's files and declarations, the curves loaded, the scenario and the webhook made."""
+        declarations = [CURVES_SOURCE.format(glob="curves/*.csv")]
+        (self.data_dir / "curves").mkdir()
+        write_curves(self.data_dir / "curves" / "c.csv",
+                     synthetic.points(DEMO, synthetic.business_days(dt.date(2026, 11, 20), 2), 12))
+        for r in range(self.rounds):
+            for i in range(SOURCES_PER_ROUND):
+                name = f"s{r}_{i}"
+                (self.data_dir / name).mkdir()
+                good, bad = write_csv(self.data_dir / name / "a.csv", ROWS, bad_every=BAD_EVERY,
+                                      start=(r * SOURCES_PER_ROUND + i) * ROWS)
+                self.expected[name] = (good, len(bad))
+                declarations.append(SOURCES.format(name=name, glob=f"{name}/*.csv"))
+        self.write_sources("".join(declarations))
+        curves = self.client.wait(self.client.start_ingestion(["curves"])["job_id"], timeout=120)
+        assert curves["state"] == "succeeded", curves
+        hook = self.client.create_webhook(self.receiver.url, sorted(EVENTS.values()))
+        self.webhook_secret = self.receiver.secret = hook["secret"]
+        self.scenario_id = self.client.create_scenario({
+            "name": "fault load", "base": {"curve_keys": CURVE_KEYS},
+            "shocks": [{"type": "parallel", "value": 1.0}, {"type": "percent", "value": -2}]})["scenario_id"]
+
+    def submit(self, round_no: int) -> list[str]:
+        """Round ROUND_NO's jobs, submitted (retried while the API answers 503 or cannot be reached)."""
+        names = [f"s{round_no}_{i}" for i in range(SOURCES_PER_ROUND)]
+        made = [("ingestion", self._retry(lambda: self.client.start_ingestion(names)["job_id"])),
+                ("export", self._retry(lambda: self.client.start_export("csv")["export_id"])),
+                ("scenario_run", self._retry(lambda: self.client.run_scenario(self.scenario_id)["run_id"]))]
+        self.jobs += made
+        return [job_id for _, job_id in made]
+
+    @staticmethod
+    def _retry(call, timeout: float = 60):
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return call()
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+
+    def settle(self, job_ids: list[str], timeout: float = 180) -> float:
+        """Wait until every one of JOB_IDS has ended; seconds it took."""
+        began = time.monotonic()
+
+        def ended() -> bool:
+            with get_engine().connect() as conn:
+                left = conn.execute(text("SELECT count(*) FROM jobs WHERE id = ANY(:ids) AND state NOT IN "
+                                         "('succeeded', 'failed', 'cancelled')"), {"ids": job_ids}).scalar_one()
+            return left == 0
+
+        try:
+            wait_for(ended, timeout=timeout, interval=0.25, message="every job of the round to end")
+        except AssertionError:
+            with get_engine().connect() as conn:
+                states = conn.execute(text("SELECT id, kind, state, attempts, error FROM jobs WHERE id = ANY(:ids)"),
+                                      {"ids": job_ids}).all()
+            raise AssertionError(f"jobs still not ended after {timeout} s: {states}") from None
+        return time.monotonic() - began
+
+    def ledger(self, fault: str, job_ids: list[str], recovery: float) -> Row:
+        kinds = dict((job_id, kind) for kind, job_id in self.jobs)
+        with get_engine().connect() as conn:
+            states = dict(conn.execute(text("SELECT id, state FROM jobs WHERE id = ANY(:ids)"), {"ids": job_ids}).all())
+            sources = [s for s in self.expected if any(s in (p or []) for p in conn.execute(text(
+                "SELECT sources FROM jobs WHERE id = ANY(:ids)"), {"ids": job_ids}).scalars())]
+            rows = dict(conn.execute(text("SELECT source, count(*) FROM observations WHERE source = ANY(:s) "
+                                          "GROUP BY source"), {"s": sources}).all())
+            distinct = dict(conn.execute(text("SELECT source, count(DISTINCT id) FROM observations "
+                                              "WHERE source = ANY(:s) GROUP BY source"), {"s": sources}).all())
+            bad = dict(conn.execute(text("SELECT source, count(*) FROM quarantine WHERE source = ANY(:s) "
+                                         "GROUP BY source"), {"s": sources}).all())
+            runs = [j for j in job_ids if kinds[j] == "scenario_run"]
+            outputs = dict(conn.execute(text("SELECT run_id, count(*) FROM scenario_outputs WHERE run_id = ANY(:r) "
+                                             "GROUP BY run_id"), {"r": runs}).all())
+        succeeded = [j for j in job_ids if states.get(j) == "succeeded"]
+        lost = len(job_ids) - len(succeeded)
+        doubled = 0
+        for source in sources:
+            good, quarantined = self.expected[source]
+            lost += max(good - distinct.get(source, 0), 0) + max(quarantined - bad.get(source, 0), 0)
+            doubled += (rows.get(source, 0) - distinct.get(source, 0)) + max(bad.get(source, 0) - quarantined, 0)
+        for run in runs:
+            lost += int(states.get(run) == "succeeded" and outputs.get(run, 0) == 0)
+            doubled += max(outputs.get(run, 0) - len(CURVE_KEYS), 0)
+        answered = self._answered_events()
+        for job_id in succeeded:
+            lost += int(job_id not in answered)
+        doubled += self._doubled_events(set(job_ids))
+        return Row(fault, len(job_ids), len(succeeded), lost, doubled, round(recovery, 1))
+
+    def wait_for_events(self, job_ids: list[str], timeout: float = 90) -> None:
+        """Let the webhook worker deliver the events of JOB_IDS that succeeded (or give up at TIMEOUT)."""
+        with get_engine().connect() as conn:
+            done = conn.execute(text("SELECT id FROM jobs WHERE id = ANY(:ids) AND state = 'succeeded'"),
+                                {"ids": job_ids}).scalars().all()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not set(done) <= self._answered_events():
+            time.sleep(0.25)
+
+    def _answered_events(self) -> set[str]:
+        """The jobs whose event the receiver verified and answered 2xx."""
+        return {r["payload"]["data"]["id"] for r in self.receiver.received
+                if r["verified"] and 200 <= r["status"] < 300}
+
+    def _doubled_events(self, job_ids: set[str]) -> int:
+        """Events received again after an answer of 2xx (a retry after an error or timeout is expected)."""
+        seen: Counter[str] = Counter()
+        doubled = 0
+        for r in self.receiver.received:
+            if not r["verified"] or r["payload"]["data"]["id"] not in job_ids:
+                continue
+            event = r["headers"]["webhook-id"]
+            doubled += int(seen[event] > 0)
+            if 200 <= r["status"] < 300:
+                seen[event] += 1
+        return doubled
+
+
+def table(rows: list[Row]) -> str:
+    head = f"{'fault':34} {'submitted':>9} {'succeeded':>9} {'lost':>5} {'doubled':>7} {'recovery':>9}"
+    lines = [head, "-" * len(head)]
+    lines += [f"{r.fault:34} {r.submitted:9} {r.succeeded:9} {r.lost:5} {r.doubled:7} {r.recovery_seconds:8.1f}s"
+              for r in rows]
+    return "\n".join(lines)

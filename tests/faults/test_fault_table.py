@@ -1,0 +1,110 @@
+"""The fault suite, short form (`make test`): the real API, two worker processes with beat, the
+session's PostgreSQL and Redis, and a webhook receiver, under a mixed load of ingestion, export,
+scenario and webhook work; one round of it per fault, counted against the ledger (tests.faults.load).
+
+Faults: worker pool processes and a whole worker SIGKILLed mid-job (a new worker started); Redis
+killed and started again with its data deleted (no persistence) while jobs are queued and running;
+PostgreSQL restarted while jobs run; the webhook receiver down, then slow, then up. It prints one
+row per fault (jobs submitted, succeeded, lost, effects doubled, time to recover) and fails unless
+every row has zero lost and zero doubled. (An embedded server killed under `ingot up` is
+tests/test_up.py's.)
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import time
+
+import pytest
+from sqlalchemy import text
+
+from pipelines.core import embedded
+from pipelines.core.db import get_engine
+from tests.faults.load import Load, Row, table
+from tests.helpers import wait_for
+from tests.receiver import Receiver
+
+pytestmark = pytest.mark.worker
+FAULTS = ("none (baseline)", "workers SIGKILLed", "Redis lost its data", "PostgreSQL restarted",
+          "receiver down, slow, up")
+REPEAT = int(os.environ.get("INGOT_FAULT_REPEAT", "1"))  # `make faults`: every fault several times, bigger load
+
+
+def _running(job_id: str) -> dict | None:
+    with get_engine().connect() as conn:
+        row = conn.execute(text("SELECT state, lease_owner FROM jobs WHERE id = :id"), {"id": job_id}).mappings().one()
+    return dict(row) if row["state"] == "running" and row["lease_owner"] else None
+
+
+def test_no_work_is_lost_or_doubled_whatever_breaks(client, start_worker, write_sources, data_dir,
+                                                    embedded_redis, capsys):
+    if embedded._postgres is None:
+        pytest.skip("INGOT_TEST_DATABASE_URL is set: the tests do not own that PostgreSQL, so cannot restart it")
+    client.update_config({"webhook_retry_schedule": "0,1,1,2,2,3,5,5,5,5"})  # a receiver may be away ~30 s
+    load = Load(client, data_dir, write_sources, rounds=len(FAULTS) * REPEAT)
+    workers = [start_worker(concurrency=2), start_worker(concurrency=1, beat=False)]
+    load.prepare()
+    rows: list[Row] = []
+
+    def run(round_no: int, fault: str, inject) -> None:
+        jobs = load.submit(round_no)
+        inject(jobs)
+        over = time.monotonic()
+        load.settle(jobs)
+        load.wait_for_events(jobs)
+        rows.append(load.ledger(fault, jobs, time.monotonic() - over))  # from the fault's end: all done, all told
+
+    def nothing(_jobs: list[str]) -> None:
+        pass
+
+    def kill_workers(jobs: list[str]) -> None:
+        owner = wait_for(lambda: _running(jobs[0]), timeout=60, interval=0.02, message="the ingestion to run")
+        os.kill(int(owner["lease_owner"].rpartition(":")[2]), signal.SIGKILL)  # a pool process, mid-job
+        wait_for(lambda: any(_running(j) for j in jobs), timeout=60, interval=0.05, message="a job running again")
+        workers[0].kill()  # then a whole worker, with its beat
+        workers[0] = start_worker(concurrency=2)
+
+    def lose_redis(jobs: list[str]) -> None:
+        os.killpg(embedded_redis.process.pid, signal.SIGKILL)
+        embedded_redis.process.wait()
+        shutil.rmtree(embedded_redis.dir / "appendonlydir", ignore_errors=True)
+        for leftover in embedded_redis.dir.glob("*.aof"):
+            leftover.unlink()
+        embedded_redis.process = None
+        embedded_redis.start()  # empty: every queued message and every binding gone
+
+    def restart_postgres(jobs: list[str]) -> None:
+        from pgserver import pg_ctl  # type: ignore[attr-defined]
+
+        wait_for(lambda: any(_running(j) for j in jobs), timeout=60, interval=0.02, message="a job to run")
+        server = embedded._postgres
+        pg_ctl(["-w", "-m", "fast", "restart"], pgdata=server.pgdata, user=server.system_user)
+
+    def receiver_trouble(jobs: list[str]) -> None:
+        port = load.receiver.port
+        load.receiver.close()  # down while the jobs end
+        wait_for(lambda: _delivery_failed_once(), timeout=60, interval=0.1, message="a delivery to fail")
+        slow = Receiver(port)
+        slow.secret, slow.delay = load.webhook_secret, 1.5
+        slow.received = load.receiver.received  # one ledger of what arrived
+        load.receiver = slow
+        time.sleep(3)  # slow for a while (the receiver's behaviour, not a wait for a condition)
+        slow.delay = 0.0
+
+    injections = (nothing, kill_workers, lose_redis, restart_postgres, receiver_trouble)
+    for round_no, (fault, inject) in enumerate(list(zip(FAULTS, injections, strict=True)) * REPEAT):
+        run(round_no, fault, inject)
+    load.receiver.close()
+    for worker in workers:
+        worker.stop()
+    report = table(rows)
+    with capsys.disabled():
+        print("\n" + report)
+    assert all(r.lost == 0 and r.doubled == 0 and r.succeeded == r.submitted for r in rows), report
+
+
+def _delivery_failed_once() -> bool:
+    with get_engine().connect() as conn:
+        return bool(conn.execute(text("SELECT count(*) FROM webhook_attempts WHERE status_code IS NULL")).scalar_one())
