@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import sys
-from typing import Annotated, NoReturn
+from collections.abc import Callable
+from typing import Annotated, NoReturn, TypeVar
 
 import typer
 from rich.console import Console
@@ -11,6 +12,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from cli.client import Client, IngotError
 
+T = TypeVar("T")
 err = Console(stderr=True)
 # Piped output is read by scripts: never truncate ids to fit an 80-column default.
 out = Console() if sys.stdout.isatty() else Console(width=250)
@@ -29,6 +31,15 @@ def group_client(ctx: typer.Context, url: str, api_key: str | None) -> Client:
     show ID` and `ingot jobs show ID --url U` both work."""
     parent_url, parent_key = ctx.obj
     return client_for(url if url != DEFAULT_URL else parent_url, api_key or parent_key)
+
+
+def through(url: str, api_key: str | None, action: Callable[[Client], T]) -> T:
+    """ACTION's answer, with a client for URL and API_KEY; an error answer ends the command (exit 1)."""
+    with client_for(url, api_key) as client:
+        try:
+            return action(client)
+        except IngotError as exc:
+            fail(exc)
 
 
 def fail(exc: IngotError) -> NoReturn:

@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from cli.client import IngotError
-from cli.common import DEFAULT_URL, KeyOpt, UrlOpt, client_for, err, fail, follow, group_client, out
+from cli.common import DEFAULT_URL, KeyOpt, UrlOpt, client_for, err, fail, follow, group_client, out, through
 from cli.markets import curves_app, scenarios_app
 
 app = typer.Typer(help="Ingot: ingestion and job workers for market data.", no_args_is_help=True)
@@ -137,11 +137,8 @@ def keys_create(
 ) -> None:
     """Create a key and print it, alone, on standard output (it is shown only this once)."""
     if api_key:
-        with client_for(url, api_key) as client:
-            try:
-                made = client.create_key(name, _scopes(scopes), expires_at=expires, rate_limit_per_minute=rate_limit)
-            except IngotError as exc:
-                fail(exc)
+        made = through(url, api_key, lambda client: client.create_key(name, _scopes(scopes), expires_at=expires,
+                                                                       rate_limit_per_minute=rate_limit))
         key_id, shown_scopes, key = made["id"], made["scopes"], made["key"]
     else:
         from datetime import datetime
@@ -167,11 +164,7 @@ def keys_create(
 def keys_list(url: UrlOpt = DEFAULT_URL, api_key: KeyOpt = None) -> None:
     """List keys (never their secrets)."""
     if api_key:
-        with client_for(url, api_key) as client:
-            try:
-                rows = client.keys()
-            except IngotError as exc:
-                fail(exc)
+        rows = through(url, api_key, lambda client: client.keys())
     else:
         from pipelines.auth import keys
         from pipelines.core.db import session_scope
@@ -191,11 +184,7 @@ def keys_list(url: UrlOpt = DEFAULT_URL, api_key: KeyOpt = None) -> None:
 def keys_revoke(key_id: str, url: UrlOpt = DEFAULT_URL, api_key: KeyOpt = None) -> None:
     """Revoke a key by id: its next request is refused."""
     if api_key:
-        with client_for(url, api_key) as client:
-            try:
-                client.revoke_key(key_id)
-            except IngotError as exc:
-                fail(exc)
+        through(url, api_key, lambda client: client.revoke_key(key_id))
     else:
         from pipelines.auth import keys
         from pipelines.core.db import session_scope
@@ -216,11 +205,7 @@ def keys_rotate(
 ) -> None:
     """Give a key a new secret (printed alone on standard output); the old one works for the grace period."""
     if api_key:
-        with client_for(url, api_key) as client:
-            try:
-                key = client.rotate_key(key_id, grace_hours=grace_hours)["key"]
-            except IngotError as exc:
-                fail(exc)
+        key = through(url, api_key, lambda client: client.rotate_key(key_id, grace_hours=grace_hours)["key"])
     else:
         from datetime import timedelta
 

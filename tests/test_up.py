@@ -52,18 +52,22 @@ def stop(proc, log) -> float:
     return time.monotonic() - began
 
 
+def banner(proc, log) -> str:
+    wait_for(lambda: "Ingot is up" in read(log) or proc.poll() is not None, timeout=90, interval=0.3,
+             message="the banner")
+    assert proc.poll() is None, read(log)
+    return read(log)
+
+
 def test_up_runs_the_demo_and_ctrl_c_stops_everything(tmp_path):
     home = tmp_path / "home"
     api_port, flower_port = free_port(), free_port()
     proc, log = start_up(home, api_port, flower_port)
     try:
-        wait_for(lambda: "Ingot is up" in read(log) or proc.poll() is not None, timeout=90, interval=0.3,
-                 message="the banner")
-        banner = read(log)
-        assert proc.poll() is None, banner
-        key = re.search(r"Admin key\s+(ingot_\S+)", banner).group(1)
-        flower_user, flower_pass = re.search(r"user (\S+)\s+password (\S+)", banner).groups()
-        assert f"http://127.0.0.1:{api_port}" in banner and f"http://127.0.0.1:{flower_port}" in banner
+        shown = banner(proc, log)
+        key = re.search(r"Admin key\s+(ingot_\S+)", shown).group(1)
+        flower_user, flower_pass = re.search(r"user (\S+)\s+password (\S+)", shown).groups()
+        assert f"http://127.0.0.1:{api_port}" in shown and f"http://127.0.0.1:{flower_port}" in shown
         api = httpx.Client(base_url=f"http://127.0.0.1:{api_port}", headers={"X-API-Key": key})
 
         def demo_done():
@@ -84,9 +88,7 @@ def test_up_runs_the_demo_and_ctrl_c_stops_everything(tmp_path):
     # A second start finds the same data; the old key was replaced by a new one.
     proc, log = start_up(home, api_port, flower_port)
     try:
-        wait_for(lambda: "Ingot is up" in read(log) or proc.poll() is not None, timeout=90, interval=0.3,
-                 message="the second banner")
-        key2 = re.findall(r"Admin key\s+(ingot_\S+)", read(log))[-1]
+        key2 = re.findall(r"Admin key\s+(ingot_\S+)", banner(proc, log))[-1]
         api = httpx.Client(base_url=f"http://127.0.0.1:{api_port}")
         assert api.get("/api/v1/jobs", headers={"X-API-Key": key}).status_code == 401
         jobs = api.get("/api/v1/jobs", headers={"X-API-Key": key2}).json()["data"]["jobs"]
@@ -111,9 +113,7 @@ def test_up_starts_a_dead_embedded_server_again_and_the_work_goes_on(tmp_path):
     api_port, flower_port = free_port(), free_port()
     proc, log = start_up(home, api_port, flower_port)
     try:
-        wait_for(lambda: "Ingot is up" in read(log) or proc.poll() is not None, timeout=90, interval=0.3,
-                 message="the banner")
-        key = re.search(r"Admin key\s+(ingot_\S+)", read(log)).group(1)
+        key = re.search(r"Admin key\s+(ingot_\S+)", banner(proc, log)).group(1)
         api = httpx.Client(base_url=f"http://127.0.0.1:{api_port}", headers={"X-API-Key": key}, timeout=10)
 
         def ended(job_id: str):
