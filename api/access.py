@@ -19,6 +19,7 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api import metrics
+from api.envelope import new_request_id
 
 access = logging.getLogger("ingot.access")
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
@@ -32,17 +33,35 @@ class Access:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        from api.envelope import new_request_id
-
         supplied = Headers(scope=scope).get("x-request-id", "")
         rid = supplied if REQUEST_ID.match(supplied) else new_request_id()
         state = scope.setdefault("state", {})  # what `request.state` reads and writes
         state["request_id"] = rid
         status = 500
         began = time.perf_counter()
+        recorded = False
+
+        def record() -> None:
+            """Count the request and write its access line, once: as its answer's last bytes go out (so
+            whoever reads the answer can already find the line), or when the app ends without one."""
+            nonlocal recorded
+            if recorded:
+                return
+            recorded = True
+            seconds = time.perf_counter() - began
+            request = Request(scope)
+            route = metrics.route_template(request)
+            principal = state.get("api_key_id")
+            metrics.observe(request.method, route, status, seconds, principal)
+            # One access line per request, JSON like every other line (never a query string: it may hold a cursor).
+            access.info("%s %s %s", request.method, route, status, extra={
+                "method": request.method, "route": route, "status": status,
+                "duration_ms": round(seconds * 1000, 1), "principal": principal, "request_id": rid})
 
         async def send_with_headers(message: Message) -> None:
             nonlocal status
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                record()
             if message["type"] == "http.response.start":
                 status = message["status"]
                 headers = MutableHeaders(scope=message)
@@ -60,13 +79,5 @@ class Access:
         try:
             await self.app(scope, receive, send_with_headers)
         finally:
+            record()
             structlog.contextvars.unbind_contextvars("request_id")
-            seconds = time.perf_counter() - began
-            request = Request(scope)
-            route = metrics.route_template(request)
-            principal = state.get("api_key_id")
-            metrics.observe(request.method, route, status, seconds, principal)
-            # One access line per request, JSON like every other line (never a query string: it may hold a cursor).
-            access.info("%s %s %s", request.method, route, status, extra={
-                "method": request.method, "route": route, "status": status,
-                "duration_ms": round(seconds * 1000, 1), "principal": principal, "request_id": rid})
