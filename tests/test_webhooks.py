@@ -282,3 +282,68 @@ def test_an_answer_is_never_unpacked_nor_waited_on_past_the_deadline(client, sta
     else:
         assert attempt["status_code"] == 500 and attempt["duration_ms"] < 5000, attempt  # 1 s deadline, one read
         assert 1 <= len(attempt["response_excerpt"]) < 30
+
+
+def end_jobs(count: int, prefix: str) -> None:
+    """End COUNT jobs at once, as workers would: each end writes its event in the same transaction."""
+    with get_engine().begin() as conn:
+        conn.execute(text(
+            "INSERT INTO jobs (id, kind, state, progress, records_processed, records_failed, params, result, "
+            "sources, queue, attempts, timeout_seconds, checkpoint) "
+            "SELECT :p || g, 'ingestion', 'running', 0, 0, 0, '{}', '{}', '{}', 'ingest', 1, 60, '{}' "
+            "FROM generate_series(1, :n) g"), {"p": prefix, "n": count})
+        conn.execute(text("UPDATE jobs SET state = 'succeeded', finished_at = now() WHERE id LIKE :p || '%'"),
+                     {"p": prefix})
+
+
+def claimed() -> list[str]:
+    from pipelines.core.db import session_scope
+    from pipelines.webhooks import relay
+
+    with session_scope() as session:
+        return relay.relay(session)
+
+
+def test_a_batch_handed_to_two_tasks_at_once_is_sent_once(client, receiver):
+    """Deliveries go out in batches, several at a time; a batch handed out twice at the same moment
+    (its claim ran out while the first task still held it) is attempted by one task only."""
+    from pipelines.webhooks import delivery
+
+    hook = register(client, receiver.url, ["ingestion.completed"])
+    receiver.secret, receiver.delay = hook["secret"], 0.05
+    end_jobs(40, "job_twice_")
+    ids = claimed()
+    assert len(ids) == 40
+    pool = delivery.new_pool(8)
+    results: list[dict] = []
+    tasks = [threading.Thread(target=lambda: results.append(delivery.deliver(ids, pool, 4))) for _ in range(2)]
+    for task in tasks:
+        task.start()
+    for task in tasks:
+        task.join(30)
+    sent = [r["headers"]["webhook-id"] for r in receiver.received]
+    assert len(sent) == 40 and len(set(sent)) == 40 and all(r["verified"] for r in receiver.received)
+    with get_engine().connect() as conn:
+        attempts = conn.execute(text("SELECT count(*), count(DISTINCT delivery_id) FROM webhook_attempts")).one()
+        states = conn.execute(text("SELECT state, count(*) FROM webhook_deliveries GROUP BY state")).all()
+    assert tuple(attempts) == (40, 40) and states == [("succeeded", 40)]
+    assert sorted(len(r) for r in results)[-1] == 40  # the task that held the batch reports every delivery
+
+
+def test_one_batch_settles_each_endpoint_by_its_own_answers(client, receiver):
+    """A batch spanning a failing endpoint and a healthy one: the healthy one's deliveries succeed,
+    the failing one's are retried later and only its endpoint is marked failing."""
+    from pipelines.webhooks import delivery
+
+    good = register(client, receiver.url, ["ingestion.completed"])
+    bad = register(client, f"http://127.0.0.1:{free_port()}/nobody", ["ingestion.completed"])
+    receiver.secret = good["secret"]
+    end_jobs(5, "job_mixed_")
+    states = delivery.deliver(claimed(), delivery.new_pool(4), 4)
+    assert sorted(states.values()) == ["pending"] * 5 + ["succeeded"] * 5
+    assert len(receiver.verified("ingestion.completed")) == 5
+    shown = {h["id"]: client.request("GET", f"/webhooks/{h['id']}")["data"] for h in (good, bad)}
+    assert shown[good["id"]]["failing_since"] is None and shown[bad["id"]]["failing_since"]
+    retried = deliveries(client, bad["id"])
+    assert len(retried) == 5 and all(d["state"] == "pending" and "ConnectError" in d["attempt_log"][0]["error"]
+                                     for d in retried)

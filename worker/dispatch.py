@@ -65,7 +65,8 @@ def revoke(task_id: str) -> None:
 
 
 def relay_webhooks() -> int:
-    """Turn new job events into deliveries and send every delivery that is due (after the commit)."""
+    """Turn new job events into deliveries and send every delivery that is due (after the commit), in
+    batches of INGOT_WEBHOOK_BATCH_SIZE to a task."""
     from pipelines.core.db import session_scope
     from pipelines.webhooks import relay
 
@@ -75,6 +76,7 @@ def relay_webhooks() -> int:
     except Exception:  # the periodic relay will pick the events up
         log.exception("webhook relay failed")
         return 0
-    for delivery_id in due:
-        app.send_task("webhooks.deliver", args=[delivery_id], queue="webhooks")
+    size = max(1, get_settings().webhook_batch_size)
+    for start in range(0, len(due), size):
+        app.send_task("webhooks.deliver", args=[due[start:start + size]], queue="webhooks")
     return len(due)

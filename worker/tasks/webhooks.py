@@ -2,28 +2,35 @@
 
 from __future__ import annotations
 
+import os
 import threading
 
-import httpx
+import httpcore
 
 from pipelines.core.settings import get_settings
 from pipelines.webhooks import delivery
 from worker.app import app
 from worker.queues import Queues
 
-_local = threading.local()
+_lock = threading.Lock()
+_pools: dict[int, httpcore.ConnectionPool] = {}
 
 
-def _client() -> httpx.Client:
-    """One connection pool per worker thread, made after the fork, never following redirects."""
-    if getattr(_local, "client", None) is None:
-        _local.client = httpx.Client(timeout=get_settings().webhook_timeout_seconds, follow_redirects=False)
-    return _local.client
+def _pool() -> httpcore.ConnectionPool:
+    """One connection pool per worker process, made after the fork, shared by the threads that send
+    a batch."""
+    with _lock:
+        pool = _pools.get(os.getpid())
+        if pool is None:
+            pool = _pools[os.getpid()] = delivery.new_pool(get_settings().webhook_concurrency * 2)
+        return pool
 
 
 @app.task(name="webhooks.deliver", queue=Queues.WEBHOOKS.value)
-def deliver(delivery_id: str) -> str:
-    return delivery.deliver(delivery_id, _client())
+def deliver(delivery_ids: list[str] | str) -> dict[str, str]:
+    """One attempt at each delivery of a batch (the relay sends up to INGOT_WEBHOOK_BATCH_SIZE at once)."""
+    ids = [delivery_ids] if isinstance(delivery_ids, str) else delivery_ids
+    return delivery.deliver(ids, _pool(), get_settings().webhook_concurrency)
 
 
 @app.task(name="webhooks.relay", queue=Queues.WEBHOOKS.value, send_events=False)
