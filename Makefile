@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: up test test-fast lint fuzz faults soak bench clean
+.PHONY: up test test-fast lint fuzz faults scale soak bench clean
 
 $(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,13 @@ fuzz: $(STAMP)
 # The fault suite at length: every fault five times over a load ten times larger, its table printed.
 faults: $(STAMP)
 	INGOT_FAULT_REPEAT=5 INGOT_FAULT_ROWS=60000 $(BIN)/pytest tests/faults -s --timeout=3600
+
+# Workers on three simulated hosts (network namespaces; needs root): jobs/s with 1, 2 and 3 hosts,
+# then one host cut off mid-job.
+SCALE_ROUNDS ?= 4
+SCALE_ROWS ?= 100000
+scale: $(STAMP)
+	$(BIN)/python bench/scale.py --rounds $(SCALE_ROUNDS) --rows $(SCALE_ROWS)
 
 # A steady mixed load for SOAK_MINUTES (10), then throughput, latency and what grew.
 SOAK_MINUTES ?= 10

@@ -79,7 +79,8 @@ def fire(events: int, rate: float, first: int = 0) -> None:
 
 def received(log_path: str) -> list[tuple[str, float]]:
     with open(log_path) as log:
-        return [(event_id, float(at)) for event_id, at in (line.split() for line in log)]
+        lines = [line.split() for line in log if line.endswith("\n")]  # not a line still being written
+    return [(event_id, float(at)) for event_id, at in lines]
 
 
 def wait_for(log_path: str, count: int, seconds: float = 300) -> None:

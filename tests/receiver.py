@@ -10,7 +10,7 @@ from standardwebhooks import Webhook
 
 
 class Receiver:
-    def __init__(self, port: int = 0):
+    def __init__(self, port: int = 0, host: str = "127.0.0.1"):
         self.secret: str | None = None
         self.statuses: list[int] = []  # answers to give, in order; then 200
         self.received: list[dict] = []  # every request, verified or not
@@ -41,10 +41,10 @@ class Receiver:
             def log_message(self, *args) -> None:
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", port), Handle)
+        self.server = ThreadingHTTPServer((host, port), Handle)
         self.server.daemon_threads = True
         self.port = self.server.server_address[1]
-        self.url = f"http://127.0.0.1:{self.port}/hook"
+        self.url = f"http://{host}:{self.port}/hook"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def close(self) -> None:

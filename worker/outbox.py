@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 
 import psycopg
 
-from pipelines.core.db import get_engine
+from pipelines.core.db import dead_peer_args, get_engine
 from pipelines.core.settings import get_settings
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ class OutboxListener(threading.Thread):
         ceiling = get_settings().webhook_relay_interval_seconds
         while not self.halt.is_set():
             try:
-                with psycopg.connect(_libpq_url(), autocommit=True) as conn:
+                with psycopg.connect(_libpq_url(), autocommit=True, **dead_peer_args(_libpq_url())) as conn:
                     conn.execute(f"LISTEN {CHANNEL}")
                     while not self.halt.is_set():
                         self.relay()

@@ -36,6 +36,9 @@ class Settings(BaseSettings):
     # api_concurrency requests at once (capped at the pool size); the rest wait up to api_queue_seconds
     # for a turn, then get 503 (api.admission).
     db_pool_size: int = Field(default=10, ge=1)
+    # Ask the server to probe idle client connections (pipelines.core.db.DEAD_PEER); off behind a
+    # pooler that refuses startup options, such as pgbouncer without ignore_startup_parameters.
+    db_server_keepalives: bool = True
     api_concurrency: int = Field(default=4, ge=1)
     api_queue_seconds: float = 5.0
     cors_origins: str = ""  # comma-separated origins a browser may call the API from; none by default
