@@ -95,8 +95,14 @@ class WorkerProcess:
     def pool_pids(self) -> list[int]:
         import psutil
 
-        return [c.pid for c in psutil.Process(self.process.pid).children(recursive=True)
-                if "beat" not in " ".join(c.cmdline()).lower()]
+        pids = []
+        for child in psutil.Process(self.process.pid).children(recursive=True):
+            try:  # a pool process just killed is a zombie until its parent reaps it: not a candidate
+                if child.status() != psutil.STATUS_ZOMBIE and "beat" not in " ".join(child.cmdline()).lower():
+                    pids.append(child.pid)
+            except psutil.Error:
+                continue
+        return pids
 
     def output(self) -> str:
         self.log.flush()

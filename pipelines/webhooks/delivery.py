@@ -12,20 +12,20 @@ import json
 import logging
 import random
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 
 import httpcore
 import httpx
-from sqlalchemy import text
+from sqlalchemy import Connection, text
 from sqlalchemy.orm import Session
 from standardwebhooks import Webhook as Signer
 
 from pipelines.core import netguard, runtime
 from pipelines.core.clock import utc_z
-from pipelines.core.db import session_scope
+from pipelines.core.db import get_engine
 from pipelines.core.retry import retry_after
 from pipelines.core.settings import get_settings
 from pipelines.webhooks.endpoints import decrypt
@@ -104,37 +104,53 @@ class Outcome:
 
 
 def deliver(delivery_ids: list[str], pool: httpcore.ConnectionPool, concurrency: int = 1) -> dict[str, str]:
-    """Make one attempt at each of DELIVERY_IDS, up to CONCURRENCY at a time, and record them all in one
-    transaction; returns each delivery's state afterwards.
+    """Make one attempt at each of DELIVERY_IDS, CONCURRENCY at a time; returns each delivery's state
+    afterwards (`missing` for one this task did not get).
 
-    The rows stay locked from before the first request until the record is committed, so a delivery
-    handed out twice (its claim ran out, a message came back) is attempted by one task only: the other
-    skips it. One task, one transaction and one connection for a whole batch is what lets a worker keep
-    up with a busy day's events."""
-    with session_scope() as session:
-        rows = session.execute(text(
-            "SELECT d.id, d.attempts, d.state, w.id AS webhook_id, w.url, w.enabled, w.secret_encrypted, "
-            "w.failing_since, e.id AS event_id, e.type, e.payload, e.created_at "
-            "FROM webhook_deliveries d JOIN webhooks w ON w.id = d.webhook_id "
-            "JOIN webhook_events e ON e.id = d.event_id WHERE d.id = ANY(:ids) "
-            "ORDER BY e.created_at FOR UPDATE OF d SKIP LOCKED"
-        ), {"ids": list(delivery_ids)}).all()
-        states = {row.id: row.state for row in rows}
-        due = [row for row in rows if row.state == "pending"]
-
-        def attempt(row) -> Outcome:
-            began = time.perf_counter()
-            outcome = _attempt(row, pool) if row.enabled else Outcome(row.attempts + 1, error="endpoint disabled")
-            outcome.duration_ms = round((time.perf_counter() - began) * 1000, 1)
-            return outcome
-
-        if len(due) > 1 and concurrency > 1:
-            with ThreadPoolExecutor(min(concurrency, len(due)), thread_name_prefix="webhook") as threads:
-                outcomes = list(threads.map(attempt, due))
-        else:
-            outcomes = [attempt(row) for row in due]
-        states.update(_record(session, due, outcomes))
+    Each delivery is held by a session-level advisory lock from before its request until its record
+    commits, so a delivery handed out twice (its claim ran out, a message came back) is attempted by one
+    task only: the other skips it. Each answer is recorded the moment it is in (with any others that
+    came in meanwhile, in one short transaction), so a crash or a database restart can lose the record
+    of at most the answers still in flight, whose deliveries are then sent again. If the connection
+    dies, PostgreSQL drops its locks with it."""
+    ids = list(dict.fromkeys(delivery_ids))
+    states = dict.fromkeys(ids, "missing")
+    with get_engine().connect() as connection:
+        try:
+            held = connection.execute(text(
+                "SELECT id FROM unnest(CAST(:ids AS text[])) AS id "
+                "WHERE pg_try_advisory_lock(hashtext('ingot.delivery'), hashtext(id))"
+            ), {"ids": ids}).scalars().all()
+            rows = connection.execute(text(
+                "SELECT d.id, d.attempts, d.state, w.id AS webhook_id, w.url, w.enabled, w.secret_encrypted, "
+                "w.failing_since, e.id AS event_id, e.type, e.payload, e.created_at "
+                "FROM webhook_deliveries d JOIN webhooks w ON w.id = d.webhook_id "
+                "JOIN webhook_events e ON e.id = d.event_id WHERE d.id = ANY(:ids) ORDER BY e.created_at"
+            ), {"ids": held}).all()
+            connection.commit()  # read once the locks are held: a record committed before them is seen
+            states.update({row.id: row.state for row in rows})
+            due = [row for row in rows if row.state == "pending"]
+            with ThreadPoolExecutor(max(1, concurrency), thread_name_prefix="webhook") as threads:
+                waiting = {threads.submit(_timed_attempt, row, pool): row for row in due}
+                while waiting:
+                    done, _ = wait(waiting, return_when=FIRST_COMPLETED)
+                    ready = [waiting.pop(future) for future in done]
+                    outcomes = {row.id: future.result() for future, row in zip(done, ready, strict=True)}
+                    states.update(_record(connection, ready, [outcomes[row.id] for row in ready]))
+                    connection.commit()
+            connection.execute(text("SELECT pg_advisory_unlock_all()"))
+            connection.commit()
+        except BaseException:
+            connection.invalidate()  # closed, not pooled: its advisory locks go with it
+            raise
     return states
+
+
+def _timed_attempt(row, pool: httpcore.ConnectionPool) -> Outcome:
+    began = time.perf_counter()
+    outcome = _attempt(row, pool) if row.enabled else Outcome(row.attempts + 1, error="endpoint disabled")
+    outcome.duration_ms = round((time.perf_counter() - began) * 1000, 1)
+    return outcome
 
 
 def _attempt(row, pool: httpcore.ConnectionPool) -> Outcome:
@@ -161,10 +177,10 @@ def _attempt(row, pool: httpcore.ConnectionPool) -> Outcome:
     return outcome
 
 
-def _record(session: Session, rows: list, outcomes: list[Outcome]) -> dict[str, str]:
+def _record(session: Session | Connection, rows: list, outcomes: list[Outcome]) -> dict[str, str]:
     """Record each attempt and decide what follows: delivered, retried later, failed, or the endpoint
-    disabled. Written in three statements for the whole batch; each endpoint touched is updated once,
-    in id order, so two batches never wait on each other's endpoints in opposite orders."""
+    disabled. Written in three statements however many; each endpoint touched is updated once, in id
+    order, so two tasks never wait on each other's endpoints in opposite orders."""
     settings = get_settings()
     schedule = runtime.retry_schedule()
     now = datetime.now(UTC)
@@ -224,7 +240,7 @@ def _record(session: Session, rows: list, outcomes: list[Outcome]) -> dict[str, 
     return states
 
 
-def _disable(session: Session, webhook_id: str, reason: str) -> None:
+def _disable(session: Session | Connection, webhook_id: str, reason: str) -> None:
     session.execute(text(
         "UPDATE webhooks SET enabled = false, disabled_at = now(), disabled_reason = :r WHERE id = :w AND enabled"
     ), {"w": webhook_id, "r": reason})

@@ -45,6 +45,7 @@ class Row:
     lost: int
     doubled: int
     recovery_seconds: float
+    notes: list[str] = field(default_factory=list)  # what was lost or doubled, when anything was
 
 
 @dataclass
@@ -139,20 +140,26 @@ class Load:
             outputs = dict(conn.execute(text("SELECT run_id, count(*) FROM scenario_outputs WHERE run_id = ANY(:r) "
                                              "GROUP BY run_id"), {"r": runs}).all())
         succeeded = [j for j in job_ids if states.get(j) == "succeeded"]
-        lost = len(job_ids) - len(succeeded)
-        doubled = 0
+        notes = [f"lost: {j} ended {states.get(j)}" for j in job_ids if j not in succeeded]
         for source in sources:
             good, quarantined = self.expected[source]
-            lost += max(good - distinct.get(source, 0), 0) + max(quarantined - bad.get(source, 0), 0)
-            doubled += (rows.get(source, 0) - distinct.get(source, 0)) + max(bad.get(source, 0) - quarantined, 0)
+            if distinct.get(source, 0) < good or bad.get(source, 0) < quarantined:
+                notes.append(f"lost: {source} has {distinct.get(source, 0)}/{good} rows, "
+                             f"{bad.get(source, 0)}/{quarantined} quarantined")
+            if rows.get(source, 0) > distinct.get(source, 0) or bad.get(source, 0) > quarantined:
+                notes.append(f"doubled: {source} has {rows.get(source, 0)} rows for {distinct.get(source, 0)} ids, "
+                             f"{bad.get(source, 0)}/{quarantined} quarantined")
         for run in runs:
-            lost += int(states.get(run) == "succeeded" and outputs.get(run, 0) == 0)
-            doubled += max(outputs.get(run, 0) - len(CURVE_KEYS), 0)
+            if states.get(run) == "succeeded" and outputs.get(run, 0) == 0:
+                notes.append(f"lost: run {run} has no outputs")
+            if outputs.get(run, 0) > len(CURVE_KEYS):
+                notes.append(f"doubled: run {run} has {outputs[run]} outputs")
         answered = self._answered_events()
-        for job_id in succeeded:
-            lost += int(job_id not in answered)
-        doubled += self._doubled_events(set(job_ids))
-        return Row(fault, len(job_ids), len(succeeded), lost, doubled, round(recovery, 1))
+        notes += [f"lost: the event of {j} was never answered 2xx" for j in succeeded if j not in answered]
+        notes += [f"doubled: event {e} received again after a 2xx" for e in self._doubled_events(set(job_ids))]
+        lost = sum(n.startswith("lost") for n in notes)
+        doubled = len(notes) - lost
+        return Row(fault, len(job_ids), len(succeeded), lost, doubled, round(recovery, 1), notes)
 
     def wait_for_events(self, job_ids: list[str], timeout: float = 90) -> None:
         """Let the webhook worker deliver the events of JOB_IDS that succeeded (or give up at TIMEOUT)."""
@@ -168,15 +175,16 @@ class Load:
         return {r["payload"]["data"]["id"] for r in self.receiver.received
                 if r["verified"] and 200 <= r["status"] < 300}
 
-    def _doubled_events(self, job_ids: set[str]) -> int:
+    def _doubled_events(self, job_ids: set[str]) -> list[str]:
         """Events received again after an answer of 2xx (a retry after an error or timeout is expected)."""
         seen: Counter[str] = Counter()
-        doubled = 0
+        doubled = []
         for r in self.receiver.received:
             if not r["verified"] or r["payload"]["data"]["id"] not in job_ids:
                 continue
             event = r["headers"]["webhook-id"]
-            doubled += int(seen[event] > 0)
+            if seen[event] > 0:
+                doubled.append(event)
             if 200 <= r["status"] < 300:
                 seen[event] += 1
         return doubled
@@ -187,4 +195,5 @@ def table(rows: list[Row]) -> str:
     lines = [head, "-" * len(head)]
     lines += [f"{r.fault:34} {r.submitted:9} {r.succeeded:9} {r.lost:5} {r.doubled:7} {r.recovery_seconds:8.1f}s"
               for r in rows]
+    lines += [f"  {r.fault}: {note}" for r in rows for note in r.notes]
     return "\n".join(lines)

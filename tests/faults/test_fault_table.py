@@ -2,9 +2,11 @@
 session's PostgreSQL and Redis, and a webhook receiver, under a mixed load of ingestion, export,
 scenario and webhook work; one round of it per fault, counted against the ledger (tests.faults.load).
 
-Faults: worker pool processes and a whole worker SIGKILLed mid-job (a new worker started); Redis
-killed and started again with its data deleted (no persistence) while jobs are queued and running;
-PostgreSQL restarted while jobs run; the webhook receiver down, then slow, then up. It prints one
+Faults: worker pool processes and a whole worker SIGKILLed mid-job (a new worker started); three
+more kills at random moments (a seed printed, INGOT_FAULT_SEED to replay it); Redis killed and
+started again with its data deleted (no persistence) while jobs are queued and running; PostgreSQL
+restarted while jobs run, then stopped for ten seconds (/ready and the API answer 503 meanwhile);
+the webhook receiver down, then slow, then up. It prints one
 row per fault (jobs submitted, succeeded, lost, effects doubled, time to recover) and fails unless
 every row has zero lost and zero doubled. (An embedded server killed under `ingot up` is
 tests/test_up.py's.)
@@ -13,6 +15,7 @@ tests/test_up.py's.)
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import time
@@ -27,8 +30,10 @@ from tests.helpers import wait_for
 from tests.receiver import Receiver
 
 pytestmark = pytest.mark.worker
-FAULTS = ("none (baseline)", "workers SIGKILLed", "Redis lost its data", "PostgreSQL restarted",
-          "receiver down, slow, up")
+FAULTS = ("none (baseline)", "workers SIGKILLed", "kills at random moments", "Redis lost its data",
+          "PostgreSQL restarted", "PostgreSQL away 10 s", "receiver down, slow, up")
+AWAY_SECONDS = 10.0
+SEED = int(os.environ.get("INGOT_FAULT_SEED", str(random.SystemRandom().randrange(10**6))))
 REPEAT = int(os.environ.get("INGOT_FAULT_REPEAT", "1"))  # `make faults`: every fault several times, bigger load
 
 
@@ -82,6 +87,43 @@ def test_no_work_is_lost_or_doubled_whatever_breaks(client, start_worker, write_
         server = embedded._postgres
         pg_ctl(["-w", "-m", "fast", "restart"], pgdata=server.pgdata, user=server.system_user)
 
+    chance = random.Random(SEED)
+
+    def kill_at_random(jobs: list[str]) -> None:
+        """Three kills, each at a random moment of the round (queued, starting, mid-batch, finishing,
+        delivering its webhook), each of a random pool process or a whole worker (started again)."""
+        for _ in range(3):
+            time.sleep(chance.uniform(0.0, 1.5))  # a random moment: the fault's timing is the point
+            if chance.random() < 0.5:
+                pids = [pid for w in workers for pid in w.pool_pids()]
+                if pids:
+                    os.kill(chance.choice(pids), signal.SIGKILL)
+                    continue
+            which = chance.randrange(len(workers))
+            workers[which].kill()
+            workers[which] = start_worker(concurrency=2 if which == 0 else 1, beat=which == 0)
+
+    def postgres_away(jobs: list[str]) -> None:
+        """PostgreSQL stopped for AWAY_SECONDS while jobs run: /ready says 503 meanwhile and the API
+        answers 503 (never a 500, never silence); then it starts again and nobody lifts a finger."""
+        from pgserver import pg_ctl  # type: ignore[attr-defined]
+
+        wait_for(lambda: any(_running(j) for j in jobs), timeout=60, interval=0.02, message="a job to run")
+        server = embedded._postgres
+        pg_ctl(["-w", "-m", "fast", "stop"], pgdata=server.pgdata, user=server.system_user)
+        answers: list[tuple[int, int]] = []  # (/ready, a job start) while it is away
+        began = time.monotonic()
+        while time.monotonic() - began < AWAY_SECONDS:
+            answers.append((client.http.get("/ready").status_code,
+                            client.http.post("/api/v1/ingestion/start", json={"sources": ["s0_0"]}).status_code))
+            time.sleep(0.5)  # a probe's period, as a load balancer would ask
+        server.ensure_postgres_running()  # as pgserver starts it: its socket, no TCP
+        back = time.monotonic()
+        wait_for(lambda: client.http.get("/ready").status_code == 200, timeout=60, interval=0.1,
+                 message="/ready to answer 200 again")
+        away.update(ready={a for a, _ in answers}, start={b for _, b in answers}, probes=len(answers),
+                    ready_after=time.monotonic() - back)
+
     def receiver_trouble(jobs: list[str]) -> None:
         port = load.receiver.port
         load.receiver.close()  # down while the jobs end
@@ -93,15 +135,20 @@ def test_no_work_is_lost_or_doubled_whatever_breaks(client, start_worker, write_
         time.sleep(3)  # slow for a while (the receiver's behaviour, not a wait for a condition)
         slow.delay = 0.0
 
-    injections = (nothing, kill_workers, lose_redis, restart_postgres, receiver_trouble)
+    away: dict = {}
+    injections = (nothing, kill_workers, kill_at_random, lose_redis, restart_postgres, postgres_away,
+                  receiver_trouble)
     for round_no, (fault, inject) in enumerate(list(zip(FAULTS, injections, strict=True)) * REPEAT):
         run(round_no, fault, inject)
     load.receiver.close()
     for worker in workers:
         worker.stop()
-    report = table(rows)
+    report = table(rows) + (f"\n(random moments: seed {SEED}; PostgreSQL away: /ready answered "
+                             f"{sorted(away['ready'])} and job starts {sorted(away['start'])} over {away['probes']} "
+                             f"probes, /ready 200 again {away['ready_after']:.1f} s after it started)")
     with capsys.disabled():
         print("\n" + report)
+    assert away["ready"] == {503} and away["start"] == {503}, report
     assert all(r.lost == 0 and r.doubled == 0 and r.succeeded == r.submitted for r in rows), report
 
 
