@@ -238,7 +238,7 @@ def start_worker():
 
     yield start
     for worker in started:
-        worker.stop()
+        worker.discard()
 
 
 @pytest.fixture

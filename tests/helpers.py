@@ -117,6 +117,12 @@ class WorkerProcess:
             pass
         self.process.wait()
 
+    def discard(self) -> None:
+        """Gone at once, pool and beat included: a test's worker is not owed a warm shutdown (what it
+        left behind, the next test's clean state clears)."""
+        self.kill()
+        self.log.close()
+
     def stop(self) -> None:
         import signal
 

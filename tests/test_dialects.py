@@ -118,7 +118,7 @@ def ingested(api_url, session_home):
         with Client(api_url, make_key(["admin"])) as client:
             job = client.wait(client.start_ingestion(list(CASES))["job_id"], timeout=120)
     finally:
-        worker.stop()
+        worker.discard()
     with get_engine().connect() as conn:
         rows = conn.execute(text("SELECT source, id, value, metadata->>'note' FROM observations")).all()
         rejects = conn.execute(text("SELECT source, file, line, reason, raw FROM quarantine")).all()
