@@ -227,11 +227,22 @@ def admin_key() -> str:
 # --- real processes ------------------------------------------------------------------------------
 
 
+@pytest.fixture(scope="module")
+def _module_worker():
+    held: dict[str, WorkerProcess | None] = {"worker": None}
+    yield held
+    if held["worker"] is not None:
+        held["worker"].discard()
+
+
 @pytest.fixture
-def start_worker():
+def start_worker(_module_worker):
     started: list[WorkerProcess] = []
 
     def start(**kwargs) -> WorkerProcess:
+        if _module_worker["worker"] is not None:  # a worker of the test's own must not share the queues
+            _module_worker["worker"].discard()
+            _module_worker["worker"] = None
         worker = WorkerProcess(**kwargs).wait_ready()
         started.append(worker)
         return worker
@@ -244,6 +255,27 @@ def start_worker():
 @pytest.fixture
 def worker(start_worker) -> WorkerProcess:
     return start_worker()
+
+
+@pytest.fixture
+def no_worker(_module_worker) -> None:
+    """No worker takes this test's jobs: the module's shared worker, if one runs, is stopped."""
+    if _module_worker["worker"] is not None:
+        _module_worker["worker"].discard()
+        _module_worker["worker"] = None
+
+
+@pytest.fixture
+def shared_worker(_module_worker) -> WorkerProcess:
+    """One worker for the tests of a module that asks for it (`worker = shared` there), started once
+    rather than per test, and started again if a test killed it. For modules whose tests use a
+    worker as it comes: no settings of its own, nothing that outlives a test."""
+    worker = _module_worker["worker"]
+    if worker is None or worker.process.poll() is not None:
+        if worker is not None:
+            worker.discard()
+        worker = _module_worker["worker"] = WorkerProcess().wait_ready()
+    return worker
 
 
 @pytest.fixture(scope="session")

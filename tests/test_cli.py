@@ -5,8 +5,16 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests.datagen import sources_toml, write_csv
 from tests.helpers import ROOT
+
+
+@pytest.fixture
+def worker(shared_worker):
+    """This module's tests share one worker (tests/conftest.py)."""
+    return shared_worker
 
 
 def ingot(*args: str, input_text: str | None = None, **env: str) -> subprocess.CompletedProcess:

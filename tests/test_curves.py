@@ -11,6 +11,12 @@ from pipelines.core.db import get_engine
 from pipelines.curves import queries, synthetic
 from pipelines.curves.synthetic import COLUMNS, DEMO
 
+
+@pytest.fixture
+def worker(shared_worker):
+    """This module's tests share one worker (tests/conftest.py)."""
+    return shared_worker
+
 CURVES_SOURCE = """
 [sources.curves]
 type = "file"

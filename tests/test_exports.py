@@ -21,6 +21,12 @@ from pipelines.ingestion.validate import ValidBatch
 from tests import helpers
 from tests.helpers import make_key, wait_for
 
+
+@pytest.fixture
+def worker(shared_worker):
+    """This module's tests share one worker (tests/conftest.py)."""
+    return shared_worker
+
 UTC = dt.UTC
 TRICKY = ["plain", 'comma, "quoted"', "new\nline", "tab\there", "ünïcödé ✓ 日本", "back\\slash", "", "{not json}"]
 
@@ -178,7 +184,7 @@ def test_unknown_or_hostile_ids_are_404(client, export_id):
         assert r.status_code == 404, (export_id, suffix, r.text)
 
 
-def test_export_limits(client, api_url, configure):
+def test_export_limits(client, api_url, configure, no_worker):  # exports stay queued, counted
     from cli.client import Client, IngotError
 
     settings = get_settings()

@@ -10,6 +10,12 @@ from pipelines.ingestion.sources.registry import SourceError
 from tests.fakeapi import as_json, http_source, records
 
 
+@pytest.fixture
+def worker(shared_worker):
+    """This module's tests share one worker (tests/conftest.py)."""
+    return shared_worker
+
+
 def stored(source: str) -> list[tuple]:
     with get_engine().connect() as conn:
         return [tuple(r) for r in conn.execute(

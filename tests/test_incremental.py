@@ -3,11 +3,18 @@
 import os
 import signal
 
+import pytest
 from sqlalchemy import text
 
 from pipelines.core.db import get_engine
 from tests.datagen import incremental_toml, write_series
 from tests.helpers import wait_for
+
+
+@pytest.fixture
+def worker(shared_worker):
+    """This module's tests share one worker (tests/conftest.py)."""
+    return shared_worker
 
 
 def writers() -> dict[str, int]:

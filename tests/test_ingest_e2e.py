@@ -1,9 +1,16 @@
 """End to end over HTTP with a real Celery worker consuming the real ingest queue."""
 
+import pytest
 from sqlalchemy import text
 
 from pipelines.core.db import get_engine
 from tests.datagen import sources_toml, write_csv
+
+
+@pytest.fixture
+def worker(shared_worker):
+    """This module's tests share one worker (tests/conftest.py)."""
+    return shared_worker
 
 
 def observations() -> list[tuple]:

@@ -17,6 +17,12 @@ from pipelines.scenarios import runs
 from tests.helpers import make_key
 from tests.test_curves import CURVES_SOURCE, write_curves
 
+
+@pytest.fixture
+def worker(shared_worker):
+    """This module's tests share one worker (tests/conftest.py)."""
+    return shared_worker
+
 SHOCKS = [{"type": "parallel", "value": 1.5}, {"type": "percent", "value": -10},
           {"type": "tenor", "from": "2027-03", "to": "2027-05", "value": 2.0}]
 KEYS = ["NG_HENRY_HUB", "PWR_ERCOT_NORTH_PEAK"]
@@ -154,7 +160,7 @@ def test_bad_definitions_are_refused_in_the_envelope(client, change):
 
 
 @pytest.fixture
-def queued_run(client):
+def queued_run(client, no_worker):
     """A scenario over one stored curve, and a run of it that no worker takes."""
     with get_engine().begin() as conn:
         conn.execute(text("INSERT INTO curve_index (curve_key, first_asof, last_asof) VALUES ('K', '2026-11-02', "

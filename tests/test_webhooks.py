@@ -347,3 +347,38 @@ def test_one_batch_settles_each_endpoint_by_its_own_answers(client, receiver):
     retried = deliveries(client, bad["id"])
     assert len(retried) == 5 and all(d["state"] == "pending" and "ConnectError" in d["attempt_log"][0]["error"]
                                      for d in retried)
+
+
+def test_an_answer_kept_through_a_database_restart_is_recorded_not_sent_again(client, receiver):
+    """The receiver answers 2xx while PostgreSQL is down (it is restarted between the request and the
+    answer): the task keeps the answer and records it when the database is back, within the
+    delivery's claim, so the event is sent once and logged as delivered."""
+    from pgserver import pg_ctl  # type: ignore[attr-defined]
+
+    from pipelines.core import embedded
+    from pipelines.webhooks import delivery
+
+    server = embedded._postgres
+    if server is None:
+        pytest.skip("INGOT_TEST_DATABASE_URL is set: the tests do not own that PostgreSQL, so cannot restart it")
+    hook = register(client, receiver.url, ["ingestion.completed"])
+    receiver.secret = hook["secret"]
+    end_jobs(1, "job_restart_")
+    ids = claimed()
+    with get_engine().begin() as conn:  # a claim that outlasts the restart, as in production
+        conn.execute(text("UPDATE webhook_deliveries SET claimed_until = now() + interval '60 seconds'"))
+    original = receiver.server.RequestHandlerClass.do_POST
+
+    def restart_then_answer(handler) -> None:
+        pg_ctl(["-w", "-m", "fast", "stop"], pgdata=server.pgdata, user=server.system_user)
+        server.ensure_postgres_running()
+        original(handler)
+
+    receiver.server.RequestHandlerClass.do_POST = restart_then_answer
+    try:
+        states = delivery.deliver(ids, delivery.new_pool(2), 2)
+    finally:
+        receiver.server.RequestHandlerClass.do_POST = original
+    assert states == {ids[0]: "succeeded"} and len(receiver.verified("ingestion.completed")) == 1
+    logged = wait_for(lambda: deliveries(client, hook["id"]), timeout=30)
+    assert [a["status_code"] for a in logged[0]["attempt_log"]] == [200]

@@ -16,10 +16,12 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
+from typing import Any
 
 import httpcore
 import httpx
 from sqlalchemy import Connection, text
+from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session
 from standardwebhooks import Webhook as Signer
 
@@ -110,40 +112,103 @@ def deliver(delivery_ids: list[str], pool: httpcore.ConnectionPool, concurrency:
     Each delivery is held by a session-level advisory lock from before its request until its record
     commits, so a delivery handed out twice (its claim ran out, a message came back) is attempted by one
     task only: the other skips it. Each answer is recorded the moment it is in (with any others that
-    came in meanwhile, in one short transaction), so a crash or a database restart can lose the record
-    of at most the answers still in flight, whose deliveries are then sent again. If the connection
-    dies, PostgreSQL drops its locks with it."""
+    came in meanwhile, in one short transaction). Should the database go away meanwhile, the answers
+    already in are kept and recorded when it is back, while the deliveries' claim still holds, so a
+    receiver that answered is not sent the same event again."""
     ids = list(dict.fromkeys(delivery_ids))
     states = dict.fromkeys(ids, "missing")
-    with get_engine().connect() as connection:
-        try:
-            held = connection.execute(text(
-                "SELECT id FROM unnest(CAST(:ids AS text[])) AS id "
-                "WHERE pg_try_advisory_lock(hashtext('ingot.delivery'), hashtext(id))"
-            ), {"ids": ids}).scalars().all()
-            rows = connection.execute(text(
-                "SELECT d.id, d.attempts, d.state, w.id AS webhook_id, w.url, w.enabled, w.secret_encrypted, "
-                "w.failing_since, e.id AS event_id, e.type, e.payload, e.created_at "
-                "FROM webhook_deliveries d JOIN webhooks w ON w.id = d.webhook_id "
-                "JOIN webhook_events e ON e.id = d.event_id WHERE d.id = ANY(:ids) ORDER BY e.created_at"
-            ), {"ids": held}).all()
-            connection.commit()  # read once the locks are held: a record committed before them is seen
-            states.update({row.id: row.state for row in rows})
-            due = [row for row in rows if row.state == "pending"]
-            with ThreadPoolExecutor(max(1, concurrency), thread_name_prefix="webhook") as threads:
-                waiting = {threads.submit(_timed_attempt, row, pool): row for row in due}
-                while waiting:
-                    done, _ = wait(waiting, return_when=FIRST_COMPLETED)
-                    ready = [waiting.pop(future) for future in done]
-                    outcomes = {row.id: future.result() for future, row in zip(done, ready, strict=True)}
-                    states.update(_record(connection, ready, [outcomes[row.id] for row in ready]))
-                    connection.commit()
-            connection.execute(text("SELECT pg_advisory_unlock_all()"))
-            connection.commit()
-        except BaseException:
-            connection.invalidate()  # closed, not pooled: its advisory locks go with it
-            raise
+    locks = _Locks()
+    try:
+        rows = locks.take(ids)
+        states.update({row.id: row.state for row in rows})
+        due = [row for row in rows if row.state == "pending"]
+        with ThreadPoolExecutor(max(1, concurrency), thread_name_prefix="webhook") as threads:
+            waiting = {threads.submit(_timed_attempt, row, pool): row for row in due}
+            while waiting:
+                done, _ = wait(waiting, return_when=FIRST_COMPLETED)
+                ready = [(waiting.pop(future), future.result()) for future in done]
+                states.update(locks.record(ready))
+    finally:
+        locks.release()
     return states
+
+
+class _Locks:
+    """A connection holding the advisory locks of the deliveries a task is sending, and recording their
+    answers; if the database goes away, a new connection takes the locks again to record them."""
+
+    def __init__(self) -> None:
+        self.connection: Connection | None = None
+        self.held: set[str] = set()
+        self.deadline = 0.0  # monotonic: when the relay may hand these deliveries out again
+
+    def _lock(self, ids: list[str]) -> list[str]:
+        self.connection = get_engine().connect()
+        return list(self.connection.execute(text(
+            "SELECT id FROM unnest(CAST(:ids AS text[])) AS id "
+            "WHERE pg_try_advisory_lock(hashtext('ingot.delivery'), hashtext(id))"
+        ), {"ids": ids}).scalars())
+
+    def take(self, ids: list[str]) -> list[Any]:
+        self.held = set(self._lock(ids))
+        assert self.connection is not None
+        rows = list(self.connection.execute(text(
+            "SELECT d.id, d.attempts, d.state, w.id AS webhook_id, w.url, w.enabled, w.secret_encrypted, "
+            "w.failing_since, e.id AS event_id, e.type, e.payload, e.created_at, "
+            "extract(epoch FROM d.claimed_until - now()) AS claim_left "
+            "FROM webhook_deliveries d JOIN webhooks w ON w.id = d.webhook_id "
+            "JOIN webhook_events e ON e.id = d.event_id WHERE d.id = ANY(:ids) ORDER BY e.created_at"
+        ), {"ids": list(self.held)}))
+        self.connection.commit()  # read once the locks are held: a record committed before them is seen
+        left = min((float(r.claim_left) for r in rows if r.claim_left is not None),
+                   default=get_settings().webhook_claim_seconds)
+        self.deadline = time.monotonic() + left - 1.0
+        return rows
+
+    def record(self, answered: list[tuple]) -> dict[str, str]:
+        delay = 0.1
+        while True:
+            try:
+                if self.connection is None:  # the database went away: take the locks again
+                    self.held &= set(self._lock(sorted(self.held)))
+                assert self.connection is not None
+                mine = [(row, outcome) for row, outcome in answered if row.id in self.held]
+                states = _record(self.connection, [r for r, _ in mine], [o for _, o in mine])
+                self.connection.commit()
+                break
+            except DBAPIError as exc:
+                if not (exc.connection_invalidated or isinstance(exc, OperationalError)):
+                    raise
+                self._drop()
+                if time.monotonic() + delay > self.deadline:
+                    log.error("could not record %s answered webhook deliveries before their claim ran out; "
+                              "they will be sent again", len(answered))
+                    raise
+                log.warning("the database went away while recording webhook answers; trying again")
+                time.sleep(delay)  # a back-off while the database is away
+                delay = min(delay * 2, 2.0)
+        for row, _ in answered:
+            if row.id not in self.held:
+                log.warning("webhook delivery %s was answered, but another task holds it now; "
+                            "its attempt is not recorded here", row.id)
+        return states
+
+    def _drop(self) -> None:
+        if self.connection is not None:
+            self.connection.invalidate()  # closed, not pooled: its advisory locks go with it
+            self.connection.close()
+            self.connection = None
+
+    def release(self) -> None:
+        if self.connection is None:
+            return
+        try:
+            self.connection.execute(text("SELECT pg_advisory_unlock_all()"))
+            self.connection.commit()
+            self.connection.close()
+            self.connection = None
+        except DBAPIError:
+            self._drop()
 
 
 def _timed_attempt(row, pool: httpcore.ConnectionPool) -> Outcome:
