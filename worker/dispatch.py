@@ -76,7 +76,7 @@ def relay_webhooks() -> int:
     except Exception:  # the periodic relay will pick the events up
         log.exception("webhook relay failed")
         return 0
-    size = max(1, get_settings().webhook_batch_size)
+    size = get_settings().webhook_batch_size
     for start in range(0, len(due), size):
         app.send_task("webhooks.deliver", args=[due[start:start + size]], queue="webhooks")
     return len(due)

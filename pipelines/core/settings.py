@@ -56,8 +56,8 @@ class Settings(BaseSettings):
     webhook_retry_schedule: str = "0,5,300,1800,7200,18000,36000,36000"
     webhook_timeout_seconds: float = 15.0
     webhook_relay_interval_seconds: float = 30.0  # the safety net: the outbox listener relays at once
-    webhook_batch_size: int = 50  # deliveries handed to one task
-    webhook_concurrency: int = 4  # requests in flight at once within one worker process
+    webhook_batch_size: int = Field(default=50, ge=1)  # deliveries handed to one task
+    webhook_concurrency: int = Field(default=4, ge=1)  # requests in flight at once within one worker process
     webhook_claim_seconds: float = 120.0  # a delivery handed to a lost task is handed out again after this
     webhook_disable_after_seconds: float = 5 * 24 * 3600
     secret_key: SecretStr | None = None

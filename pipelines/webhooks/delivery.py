@@ -22,7 +22,6 @@ import httpcore
 import httpx
 from sqlalchemy import Connection, text
 from sqlalchemy.exc import DBAPIError, OperationalError
-from sqlalchemy.orm import Session
 from standardwebhooks import Webhook as Signer
 
 from pipelines.core import netguard, runtime
@@ -242,7 +241,7 @@ def _attempt(row, pool: httpcore.ConnectionPool) -> Outcome:
     return outcome
 
 
-def _record(session: Session | Connection, rows: list, outcomes: list[Outcome]) -> dict[str, str]:
+def _record(connection: Connection, rows: list, outcomes: list[Outcome]) -> dict[str, str]:
     """Record each attempt and decide what follows: delivered, retried later, failed, or the endpoint
     disabled. Written in three statements however many; each endpoint touched is updated once, in id
     order, so two tasks never wait on each other's endpoints in opposite orders."""
@@ -283,11 +282,11 @@ def _record(session: Session | Connection, rows: list, outcomes: list[Outcome]) 
                        "e": error, "x": outcome.excerpt, "n": next_at})
     if not writes:
         return states
-    session.execute(text(
+    connection.execute(text(
         "INSERT INTO webhook_attempts (delivery_id, attempt, attempted_at, status_code, duration_ms, error, "
         "response_excerpt, next_retry_at) VALUES (:d, :a, now(), :s, :ms, :e, :x, :n)"
     ), writes)
-    session.execute(text(
+    connection.execute(text(
         "UPDATE webhook_deliveries SET attempts = :a, state = :state, next_attempt_at = :n, claimed_until = NULL, "
         "last_status_code = :s, last_error = :e, completed_at = CASE WHEN :state = 'pending' THEN NULL ELSE now() END "
         "WHERE id = :d"
@@ -296,17 +295,17 @@ def _record(session: Session | Connection, rows: list, outcomes: list[Outcome]) 
     for webhook_id in sorted(endpoints):
         failing, disable = endpoints[webhook_id]
         if failing:
-            session.execute(text("UPDATE webhooks SET failing_since = COALESCE(failing_since, now()) WHERE id = :w"),
+            connection.execute(text("UPDATE webhooks SET failing_since = COALESCE(failing_since, now()) WHERE id = :w"),
                             {"w": webhook_id})
         elif failing_before[webhook_id] is not None:
-            session.execute(text("UPDATE webhooks SET failing_since = NULL WHERE id = :w"), {"w": webhook_id})
+            connection.execute(text("UPDATE webhooks SET failing_since = NULL WHERE id = :w"), {"w": webhook_id})
         if disable:
-            _disable(session, webhook_id, disable)
+            _disable(connection, webhook_id, disable)
     return states
 
 
-def _disable(session: Session | Connection, webhook_id: str, reason: str) -> None:
-    session.execute(text(
+def _disable(connection: Connection, webhook_id: str, reason: str) -> None:
+    connection.execute(text(
         "UPDATE webhooks SET enabled = false, disabled_at = now(), disabled_reason = :r WHERE id = :w AND enabled"
     ), {"w": webhook_id, "r": reason})
     log.warning("webhook %s disabled: %s", webhook_id, reason)
