@@ -3,6 +3,7 @@ thread, a real worker process, and a way to time a job end to end with the worke
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import subprocess
@@ -29,6 +30,10 @@ class Bench:
         self.port = port
         self.worker = None
         self.server = None
+        self.keep = False
+        # Registered before the embedded servers register their own exit hooks, so it runs after them:
+        # the scratch home (its PostgreSQL data included) goes once they have stopped.
+        atexit.register(lambda: self.keep or shutil.rmtree(self.home, ignore_errors=True))
 
     def start(self) -> Bench:
         from pipelines.auth import keys
@@ -113,6 +118,7 @@ class Bench:
             self.worker.wait(30)
         if self.server:
             self.server.should_exit = True
+        self.keep = keep
         if not keep:
             shutil.rmtree(self.data, ignore_errors=True)
 
