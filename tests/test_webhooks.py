@@ -382,3 +382,28 @@ def test_an_answer_kept_through_a_database_restart_is_recorded_not_sent_again(cl
     assert states == {ids[0]: "succeeded"} and len(receiver.verified("ingestion.completed")) == 1
     logged = wait_for(lambda: deliveries(client, hook["id"]), timeout=30)
     assert [a["status_code"] for a in logged[0]["attempt_log"]] == [200]
+
+
+def test_a_fault_with_one_delivery_leaves_the_rest_of_its_batch_recorded(client, receiver, monkeypatch):
+    """An unexpected error preparing one delivery is that delivery's failed attempt (retried on
+    schedule); the others of the batch are sent and recorded as usual."""
+    from pipelines.core import netguard
+    from pipelines.webhooks import delivery
+
+    good = register(client, receiver.url, ["ingestion.completed"])
+    broken = register(client, f"http://127.0.0.1:{receiver.port}/broken", ["ingestion.completed"])
+    receiver.secret = good["secret"]
+    resolve = netguard.resolve
+
+    def faulty(url: str, allow_private: bool) -> str:
+        if url.endswith("/broken"):
+            raise RuntimeError("a bug")
+        return resolve(url, allow_private)
+
+    monkeypatch.setattr(netguard, "resolve", faulty)
+    end_jobs(3, "job_fault_")
+    states = delivery.deliver(claimed(), delivery.new_pool(4), 4)
+    assert sorted(states.values()) == ["pending"] * 3 + ["succeeded"] * 3
+    assert len(receiver.verified("ingestion.completed")) == 3
+    retried = deliveries(client, broken["id"])
+    assert all(d["attempt_log"][0]["error"] == "internal error (RuntimeError)" for d in retried)

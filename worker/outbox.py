@@ -49,7 +49,8 @@ class OutboxListener(threading.Thread):
         ceiling = get_settings().webhook_relay_interval_seconds
         while not self.halt.is_set():
             try:
-                with psycopg.connect(_libpq_url(), autocommit=True, **dead_peer_args(_libpq_url())) as conn:
+                url = _libpq_url()
+                with psycopg.connect(url, autocommit=True, **dead_peer_args(url)) as conn:
                     conn.execute(f"LISTEN {CHANNEL}")
                     while not self.halt.is_set():
                         self.relay()

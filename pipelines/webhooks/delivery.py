@@ -212,7 +212,11 @@ class _Locks:
 
 def _timed_attempt(row, pool: httpcore.ConnectionPool) -> Outcome:
     began = time.perf_counter()
-    outcome = _attempt(row, pool) if row.enabled else Outcome(row.attempts + 1, error="endpoint disabled")
+    try:
+        outcome = _attempt(row, pool) if row.enabled else Outcome(row.attempts + 1, error="endpoint disabled")
+    except Exception as exc:  # a fault of ours with one delivery: retried on schedule, its batch goes on
+        log.exception("webhook delivery %s failed in Ingot", row.id)
+        outcome = Outcome(row.attempts + 1, error=f"internal error ({type(exc).__name__})")
     outcome.duration_ms = round((time.perf_counter() - began) * 1000, 1)
     return outcome
 

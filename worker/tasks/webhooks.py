@@ -1,4 +1,4 @@
-"""Webhook tasks: the relay (outbox to deliveries) and one delivery attempt."""
+"""Webhook tasks: the relay (outbox to deliveries) and a batch of delivery attempts."""
 
 from __future__ import annotations
 
