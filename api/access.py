@@ -13,15 +13,15 @@ import re
 import time
 
 import structlog
-from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api import metrics
 from api.envelope import new_request_id
+from pipelines.core.logs import ACCESS
 
-access = logging.getLogger("ingot.access")
+access = logging.getLogger(ACCESS)
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 
 
@@ -71,7 +71,7 @@ class Access:
                     from api.limits import address_headers  # api.limits depends on api.envelope
 
                     # No dependency counted this request (no route matched, or the body was refused).
-                    shown = await run_in_threadpool(address_headers, Request(scope))
+                    shown = await address_headers(Request(scope))
                 headers.update(shown or {})
             await send(message)
 

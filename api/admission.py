@@ -37,7 +37,10 @@ class Admission:
         if self._slots is None:
             self._slots = asyncio.Semaphore(self.limit)
         try:
-            await asyncio.wait_for(self._slots.acquire(), self.queue_seconds)
+            if self._slots.locked():  # a free slot is taken at once, without a timer and a task for the wait
+                await asyncio.wait_for(self._slots.acquire(), self.queue_seconds)
+            else:
+                await self._slots.acquire()
         except TimeoutError:
             await refuse(scope, send, 503, "SERVICE_UNAVAILABLE",
                          f"the API is at capacity ({self.limit} requests at once); retry shortly",

@@ -1,21 +1,43 @@
 """Rate limiting as the API applies it: who a request counts against, and the figures it is told.
 
-The default limit is counted where the caller is identified (`api.deps.principal`, one step for
-both); tighter limits per route are `api.deps.limit(...)`.
+The default limit is counted where the caller is identified (`api.identity`, in the same Redis round
+trip); tighter limits per route are `api.deps.limit(...)`. Everything here runs on the event loop.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import redis
 from fastapi import Request
 
 from api.envelope import ApiError
-from pipelines.auth import limits
-from pipelines.core import runtime
+from api.redispipe import Pipe
+from pipelines.auth.limits import Verdict, Window
+from pipelines.core import embedded, runtime
 from pipelines.core.models import ApiKey
-from worker.dispatch import broker_redis
+from pipelines.core.settings import get_settings
+
+_pipes: dict[asyncio.AbstractEventLoop, Pipe] = {}
+
+
+def pipe() -> Pipe:
+    """This event loop's connection to Redis (a connection belongs to its loop)."""
+    loop = asyncio.get_running_loop()
+    found = _pipes.get(loop)
+    if found is None:
+        for old in [other for other in _pipes if other.is_closed()]:
+            del _pipes[old]
+        found = _pipes[loop] = Pipe(embedded.redis_url(get_settings()))
+    return found
+
+
+async def hit(bucket: str, who: str, limit: int) -> Verdict:
+    """Count one request of WHO against BUCKET's LIMIT a minute."""
+    counter = Window.now(bucket, who)
+    count, _ = await pipe().call(*counter.commands())
+    return counter.verdict(count, limit)
 
 
 def address(request: Request) -> str:
@@ -28,32 +50,37 @@ def caller(request: Request, key: ApiKey | None) -> str:
     return f"principal:{key.id}" if key is not None else address(request)
 
 
-def count(request: Request, bucket: str, who: str, limit: int) -> None:
-    """Count one request of WHO against BUCKET's LIMIT a minute; 429 past it."""
-    try:
-        verdict = limits.hit(broker_redis(), bucket, who, limit)
-    except redis.RedisError:
-        return  # a limiter that cannot count lets requests through rather than taking the API down
-    # The tightest limit on the route is the one reported, on the answer whatever it is (see api.access).
+def default_limit(key: ApiKey | None) -> int:
+    own = key.rate_limit_per_minute if key is not None else None  # a key's tier, set at its creation
+    return own or runtime.current("rate_limit_per_minute")
+
+
+def apply(request: Request, verdict: Verdict) -> None:
+    """Show VERDICT's figures on the answer (the tightest limit on the route is the one shown, on
+    whatever answer it gets: see api.access); 429 past the limit."""
     shown = getattr(request.state, "rate_limit_headers", None)
     if shown is None or int(shown["X-RateLimit-Remaining"]) > verdict.remaining:
         request.state.rate_limit_headers = verdict.headers()
     if not verdict.allowed:
         retry = max(1, verdict.reset - int(time.time()))
-        raise ApiError(429, f"rate limit of {limit} requests per minute exceeded; retry in {retry} s",
+        raise ApiError(429, f"rate limit of {verdict.limit} requests per minute exceeded; retry in {retry} s",
                        headers={**verdict.headers(), "Retry-After": str(retry)})
 
 
-def count_default(request: Request, key: ApiKey | None) -> None:
-    own = key.rate_limit_per_minute if key is not None else None  # a key's tier, set at its creation
-    count(request, "default", caller(request, key), own or runtime.value("rate_limit_per_minute"))
+async def count(request: Request, bucket: str, who: str, limit: int) -> None:
+    """Count one request of WHO against BUCKET's LIMIT a minute; 429 past it."""
+    try:
+        verdict = await hit(bucket, who, limit)
+    except redis.RedisError:
+        return  # a limiter that cannot count lets requests through rather than taking the API down
+    apply(request, verdict)
 
 
-def address_headers(request: Request) -> dict[str, str]:
+async def address_headers(request: Request) -> dict[str, str]:
     """The default limit's figures for a request that matched no route (no dependency ran), counted
     against its address."""
     try:
-        verdict = limits.hit(broker_redis(), "default", address(request), runtime.value("rate_limit_per_minute"))
+        verdict = await hit("default", address(request), default_limit(None))
     except redis.RedisError:
         return {}
     return verdict.headers()

@@ -106,3 +106,72 @@ def test_the_cli_manages_keys_through_the_api_when_given_an_admin_key(api_url, a
     refused = subprocess.run([sys.executable, "-m", "cli.main", "keys", "list", "--url", api_url, "--api-key",
                               make_key(["read"])], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert refused.returncode == 1 and "AUTHORIZATION_ERROR" in refused.stderr
+
+
+@pytest.fixture
+def two_apis():
+    """Two API processes on the same database and Redis, as a deployment scales them."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.helpers import ROOT, free_port
+
+    urls, procs = [], []
+    env = dict(os.environ, INGOT_LOG_LEVEL="WARNING")
+    try:
+        for _ in range(2):
+            port = free_port()
+            procs.append(subprocess.Popen([sys.executable, "-m", "cli.main", "api", "--no-migrate"], cwd=ROOT,
+                                          env={**env, "INGOT_API_PORT": str(port)},
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            urls.append(f"http://127.0.0.1:{port}")
+        for url in urls:
+            wait_for(lambda url=url: _answers(url), timeout=60, message="an API process")
+        yield urls
+    finally:
+        for proc in procs:
+            proc.terminate()
+            proc.wait(30)
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/health", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def test_a_key_revoked_in_one_api_process_is_refused_by_another_at_its_next_request(two_apis, admin_key):
+    """Each process keeps the keys it has checked: a revocation or rotation made through another
+    process reaches it at once, not when its copy would be checked again."""
+    one, other = two_apis
+    with httpx.Client(base_url=f"{one}/api/v1", headers={"X-API-Key": admin_key}) as admin:
+        key = admin.post("/keys", json={"name": "ci", "scopes": ["read"]}).json()["data"]
+        rotating = admin.post("/keys", json={"name": "svc", "scopes": ["read"]}).json()["data"]
+        for _ in range(3):  # checked once, then known to the other process
+            assert works(other, key["key"]) == 200 and works(other, rotating["key"]) == 200
+        assert admin.delete(f"/keys/{key['id']}").status_code == 200
+        assert works(other, key["key"]) == 401
+        rotated = admin.post(f"/keys/{rotating['id']}/rotate", json={"grace_hours": 0}).json()["data"]
+        assert works(other, rotating["key"]) == 401 and works(other, rotated["key"]) == 200
+
+
+def test_with_redis_away_keys_are_checked_in_the_database(api_url, admin_key, embedded_redis):
+    """The revocation could not be announced (Redis is down), so nothing cached is trusted."""
+    from pipelines.auth import keys
+    from pipelines.core.db import session_scope
+
+    with httpx.Client(base_url=f"{api_url}/api/v1", headers={"X-API-Key": admin_key}) as admin:
+        key = admin.post("/keys", json={"name": "ci", "scopes": ["read"]}).json()["data"]
+    assert works(api_url, key["key"]) == 200 and works(api_url, key["key"]) == 200  # cached
+    embedded_redis.stop()
+    try:
+        with session_scope() as session:
+            keys.revoke(session, key["id"])
+        assert works(api_url, key["key"]) == 401
+        assert works(api_url, admin_key) == 200  # the rest go on, unlimited rather than refused
+    finally:
+        embedded_redis.start()
+    wait_for(lambda: works(api_url, admin_key) == 200 and works(api_url, key["key"]) == 401, timeout=20,
+             message="the API to use Redis again")

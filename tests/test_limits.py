@@ -128,6 +128,35 @@ def test_a_database_away_is_503_and_the_api_recovers_by_itself(api_url, admin_ke
         assert http.get("/ready").status_code == 200
 
 
+
+def test_the_async_routes_answer_503_while_postgresql_restarts_and_none_after(api_url, admin_key):
+    """The routes served on the event loop (a job, the ingestion status) hold their own connections:
+    with PostgreSQL stopped they answer 503 at once, and the first request after it is back is served
+    (the broken connections are dropped, not handed to callers one by one)."""
+    from pgserver import pg_ctl  # type: ignore[attr-defined]
+
+    from pipelines.core import embedded
+
+    server = embedded._postgres
+    if server is None:
+        pytest.skip("INGOT_TEST_DATABASE_URL is set: the tests do not own that PostgreSQL, so cannot restart it")
+    with httpx.Client(base_url=f"{api_url}/api/v1", headers={"X-API-Key": admin_key}, timeout=30) as http:
+        paths = ["/ingestion/status", "/jobs/job_missing"]
+        assert [http.get(p).status_code for p in paths] == [200, 404]
+        for _ in range(3):  # several connections open in the pool
+            assert http.get(paths[0]).status_code == 200
+        pg_ctl(["-w", "-m", "fast", "stop"], pgdata=server.pgdata, user=server.system_user)
+        try:
+            began = time.monotonic()
+            away = [http.get(p) for p in paths]
+            assert [r.status_code for r in away] == [503, 503], [r.text for r in away]
+            assert all(r.json()["error"]["code"] == "SERVICE_UNAVAILABLE" for r in away)
+            assert time.monotonic() - began < 5  # refused at once, not after a pool's timeout
+        finally:
+            server.ensure_postgres_running()
+        assert [http.get(p).status_code for p in paths * 3] == [200, 404] * 3
+
+
 def _secret(home: str) -> str:
     from pipelines.core.settings import Settings
 

@@ -10,7 +10,6 @@ from pydantic import BaseModel, Field
 from api.deps import ReadKey, SessionDep, limit
 from api.envelope import ApiError, Envelope, ok
 from pipelines.auth import users
-from pipelines.core import runtime
 
 router = APIRouter(prefix="/auth", tags=["auth"])
 
@@ -29,7 +28,7 @@ class Token(BaseModel):
 
 
 @router.post("/login", response_model=Envelope[Token],
-             dependencies=[limit("login", lambda: runtime.value("login_rate_limit_per_minute"), by_address=True)])
+             dependencies=[limit("login", "login_rate_limit_per_minute", by_address=True)])
 def login(body: Login, request: Request, session: SessionDep) -> dict:
     """Exchange a user's credentials for a bearer token (`Authorization: Bearer ...`)."""
     issued = users.login(session, body.username, body.password)
@@ -47,7 +46,7 @@ class Me(BaseModel):
 
 
 @router.get("/me", response_model=Envelope[Me])
-def me(request: Request, key: ReadKey) -> dict:
+async def me(request: Request, key: ReadKey) -> dict:
     """Who the credentials of this request name: a key or a logged-in user, and its scopes."""
     kind = "user" if key.id.startswith("usr_") else "key"
     return ok(request, {"id": key.id, "kind": kind, "name": key.name, "scopes": list(key.scopes)})

@@ -13,7 +13,6 @@ from api.deps import ReadKey, SessionDep, WriteKey, limit
 from api.envelope import ApiError, Envelope, found, iso, ok
 from api.routes.data import Filters
 from pipelines.auth import keys
-from pipelines.core import runtime
 from pipelines.core.models import ApiKey, Job
 from pipelines.exports import admission, export
 from worker.dispatch import send_job
@@ -58,7 +57,7 @@ def _export_job(session, export_id: str, key: ApiKey) -> Job:
 
 
 @router.post("", status_code=202, response_model=Envelope[ExportStarted],
-             dependencies=[limit("export", lambda: runtime.value("export_rate_limit_per_minute"))])
+             dependencies=[limit("export", "export_rate_limit_per_minute")])
 def start_export(body: ExportRequest, request: Request, session: SessionDep, key: WriteKey) -> dict:
     params = {"format": body.format, "filters": body.filters.model_dump(mode="json", exclude_none=True),
               "columns": body.columns or export.DEFAULT_COLUMNS}

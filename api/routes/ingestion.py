@@ -79,27 +79,27 @@ def stop(
 
 
 @router.get("/status", response_model=Envelope[IngestionStatus])
-def ingestion_status(request: Request, session: SessionDep, _key: ReadKey) -> dict:
-    overview = listing.ingestion_overview(session)
-    current, last = overview.current, overview.last
+async def ingestion_status(request: Request, _key: ReadKey) -> dict:
+    overview = await listing.fetch_ingestion_overview()
+    current, last = overview["current"], overview["last"]
     return ok(
         request,
         {
             "is_running": current is not None,
             "current_job": current and {
-                "id": current.id,
-                "started_at": current.started_at,
-                "progress": current.progress,
-                "records_processed": current.records_processed,
-                "errors": current.records_failed,
+                "id": current["id"],
+                "started_at": current["started_at"],
+                "progress": current["progress"],
+                "records_processed": current["records_processed"],
+                "errors": current["records_failed"],
             },
             "last_completed": last and {
-                "id": last.id,
-                "completed_at": last.finished_at,
-                "records_processed": last.records_processed,
-                "duration": (last.finished_at - last.started_at).total_seconds()
-                if last.started_at and last.finished_at else None,
-                "state": last.state,
+                "id": last["id"],
+                "completed_at": last["finished_at"],
+                "records_processed": last["records_processed"],
+                "duration": (last["finished_at"] - last["started_at"]).total_seconds()
+                if last["started_at"] and last["finished_at"] else None,
+                "state": last["state"],
             },
         },
     )

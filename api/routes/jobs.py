@@ -31,8 +31,8 @@ def list_jobs(
 
 
 @router.get("/{job_id}", response_model=Envelope[JobOut])
-def get_job(job_id: str, request: Request, session: SessionDep, _key: ReadKey) -> dict:
-    return ok(request, JobOut.of(_job(session, job_id)))
+async def get_job(job_id: str, request: Request, _key: ReadKey) -> dict:
+    return ok(request, JobOut.model_validate(found(await listing.fetch_job(job_id), f"no job '{job_id}'")))
 
 
 def _job(session, job_id: str) -> Job:

@@ -8,7 +8,6 @@ from api.deps import ReadKey, SessionDep, WriteKey, limit
 from api.envelope import ApiError, Envelope, ok
 from api.registry import registry_or_error
 from api.schemas import SourceDetail, SourceList, SourceTest
-from pipelines.core import runtime
 from pipelines.ingestion import catalog, probe
 
 router = APIRouter(prefix="/sources", tags=["sources"])
@@ -29,7 +28,7 @@ def get_source(source_id: str, request: Request, session: SessionDep, _key: Read
 
 
 @router.post("/{source_id}/test", response_model=Envelope[SourceTest],
-             dependencies=[limit("source_test", lambda: runtime.value("source_test_rate_limit_per_minute"))])
+             dependencies=[limit("source_test", "source_test_rate_limit_per_minute")])
 def test_source(source_id: str, request: Request, _key: WriteKey) -> dict:
     """Connect, read up to 5 rows through validation and count the records when that is cheap.
     Writes nothing. An unreachable source answers `connected: false` with the reason. It reaches out

@@ -1,17 +1,29 @@
 """API keys: random, shown once, stored only as a SHA-256 hash (they are high-entropy, so a fast
-hash is the right one; passwords get a slow one)."""
+hash is the right one; passwords get a slow one).
+
+Every committed change to a key that could refuse it (revoked, rotated) sets a new random value at
+GENERATION in Redis: API processes that cache keys (`api.identity`) check each cached key against it
+on every request, so the change takes effect at the next request in each of them.
+"""
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import secrets
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import and_, or_, select, update
+import redis
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from pipelines.core.db import affected
+from pipelines.core import adb, embedded
+from pipelines.core.db import affected, on_commit
 from pipelines.core.models import ApiKey
+from pipelines.core.settings import get_settings
+
+log = logging.getLogger(__name__)
+GENERATION = "ingot:keys:generation"
 
 SCOPES = ("read", "write", "admin")
 LAST_USED_RESOLUTION = timedelta(minutes=1)
@@ -46,28 +58,38 @@ def create_key(session: Session, name: str, scopes: list[str], expires_at: datet
     return row, key
 
 
-_KEY_COLUMNS = [ApiKey.__table__.c[name] for name in (
-    "id", "name", "prefix", "scopes", "created_at", "last_used_at", "expires_at", "rate_limit_per_minute")]
+_LOOKUP = (
+    "SELECT id, name, prefix, scopes, created_at, last_used_at, expires_at, rate_limit_per_minute, "
+    "CASE WHEN key_hash = %(digest)s THEN expires_at ELSE LEAST(expires_at, previous_valid_until) END AS valid_until "
+    "FROM api_keys WHERE (key_hash = %(digest)s OR (previous_hash = %(digest)s AND previous_valid_until > now())) "
+    "AND revoked_at IS NULL AND (expires_at IS NULL OR expires_at > now())"
+)
 
 
-def authenticate(session: Session, key: str) -> ApiKey | None:
-    """The live key KEY is (or was, within a rotation's grace period), else None: a detached copy of
-    its row, read with a plain select (this runs on every request; the ORM's bookkeeping of a loaded
-    object costs several times the query)."""
-    digest, now = hash_key(key), datetime.now(UTC)
-    row = session.execute(
-        select(*_KEY_COLUMNS).where(
-            or_(ApiKey.key_hash == digest,
-                and_(ApiKey.previous_hash == digest, ApiKey.previous_valid_until > now)),
-            ApiKey.revoked_at.is_(None),
-            or_(ApiKey.expires_at.is_(None), ApiKey.expires_at > now),
-        )
-    ).one_or_none()
+async def authenticate(key: str) -> tuple[ApiKey, datetime | None] | None:
+    """The live key KEY is (or was, within a rotation's grace period) and when it stops being valid
+    (None: not by itself), else None. Its `last_used_at` is written at most once a minute."""
+    row = await adb.fetch_one(_LOOKUP, {"digest": hash_key(key)})
     if row is None:
         return None
-    if row.last_used_at is None or now - row.last_used_at > LAST_USED_RESOLUTION:  # not a write per request
-        session.execute(update(ApiKey).where(ApiKey.id == row.id).values(last_used_at=now))
-    return ApiKey(**row._asdict())
+    valid_until = row.pop("valid_until")
+    now = datetime.now(UTC)
+    if row["last_used_at"] is None or now - row["last_used_at"] > LAST_USED_RESOLUTION:
+        await adb.execute("UPDATE api_keys SET last_used_at = %s WHERE id = %s", (now, row["id"]))
+    return ApiKey(**row), valid_until
+
+
+def _changed(session: Session) -> None:
+    """Tell the API processes that cache keys, once SESSION commits, to check theirs again."""
+    on_commit(session, new_generation)
+
+
+def new_generation() -> None:
+    try:
+        redis.Redis.from_url(embedded.redis_url(get_settings()), socket_timeout=2).set(
+            GENERATION, secrets.token_hex(8))
+    except redis.RedisError:  # the caches check their keys again within api.identity.CACHE_SECONDS
+        log.warning("could not tell the API processes that a key changed (Redis unavailable)")
 
 
 def get(session: Session, key_id: str) -> ApiKey | None:
@@ -83,6 +105,7 @@ def rotate(session: Session, key_id: str, grace: timedelta) -> tuple[ApiKey, str
     row.previous_hash, row.previous_valid_until = row.key_hash, datetime.now(UTC) + grace
     row.key_hash, row.prefix = hash_key(key), key[:12]
     session.flush()
+    _changed(session)
     return row, key
 
 
@@ -100,6 +123,7 @@ def list_keys(session: Session) -> list[ApiKey]:
 
 
 def revoke(session: Session, key_id: str) -> bool:
+    _changed(session)
     result = session.execute(
         update(ApiKey).where(ApiKey.id == key_id, ApiKey.revoked_at.is_(None)).values(revoked_at=datetime.now(UTC))
     )
@@ -107,6 +131,7 @@ def revoke(session: Session, key_id: str) -> bool:
 
 
 def revoke_named(session: Session, name: str) -> int:
+    _changed(session)
     result = session.execute(
         update(ApiKey).where(ApiKey.name == name, ApiKey.revoked_at.is_(None)).values(revoked_at=datetime.now(UTC))
     )

@@ -2,11 +2,30 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
+from datetime import UTC, datetime
 
 import structlog
 from structlog.typing import Processor
+
+ACCESS = "ingot.access"  # the logger of the one line each API request writes (api.access)
+ACCESS_FIELDS = ("method", "route", "status", "duration_ms", "principal", "request_id")
+
+
+class JsonFormatter(structlog.stdlib.ProcessorFormatter):
+    """Structlog's JSON lines, with the access line formatted directly: the same keys in the same order
+    as the processors would give it, at a tenth of their cost (it is written once per request)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        if record.name != ACCESS or record.exc_info:
+            return super().format(record)
+        line = {"event": record.getMessage(), **structlog.contextvars.get_contextvars(),
+                "level": record.levelname.lower(), "logger": record.name}
+        line.update((name, record.__dict__[name]) for name in ACCESS_FIELDS if name in record.__dict__)
+        line["timestamp"] = datetime.fromtimestamp(record.created, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        return json.dumps(line, default=str)
 
 
 def configure(level: str = "INFO", fmt: str = "json") -> None:
@@ -17,7 +36,8 @@ def configure(level: str = "INFO", fmt: str = "json") -> None:
         structlog.stdlib.ExtraAdder(),  # `extra={...}` fields of standard logging calls, as keys of the line
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
-    renderer = structlog.dev.ConsoleRenderer() if fmt == "console" else structlog.processors.JSONRenderer()
+    console = fmt == "console"
+    renderer = structlog.dev.ConsoleRenderer() if console else structlog.processors.JSONRenderer()
     structlog.configure(
         processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
         logger_factory=structlog.stdlib.LoggerFactory(),
@@ -25,7 +45,7 @@ def configure(level: str = "INFO", fmt: str = "json") -> None:
     )
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(
-        structlog.stdlib.ProcessorFormatter(
+        (structlog.stdlib.ProcessorFormatter if console else JsonFormatter)(
             foreign_pre_chain=shared,
             processors=[
                 structlog.stdlib.ProcessorFormatter.remove_processors_meta,

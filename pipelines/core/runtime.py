@@ -10,7 +10,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass
-from threading import Lock
+from threading import Lock, Thread
 from typing import Any, cast
 
 from sqlalchemy import text
@@ -91,6 +91,24 @@ def value(name: str):
     """NAME's current value: the override if an admin set one, else the environment's."""
     overrides = _overrides()
     return overrides[name] if name in overrides else getattr(get_settings(), name)
+
+
+def current(name: str):
+    """As `value`, for the event loop: never waits on the database. A stale read starts a refresh in
+    a thread of its own and goes on with the values it has (only the very first read waits)."""
+    if not _cache["loaded"]:
+        return value(name)
+    if time.monotonic() - _cache["at"] > TTL and _lock.acquire(blocking=False):
+        Thread(target=_refresh_and_release, name="runtime-refresh", daemon=True).start()
+    overrides = _cache["values"]
+    return overrides[name] if name in overrides else getattr(get_settings(), name)
+
+
+def _refresh_and_release() -> None:
+    try:
+        refresh()
+    finally:
+        _lock.release()
 
 
 def retry_schedule() -> list[float]:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from pipelines.core import adb
 from pipelines.core.models import ACTIVE_STATES, FINAL_STATES, Job, JobKind, JobState
 from pipelines.core.pagination import Keyset
 
@@ -30,16 +31,29 @@ def page(session: Session, *, kind: JobKind | None, state: JobState | None, curs
     return NEWEST_FIRST.page(session, query, cursor, limit)
 
 
-@dataclass(frozen=True)
-class IngestionOverview:
-    current: Job | None  # the newest ingestion still queued, running or cancelling
-    last: Job | None  # the ingestion that ended last
+# On the API's event loop (pipelines.core.adb): rows as dicts, in one round trip each.
+
+_JOB = ("SELECT id, kind, state, progress, records_processed, records_failed, params, result, error, created_at, "
+        "started_at, finished_at, request_id, celery_task_id, attempts, sources FROM jobs WHERE id = %s")
+
+_OVERVIEW = (
+    "(SELECT 'current' AS slot, id, state, progress, records_processed, records_failed, started_at, finished_at "
+    " FROM jobs WHERE kind = 'ingestion' AND state = ANY(%(active)s) ORDER BY created_at DESC LIMIT 1) "
+    "UNION ALL "
+    "(SELECT 'last', id, state, progress, records_processed, records_failed, started_at, finished_at "
+    " FROM jobs WHERE kind = 'ingestion' AND state = ANY(%(final)s) ORDER BY finished_at DESC LIMIT 1)"
+)
 
 
-def ingestion_overview(session: Session) -> IngestionOverview:
-    ingestion = select(Job).where(Job.kind == JobKind.INGESTION)
-    current = session.scalars(ingestion.where(Job.state.in_(ACTIVE_STATES))
-                              .order_by(Job.created_at.desc()).limit(1)).first()
-    last = session.scalars(ingestion.where(Job.state.in_(FINAL_STATES))
-                           .order_by(Job.finished_at.desc()).limit(1)).first()
-    return IngestionOverview(current, last)
+async def fetch_job(job_id: str) -> dict[str, Any] | None:
+    """The job JOB_ID as a row, or None."""
+    return await adb.fetch_one(_JOB, (job_id,))
+
+
+async def fetch_ingestion_overview() -> dict[str, dict[str, Any] | None]:
+    """The ingestion overview: the newest ingestion still queued, running or cancelling ("current"),
+    and the one that ended last ("last"), as rows (None where there is none)."""
+    rows = await adb.fetch(_OVERVIEW, {"active": [str(s) for s in ACTIVE_STATES],
+                                       "final": [str(s) for s in FINAL_STATES]})
+    found = {row.pop("slot"): row for row in rows}
+    return {"current": found.get("current"), "last": found.get("last")}

@@ -1,0 +1,136 @@
+"""Who is calling, counted against the default rate limit: on the event loop, in one Redis round trip
+for a key this process has seen, and no database work.
+
+A key checked in PostgreSQL is kept in this process's cache, by its hash, with the value of
+`pipelines.auth.keys.GENERATION` read before the check. Each request reads that value in the same
+round trip that counts it against its limit; a cached key is used only while the value is unchanged
+(any revocation or rotation, in any process, sets a new one once committed), while it has not
+expired, and for at most CACHE_SECONDS, which also bounds how long a change could go unseen if Redis
+was away when it was made. With Redis away, nothing is cached and every request checks its key in
+PostgreSQL. Invalid keys are never cached: they are counted against the client's address.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import redis
+from fastapi import Request
+from starlette.concurrency import run_in_threadpool
+
+from api import limits
+from api.envelope import ApiError
+from pipelines.auth import keys, users
+from pipelines.auth.limits import Window
+from pipelines.core.db import session_scope
+from pipelines.core.models import ApiKey
+from pipelines.core.settings import get_settings
+
+CACHE_SECONDS = 30.0
+_MAX_ENTRIES = 10_000
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who the credentials of a request name, checked once per request (the rate limiter and the
+    route share it): KEY when they are valid, else why not."""
+
+    key: ApiKey | None
+    problem: ApiError | None  # None with no key: no credentials were given
+
+
+@dataclass(frozen=True)
+class _Entry:
+    key: ApiKey
+    valid_until: datetime | None  # the key's expiry, or the end of a rotation's grace period
+    generation: bytes
+    checked_at: float
+
+    def usable(self, generation: bytes | None) -> bool:
+        return (generation == self.generation and time.monotonic() - self.checked_at < CACHE_SECONDS
+                and (self.valid_until is None or self.valid_until > datetime.now(UTC)))
+
+
+_cache: dict[str, _Entry] = {}
+
+
+
+def _invalid_key() -> ApiError:
+    return ApiError(401, "the API key is not valid or was revoked", headers={"WWW-Authenticate": "ApiKey"})
+
+
+def _invalid_token() -> ApiError:
+    return ApiError(401, "the bearer token is not valid or has expired", headers={"WWW-Authenticate": "Bearer"})
+
+
+async def identify(request: Request) -> Principal:
+    """The caller of REQUEST, counted against the default limit (429 past it)."""
+    if get_settings().auth_disabled:
+        who = Principal(ApiKey(id="key_auth_disabled", name="auth disabled", prefix="", key_hash="",
+                               scopes=["admin"]), None)
+        await limits.count(request, "default", limits.caller(request, who.key), limits.default_limit(who.key))
+        return who
+    supplied = request.headers.get("x-api-key")
+    if not supplied:
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() == "bearer" and token and not token.startswith("ingot_"):
+            who = await run_in_threadpool(_token_principal, token)
+            await _count_default(request, who)
+            return who
+        supplied = token if scheme.lower() == "bearer" else None
+    if not supplied:
+        who = Principal(None, None)
+        await _count_default(request, who)
+        return who
+    return await _key_principal(request, supplied)
+
+
+async def _count_default(request: Request, who: Principal) -> None:
+    await limits.count(request, "default", limits.caller(request, who.key), limits.default_limit(who.key))
+
+
+async def _key_principal(request: Request, supplied: str) -> Principal:
+    digest = keys.hash_key(supplied)
+    entry = _cache.get(digest)
+    counter = Window.now("default", limits.caller(request, entry.key if entry else None))
+    try:
+        # Most requests: the key is known, counted in the same round trip.
+        generation, *counted = await limits.pipe().call(("GET", keys.GENERATION),
+                                                        *(counter.commands() if entry is not None else ()))
+        generation = generation or b"-"  # none yet (or Redis lost it): cached under that, until one is set
+    except redis.RedisError:
+        generation, counted = None, []
+        _cache.clear()  # changes made meanwhile could not be announced
+    if entry is not None and entry.usable(generation):
+        who = Principal(entry.key, None)
+    else:
+        _cache.pop(digest, None)
+        checked = await keys.authenticate(supplied)
+        if checked is None:
+            who = Principal(None, _invalid_key())
+        else:
+            key, valid_until = checked
+            who = Principal(key, None)
+            if generation is not None:
+                if len(_cache) >= _MAX_ENTRIES:
+                    _cache.clear()
+                _cache[digest] = _Entry(key, valid_until, generation, time.monotonic())
+        if not counted or who.key is None or who.key.id != entry.key.id:  # type: ignore[union-attr]
+            await _count_default(request, who)
+            counted = []
+    if who.key is not None:
+        request.state.api_key_id = who.key.id
+    if counted:
+        limits.apply(request, counter.verdict(counted[0], limits.default_limit(who.key)))
+    return who
+
+
+def _token_principal(token: str) -> Principal:
+    """A logged-in user, standing in the place of a key with the user's scopes."""
+    with session_scope() as session:
+        user = users.verify(session, token)
+        if user is None:
+            return Principal(None, _invalid_token())
+        return Principal(ApiKey(id=user.id, name=user.username, prefix="", key_hash="", scopes=user.scopes), None)

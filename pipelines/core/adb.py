@@ -1,0 +1,140 @@
+"""The API's asynchronous path to PostgreSQL, for what runs on every request: who is calling, a job,
+the ingestion status.
+
+A request served this way makes no trip to a worker thread and back and opens no SQLAlchemy session:
+a query costs a few microseconds of Python around its round trip. Everything else still goes through
+`pipelines.core.db`, in a thread.
+
+The pool is small and plain: at most `INGOT_DB_POOL_SIZE` connections per event loop, in autocommit
+(each statement its own transaction), kept while they are healthy. It fails fast: with PostgreSQL
+away, a new connection is refused at once and the caller answers 503 (the API maps
+`psycopg.OperationalError` so), where a pool that retries in the background would hold each request
+for its whole timeout. A connection found broken takes the idle ones with it (they broke together,
+at a restart), and a read is tried once more on a fresh connection: once PostgreSQL is back, no
+caller sees the restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+import psycopg
+from psycopg.rows import dict_row
+
+from pipelines.core import embedded
+from pipelines.core.db import dead_peer_args, sqlalchemy_url
+from pipelines.core.settings import get_settings
+
+Params = Sequence[Any] | dict[str, Any]
+CONNECT_TIMEOUT = 5  # seconds: a host that does not answer at all
+
+
+class PoolExhausted(psycopg.OperationalError):
+    """No connection came free in time (answered 503 like a database that is away)."""
+
+
+class Pool:
+    def __init__(self, url: str, size: int, wait: float = 10.0) -> None:
+        self.url = url
+        self.kwargs = {**dead_peer_args(url), "connect_timeout": CONNECT_TIMEOUT}
+        self.slots = asyncio.Semaphore(size)
+        self.wait = wait
+        self.idle: list[psycopg.AsyncConnection] = []
+
+    @asynccontextmanager
+    async def connection(self) -> AsyncIterator[psycopg.AsyncConnection]:
+        try:
+            if self.slots.locked():  # wait for a free one, at most self.wait (a timer only when waiting)
+                await asyncio.wait_for(self.slots.acquire(), self.wait)
+            else:
+                await self.slots.acquire()
+        except TimeoutError:
+            raise PoolExhausted(f"no database connection came free within {self.wait:g} s") from None
+        try:
+            conn = self.idle.pop() if self.idle else await psycopg.AsyncConnection.connect(
+                self.url, autocommit=True, row_factory=dict_row, **self.kwargs)
+            try:
+                yield conn
+            except psycopg.OperationalError:
+                await self._discard(conn)
+                await self.clear()
+                raise
+            except BaseException:
+                await self._keep_or_discard(conn)
+                raise
+            await self._keep_or_discard(conn)
+        finally:
+            self.slots.release()
+
+    async def _keep_or_discard(self, conn: psycopg.AsyncConnection) -> None:
+        if not conn.closed and conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
+            self.idle.append(conn)
+        else:
+            await self._discard(conn)
+
+    @staticmethod
+    async def _discard(conn: psycopg.AsyncConnection) -> None:
+        try:
+            await conn.close()
+        except psycopg.Error:
+            pass
+
+    async def clear(self) -> None:
+        idle, self.idle = self.idle, []
+        for conn in idle:
+            await self._discard(conn)
+
+
+_pools: dict[asyncio.AbstractEventLoop, Pool] = {}
+
+
+def conninfo() -> str:
+    """The libpq URL of the database (the SQLAlchemy URL without its driver's name)."""
+    return sqlalchemy_url(embedded.database_url(get_settings())).replace("postgresql+psycopg://", "postgresql://", 1)
+
+
+def pool() -> Pool:
+    """This event loop's pool (connections belong to the loop that opened them)."""
+    loop = asyncio.get_running_loop()
+    found = _pools.get(loop)
+    if found is None:
+        for old in [other for other in _pools if other.is_closed()]:
+            del _pools[old]
+        found = _pools[loop] = Pool(conninfo(), get_settings().db_pool_size)
+    return found
+
+
+async def close() -> None:
+    """Close this event loop's connections (the server is stopping)."""
+    found = _pools.pop(asyncio.get_running_loop(), None)
+    if found is not None:
+        await found.clear()
+
+
+async def fetch(query: str, params: Params = ()) -> list[dict[str, Any]]:
+    """QUERY's rows as dicts; tried once more on a fresh connection if the one it met had broken."""
+    for attempt in (1, 2):
+        try:
+            async with pool().connection() as conn:
+                cursor = await conn.execute(query, params, prepare=True)
+                return await cursor.fetchall()
+        except PoolExhausted:
+            raise
+        except psycopg.OperationalError:
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
+async def fetch_one(query: str, params: Params = ()) -> dict[str, Any] | None:
+    rows = await fetch(query, params)
+    return rows[0] if rows else None
+
+
+async def execute(query: str, params: Params = ()) -> None:
+    """Run a statement that changes something, once (no retry: it may have been applied)."""
+    async with pool().connection() as conn:
+        await conn.execute(query, params)
