@@ -37,8 +37,9 @@ class Admission:
         if self._slots is None:
             self._slots = asyncio.Semaphore(self.limit)
         try:
-            if self._slots.locked():  # a free slot is taken at once, without a timer and a task for the wait
-                await asyncio.wait_for(self._slots.acquire(), self.queue_seconds)
+            if self._slots.locked():  # a free slot is taken at once, without a timer
+                async with asyncio.timeout(self.queue_seconds):  # a timer, not a task per waiting request
+                    await self._slots.acquire()
             else:
                 await self._slots.acquire()
         except TimeoutError:

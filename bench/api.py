@@ -1,13 +1,15 @@
 """API benchmark: the authenticated, rate-limited routes beside a bare FastAPI route, under wrk.
 
-    .venv/bin/python bench/api.py [--clients 1,10,50,200] [--seconds 10]
+    .venv/bin/python bench/api.py [--clients 1,10,50,200] [--seconds 5] [--rounds 3]
 
 Each server is one uvicorn process, as `ingot api` runs it (the bare one has no middleware, no
 database, no key). The key is an admin key, with the rate limit raised out of the way, and the API
 logs its JSON access line per request as it does in production (to /dev/null here). wrk comes from
 Debian's package (`apt-get install wrk`). Requests that got no answer (wrk's timeouts and socket
 errors) are reported beside the figures, as are answers other than 200, and the CPU time the server
-process spent per request.
+process spent per request. Each cell is run ROUNDS times, the bare route and the two routes one after
+the other in each round; the medians are shown, with the range of the ratio to the bare route over
+the rounds (single runs on a shared 2-core machine spread by a fifth either way).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from statistics import median
 
 import httpx
 from harness import ROOT, Bench, free_port
@@ -83,7 +86,8 @@ def cpu_seconds(pid: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", default="1,10,50,200")
-    parser.add_argument("--seconds", type=int, default=10)
+    parser.add_argument("--seconds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is needed: apt-get install wrk")
@@ -120,19 +124,27 @@ def main() -> None:
         targets = [("bare FastAPI route", f"http://127.0.0.1:{bare_port}/bare", {}),
                    ("GET /api/v1/jobs/{id}", f"http://127.0.0.1:{api_port}/api/v1/jobs/{job_id}", auth),
                    ("GET /api/v1/ingestion/status", f"http://127.0.0.1:{api_port}/api/v1/ingestion/status", auth)]
-        print(f"wrk, {args.seconds} s per cell; one uvicorn process per server; {os.cpu_count()} cores shared")
-        print(f"{'route':30} {'clients':>7} {'req/s':>9} {'of bare':>8} {'p50':>9} {'p99':>9} "
+        print(f"wrk, {args.seconds} s per cell, {args.rounds} rounds alternated, medians shown; "
+              f"one uvicorn process per server; {os.cpu_count()} cores shared")
+        print(f"{'route':30} {'clients':>7} {'req/s':>9} {'of bare':>8} {'rounds':>13} {'p50':>9} {'p99':>9} "
               f"{'not 200':>8} {'no answer':>9} {'CPU/req':>8}")
+        servers = (procs[1], procs[0], procs[0])
         for clients in map(int, args.clients.split(",")):
-            bare_rps = None
-            for (name, url, headers), server in zip(targets, (procs[1], procs[0], procs[0]), strict=True):
-                before = cpu_seconds(server.pid)
-                figures = wrk(url, clients, args.seconds, headers)
-                per_request = (cpu_seconds(server.pid) - before) / max(figures["requests"], 1)
-                bare_rps = bare_rps or figures["rps"]
-                print(f"{name:30} {clients:7} {figures['rps']:9,.0f} {figures['rps'] / bare_rps:8.0%} "
-                      f"{figures['p50'] * 1000:7.1f}ms {figures['p99'] * 1000:7.1f}ms "
-                      f"{figures['not_ok']:8} {figures['unanswered']:9} {per_request * 1000:6.2f}ms", flush=True)
+            cells: list[list[dict]] = [[] for _ in targets]
+            for _round in range(args.rounds):  # the three side by side, again and again: this machine is noisy
+                for cell, (_name, url, headers), server in zip(cells, targets, servers, strict=True):
+                    before = cpu_seconds(server.pid)
+                    figures = wrk(url, clients, args.seconds, headers)
+                    figures["cpu"] = (cpu_seconds(server.pid) - before) / max(figures["requests"], 1)
+                    cell.append(figures)
+            bare = cells[0]
+            for (name, _url, _headers), cell in zip(targets, cells, strict=True):
+                ratios = [c["rps"] / b["rps"] for c, b in zip(cell, bare, strict=True)]
+                print(f"{name:30} {clients:7} {median(c['rps'] for c in cell):9,.0f} "
+                      f"{median(ratios):8.0%} {min(ratios):6.0%}-{max(ratios):<6.0%} "
+                      f"{median(c['p50'] for c in cell) * 1000:7.1f}ms {median(c['p99'] for c in cell) * 1000:7.1f}ms "
+                      f"{sum(c['not_ok'] for c in cell):8} {sum(c['unanswered'] for c in cell):9} "
+                      f"{median(c['cpu'] for c in cell) * 1000:6.2f}ms", flush=True)
     finally:
         for proc in procs:
             proc.terminate()

@@ -43,8 +43,9 @@ def api(migrate: bool = typer.Option(True, help="wait for the database and migra
     if migrate:
         _wait_and_migrate()
     settings = get_settings()
+    # The API writes its own access line (api.access): uvicorn's would only be formatted to be dropped.
     uvicorn.run("api.main:create_app", factory=True, host=settings.api_host, port=settings.api_port,
-                log_config=None, proxy_headers=True)
+                log_config=None, proxy_headers=True, access_log=False)
 
 
 @app.command()

@@ -39,7 +39,7 @@ def ready() -> JSONResponse:
 
 
 @router.get("/health", response_model=Envelope[dict[str, Any]])
-def api_health(request: Request) -> dict:
+async def api_health(request: Request) -> dict:
     return ok(request, _health())
 
 

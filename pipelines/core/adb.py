@@ -48,7 +48,8 @@ class Pool:
     async def connection(self) -> AsyncIterator[psycopg.AsyncConnection]:
         try:
             if self.slots.locked():  # wait for a free one, at most self.wait (a timer only when waiting)
-                await asyncio.wait_for(self.slots.acquire(), self.wait)
+                async with asyncio.timeout(self.wait):
+                    await self.slots.acquire()
             else:
                 await self.slots.acquire()
         except TimeoutError:
