@@ -6,7 +6,6 @@ trip); tighter limits per route are `api.deps.limit(...)`. Everything here runs 
 
 from __future__ import annotations
 
-import asyncio
 import time
 
 import redis
@@ -16,21 +15,23 @@ from api.envelope import ApiError
 from api.redispipe import Pipe
 from pipelines.auth.limits import Verdict, Window
 from pipelines.core import embedded, runtime
+from pipelines.core.loops import PerLoop
 from pipelines.core.models import ApiKey
 from pipelines.core.settings import get_settings
 
-_pipes: dict[asyncio.AbstractEventLoop, Pipe] = {}
+_pipes = PerLoop(lambda: Pipe(embedded.redis_url(get_settings())))
 
 
 def pipe() -> Pipe:
-    """This event loop's connection to Redis (a connection belongs to its loop)."""
-    loop = asyncio.get_running_loop()
-    found = _pipes.get(loop)
-    if found is None:
-        for old in [other for other in _pipes if other.is_closed()]:
-            del _pipes[old]
-        found = _pipes[loop] = Pipe(embedded.redis_url(get_settings()))
-    return found
+    """This event loop's connection to Redis."""
+    return _pipes.get()
+
+
+def close() -> None:
+    """Close this event loop's connection to Redis (the server is stopping)."""
+    found = _pipes.pop()
+    if found is not None:
+        found.close()
 
 
 async def hit(bucket: str, who: str, limit: int) -> Verdict:

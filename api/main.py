@@ -11,7 +11,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi_offline import FastAPIOffline
 from starlette.concurrency import run_in_threadpool
 
-from api import envelope, metrics
+from api import envelope, limits, metrics
 from api.access import Access
 from api.admission import Admission
 from api.bodylimit import BodyLimit
@@ -43,6 +43,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     await run_in_threadpool(runtime.refresh)  # runtime settings read before the first request needs them
     yield
     await adb.close()
+    limits.close()
 
 
 def create_app() -> FastAPI:

@@ -7,6 +7,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,6 +61,36 @@ def seed(source: str, job_id: str, batch) -> None:
         loader = Loader(source, job_id, direct=False)
         loader.load(conn, loader.prepare(batch))
 
+
+
+@contextmanager
+def api_processes(count: int, **env: str) -> Iterator[list[str]]:
+    """COUNT API processes (`ingot api`) on the tests' database and Redis, as a deployment scales them
+    out, with ENV added to their environment; yields their base URLs once each answers."""
+    import httpx
+
+    def answers(url: str) -> bool:
+        try:
+            return httpx.get(f"{url}/health", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    urls, procs = [], []
+    try:
+        for _ in range(count):
+            port = free_port()
+            procs.append(subprocess.Popen([sys.executable, "-m", "cli.main", "api", "--no-migrate"], cwd=ROOT,
+                                          env={**os.environ, "INGOT_LOG_LEVEL": "WARNING", **env,
+                                               "INGOT_API_PORT": str(port)},
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            urls.append(f"http://127.0.0.1:{port}")
+        for url in urls:
+            wait_for(lambda url=url: answers(url), timeout=60, message="an API process")
+        yield urls
+    finally:
+        for proc in procs:
+            proc.terminate()
+            proc.wait(30)
 
 class WorkerProcess:
     """A real `ingot worker` (with beat, so the reaper runs) in its own process group."""

@@ -5,8 +5,6 @@ CORS, key-labelled metrics, 405 with Allow, NUL characters, types as JSON means 
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -17,7 +15,7 @@ import pytest
 import uvicorn
 
 from api.main import create_app
-from tests.helpers import ROOT, free_port, make_key, wait_for
+from tests.helpers import api_processes, free_port, make_key, wait_for
 
 
 def _serve(app) -> tuple[str, uvicorn.Server]:
@@ -93,17 +91,7 @@ def test_a_key_can_carry_its_own_rate_limit(api_url):
 def test_the_rate_limit_holds_across_two_api_processes(configure, tmp_path):
     """1,000 + 50 requests from one key, spread over two API processes: exactly 50 are 429."""
     key = make_key(["read"])
-    urls, procs = [], []
-    env = dict(os.environ, INGOT_RATE_LIMIT_PER_MINUTE="1000", INGOT_LOG_LEVEL="WARNING")
-    try:
-        for _ in range(2):
-            port = free_port()
-            procs.append(subprocess.Popen([sys.executable, "-m", "cli.main", "api", "--no-migrate"], cwd=ROOT,
-                                          env={**env, "INGOT_API_PORT": str(port)},
-                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-            urls.append(f"http://127.0.0.1:{port}")
-        for url in urls:
-            wait_for(lambda url=url: _up(url), timeout=60, message="an API process")
+    with api_processes(2, INGOT_RATE_LIMIT_PER_MINUTE="1000") as urls:
         _wait_for_a_fresh_minute(20)  # all 1,050 requests fall in one window
 
         def burst(url: str) -> list[httpx.Response]:
@@ -117,17 +105,6 @@ def test_the_rate_limit_holds_across_two_api_processes(configure, tmp_path):
         assert all(int(r.headers["retry-after"]) >= 1 for r in refused)
         # A random key header does not buy a fresh bucket: it counts against the address.
         assert httpx.get(f"{urls[0]}/api/v1/jobs", headers={"X-API-Key": "ingot_made_up"}).status_code == 401
-    finally:
-        for proc in procs:
-            proc.terminate()
-            proc.wait(30)
-
-
-def _up(url: str) -> bool:
-    try:
-        return httpx.get(f"{url}/health", timeout=1).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 def _wait_for_a_fresh_minute(needed_seconds: float) -> None:

@@ -6,7 +6,7 @@ import datetime as dt
 import httpx
 import pytest
 
-from tests.helpers import make_key, wait_for
+from tests.helpers import api_processes, make_key, wait_for
 
 
 @pytest.fixture
@@ -111,35 +111,8 @@ def test_the_cli_manages_keys_through_the_api_when_given_an_admin_key(api_url, a
 @pytest.fixture
 def two_apis():
     """Two API processes on the same database and Redis, as a deployment scales them."""
-    import os
-    import subprocess
-    import sys
-
-    from tests.helpers import ROOT, free_port
-
-    urls, procs = [], []
-    env = dict(os.environ, INGOT_LOG_LEVEL="WARNING")
-    try:
-        for _ in range(2):
-            port = free_port()
-            procs.append(subprocess.Popen([sys.executable, "-m", "cli.main", "api", "--no-migrate"], cwd=ROOT,
-                                          env={**env, "INGOT_API_PORT": str(port)},
-                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-            urls.append(f"http://127.0.0.1:{port}")
-        for url in urls:
-            wait_for(lambda url=url: _answers(url), timeout=60, message="an API process")
+    with api_processes(2) as urls:
         yield urls
-    finally:
-        for proc in procs:
-            proc.terminate()
-            proc.wait(30)
-
-
-def _answers(url: str) -> bool:
-    try:
-        return httpx.get(f"{url}/health", timeout=1).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 def test_a_key_revoked_in_one_api_process_is_refused_by_another_at_its_next_request(two_apis, admin_key):

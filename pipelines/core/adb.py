@@ -26,6 +26,7 @@ from psycopg.rows import dict_row
 
 from pipelines.core import embedded
 from pipelines.core.db import dead_peer_args, sqlalchemy_url
+from pipelines.core.loops import PerLoop
 from pipelines.core.settings import get_settings
 
 Params = Sequence[Any] | dict[str, Any]
@@ -89,28 +90,22 @@ class Pool:
             await self._discard(conn)
 
 
-_pools: dict[asyncio.AbstractEventLoop, Pool] = {}
-
-
 def conninfo() -> str:
     """The libpq URL of the database (the SQLAlchemy URL without its driver's name)."""
     return sqlalchemy_url(embedded.database_url(get_settings())).replace("postgresql+psycopg://", "postgresql://", 1)
 
 
+_pools = PerLoop(lambda: Pool(conninfo(), get_settings().db_pool_size))
+
+
 def pool() -> Pool:
-    """This event loop's pool (connections belong to the loop that opened them)."""
-    loop = asyncio.get_running_loop()
-    found = _pools.get(loop)
-    if found is None:
-        for old in [other for other in _pools if other.is_closed()]:
-            del _pools[old]
-        found = _pools[loop] = Pool(conninfo(), get_settings().db_pool_size)
-    return found
+    """This event loop's pool."""
+    return _pools.get()
 
 
 async def close() -> None:
     """Close this event loop's connections (the server is stopping)."""
-    found = _pools.pop(asyncio.get_running_loop(), None)
+    found = _pools.pop()
     if found is not None:
         await found.clear()
 
