@@ -22,7 +22,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import psycopg
-from psycopg.rows import dict_row
+from psycopg.rows import DictRow, dict_row
 
 from pipelines.core import embedded
 from pipelines.core.db import dead_peer_args, sqlalchemy_url
@@ -43,10 +43,10 @@ class Pool:
         self.kwargs = {**dead_peer_args(url), "connect_timeout": CONNECT_TIMEOUT}
         self.slots = asyncio.Semaphore(size)
         self.wait = wait
-        self.idle: list[psycopg.AsyncConnection] = []
+        self.idle: list[psycopg.AsyncConnection[DictRow]] = []
 
     @asynccontextmanager
-    async def connection(self) -> AsyncIterator[psycopg.AsyncConnection]:
+    async def connection(self) -> AsyncIterator[psycopg.AsyncConnection[DictRow]]:
         try:
             if self.slots.locked():  # wait for a free one, at most self.wait (a timer only when waiting)
                 async with asyncio.timeout(self.wait):
@@ -71,14 +71,14 @@ class Pool:
         finally:
             self.slots.release()
 
-    async def _keep_or_discard(self, conn: psycopg.AsyncConnection) -> None:
+    async def _keep_or_discard(self, conn: psycopg.AsyncConnection[DictRow]) -> None:
         if not conn.closed and conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
             self.idle.append(conn)
         else:
             await self._discard(conn)
 
     @staticmethod
-    async def _discard(conn: psycopg.AsyncConnection) -> None:
+    async def _discard(conn: psycopg.AsyncConnection[DictRow]) -> None:
         try:
             await conn.close()
         except psycopg.Error:
