@@ -27,6 +27,14 @@ def test_flower_lists_the_ingestion_task_with_its_final_state(client, worker, wr
 
         wait_for(up, timeout=30, message="Flower to listen")
         assert httpx.get(f"{base}/api/tasks").status_code == 401  # no anonymous access
+
+        def watching() -> bool:
+            """Flower has received the worker's events: it will see the task arrive, name and all
+            (it learns a task's name from the event of its arrival, which it may otherwise miss)."""
+            seen = httpx.get(f"{base}/workers", params={"json": 1}, auth=("watcher", "s3cret-pass"), timeout=5)
+            return seen.status_code == 200 and bool(seen.json()["data"])
+
+        wait_for(watching, timeout=30, message="Flower to receive the worker's events")
         write_csv(data_dir / "a.csv", 20)
         write_sources(sources_toml("prices"))
         job = client.wait(client.start_ingestion(["prices"])["job_id"], timeout=60)
