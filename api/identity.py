@@ -70,13 +70,15 @@ async def identify(request: Request) -> Principal:
     if get_settings().auth_disabled:
         who = Principal(ApiKey(id="key_auth_disabled", name="auth disabled", prefix="", key_hash="",
                                scopes=["admin"]), None)
-        await limits.count(request, "default", limits.caller(request, who.key), limits.default_limit(who.key))
+        await _count_default(request, who)
         return who
     supplied = request.headers.get("x-api-key")
     if not supplied:
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() == "bearer" and token and not token.startswith("ingot_"):
             who = await run_in_threadpool(_token_principal, token)
+            if who.key is not None:
+                request.state.api_key_id = who.key.id  # the user, in the access line
             await _count_default(request, who)
             return who
         supplied = token if scheme.lower() == "bearer" else None

@@ -1,5 +1,6 @@
 """Users and bearer tokens: scrypt-hashed passwords, short-lived JWTs, scopes, a login rate limit."""
 
+import logging
 import time
 
 import httpx
@@ -8,6 +9,7 @@ from sqlalchemy import text
 
 from pipelines.core.db import get_engine
 from pipelines.core.settings import get_settings
+from tests.helpers import wait_for
 from tests.test_cli import ingot
 
 PASSWORD = "correct horse battery staple"
@@ -59,7 +61,7 @@ def test_login_is_rate_limited_per_address(api_url):
     assert r.headers["X-RateLimit-Limit"] == str(get_settings().login_rate_limit_per_minute)
 
 
-def test_me_names_the_caller_and_its_scopes(api_url, write_sources):
+def test_me_names_the_caller_and_its_scopes(api_url, write_sources, caplog):
     import subprocess
     import sys
 
@@ -74,14 +76,17 @@ def test_me_names_the_caller_and_its_scopes(api_url, write_sources):
     assert made.returncode == 0, made.stderr
     token = httpx.post(f"{api_url}/api/v1/auth/login",
                        json={"username": "ana", "password": "a long enough password"}).json()["data"]["access_token"]
-    user = httpx.get(f"{api_url}/api/v1/auth/me", headers={"Authorization": f"Bearer {token}"}).json()["data"]
+    with caplog.at_level(logging.INFO, logger="ingot.access"):
+        answer = httpx.get(f"{api_url}/api/v1/auth/me", headers={"Authorization": f"Bearer {token}"})
+    user = answer.json()["data"]
     assert (user["kind"], user["name"], user["scopes"]) == ("user", "ana", ["read"])
+    line = wait_for(lambda: [r for r in caplog.records if r.name == "ingot.access"
+                             and r.request_id == answer.headers["x-request-id"]], timeout=5)
+    assert line[0].principal == user["id"]  # the user, named in the access line
     assert httpx.get(f"{api_url}/api/v1/auth/me").status_code == 401
 
 
 def test_each_request_leaves_one_access_line(api_url, admin_key, caplog):
-    import logging
-
     caplog.set_level(logging.INFO, logger="ingot.access")
     answer = httpx.get(f"{api_url}/api/v1/jobs/job_missing?secret=1", headers={"X-API-Key": admin_key})
     lines = [r for r in caplog.records if r.name == "ingot.access" and r.request_id == answer.headers["x-request-id"]]
