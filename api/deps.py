@@ -64,7 +64,7 @@ async def principal(request: Request) -> Principal:
         # The database is away: routes that need a caller answer 503, the rest go on.
         who = Principal(None, ApiError(503, "the database is unavailable; try again shortly",
                                        headers={"Retry-After": "5"}))
-        await limits.count(request, "default", limits.address(request), limits.default_limit(None))
+        await limits.count_default(request, None)
         return who
 
 

@@ -70,7 +70,7 @@ async def identify(request: Request) -> Principal:
     if get_settings().auth_disabled:
         who = Principal(ApiKey(id="key_auth_disabled", name="auth disabled", prefix="", key_hash="",
                                scopes=["admin"]), None)
-        await _count_default(request, who)
+        await limits.count_default(request, who.key)
         return who
     supplied = request.headers.get("x-api-key")
     if not supplied:
@@ -79,18 +79,14 @@ async def identify(request: Request) -> Principal:
             who = await run_in_threadpool(_token_principal, token)
             if who.key is not None:
                 request.state.api_key_id = who.key.id  # the user, in the access line
-            await _count_default(request, who)
+            await limits.count_default(request, who.key)
             return who
         supplied = token if scheme.lower() == "bearer" else None
     if not supplied:
         who = Principal(None, None)
-        await _count_default(request, who)
+        await limits.count_default(request, who.key)
         return who
     return await _key_principal(request, supplied)
-
-
-async def _count_default(request: Request, who: Principal) -> None:
-    await limits.count(request, "default", limits.caller(request, who.key), limits.default_limit(who.key))
 
 
 async def _key_principal(request: Request, supplied: str) -> Principal:
@@ -120,7 +116,7 @@ async def _key_principal(request: Request, supplied: str) -> Principal:
                     _cache.clear()
                 _cache[digest] = _Entry(key, valid_until, generation, time.monotonic())
         if not counted or who.key is None or who.key.id != entry.key.id:  # type: ignore[union-attr]
-            await _count_default(request, who)
+            await limits.count_default(request, who.key)
             counted = []
     if who.key is not None:
         request.state.api_key_id = who.key.id

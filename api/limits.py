@@ -77,6 +77,12 @@ async def count(request: Request, bucket: str, who: str, limit: int) -> None:
     apply(request, verdict)
 
 
+async def count_default(request: Request, key: ApiKey | None) -> None:
+    """Count one request against the default limit: KEY's (its own tier, or the default), or with no
+    valid key, the client address's."""
+    await count(request, "default", caller(request, key), default_limit(key))
+
+
 async def address_headers(request: Request) -> dict[str, str]:
     """The default limit's figures for a request that matched no route (no dependency ran), counted
     against its address."""

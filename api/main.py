@@ -67,9 +67,9 @@ def create_app() -> FastAPI:
     metrics.install(app)
     envelope.install(app)
     app.include_router(health.root)
-    # Every /api/v1 route identifies and counts its caller. Each router is included in the app itself:
-    # a request is matched once per level of routers it goes through.
-    # Routes are matched in order, router by router: those polled most (a job, the ingestion status) first.
+    # Every /api/v1 route identifies and counts its caller. Each router is included in the app itself
+    # (a request is matched again at each level of routers it goes through), and they are matched in
+    # order: those polled most (a job, the ingestion status) first.
     for router in (jobs.router, ingestion.router, health.router, *(module.router for module in (
             auth, keys, sources, data, exports, curves, scenarios, webhooks, admin))):
         app.include_router(router, prefix="/api/v1", dependencies=[Depends(principal)])

@@ -89,8 +89,7 @@ def refresh() -> None:
 
 def value(name: str):
     """NAME's current value: the override if an admin set one, else the environment's."""
-    overrides = _overrides()
-    return overrides[name] if name in overrides else getattr(get_settings(), name)
+    return _lookup(_overrides(), name)
 
 
 def current(name: str):
@@ -100,7 +99,10 @@ def current(name: str):
         return value(name)
     if time.monotonic() - _cache["at"] > TTL and _lock.acquire(blocking=False):
         Thread(target=_refresh_and_release, name="runtime-refresh", daemon=True).start()
-    overrides = _cache["values"]
+    return _lookup(_cache["values"], name)
+
+
+def _lookup(overrides: dict, name: str):
     return overrides[name] if name in overrides else getattr(get_settings(), name)
 
 
