@@ -49,13 +49,11 @@ class Access:
                 return
             recorded = True
             seconds = time.perf_counter() - began
-            request = Request(scope)
-            route = metrics.route_template(request)
-            principal = state.get("api_key_id")
-            metrics.observe(request.method, route, status, seconds, principal)
+            method, route, principal = scope["method"], metrics.route_template(scope), state.get("api_key_id")
+            metrics.observe(method, route, status, seconds, principal)
             # One access line per request, JSON like every other line (never a query string: it may hold a cursor).
-            access.info("%s %s %s", request.method, route, status, extra={
-                "method": request.method, "route": route, "status": status,
+            access.info("%s %s %s", method, route, status, extra={
+                "method": method, "route": route, "status": status,
                 "duration_ms": round(seconds * 1000, 1), "principal": principal, "request_id": rid})
 
         async def send_with_headers(message: Message) -> None:
@@ -70,7 +68,7 @@ class Access:
                 if shown is None and scope["path"].startswith("/api/v1/"):
                     from api.limits import address_headers  # api.limits depends on api.envelope
 
-                    # No dependency counted this request (no route matched, or the body was refused).
+                    # Turned away before the gate counted it (the API at capacity): counted by address.
                     shown = await address_headers(Request(scope))
                 headers.update(shown or {})
             await send(message)

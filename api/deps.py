@@ -1,9 +1,9 @@
-"""Dependencies: a session per request (the request owns the transaction), the caller, and the limits
-counted against it.
+"""Dependencies: a session per request (the request owns the transaction), the scopes the caller
+needs, and the tighter limits of some routes.
 
-A sync dependency costs a trip to a worker thread and back: the caller is identified and counted on
-the event loop (`api.identity`), so a route served on the loop too (`pipelines.core.adb`) makes none,
-and a sync route makes two (itself, and the commit of its session).
+The caller was identified and counted before the request was routed (`api.gate`). A sync dependency
+costs a trip to a worker thread and back: these are async, so a route served on the event loop
+(`pipelines.core.adb`) makes none, and a sync route makes two (itself, and the commit of its session).
 """
 
 from __future__ import annotations
@@ -11,15 +11,13 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Annotated
 
-import psycopg
 from fastapi import Depends, Request
-from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from api import limits
 from api.envelope import ApiError
-from api.identity import Principal, identify
+from api.identity import Principal
 from pipelines.auth import keys
 from pipelines.core import runtime
 from pipelines.core.db import new_session
@@ -56,19 +54,9 @@ def _end(session: Session, commit: bool) -> None:
 SessionDep = Annotated[Session, Depends(get_session)]
 
 
-async def principal(request: Request) -> Principal:
-    """Who is calling, counted against the default rate limit (every /api/v1 route depends on this)."""
-    try:
-        return await identify(request)
-    except (psycopg.OperationalError, OperationalError):
-        # The database is away: routes that need a caller answer 503, the rest go on.
-        who = Principal(None, ApiError(503, "the database is unavailable; try again shortly",
-                                       headers={"Retry-After": "5"}))
-        await limits.count_default(request, None)
-        return who
-
-
-PrincipalDep = Annotated[Principal, Depends(principal)]
+def principal(request: Request) -> Principal:
+    """Who is calling, as `api.gate` found when it let the request in."""
+    return request.state.principal
 
 
 def _current_key(who: Principal) -> ApiKey:
@@ -81,8 +69,8 @@ def _current_key(who: Principal) -> ApiKey:
 def require(scope: str):
     """A dependency that lets the request through only with a key holding SCOPE."""
 
-    async def check(who: PrincipalDep) -> ApiKey:
-        key = _current_key(who)
+    async def check(request: Request) -> ApiKey:
+        key = _current_key(principal(request))
         if not keys.grants(key, scope):
             raise ApiError(403, f"this API key lacks the '{scope}' scope")
         return key
@@ -99,8 +87,8 @@ def limit(bucket: str, knob: str, by_address: bool = False):
     """A dependency limiting a route to as many requests a minute per caller as the runtime setting
     KNOB says (per client address alone with BY_ADDRESS: for logging in, where there is no principal)."""
 
-    async def check(request: Request, who: PrincipalDep) -> None:
-        await limits.count(request, bucket, limits.address(request) if by_address else limits.caller(request, who.key),
-                           runtime.current(knob))
+    async def check(request: Request) -> None:
+        who = limits.address(request) if by_address else limits.caller(request, principal(request).key)
+        await limits.count(request, bucket, who, runtime.current(knob))
 
     return Depends(check)

@@ -6,7 +6,7 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import Depends, FastAPI
+from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi_offline import FastAPIOffline
 from starlette.concurrency import run_in_threadpool
@@ -15,7 +15,7 @@ from api import envelope, limits, metrics
 from api.access import Access
 from api.admission import Admission
 from api.bodylimit import BodyLimit
-from api.deps import principal
+from api.gate import PREFIX, Gate
 from api.routes import (
     admin,
     auth,
@@ -60,6 +60,7 @@ def create_app() -> FastAPI:
         responses=envelope.ERROR_RESPONSES,
         lifespan=_lifespan,
     )
+    app.add_middleware(Gate)  # inside admission: identifying a caller may need the database
     # Inside the access layer: a request turned away at capacity is still logged and counted.
     app.add_middleware(Admission, limit=min(settings.api_concurrency, settings.db_pool_size),
                        queue_seconds=settings.api_queue_seconds)
@@ -67,12 +68,11 @@ def create_app() -> FastAPI:
     metrics.install(app)
     envelope.install(app)
     app.include_router(health.root)
-    # Every /api/v1 route identifies and counts its caller. Each router is included in the app itself
-    # (a request is matched again at each level of routers it goes through), and they are matched in
-    # order: those polled most (a job, the ingestion status) first.
+    # Each router is included in the app itself (a request is matched again at each level of routers it
+    # goes through), and they are matched in order: those polled most (a job, the ingestion status) first.
     for router in (jobs.router, ingestion.router, health.router, *(module.router for module in (
             auth, keys, sources, data, exports, curves, scenarios, webhooks, admin))):
-        app.include_router(router, prefix="/api/v1", dependencies=[Depends(principal)])
+        app.include_router(router, prefix=PREFIX)
     _document_no_nul(app)
     origins = [o.strip() for o in settings.cors_origins.split(",") if o.strip()]
     if origins:  # none by default: browsers on other origins may not call the API

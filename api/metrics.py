@@ -6,10 +6,12 @@ from __future__ import annotations
 import threading
 import time
 from functools import lru_cache
+from typing import Any
 
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from starlette.types import Scope
 
 from pipelines.core.settings import get_settings
 from pipelines.jobs import status
@@ -82,13 +84,24 @@ REGISTRY.register(DatabaseCollector())
 REGISTRY.register(QueueCollector())
 
 
-def route_template(request: Request) -> str:
+def route_template(scope: Scope) -> str:
     """The route template (/api/v1/jobs/{job_id}), never the raw path: labels stay bounded."""
-    if request.scope.get("route") is None:
+    route = scope.get("route")
+    if route is None:
         return "unmatched"
-    params = {str(v): k for k, v in request.path_params.items()}
-    parts = request.url.path.split("/")
-    return "/".join(f"{{{params[part]}}}" if part in params else part for part in parts)
+    known = _templates.get(id(route))
+    if known is not None and known[0] is route:
+        return known[1]
+    # The route's own path, behind the prefixes it was included under (which hold no parameters): the
+    # same for every request it serves.
+    own = route.path_format
+    parts = scope["path"].split("/")
+    template = "/".join(parts[:len(parts) - own.count("/")]) + own
+    _templates[id(route)] = (route, template)
+    return template
+
+
+_templates: dict[int, tuple[Any, str]] = {}  # routes are not hashable
 
 
 @lru_cache(maxsize=1)
@@ -98,10 +111,17 @@ def _requests_by_key() -> Counter:
                    ["method", "route", "status", "key_id"], registry=REGISTRY)
 
 
+@lru_cache(maxsize=4096)
+def _series(method: str, route: str, status: int) -> tuple[Any, Any]:
+    """The latency and count series of one method, route and status (labels() looked up once each)."""
+    return LATENCY.labels(method, route), REQUESTS.labels(method, route, str(status))
+
+
 def observe(method: str, route: str, status: int, seconds: float, key_id: str | None) -> None:
     """Count one answered request (see api.access)."""
-    LATENCY.labels(method, route).observe(seconds)
-    REQUESTS.labels(method, route, str(status)).inc()
+    latency, requests = _series(method, route, status)
+    latency.observe(seconds)
+    requests.inc()
     if get_settings().metrics_key_labels:  # off by default: one series per key
         _requests_by_key().labels(method, route, str(status), key_id or "none").inc()
 

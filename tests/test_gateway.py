@@ -88,6 +88,21 @@ def test_a_key_can_carry_its_own_rate_limit(api_url):
     assert answers[0].headers["x-ratelimit-limit"] == "3" and "retry-after" in answers[3].headers
 
 
+def test_a_request_no_route_answers_counts_against_its_key(api_url):
+    """Paths and methods with no route are counted in the caller's own bucket: they cannot be used to
+    probe the API beyond the key's limit, and they do not spend the address's."""
+    admin = make_key(["admin"])
+    with httpx.Client(base_url=f"{api_url}/api/v1") as http:
+        key = http.post("/keys", headers={"X-API-Key": admin},
+                        json={"name": "probe", "scopes": ["read"], "rate_limit_per_minute": 3}).json()["data"]["key"]
+        # The four in one fixed one-minute window (polling the clock, bounded).
+        wait_for(lambda: time.time() % 60 < 50, timeout=15, interval=0.5, message="a fresh rate-limit window")
+        answers = [http.get("/jobs", headers={"X-API-Key": key}), http.get("/nothing-here", headers={"X-API-Key": key}),
+                   http.delete("/jobs", headers={"X-API-Key": key}), http.get("/jobs", headers={"X-API-Key": key})]
+    assert [r.status_code for r in answers] == [200, 404, 405, 429]
+    assert [r.headers["X-RateLimit-Remaining"] for r in answers] == ["2", "1", "0", "0"]
+
+
 def test_the_rate_limit_holds_across_two_api_processes(configure, tmp_path):
     """1,000 + 50 requests from one key, spread over two API processes: exactly 50 are 429."""
     key = make_key(["read"])
@@ -142,6 +157,16 @@ def test_request_metrics_are_labelled_by_key_only_when_asked(api_url, configure)
         assert f'key_id="{key_id}"' in text and "ingot_http_requests_by_key_total" in text
     finally:
         server.should_exit = True
+
+
+def test_request_metrics_are_labelled_by_route_template_never_by_path(api_url, admin_key):
+    with httpx.Client(base_url=api_url, headers={"X-API-Key": admin_key}) as http:
+        answers = [http.get(p).status_code for p in ("/api/v1/jobs/job_one_of_many", "/api/v1/no/such/route", "/docs")]
+        assert answers == [404, 404, 200]
+        text = http.get("/metrics").text
+    for route in ("/api/v1/jobs/{job_id}", "unmatched", "/docs"):
+        assert f'ingot_http_requests_total{{method="GET",route="{route}"' in text, route
+    assert "job_one_of_many" not in text and "/no/such" not in text
 
 
 @pytest.mark.parametrize(("method", "path", "allow"), [
