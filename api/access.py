@@ -51,10 +51,13 @@ class Access:
             seconds = time.perf_counter() - began
             method, route, principal = scope["method"], metrics.route_template(scope), state.get("api_key_id")
             metrics.observe(method, route, status, seconds, principal)
-            # One access line per request, JSON like every other line (never a query string: it may hold a cursor).
-            access.info("%s %s %s", method, route, status, extra={
-                "method": method, "route": route, "status": status,
-                "duration_ms": round(seconds * 1000, 1), "principal": principal, "request_id": rid})
+            # One access line per request, JSON like every other line (never a query string: it may hold a
+            # cursor). Made and handled as Logger.info would, without its look-up of the caller's frame.
+            if access.isEnabledFor(logging.INFO):
+                fields = {"method": method, "route": route, "status": status,
+                          "duration_ms": round(seconds * 1000, 1), "principal": principal, "request_id": rid}
+                access.handle(access.makeRecord(ACCESS, logging.INFO, __file__, 0, "%s %s %s",
+                                                (method, route, status), None, extra=fields))
 
         async def send_with_headers(message: Message) -> None:
             nonlocal status
