@@ -19,6 +19,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api import metrics
 from api.envelope import new_request_id
+from api.gate import gated
+from api.limits import address_headers
 from pipelines.core.logs import ACCESS
 
 access = logging.getLogger(ACCESS)
@@ -68,9 +70,7 @@ class Access:
                 headers = MutableHeaders(scope=message)
                 headers["X-Request-ID"] = rid
                 shown = state.get("rate_limit_headers")
-                if shown is None and scope["path"].startswith("/api/v1/"):
-                    from api.limits import address_headers  # api.limits depends on api.envelope
-
+                if shown is None and gated(scope):
                     # Turned away before the gate counted it (the API at capacity): counted by address.
                     shown = await address_headers(Request(scope))
                 headers.update(shown or {})

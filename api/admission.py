@@ -19,6 +19,7 @@ import asyncio
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.bodylimit import refuse
+from api.gate import route_path
 
 EXEMPT = frozenset({"/health"})
 
@@ -31,7 +32,7 @@ class Admission:
         self._slots: asyncio.Semaphore | None = None  # made on the server's event loop, at the first request
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in EXEMPT:
+        if scope["type"] != "http" or route_path(scope) in EXEMPT:
             await self.app(scope, receive, send)
             return
         if self._slots is None:

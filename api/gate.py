@@ -25,8 +25,7 @@ class Gate:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        path = scope["path"] if scope["type"] == "http" else ""
-        if not (path.startswith(PREFIX) and path[len(PREFIX):len(PREFIX) + 1] in ("", "/")):
+        if not gated(scope):
             await self.app(scope, receive, send)
             return
         request = Request(scope, receive)
@@ -36,6 +35,18 @@ class Gate:
             await error_response(request, exc.status, exc.message, exc.details, exc.headers)(scope, receive, send)
             return
         await self.app(scope, receive, send)
+
+
+def gated(scope: Scope) -> bool:
+    """Whether SCOPE is a request to /api/v1 (behind a proxy's root path too)."""
+    path = route_path(scope) if scope["type"] == "http" else ""
+    return path.startswith(PREFIX) and path[len(PREFIX):len(PREFIX) + 1] in ("", "/")
+
+
+def route_path(scope: Scope) -> str:
+    """The path the routes match: without the root path a proxy serves the API under, if any."""
+    path, root = scope["path"], scope.get("root_path", "")
+    return path[len(root):] if root and path.startswith(root) else path
 
 
 async def _principal(request: Request) -> Principal:

@@ -18,9 +18,9 @@ from api.main import create_app
 from tests.helpers import api_processes, free_port, make_key, wait_for
 
 
-def _serve(app) -> tuple[str, uvicorn.Server]:
+def _serve(app, root_path: str = "") -> tuple[str, uvicorn.Server]:
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", root_path=root_path))
     threading.Thread(target=server.run, daemon=True).start()
     wait_for(lambda: server.started, message="the API")
     return f"http://127.0.0.1:{port}", server
@@ -101,6 +101,20 @@ def test_a_request_no_route_answers_counts_against_its_key(api_url):
                    http.delete("/jobs", headers={"X-API-Key": key}), http.get("/jobs", headers={"X-API-Key": key})]
     assert [r.status_code for r in answers] == [200, 404, 405, 429]
     assert [r.headers["X-RateLimit-Remaining"] for r in answers] == ["2", "1", "0", "0"]
+
+
+def test_behind_a_proxys_root_path_every_request_is_still_identified_and_counted(admin_key):
+    url, server = _serve(create_app(), root_path="/ingot")
+    try:
+        with httpx.Client(base_url=url) as http:  # the proxy took /ingot off; the app is told it was there
+            served = http.get("/api/v1/jobs", headers={"X-API-Key": admin_key})
+            refused = http.get("/api/v1/jobs")
+            health = http.get("/health")
+    finally:
+        server.should_exit = True
+    assert served.status_code == 200 and "X-RateLimit-Remaining" in served.headers
+    assert refused.status_code == 401 and refused.json()["error"]["code"] == "AUTHENTICATION_ERROR"
+    assert health.status_code == 200
 
 
 def test_the_rate_limit_holds_across_two_api_processes(configure, tmp_path):
