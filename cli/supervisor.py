@@ -161,8 +161,7 @@ class Supervisor:
             f"  Try        curl -H 'X-API-Key: {api_key}' {api}/api/v1/jobs",
             "  Ctrl-C stops everything.",
         ]
-        for line in lines:
-            console.print(line, soft_wrap=True)
+        console.print("\n".join(lines), soft_wrap=True)  # in one write: a reader never sees half of it
 
     def _ingest_demo(self, api_key: str) -> None:
         from cli.client import Client, IngotError

@@ -53,8 +53,8 @@ def stop(proc, log) -> float:
 
 
 def banner(proc, log) -> str:
-    wait_for(lambda: "Ingot is up" in read(log) or proc.poll() is not None, timeout=90, interval=0.3,
-             message="the banner")
+    wait_for(lambda: "Ctrl-C stops everything" in read(log) or proc.poll() is not None, timeout=90, interval=0.3,
+             message="the whole banner")
     assert proc.poll() is None, read(log)
     return read(log)
 
