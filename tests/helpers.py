@@ -111,7 +111,7 @@ class WorkerProcess:
         while time.monotonic() < deadline:
             assert self.process.poll() is None, self.output()
             try:
-                replies = app.control.ping(timeout=0.5) or []
+                replies = app.control.ping(timeout=0.25) or []
             except Exception:  # the broker restarted under this app's pooled connections: use a new app
                 from worker.app import create_app
 
