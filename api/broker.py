@@ -2,23 +2,17 @@
 
 from __future__ import annotations
 
-import redis
-
 from worker.app import app
-from worker.dispatch import broker_redis
+from worker.dispatch import broker_reachable, waiting
 from worker.queues import Queues
 
 
 def broker_status() -> bool:
-    try:
-        return bool(broker_redis().ping())
-    except redis.RedisError:
-        return False
+    return broker_reachable()
 
 
 def queue_depths() -> dict[str, int]:
-    client = broker_redis()
-    return {q.value: client.llen(q.value) for q in Queues}
+    return {q.value: waiting(q.value) or 0 for q in Queues}
 
 
 def workers_online() -> int:

@@ -18,7 +18,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from tests.helpers import WorkerProcess, free_port, make_key, with_database
+from tests.helpers import WorkerProcess, broker, free_port, make_key, with_database
 
 _state: dict = {}  # what pytest_configure started, for pytest_unconfigure and the fixtures below
 # Tests that use these fixtures start worker processes: `make test-fast` leaves them out.
@@ -118,7 +118,7 @@ def _stop_embedded_postgres(pgdata: Path, timeout: float = 30) -> None:
 
 TABLES = ("jobs, quarantine_sightings, quarantine, observations, source_state, api_keys, users, config_overrides, "
           "curves, curve_index, scenarios, scenario_outputs, scenario_metrics, "
-          "events, webhooks, webhook_events, webhook_deliveries, webhook_attempts, retired_totals")
+          "events, webhooks, webhook_events, webhook_deliveries, webhook_attempts, retired_totals, job_queue_marks")
 
 
 @pytest.fixture(autouse=True)
@@ -135,10 +135,9 @@ def clean_state():
             "SELECT quote_ident(relname) FROM pg_class WHERE relname LIKE 'observations\\_%%' AND relkind = 'r'"
         )):
             conn.execute(text(f"DROP TABLE {table}"))
-    from worker.dispatch import broker_redis
     from worker.queues import Queues
 
-    client = broker_redis()
+    client = broker()
     client.delete(*[q.value for q in Queues], "unacked", "unacked_index")
     from pipelines.core import cache
 

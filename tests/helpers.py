@@ -165,3 +165,10 @@ class WorkerProcess:
             except subprocess.TimeoutExpired:
                 self.kill()
         self.log.close()
+
+
+def broker():
+    """The broker's Redis, as the tests see it (to empty queues, or lose every message at once)."""
+    import redis
+
+    return redis.Redis.from_url(os.environ["INGOT_REDIS_URL"])

@@ -7,13 +7,14 @@ from sqlalchemy import text
 
 from pipelines.core.db import get_engine, session_scope
 from pipelines.core.models import Job, JobState
-from pipelines.jobs import machine, reaper
+from pipelines.jobs import attempt, machine, reaper
+from pipelines.jobs.machine import ALLOWED
 
 
 def new_job(**params) -> tuple[str, list]:
     sent = []
     with session_scope() as s:
-        job = machine.create_job(s, kind="ingestion", queue="ingest", params=params, send=sent.append,
+        job = machine.create_job(s, kind="ingestion", params=params, send=sent.append,
                               sources=["x"])
         assert sent == []  # nothing is sent before the transaction commits
         job_id = job.id
@@ -34,7 +35,7 @@ def sql(statement: str, **params) -> None:
 def test_message_is_dropped_when_the_transaction_rolls_back():
     sent = []
     with pytest.raises(RuntimeError), session_scope() as s:
-        machine.create_job(s, kind="ingestion", queue="ingest", params={}, send=sent.append)
+        machine.create_job(s, kind="ingestion", params={}, send=sent.append)
         raise RuntimeError("boom")
     assert sent == []
     with session_scope() as s:
@@ -44,8 +45,8 @@ def test_message_is_dropped_when_the_transaction_rolls_back():
 def test_a_job_runs_once_and_late_duplicates_do_nothing():
     job_id, _ = new_job()
     calls = []
-    assert machine.execute(job_id, lambda run: calls.append(run.id) or {"ok": 1}) == "succeeded"
-    assert machine.execute(job_id, lambda run: calls.append(run.id) or {}) == "skipped"
+    assert attempt.execute(job_id, lambda run: calls.append(run.id) or {"ok": 1}) == "succeeded"
+    assert attempt.execute(job_id, lambda run: calls.append(run.id) or {}) == "skipped"
     job = state(job_id)
     assert calls == [job_id]
     assert (job.state, job.progress, job.result, job.attempts) == ("succeeded", 100, {"ok": 1}, 1)
@@ -54,27 +55,27 @@ def test_a_job_runs_once_and_late_duplicates_do_nothing():
 
 def test_a_live_attempt_keeps_its_job():
     job_id, _ = new_job()
-    run = machine.claim(job_id, "otherhost:1")
+    run = attempt.claim(job_id, "otherhost:1")
     assert run is not None
-    assert machine.claim(job_id, "me:2") is None  # taken, heartbeat fresh, owner on another host
+    assert attempt.claim(job_id, "me:2") is None  # taken, heartbeat fresh, owner on another host
 
 
 def test_an_attempt_whose_process_died_is_taken_over_at_once():
     job_id, _ = new_job()
-    first = machine.claim(job_id, f"{socket.gethostname()}:{2**22 + 12345}")  # no such pid
+    first = attempt.claim(job_id, f"{socket.gethostname()}:{2**22 + 12345}")  # no such pid
     assert first is not None
-    second = machine.claim(job_id, machine.owner_name())
+    second = attempt.claim(job_id, machine.owner_name())
     assert second is not None and second.attempts == 2
     # the first attempt lost its lease: its writes are refused and it cannot finish the job
-    with pytest.raises(machine.JobStopped), first.batch(processed=1, failed=0, checkpoint={}, progress=1):
+    with pytest.raises(attempt.JobStopped), first.batch(processed=1, failed=0, checkpoint={}, progress=1):
         pass
-    assert not machine.finish(first, JobState.SUCCEEDED)
-    assert machine.finish(second, JobState.SUCCEEDED)
+    assert not attempt.finish(first, JobState.SUCCEEDED)
+    assert attempt.finish(second, JobState.SUCCEEDED)
 
 
 def test_batches_commit_progress_with_the_work_and_resume_from_the_checkpoint():
     job_id, _ = new_job()
-    run = machine.claim(job_id, machine.owner_name())
+    run = attempt.claim(job_id, machine.owner_name())
     with run.batch(processed=10, failed=2, checkpoint={"batch": 1}, progress=40) as conn:
         conn.execute("INSERT INTO source_state (source, status, successful, failed) VALUES ('x', 'ok', 0, 0)")
     with pytest.raises(ZeroDivisionError), run.batch(processed=5, failed=0, checkpoint={"batch": 2}, progress=60) as c:
@@ -88,11 +89,11 @@ def test_batches_commit_progress_with_the_work_and_resume_from_the_checkpoint():
 
 def test_finished_jobs_never_move_backwards():
     job_id, _ = new_job()
-    run = machine.claim(job_id, machine.owner_name())
-    assert machine.finish(run, JobState.FAILED, error="bad file")
-    assert not machine.finish(run, JobState.SUCCEEDED)
+    run = attempt.claim(job_id, machine.owner_name())
+    assert attempt.finish(run, JobState.FAILED, error="bad file")
+    assert not attempt.finish(run, JobState.SUCCEEDED)
     sql("UPDATE jobs SET heartbeat_at = now() - interval '1 hour' WHERE id = :id", id=job_id)
-    assert machine.claim(job_id, machine.owner_name()) is None
+    assert attempt.claim(job_id, machine.owner_name()) is None
     assert (state(job_id).state, state(job_id).error) == ("failed", "bad file")
 
 
@@ -103,8 +104,8 @@ def test_a_job_whose_worker_keeps_dying_fails_clearly(monkeypatch):
 
     limit = get_settings().max_job_attempts
     for _ in range(limit):
-        assert machine.claim(job_id, dead) is not None
-    assert machine.claim(job_id, machine.owner_name()) is None
+        assert attempt.claim(job_id, dead) is not None
+    assert attempt.claim(job_id, machine.owner_name()) is None
     job = state(job_id)
     assert job.state == "failed" and f"gave up after {limit} attempts" in job.error
 
@@ -113,9 +114,9 @@ def test_errors_fail_the_job_with_their_message():
     job_id, _ = new_job()
 
     def work(run):
-        raise machine.JobFailed("source 'x': no file matches 'a/*.csv'")
+        raise attempt.JobFailed("source 'x': no file matches 'a/*.csv'")
 
-    assert machine.execute(job_id, work) == "failed"
+    assert attempt.execute(job_id, work) == "failed"
     assert state(job_id).error == "source 'x': no file matches 'a/*.csv'"
 
 
@@ -125,33 +126,122 @@ def test_an_unplanned_error_names_its_kind_never_its_text():
     def work(run):
         raise RuntimeError("(psycopg.errors.Foo) SELECT password FROM users WHERE id = 'secret-value'")
 
-    assert machine.execute(job_id, work) == "failed"
+    assert attempt.execute(job_id, work) == "failed"
     error = state(job_id).error
     assert error.startswith("internal error (RuntimeError)") and job_id in error
     assert "SELECT" not in error and "secret-value" not in error
 
 
-def test_reaper_resends_queued_jobs_whose_message_is_gone():
-    job_id, first = new_job()
-    resent = []
-    sql("UPDATE jobs SET sent_at = now() - interval '1 minute' WHERE id = :id", id=job_id)
-    report = reaper.reap(resent.append, lambda queue, task: task == first[0].celery_task_id)
-    assert report["resent"] == [] and resent == []  # the message is still there
-    report = reaper.reap(resent.append, lambda queue, task: False)
+def tick(waiting: dict[str, int]) -> tuple[dict, list]:
+    """One reaper tick, the broker saying WAITING messages wait per kind; (report, messages sent)."""
+    resent: list = []
+    return reaper.reap(resent.append, lambda kind: waiting.get(kind, 0)), resent
+
+
+def age_marks(seconds: int = 60) -> None:
+    sql("UPDATE job_queue_marks SET marked_at = marked_at - make_interval(secs => :s)", s=seconds)
+
+
+def test_reaper_resends_a_queued_job_only_once_its_message_was_handed_out_a_tick_ago():
+    first, _ = new_job()
+    second, _ = new_job()
+    # Both messages wait in the broker: nothing to do, tick after tick.
+    for _ in range(2):
+        report, resent = tick({"ingestion": 2})
+        assert report["resent"] == [] and resent == []
+        age_marks()
+    # The broker handed out the first (a worker took it) and then the job did not start: at the tick
+    # that sees that, nothing yet (a worker may be about to claim it) ...
+    report, resent = tick({"ingestion": 1})
+    assert report["resent"] == [] and resent == []
+    age_marks()
+    # ... and at the next, still queued: sent again, under a new message id and number.
+    before = state(first)
+    report, resent = tick({"ingestion": 1})
+    assert report["resent"] == [first] and [m.id for m in resent] == [first]
+    after = state(first)
+    assert resent[0].task_id == after.celery_task_id != before.celery_task_id
+    assert after.send_seq > state(second).send_seq > before.send_seq
+    assert state(second).celery_task_id  # the second still waits in the broker: untouched
+    # The re-sent message now waits too; nothing more is re-sent.
+    age_marks()
+    report, resent = tick({"ingestion": 2})
+    assert report["resent"] == [] and resent == []
+
+
+def test_reaper_marks_no_sooner_than_the_grace_period():
+    job_id, _ = new_job()
+    tick({"ingestion": 0})  # the message is gone (the broker lost it): marked, not yet re-sent
+    report, _ = tick({"ingestion": 0})  # marked a moment ago: a worker may still be claiming it
+    assert report["resent"] == []
+    age_marks()
+    report, _ = tick({"ingestion": 0})
     assert report["resent"] == [job_id]
-    assert [j.id for j in resent] == [job_id] and resent[0].celery_task_id != first[0].celery_task_id
-    assert state(job_id).celery_task_id == resent[0].celery_task_id
+
+
+def test_reaper_does_nothing_with_messages_when_the_broker_cannot_say():
+    job_id, _ = new_job()
+    resent: list = []
+    for _ in range(3):
+        assert reaper.reap(resent.append, lambda kind: None)["resent"] == []
+        age_marks()
+    assert resent == []
+    with session_scope() as s:
+        assert s.execute(text("SELECT count(*) FROM job_queue_marks")).scalar_one() == 0
+
+
+def test_a_job_that_started_is_never_resent():
+    job_id, _ = new_job()
+    tick({"ingestion": 0})
+    attempt.claim(job_id, machine.owner_name())
+    age_marks()
+    report, resent = tick({"ingestion": 0})
+    assert report["resent"] == [] and resent == []
+
+
+STATES = list(JobState)
+
+
+@pytest.mark.parametrize("source", STATES)
+def test_every_transition_the_table_allows_happens_and_every_other_is_refused(source):
+    for target in STATES:
+        job_id, _ = new_job()
+        sql("UPDATE jobs SET state = :s WHERE id = :id", s=source.value, id=job_id)
+        with session_scope() as s:
+            moved = machine.transition(s, job_id, target)
+        assert moved == (target in ALLOWED[source]), (source, target)
+        assert state(job_id).state == (target if moved else source), (source, target)
+
+
+def test_a_transition_outside_the_table_cannot_even_be_built():
+    with pytest.raises(machine.InvalidTransition):
+        machine._moving({JobState.SUCCEEDED: JobState.QUEUED})
+    with pytest.raises(machine.InvalidTransition):
+        machine._moving({JobState.QUEUED: JobState.RUNNING, JobState.CANCELLING: JobState.RUNNING})
+
+
+def test_nothing_outside_the_machine_writes_a_jobs_state():
+    """One owner: no module but pipelines/jobs/machine.py sets `state` in an UPDATE of jobs."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    writes = re.compile(r"UPDATE\s+jobs\b[^;]*?\bSET\b[^;]*?\bstate\s*=|update\(Job\)[^\n]*state", re.I | re.S)
+    offenders = [str(path.relative_to(root)) for folder in ("pipelines", "api", "worker", "cli")
+                 for path in (root / folder).rglob("*.py")
+                 if "migrations" not in path.parts and path.name != "machine.py" and writes.search(path.read_text())]
+    assert offenders == []
 
 
 def test_reaper_requeues_running_jobs_whose_heartbeat_stopped_and_fails_timeouts():
     stale_id, _ = new_job()
-    machine.claim(stale_id, "gone-host:1")
+    attempt.claim(stale_id, "gone-host:1")
     slow_id, _ = new_job()
-    machine.claim(slow_id, machine.owner_name())
+    attempt.claim(slow_id, machine.owner_name())
     sql("UPDATE jobs SET heartbeat_at = now() - interval '1 hour' WHERE id = :id", id=stale_id)
     sql("UPDATE jobs SET started_at = now() - interval '2 hours', timeout_seconds = 60 WHERE id = :id", id=slow_id)
     resent = []
-    report = reaper.reap(resent.append, lambda q, t: True)
+    report = reaper.reap(resent.append, lambda kind: 0)
     assert report["recovered"] == [stale_id] and report["timed_out"] == [slow_id]
     assert [j.id for j in resent] == [stale_id]
     assert state(stale_id).state == "queued"

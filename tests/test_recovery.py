@@ -5,7 +5,8 @@ from sqlalchemy import text
 
 from pipelines.core.db import get_engine
 from tests.datagen import sources_toml, write_csv
-from worker.dispatch import broker_redis, message_exists
+from tests.helpers import broker
+from worker.dispatch import queue_depth
 
 
 def test_a_queued_job_whose_message_vanished_is_sent_again(client, start_worker, write_sources, data_dir):
@@ -13,10 +14,10 @@ def test_a_queued_job_whose_message_vanished_is_sent_again(client, start_worker,
     write_sources(sources_toml("prices"))
     job_id = client.start_ingestion(["prices"])["job_id"]
     job = client.job(job_id)
-    assert job["state"] == "queued" and message_exists("ingest", job["celery_task_id"])
+    assert job["state"] == "queued" and queue_depth("ingestion") == 1
 
-    broker_redis().flushdb()  # every message and binding gone, as after a restart with no persistence
-    assert not message_exists("ingest", job["celery_task_id"])
+    broker().flushdb()  # every message and binding gone, as after a restart with no persistence
+    assert queue_depth("ingestion") == 0
 
     start_worker()  # its beat runs the reaper, which finds the job's message missing
     done = client.wait(job_id, timeout=60)
@@ -114,3 +115,95 @@ def test_a_redis_restart_loses_no_queued_job(client, start_worker, write_sources
     start_worker()
     job = client.wait(job_id, timeout=90)
     assert job["state"] == "succeeded" and job["records_processed"] == 40
+
+
+# --- the reaper's cost does not grow with the queue ----------------------------------------------------
+
+WAITING = 20_000
+
+
+def _counted_tick() -> tuple[dict, int, int]:
+    """One reaper tick over the real broker, its marks old enough to act on: (report, statements,
+    broker commands)."""
+    from pipelines.core.roundtrips import RoundTrips
+    from pipelines.jobs import reaper
+    from worker.dispatch import send_job
+
+    with get_engine().begin() as conn:
+        conn.execute(text("UPDATE job_queue_marks SET marked_at = marked_at - interval '1 hour'"))
+    with RoundTrips() as trips:
+        report = reaper.reap(send_job, queue_depth)
+    return report, trips.statements, trips.broker
+
+
+def test_a_reaper_tick_costs_as_many_round_trips_over_twenty_thousand_waiting_jobs_as_over_none(no_worker):
+    _counted_tick()  # the first marks
+    _report, empty_statements, empty_broker = _counted_tick()
+
+    # 20,000 queued jobs, each with its message waiting in the real broker (one real message, copied).
+    with get_engine().begin() as conn:
+        conn.execute(text(
+            "INSERT INTO jobs (id, kind, state, progress, records_processed, records_failed, params, result, "
+            "sources, timeout_seconds, attempts, checkpoint, celery_task_id, sent_at, send_seq, created_at) "
+            "SELECT 'job_waiting_' || g, 'ingestion', 'queued', 0, 0, 0, '{}', '{}', '{}', 3600, 0, '{}', "
+            "md5(g::text), now(), nextval('job_send_seq_ingestion'), now() FROM generate_series(1, :n) g"),
+            {"n": WAITING})
+    from pipelines.jobs.machine import Message
+    from worker.dispatch import send_job
+
+    send_job(Message("job_waiting_1", "ingestion", "first"))
+    redis = broker()
+    (body,) = redis.lrange("ingest", 0, -1)
+    with redis.pipeline(transaction=False) as pipe:
+        for _ in range(WAITING - 1):
+            pipe.lpush("ingest", body)
+        pipe.execute()
+    assert queue_depth("ingestion") == WAITING
+
+    report, statements, broker_commands = _counted_tick()
+    assert report["resent"] == []  # every message waits: nothing to re-send
+    assert (statements, broker_commands) == (empty_statements, empty_broker)
+    assert statements <= 12 and broker_commands <= 12
+
+
+def test_a_message_taken_by_a_worker_that_died_before_starting_it_is_sent_again_and_runs_once(
+        client, start_worker, write_sources, data_dir):
+    import subprocess
+    import sys
+
+    from tests.helpers import ROOT, wait_for
+
+    good, _bad = write_csv(data_dir / "a.csv", 300, bad_every=50)
+    write_sources(sources_toml("prices"))
+    job_id = client.start_ingestion(["prices"])["job_id"]
+    assert queue_depth("ingestion") == 1
+    # A consumer takes the message as a worker does (not yet acknowledged), then dies on the spot.
+    taker = subprocess.run([sys.executable, "-c", (
+        "import os, signal\n"
+        "from worker.app import app\n"
+        "with app.connection_for_read() as conn:\n"
+        "    message = conn.SimpleQueue('ingest').get(timeout=10)\n"
+        "    print(message.headers['id'], flush=True)\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n")], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert taker.stdout.strip() == client.job(job_id)["celery_task_id"], taker.stderr
+    assert queue_depth("ingestion") == 0 and client.job(job_id)["state"] == "queued"
+    held = broker().hgetall("unacked")  # where the Redis transport keeps a message handed out
+    assert len(held) == 1
+
+    start_worker()  # with beat: two reaper ticks, a grace period apart, and the job is sent again
+    done = client.wait(job_id, timeout=60)
+    assert done["state"] == "succeeded" and done["attempts"] == 1 and done["records_processed"] == good
+    assert done["celery_task_id"] != taker.stdout.strip()
+
+    # The old message comes back (as the broker would return it after its visibility timeout): the
+    # worker takes it, finds the job ended, and does nothing.
+    import json
+
+    payload, _exchange, _routing_key = json.loads(next(iter(held.values())))
+    broker().lpush("ingest", json.dumps(payload))
+    wait_for(lambda: queue_depth("ingestion") == 0 and not broker().hlen("unacked"), timeout=30,
+             message="the old message to be taken and acknowledged")
+    again = client.job(job_id)
+    assert (again["state"], again["attempts"], again["records_processed"]) == ("succeeded", 1, good)
+    with get_engine().connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM observations")).scalar_one() == good

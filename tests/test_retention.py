@@ -26,7 +26,7 @@ OLD, RECENT = NOW - timedelta(days=40), NOW - timedelta(days=1)
 
 
 def _job(kind: str, state: str, finished: datetime, seconds: float) -> Job:
-    return Job(kind=kind, state=state, queue="ingest", params={}, timeout_seconds=60,
+    return Job(kind=kind, state=state, params={}, timeout_seconds=60,
                started_at=finished - timedelta(seconds=seconds), finished_at=finished, created_at=finished)
 
 

@@ -289,8 +289,8 @@ def end_jobs(count: int, prefix: str) -> None:
     with get_engine().begin() as conn:
         conn.execute(text(
             "INSERT INTO jobs (id, kind, state, progress, records_processed, records_failed, params, result, "
-            "sources, queue, attempts, timeout_seconds, checkpoint) "
-            "SELECT :p || g, 'ingestion', 'running', 0, 0, 0, '{}', '{}', '{}', 'ingest', 1, 60, '{}' "
+            "sources, attempts, timeout_seconds, checkpoint) "
+            "SELECT :p || g, 'ingestion', 'running', 0, 0, 0, '{}', '{}', '{}', 1, 60, '{}' "
             "FROM generate_series(1, :n) g"), {"p": prefix, "n": count})
         conn.execute(text("UPDATE jobs SET state = 'succeeded', finished_at = now() WHERE id LIKE :p || '%'"),
                      {"p": prefix})

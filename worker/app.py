@@ -13,7 +13,7 @@ from kombu import Queue
 
 from pipelines.core import embedded
 from pipelines.core.settings import get_settings
-from worker.queues import Queues
+from worker.queues import JOB_TASKS, Queues
 
 TASK_MODULES = ["worker.tasks.ingest", "worker.tasks.export", "worker.tasks.scenarios", "worker.tasks.webhooks",
                 "worker.tasks.housekeeping"]
@@ -53,5 +53,12 @@ def create_app() -> Celery:
 
 
 app = create_app()
+
+
+def job_task(kind: str):
+    """Register the task that runs jobs of KIND, under the name and on the queue `JOB_TASKS` gives it."""
+    name, queue = JOB_TASKS[kind]
+    return app.task(name=name, queue=queue.value)
+
 
 import worker.signals  # noqa: E402,F401  (connects per-process set-up)

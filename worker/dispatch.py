@@ -1,58 +1,48 @@
-"""Sending job messages, and asking the broker whether a message still exists."""
+"""Sending job messages, and asking the broker how many wait in a queue."""
 
 from __future__ import annotations
 
 import logging
-import time
-from functools import lru_cache
 
-import redis
-
-from pipelines.core import embedded
-from pipelines.core.models import Job
 from pipelines.core.settings import get_settings
+from pipelines.jobs.machine import Message
 from worker.app import app
-from worker.queues import JOB_TASKS
+from worker.queues import JOB_TASKS, Queues
 
 log = logging.getLogger(__name__)
-# kombu's Redis transport keeps priorities 3, 6 and 9 in sibling lists named with this separator.
-_PRIORITY_KEYS = ("", "\x06\x163", "\x06\x166", "\x06\x169")
 
 
-def send_job(job: Job) -> None:
-    """Send JOB's message. A broker that is down loses nothing: the reaper re-sends queued jobs."""
-    task, _queue = JOB_TASKS[job.kind]
+def send_job(message: Message) -> None:
+    """Send a job's message: its kind names the task and the queue. A broker that is down loses
+    nothing: the reaper re-sends queued jobs whose message never arrived."""
+    task, queue = JOB_TASKS[message.kind]
     try:
-        app.send_task(task, args=[job.id], queue=job.queue, task_id=job.celery_task_id)
+        app.send_task(task, args=[message.id], queue=queue.value, task_id=message.task_id)
     except Exception:
-        log.exception("could not send job %s; the reaper will re-send it", job.id)
+        log.exception("could not send job %s; the reaper will re-send it", message.id)
 
 
-@lru_cache
-def broker_redis() -> redis.Redis:
-    return redis.Redis.from_url(embedded.redis_url(get_settings()))
+def waiting(queue: str, *, quiet: bool = False) -> int | None:
+    """How many messages wait in QUEUE (those handed to a worker not counted), asked of the broker by
+    count, whatever the broker; None if it cannot be asked."""
+    try:
+        with app.pool.acquire(block=True, timeout=10) as connection:
+            # Declared as Celery declares it (a no-op where it exists): the broker answers with its count,
+            # in one round trip on the pooled connection's channel, whether or not the queue was there.
+            return app.amqp.queues[queue].bind(connection.default_channel).queue_declare().message_count
+    except Exception:
+        if not quiet:
+            log.warning("could not count the messages waiting in %s", queue, exc_info=True)
+        return None
 
 
-def message_exists(queue: str, task_id: str) -> bool:
-    """Is TASK_ID's message waiting in QUEUE, or delivered to a worker that is still going to run it?
+def queue_depth(kind: str) -> int | None:
+    """How many messages of jobs of KIND wait in their queue (see `waiting`)."""
+    return waiting(JOB_TASKS[kind][1].value)
 
-    The reaper asks this of jobs still `queued`. A worker takes a message only when a pool process
-    is free (prefetch 1, late acks), so it starts the job within moments; a message delivered longer
-    ago than a heartbeat's stale period whose job has still not started was delivered to a worker
-    that died. Kombu would hand it out again only after the visibility timeout (hours: longer than
-    the longest job), so it counts as gone: the job is sent again, and the old message, should it
-    ever be delivered, finds the job taken and does nothing."""
-    client = broker_redis()
-    needle = task_id.encode()
-    for suffix in _PRIORITY_KEYS:
-        if any(needle in raw for raw in client.lrange(queue + suffix, 0, -1)):
-            return True
-    stale = get_settings().heartbeat_stale_seconds
-    for tag, raw in client.hgetall("unacked").items():
-        if needle in raw:
-            delivered = client.zscore("unacked_index", tag)
-            return delivered is None or time.time() - delivered < stale
-    return False
+
+def broker_reachable() -> bool:
+    return waiting(Queues.DEFAULT.value, quiet=True) is not None
 
 
 def revoke(task_id: str) -> None:

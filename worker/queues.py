@@ -1,6 +1,9 @@
-"""One queue per kind of work, so each scales and fails on its own."""
+"""One queue per kind of work, so each scales and fails on its own; and the one table that says which
+task and queue carry each kind of job."""
 
 import enum
+
+from pipelines.core.models import JobKind
 
 
 class Queues(enum.StrEnum):
@@ -11,9 +14,9 @@ class Queues(enum.StrEnum):
     DEFAULT = "default"
 
 
-# The task that carries each kind of job, and the queue it travels on.
-JOB_TASKS = {
-    "ingestion": ("ingest.run", Queues.INGEST),
-    "export": ("export.run", Queues.EXPORT),
-    "scenario_run": ("scenarios.run", Queues.SCENARIOS),
+# The task that carries each kind of job, and the queue it travels on: nothing else names them.
+JOB_TASKS: dict[str, tuple[str, Queues]] = {
+    JobKind.INGESTION: ("ingest.run", Queues.INGEST),
+    JobKind.EXPORT: ("export.run", Queues.EXPORT),
+    JobKind.SCENARIO_RUN: ("scenarios.run", Queues.SCENARIOS),
 }

@@ -79,6 +79,14 @@ def session_scope() -> Iterator[Session]:
         session.close()
 
 
+@contextmanager
+def autocommit() -> Iterator[Connection]:
+    """A connection on which each statement is its own transaction: a single guarded UPDATE, or a read,
+    in one round trip (no BEGIN and COMMIT around it)."""
+    with get_engine().connect() as connection:
+        yield connection.execution_options(isolation_level="AUTOCOMMIT")
+
+
 def new_session() -> Session:
     return _sessionmaker()()
 

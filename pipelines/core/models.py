@@ -70,10 +70,11 @@ class Job(Base):
     created_at: Mapped[datetime] = mapped_column(server_default=func.now())
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
-    # Delivery bookkeeping: the message last sent, and the attempt that holds the job now.
-    queue: Mapped[str] = mapped_column(Text)
+    # Delivery bookkeeping: the message last sent (its number in its kind's count: see
+    # pipelines.jobs.machine), and the attempt that holds the job now.
     celery_task_id: Mapped[str | None] = mapped_column(Text)
     sent_at: Mapped[datetime | None]
+    send_seq: Mapped[int | None] = mapped_column(BigInteger)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     lease_id: Mapped[str | None] = mapped_column(Text)
     lease_owner: Mapped[str | None] = mapped_column(Text)
@@ -90,7 +91,18 @@ class Job(Base):
         Index("ix_jobs_created", "created_at", "id"),
         Index("ix_jobs_kind_state", "kind", "state"),
         Index("ix_jobs_active", "state", postgresql_where="state IN ('queued','running','cancelling')"),
+        Index("ix_jobs_waiting", "kind", "send_seq", postgresql_where="state = 'queued'"),
     )
+
+
+class JobQueueMark(Base):
+    """The reaper's mark of one kind's queue: how many of its messages the broker had handed out."""
+
+    __tablename__ = "job_queue_marks"
+
+    kind: Mapped[str] = mapped_column(Text, primary_key=True)
+    handed_out: Mapped[int] = mapped_column(BigInteger)
+    marked_at: Mapped[datetime]
 
 
 class ApiKey(Base):

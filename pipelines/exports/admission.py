@@ -33,7 +33,7 @@ def start(session: Session, params: dict[str, Any], api_key_id: str, send: Sende
     if running >= most:
         raise TooManyExports(running, most)
     check_space(exports_dir())
-    return create_job(session, kind=JobKind.EXPORT, queue="export", params=params, send=send,
+    return create_job(session, kind=JobKind.EXPORT, params=params, send=send,
                       request_id=request_id, api_key_id=api_key_id)
 
 

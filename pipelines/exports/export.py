@@ -34,7 +34,7 @@ from pipelines.core.db import driver, get_engine
 from pipelines.core.prefetch import prefetch
 from pipelines.core.settings import get_settings
 from pipelines.exports import query
-from pipelines.jobs.machine import JobFailed, JobRun
+from pipelines.jobs.attempt import JobFailed, JobRun
 
 log = logging.getLogger(__name__)
 

@@ -31,7 +31,7 @@ from pipelines.ingestion.sources.batches import Piece
 from pipelines.ingestion.sources.registry import Registry, SourceConfig, SourceError, load_registry
 from pipelines.ingestion.validate import Cursor, effective_types, validate
 from pipelines.jobs import journal
-from pipelines.jobs.machine import JobFailed, JobRun
+from pipelines.jobs.attempt import JobFailed, JobRun
 
 log = logging.getLogger(__name__)
 

@@ -54,7 +54,7 @@ def start_ingestion(session: Session, sources: list[str], options: dict, send: S
     busy = active_sources(session, among=sources)
     if busy:
         raise SourcesBusy(sorted(busy))
-    return create_job(session, kind=JobKind.INGESTION, queue="ingest", params={"sources": sources, "options": options},
+    return create_job(session, kind=JobKind.INGESTION, params={"sources": sources, "options": options},
                       sources=sources, send=send, **job_fields)
 
 

@@ -1,96 +1,176 @@
-"""Jobs: one model for every kind of background work, and its state machine, guarded in SQL.
+"""Jobs: the one owner of a job's state and of its message's bookkeeping.
 
-Every transition is an UPDATE whose WHERE names the states it may leave and, once running, the lease
-of the attempt that holds the job, so a duplicate or late message can never move a job backwards or
-write on behalf of an attempt that lost it.
+`ALLOWED` is the state machine. Every change of a job's state is one UPDATE built by `_moving`, whose
+WHERE names only the states the table lets it leave (and, once running, the lease of the attempt
+that holds the job), so a duplicate or late message, a second reaper or a racing cancel can never
+move a job where the table says it may not go. Nothing outside this module writes `jobs.state`.
+
+A job's message is counted per kind in a sequence (`send_seq`): the reaper compares how many
+messages were sent with how many still wait in the broker to tell which ones were taken but never
+started (`pipelines.jobs.reaper`).
 """
 
 from __future__ import annotations
 
-import enum
-import json
 import logging
 import os
 import socket
-import threading
 import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import psutil
-import structlog
-from sqlalchemy import select, text
+from psycopg import sql as psql
+from sqlalchemy import Update, bindparam, case, func, insert, literal, select, text, update
+from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
-from pipelines.core.db import driver, get_engine, on_commit, session_scope
-from pipelines.core.models import Job, JobState
+from pipelines.core.db import autocommit, on_commit
+from pipelines.core.models import Job, JobKind, JobState, new_id
 from pipelines.core.settings import get_settings
 
 log = logging.getLogger(__name__)
 
-Sender = Callable[[Job], None]
+Q, R, S, F, CG, C = (JobState.QUEUED, JobState.RUNNING, JobState.SUCCEEDED, JobState.FAILED,
+                     JobState.CANCELLING, JobState.CANCELLED)
+
+# Where each state may go. running -> running is an attempt taking over from one that died; failed or
+# cancelled -> queued is an admin's re-run. Succeeded is final: a run's outputs are written once.
+ALLOWED: dict[JobState, frozenset[JobState]] = {
+    Q: frozenset({R, C, F}),
+    R: frozenset({R, S, F, CG, C, Q}),
+    CG: frozenset({C}),
+    S: frozenset(),
+    F: frozenset({Q}),
+    C: frozenset({Q}),
+}
+
+# The message counter of each kind: a sequence per kind, so a kind's messages can be counted.
+SEND_SEQUENCES = {kind: f"job_send_seq_{kind.value}" for kind in JobKind}
 
 
-class Outcome(enum.StrEnum):
-    """How one attempt at a job ended, as `execute` reports it."""
+@dataclass(frozen=True)
+class Message:
+    """What a job's message carries, for whoever sends it (the worker's dispatch)."""
 
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-    STOPPED = "stopped"  # cancelled or taken over while it ran
-    SKIPPED = "skipped"  # another attempt holds the job, or it has ended
-
-
-class JobStopped(Exception):
-    """The attempt no longer holds the job: it was cancelled, timed out, or taken over."""
+    id: str
+    kind: str
+    task_id: str
 
 
-class JobFailed(Exception):
-    """The work cannot succeed; the message becomes the job's error."""
+Sender = Callable[[Message], None]
 
 
-def create_job(
-    session: Session,
-    *,
-    kind: str,
-    queue: str,
-    params: dict[str, Any],
-    send: Sender,
-    sources: list[str] | None = None,
-    request_id: str | None = None,
-    api_key_id: str | None = None,
-    timeout_seconds: int | None = None,
-) -> Job:
-    """Record a queued job in SESSION's transaction; its message goes out only once that commits."""
-    job = Job(
-        kind=kind,
-        queue=queue,
-        params=params,
-        sources=sources or [],
-        request_id=request_id,
-        api_key_id=api_key_id,
-        timeout_seconds=timeout_seconds or get_settings().job_timeout_seconds,
-        state=JobState.QUEUED,
-        progress=0,
-        records_processed=0,
-        records_failed=0,
-        attempts=0,
-        result={},
-        checkpoint={},
-        celery_task_id=str(uuid.uuid4()),
-        sent_at=datetime.now(UTC),
-    )
-    session.add(job)
-    session.flush()
-    snapshot = Job(id=job.id, kind=job.kind, queue=job.queue, celery_task_id=job.celery_task_id)
-    on_commit(session, lambda: send(snapshot))
-    return job
+class InvalidTransition(ValueError):
+    pass
 
 
 class NotCancellable(Exception):
     """The job has already ended."""
+
+
+def _moving(moves: Mapping[JobState, JobState], *where: Any, **values: Any) -> Update:
+    """UPDATE jobs moving each state in MOVES to its target, guarded to just those states (and WHERE).
+
+    Raises InvalidTransition for a move the table does not allow: every statement below is built
+    when this module is imported, so a wrong one cannot even load."""
+    for source, target in moves.items():
+        if target not in ALLOWED[source]:
+            raise InvalidTransition(f"a job cannot go from {source} to {target}")
+    targets = set(moves.values())
+    state = literal(targets.pop().value) if len(targets) == 1 else case(
+        {source.value: target.value for source, target in moves.items()}, value=Job.state)
+    return update(Job).where(Job.state.in_([s.value for s in moves]), *where).values(state=state, **values)
+
+
+def _next_send(kind: Any) -> Any:
+    """The next number of KIND's message counter (KIND a kind, or the row's own kind column)."""
+    if isinstance(kind, str):
+        return func.nextval(SEND_SEQUENCES[JobKind(kind)])
+    return case({k.value: func.nextval(name) for k, name in SEND_SEQUENCES.items()}, value=kind)
+
+
+_NEW_MESSAGE = {"celery_task_id": func.gen_random_uuid().cast(Job.celery_task_id.type),
+                "send_seq": _next_send(Job.kind), "sent_at": func.now()}
+_SENT = (Job.id, Job.kind, Job.celery_task_id)
+
+
+def _send_after_commit(session: Session, send: Sender, rows: Any) -> list[str]:
+    messages = [Message(row.id, row.kind, row.celery_task_id) for row in rows]
+
+    def send_all() -> None:
+        for message in messages:
+            send(message)
+
+    if messages:
+        on_commit(session, send_all)
+    return [m.id for m in messages]
+
+
+def transition(session: Session, job_id: str, to: JobState, **values: Any) -> bool:
+    """Move JOB_ID to TO from any state the table allows; False if it is in none of them. (The
+    specific transitions below say what else changes; this one is the table itself, for the test
+    that proves every other move refused.)"""
+    sources = {state: to for state in JobState if to in ALLOWED[state]}
+    if not sources:
+        return False
+    return bool(session.execute(_moving(sources, Job.id == job_id, **values).returning(Job.id)).first())
+
+
+# --- queued: created, cancelled, re-run, re-sent ----------------------------------------------------
+
+
+def create_job(session: Session, *, kind: JobKind, params: dict[str, Any], send: Sender,
+               sources: list[str] | None = None, request_id: str | None = None, api_key_id: str | None = None,
+               timeout_seconds: int | None = None) -> Job:
+    """Record a queued job in SESSION's transaction; its message goes out only once that commits. The
+    kind decides the task and the queue (`worker.queues`)."""
+    job = session.scalars(insert(Job).values(
+        id=new_id("job"), kind=kind, state=Q, params=params, sources=sources or [], request_id=request_id,
+        api_key_id=api_key_id, timeout_seconds=timeout_seconds or get_settings().job_timeout_seconds,
+        progress=0, records_processed=0, records_failed=0, attempts=0, result={}, checkpoint={},
+        celery_task_id=str(uuid.uuid4()), sent_at=func.now(), send_seq=_next_send(kind),
+    ).returning(Job)).one()
+    message = Message(job.id, job.kind, job.celery_task_id)  # type: ignore[arg-type]
+    on_commit(session, lambda: send(message))
+    return job
+
+
+# The same new row, written on the API's event loop (pipelines.core.adb) in one statement that also
+# share-locks the object the job is about (a delete, which locks it exclusively, waits; starts of the
+# same object do not wait for each other), and answers with the job as `pipelines.jobs.listing` shows it.
+_CREATE_NOW = psql.SQL(
+    "WITH about AS (SELECT FROM {table} WHERE id = %(about)s FOR KEY SHARE) "
+    "INSERT INTO jobs (id, kind, state, params, sources, request_id, api_key_id, timeout_seconds, progress, "
+    "records_processed, records_failed, attempts, result, checkpoint, celery_task_id, sent_at, send_seq) "
+    "SELECT %(id)s, %(kind)s, %(state)s, %(params)s, %(sources)s::text[], %(request_id)s, %(api_key_id)s, "
+    "%(timeout)s, 0, 0, 0, 0, '{{}}', '{{}}', %(task)s, now(), nextval(%(sequence)s::regclass) FROM about "
+    "RETURNING id, kind, state, progress, records_processed, records_failed, params, result, error, created_at, "
+    "started_at, finished_at, request_id, celery_task_id, attempts, sources")
+_LOCKABLE = {"scenarios": _CREATE_NOW.format(table=psql.Identifier("scenarios"))}
+
+
+async def create_job_now(*, kind: JobKind, params: dict[str, Any], send: Sender, about: tuple[str, str],
+                         request_id: str | None = None, api_key_id: str | None = None) -> dict[str, Any] | None:
+    """`create_job` in one statement of its own on the event loop, for a job about ABOUT (a table and
+    an id): None if there is no such row. Its message goes out once the statement has committed."""
+    from psycopg.types.json import Jsonb
+
+    from pipelines.core import adb
+
+    table, about_id = about
+    row = await adb.write(_LOCKABLE[table], {
+        "about": about_id, "id": new_id("job"), "kind": kind.value, "state": Q.value, "params": Jsonb(params),
+        "sources": [], "request_id": request_id, "api_key_id": api_key_id,
+        "timeout": get_settings().job_timeout_seconds, "task": str(uuid.uuid4()), "sequence": SEND_SEQUENCES[kind]})
+    if row is not None:
+        send(Message(row["id"], row["kind"], row["celery_task_id"]))
+    return row
+
+
+_CANCEL = _moving({Q: C, R: CG}, Job.id == bindparam("job"),
+                  finished_at=case((Job.state == Q, func.now()))).returning(Job.state, Job.celery_task_id)
 
 
 def cancel(session: Session, job_id: str) -> tuple[str, str | None] | None:
@@ -99,23 +179,58 @@ def cancel(session: Session, job_id: str) -> tuple[str, str | None] | None:
     Returns (new state, the message id to revoke) or None if there is no such job; raises
     NotCancellable for a job that has ended. Work already committed stays committed.
     """
-    row = session.execute(
-        text(
-            "UPDATE jobs SET state = CASE WHEN state = 'queued' THEN 'cancelled' ELSE 'cancelling' END, "
-            "finished_at = CASE WHEN state = 'queued' THEN now() END "
-            "WHERE id = :id AND state IN ('queued', 'running', 'cancelling') RETURNING state, celery_task_id"
-        ),
-        {"id": job_id},
-    ).one_or_none()
+    row = session.execute(_CANCEL, {"job": job_id}).one_or_none()
     if row is not None:
-        return row.state, row.celery_task_id if row.state == "cancelled" else None
+        return row.state, row.celery_task_id if row.state == C else None
     state = session.scalar(select(Job.state).where(Job.id == job_id))
     if state is None:
         return None
+    if state == CG:
+        return state, None
     raise NotCancellable(f"job {job_id} has already {state}")
 
 
-# --- one attempt at a job -------------------------------------------------------------------------
+_FAIL = _moving({Q: F, R: F}, Job.id == bindparam("job"), error=bindparam("error"), finished_at=func.now(),
+                lease_id=None).returning(Job.id)
+_RERUN = _moving({F: Q, C: Q}, Job.id == bindparam("job"), error=None, finished_at=None, started_at=None,
+                 lease_id=None, attempts=0, progress=0, result={}, checkpoint={}, **_NEW_MESSAGE).returning(*_SENT)
+
+
+def fail(session: Session, job_id: str, reason: str) -> bool:
+    """An admin marks a queued or running job failed with REASON; False from any other state."""
+    return session.execute(_FAIL, {"job": job_id, "error": reason}).first() is not None
+
+
+def rerun(session: Session, job_id: str, send: Sender) -> bool:
+    """Queue a failed or cancelled job again, as new (its message goes after the commit); False from
+    any other state."""
+    return bool(_send_after_commit(session, send, session.execute(_RERUN, {"job": job_id})))
+
+
+_RESEND = update(Job).where(Job.id.in_(
+    select(Job.id).where(Job.state == Q, Job.kind == bindparam("of_kind"), Job.send_seq <= bindparam("upto"))
+    .order_by(Job.send_seq).limit(bindparam("most")).with_for_update(skip_locked=True).scalar_subquery()),
+    Job.state == Q).values(**_NEW_MESSAGE).returning(*_SENT)
+
+
+def resend_taken(session: Session, kind: str, upto: int, most: int, send: Sender) -> list[str]:
+    """Send again (after the commit) up to MOST queued jobs of KIND whose message was counted at or
+    below UPTO: messages the broker has handed out, or lost, without their job ever starting."""
+    return _send_after_commit(session, send, session.execute(_RESEND, {"of_kind": kind, "upto": upto, "most": most}))
+
+
+_COUNTED = text("SELECT sequencename, COALESCE(last_value, 0) FROM pg_sequences WHERE sequencename IN :names"
+                ).bindparams(bindparam("names", expanding=True))
+_KIND_OF_SEQUENCE = {name: kind.value for kind, name in SEND_SEQUENCES.items()}
+
+
+def messages_sent(connection: Connection) -> dict[str, int]:
+    """How many messages each kind has counted (sent, or about to be sent)."""
+    rows = connection.execute(_COUNTED, {"names": list(_KIND_OF_SEQUENCE)})
+    return {_KIND_OF_SEQUENCE[name]: int(last) for name, last in rows}
+
+
+# --- running: claimed, taken over, progress, ended --------------------------------------------------
 
 
 def owner_name() -> str:
@@ -132,192 +247,134 @@ def _dead_owner(owner: str | None) -> str | None:
     return None
 
 
-@dataclass
-class JobRun:
-    """What an attempt knows of the job it holds, and the one way it writes progress."""
+_CLAIMED = dict(lease_id=bindparam("lease"), lease_owner=bindparam("owner"), heartbeat_at=func.now(),
+                started_at=func.coalesce(Job.started_at, func.now()), attempts=Job.attempts + 1)
+_CLAIM_RETURNS = (Job.kind, Job.params, Job.checkpoint, Job.attempts, Job.result)
+_CLAIM = _moving({Q: R}, Job.id == bindparam("job"), **_CLAIMED).returning(*_CLAIM_RETURNS)
+_TAKE_OVER = _moving({R: R}, Job.id == bindparam("job"), (Job.heartbeat_at < func.now() - func.make_interval(
+    0, 0, 0, 0, 0, 0, bindparam("stale"))) | (Job.lease_owner == bindparam("dead")), **_CLAIMED
+).returning(*_CLAIM_RETURNS)
+_GIVE_UP = _moving({R: F}, Job.id == bindparam("job"), Job.lease_id == bindparam("lease"), finished_at=func.now(),
+                   lease_id=None, error=bindparam("error"))
 
-    id: str
-    kind: str
+
+@dataclass
+class Claim:
     lease: str
+    kind: str
     params: dict[str, Any]
     checkpoint: dict[str, Any]
     attempts: int
-    result: dict[str, Any] = field(default_factory=dict)
-    # Writes that belong with success (a scenario run's outputs): made in the transaction that records it.
-    final_writes: Callable[[Any], None] | None = None
-
-    @contextmanager
-    def batch(self, *, processed: int, failed: int, checkpoint: dict, progress: int | None) -> Iterator[Any]:
-        """A transaction for one batch: the caller's writes and the job's progress commit together.
-
-        Yields the psycopg connection. If this attempt no longer holds the job, nothing commits.
-        """
-        with get_engine().begin() as connection:
-            # Safe: the batch and its checkpoint commit atomically, so a lost commit loses both.
-            connection.execute(text("SET LOCAL synchronous_commit = off"))
-            yield driver(connection)
-            updated = connection.execute(
-                text(
-                    "UPDATE jobs SET records_processed = records_processed + :p, "
-                    "records_failed = records_failed + :f, checkpoint = CAST(:c AS jsonb), "
-                    "progress = GREATEST(progress, COALESCE(:g, progress)), heartbeat_at = now() "
-                    "WHERE id = :id AND lease_id = :lease AND state = 'running'"
-                ),
-                {
-                    "p": processed,
-                    "f": failed,
-                    "c": json.dumps(checkpoint),
-                    "g": progress,
-                    "id": self.id,
-                    "lease": self.lease,
-                },
-            ).rowcount
-            if not updated:
-                raise JobStopped(self.id)
-        self.checkpoint = checkpoint
-
-    def restart(self) -> None:
-        """Forget what earlier attempts counted: for work that always starts over (exports)."""
-        with get_engine().begin() as connection:
-            updated = connection.execute(
-                text("UPDATE jobs SET records_processed = 0, records_failed = 0, progress = 0, checkpoint = '{}' "
-                     "WHERE id = :id AND lease_id = :lease AND state = 'running'"),
-                {"id": self.id, "lease": self.lease},
-            ).rowcount
-        if not updated:
-            raise JobStopped(self.id)
+    result: dict[str, Any]
 
 
-def claim(job_id: str, owner: str) -> JobRun | None:
-    """Take JOB_ID for a new attempt, or None if another live attempt holds it or it has ended."""
+def claim(job_id: str, owner: str, connection: Connection | None = None) -> Claim | None:
+    """Take JOB_ID for a new attempt, or None if another live attempt holds it or it has ended.
+
+    A queued job is taken in one statement; only when that finds nothing is the job looked at, to
+    take over from an attempt whose heartbeat stopped or whose process is gone. Each statement is
+    guarded on its own, so none needs a transaction around it."""
+    if connection is None:
+        with autocommit() as connection:
+            return claim(job_id, owner, connection)
     settings = get_settings()
     lease = uuid.uuid4().hex
-    with session_scope() as session:
-        current = session.get(Job, job_id)
+    row = connection.execute(_CLAIM, {"job": job_id, "lease": lease, "owner": owner}).one_or_none()
+    if row is None:
+        current = connection.execute(select(Job.lease_owner).where(Job.id == job_id)).one_or_none()
         if current is None:
             log.warning("job %s does not exist; message dropped", job_id)
             return None
-        row = session.execute(
-            text(
-                "UPDATE jobs SET state = 'running', lease_id = :lease, lease_owner = :owner, "
-                "heartbeat_at = now(), started_at = COALESCE(started_at, now()), attempts = attempts + 1 "
-                "WHERE id = :id AND (state = 'queued' OR (state = 'running' AND "
-                "(heartbeat_at < now() - make_interval(secs => :stale) OR lease_owner = :dead))) "
-                "RETURNING kind, params, checkpoint, attempts, result"
-            ),
-            {
-                "lease": lease,
-                "owner": owner,
-                "id": job_id,
-                "stale": settings.heartbeat_stale_seconds,
-                "dead": _dead_owner(current.lease_owner),
-            },
-        ).one_or_none()
+        row = connection.execute(_TAKE_OVER, {"job": job_id, "lease": lease, "owner": owner,
+                                              "stale": settings.heartbeat_stale_seconds,
+                                              "dead": _dead_owner(current.lease_owner)}).one_or_none()
         if row is None:
             return None
-        if row.attempts > settings.max_job_attempts:
-            session.execute(
-                text(
-                    "UPDATE jobs SET state = 'failed', finished_at = now(), lease_id = NULL, error = :error "
-                    "WHERE id = :id AND lease_id = :lease"
-                ),
-                {
-                    "id": job_id,
-                    "lease": lease,
-                    "error": f"gave up after {row.attempts - 1} attempts: the worker running this job "
-                    "was lost each time",
-                },
-            )
-            return None
-    return JobRun(job_id, row.kind, lease, row.params, row.checkpoint, row.attempts, dict(row.result or {}))
+    if row.attempts > settings.max_job_attempts:
+        connection.execute(_GIVE_UP, {"job": job_id, "lease": lease, "error": (
+            f"gave up after {row.attempts - 1} attempts: the worker running this job was lost each time")})
+        return None
+    return Claim(lease, row.kind, row.params, row.checkpoint, row.attempts, dict(row.result or {}))
 
 
-def finish(run: JobRun, state: JobState, *, result: dict | None = None, error: str | None = None) -> bool:
-    """End RUN's job in STATE if this attempt still holds it (a cancelling job can only be cancelled).
-
-    A success also makes RUN's `final_writes`, in the same transaction: both commit, or neither."""
-    with get_engine().begin() as connection:
-        ended = connection.execute(
-            text(
-                "UPDATE jobs SET state = CASE WHEN state = 'cancelling' THEN 'cancelled' ELSE :state END, "
-                "finished_at = now(), lease_id = NULL, result = CAST(:result AS jsonb), error = :error, "
-                "progress = CASE WHEN :state = 'succeeded' THEN 100 ELSE progress END "
-                "WHERE id = :id AND lease_id = :lease AND state IN ('running', 'cancelling') "
-                "RETURNING state, records_processed, records_failed, finished_at - started_at AS took"
-            ),
-            {"state": str(state), "result": json.dumps(result or {}), "error": error, "id": run.id, "lease": run.lease},
-        ).one_or_none()
-        if ended is not None and ended.state == JobState.SUCCEEDED and run.final_writes is not None:
-            run.final_writes(driver(connection))
-    if ended is not None:  # what a person watching the console wants to see of each job
-        took = ended.took.total_seconds() if ended.took else 0.0
-        log.info("%s %s %s in %.1f s: %s records, %s quarantined%s", run.kind, run.id, ended.state, took,
-                 ended.records_processed, ended.records_failed, f"; {error}" if error else "")
-    return ended is not None
+_PROGRESS = update(Job).where(Job.id == bindparam("job"), Job.lease_id == bindparam("lease"), Job.state == R).values(
+    records_processed=Job.records_processed + bindparam("p"), records_failed=Job.records_failed + bindparam("f"),
+    checkpoint=bindparam("c"), progress=func.greatest(Job.progress, func.coalesce(bindparam("g"), Job.progress)),
+    heartbeat_at=func.now())
+_RESTART = update(Job).where(Job.id == bindparam("job"), Job.lease_id == bindparam("lease"), Job.state == R).values(
+    records_processed=0, records_failed=0, progress=0, checkpoint={})
+_BEAT = update(Job).where(Job.id == bindparam("job"), Job.lease_id == bindparam("lease")).values(
+    heartbeat_at=func.now())
 
 
-class Heartbeat(threading.Thread):
-    """Tells the reaper this attempt is alive, every few seconds, until stopped."""
-
-    def __init__(self, run: JobRun):
-        super().__init__(name=f"heartbeat-{run.id}", daemon=True)
-        self.run_ = run
-        self.halt = threading.Event()
-
-    def run(self) -> None:
-        interval = get_settings().heartbeat_seconds
-        while not self.halt.wait(interval):
-            try:
-                with get_engine().begin() as connection:
-                    connection.execute(
-                        text("UPDATE jobs SET heartbeat_at = now() WHERE id = :id AND lease_id = :lease"),
-                        {"id": self.run_.id, "lease": self.run_.lease},
-                    )
-            except Exception:  # a missed beat is harmless; the next one may get through
-                log.warning("heartbeat for %s failed", self.run_.id, exc_info=True)
-
-    def stop(self) -> None:
-        self.halt.set()
-        self.join(timeout=5)
+def progress(connection: Connection, job_id: str, lease: str, *, processed: int, failed: int, checkpoint: dict,
+             percent: int | None) -> bool:
+    """Count a batch in the attempt's transaction; False if the attempt no longer holds the job."""
+    return connection.execute(_PROGRESS, {"job": job_id, "lease": lease, "p": processed, "f": failed,
+                                          "c": checkpoint, "g": percent}).rowcount > 0
 
 
-def _internal(exc: Exception, job_id: str) -> str:
-    """What a job's caller is told of an error nobody planned for: its kind, never its text (which may
-    hold SQL, paths or values); the worker's log has the whole of it."""
-    return f"internal error ({type(exc).__name__}); the worker's log has the details of job {job_id}"
+def restart(connection: Connection, job_id: str, lease: str) -> bool:
+    return connection.execute(_RESTART, {"job": job_id, "lease": lease}).rowcount > 0
 
 
-def execute(job_id: str, work: Callable[[JobRun], dict], owner: str | None = None) -> Outcome:
-    """Run one attempt of JOB_ID: claim it, do WORK with a heartbeat, and record how it ended."""
-    run = claim(job_id, owner or owner_name())
-    if run is None:
-        return Outcome.SKIPPED
-    # Every log line of this attempt names the job (and the request that started it, via the job).
-    structlog.contextvars.bind_contextvars(job_id=job_id, job_kind=run.kind)
-    log.info("%s %s started (attempt %s)", run.kind, job_id, run.attempts)
-    heartbeat = Heartbeat(run)
-    heartbeat.start()
-    try:
-        result = work(run)
-    except JobStopped:
-        # Cancelled or taken over: finish() only acts if this attempt still holds the lease.
-        finish(run, JobState.CANCELLED, result=run.result)
-        return Outcome.STOPPED
-    except JobFailed as exc:
-        finish(run, JobState.FAILED, result=run.result, error=str(exc))
-        return Outcome.FAILED
-    except Exception as exc:
-        log.exception("job %s failed", job_id)
-        finish(run, JobState.FAILED, result=run.result, error=_internal(exc, job_id))
-        return Outcome.FAILED
-    finally:
-        heartbeat.stop()
-        structlog.contextvars.unbind_contextvars("job_id", "job_kind")
-    try:
-        finish(run, JobState.SUCCEEDED, result=result)
-    except Exception as exc:  # its final writes failed: nothing of the success committed
-        log.exception("job %s could not record its success", job_id)
-        run.final_writes = None
-        finish(run, JobState.FAILED, result=result, error=_internal(exc, job_id))
-        return Outcome.FAILED
-    return Outcome.SUCCEEDED
+def beat(connection: Connection, job_id: str, lease: str) -> None:
+    connection.execute(_BEAT, {"job": job_id, "lease": lease})
+
+
+def _ending(state: JobState) -> Update:
+    """RUNNING -> STATE, or a cancelling job -> cancelled, for the attempt holding the lease."""
+    return _moving({R: state, CG: C}, Job.id == bindparam("job"), Job.lease_id == bindparam("lease"),
+                   finished_at=func.now(), lease_id=None, result=bindparam("result"), error=bindparam("error"),
+                   records_processed=Job.records_processed + bindparam("processed"),
+                   progress=case((Job.state == R, 100), else_=Job.progress) if state == S else Job.progress,
+                   ).returning(Job.state, Job.records_processed, Job.records_failed,
+                               (Job.finished_at - Job.started_at).label("took"))
+
+
+_END = {state: _ending(state) for state in (S, F, C)}
+
+
+def end(connection: Connection, job_id: str, lease: str, state: JobState, *, result: dict, error: str | None,
+        processed: int = 0) -> Any:
+    """End the attempt's job in STATE (a cancelling one is cancelled); the row as it ended, or None
+    if the attempt no longer holds it. Its end event is written by the trigger, in this transaction."""
+    return connection.execute(_END[state], {"job": job_id, "lease": lease, "result": result, "error": error,
+                                            "processed": processed}).one_or_none()
+
+
+# --- the reaper's transitions ----------------------------------------------------------------------
+
+_STALE = Job.heartbeat_at < func.now() - func.make_interval(0, 0, 0, 0, 0, 0, bindparam("stale"))
+_TIME_OUT = _moving({R: F, CG: C}, Job.started_at < func.now() - func.make_interval(
+    0, 0, 0, 0, 0, 0, Job.timeout_seconds), finished_at=func.now(), lease_id=None,
+    error=func.format("timed out after %s seconds", Job.timeout_seconds)).returning(Job.id)
+_REQUEUE = _moving({R: Q}, _STALE, Job.attempts < bindparam("most"), lease_id=None, **_NEW_MESSAGE).returning(*_SENT)
+_ABANDON = _moving({R: F}, _STALE, Job.attempts >= bindparam("most"), lease_id=None, finished_at=func.now(),
+                   error=func.format("gave up after %s attempts: the worker running this job was lost each time",
+                                     Job.attempts)).returning(Job.id)
+_CANCEL_STALE = _moving({CG: C}, _STALE, finished_at=func.now(), lease_id=None)
+
+
+def time_out(session: Session) -> list[str]:
+    """Fail (or, when cancelling, cancel) every job running longer than its timeout."""
+    return list(session.execute(_TIME_OUT).scalars())
+
+
+def requeue_silent(session: Session, send: Sender) -> tuple[list[str], list[str]]:
+    """Jobs whose attempt stopped sending heartbeats (its whole worker died): queued and sent again,
+    or failed once they have had every attempt. (requeued, given up)"""
+    settings = get_settings()
+    stale = {"stale": settings.heartbeat_stale_seconds, "most": settings.max_job_attempts}
+    requeued = _send_after_commit(session, send, session.execute(_REQUEUE, stale))
+    given_up = list(session.execute(_ABANDON, stale).scalars())
+    session.execute(_CANCEL_STALE, stale)  # a stale cancelling job has no attempt left to notice
+    return requeued, given_up
+
+
+def log_end(kind: str, job_id: str, ended: Any, error: str | None) -> None:
+    """What a person watching the console wants to see of each job."""
+    took = ended.took.total_seconds() if ended.took else 0.0
+    log.info("%s %s %s in %.1f s: %s records, %s quarantined%s", kind, job_id, ended.state, took,
+             ended.records_processed, ended.records_failed, f"; {error}" if error else "")
+

@@ -1,14 +1,13 @@
-"""Export tasks: load the job, write the file through `pipelines.exports.export`, record the outcome."""
+"""Export tasks: load the job, write the file through `pipelines.exports.export`, record the outcome.
 
+The job's end event commits with its final state and wakes the webhook relay (worker.outbox)."""
+
+from pipelines.core.models import JobKind
 from pipelines.exports import export
-from pipelines.jobs import machine
-from worker.app import app
-from worker.dispatch import relay_webhooks
-from worker.queues import Queues
+from pipelines.jobs import attempt
+from worker.app import job_task
 
 
-@app.task(name="export.run", queue=Queues.EXPORT.value)
+@job_task(JobKind.EXPORT)
 def run(job_id: str) -> str:
-    outcome = machine.execute(job_id, export.run)
-    relay_webhooks()  # the job's end event went out with its final state: deliver it now
-    return outcome
+    return attempt.execute(job_id, export.run)

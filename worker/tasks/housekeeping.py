@@ -7,13 +7,13 @@ its log lines are at debug (see worker.signals).
 from pipelines.exports import export
 from pipelines.jobs import reaper, retention
 from worker.app import app
-from worker.dispatch import message_exists, send_job
+from worker.dispatch import queue_depth, send_job
 from worker.queues import Queues
 
 
 @app.task(name="jobs.reap", queue=Queues.DEFAULT.value, send_events=False)
 def reap() -> dict:
-    return reaper.reap(send_job, message_exists)
+    return reaper.reap(send_job, queue_depth)
 
 
 @app.task(name="exports.expire", queue=Queues.DEFAULT.value, send_events=False)

@@ -1,18 +1,18 @@
-"""Ingestion tasks: load the job, run it through `pipelines`, record the outcome."""
+"""Ingestion tasks: load the job, run it through `pipelines`, record the outcome.
+
+The job's end event commits with its final state and wakes the webhook relay (worker.outbox)."""
 
 from pipelines.core.db import session_scope
+from pipelines.core.models import JobKind
 from pipelines.ingestion import ingest
-from pipelines.jobs import machine, schedules
-from worker.app import app
-from worker.dispatch import relay_webhooks
+from pipelines.jobs import attempt, schedules
+from worker.app import app, job_task
 from worker.queues import Queues
 
 
-@app.task(name="ingest.run", queue=Queues.INGEST.value)
+@job_task(JobKind.INGESTION)
 def run(job_id: str) -> str:
-    outcome = machine.execute(job_id, ingest.run)
-    relay_webhooks()  # the job's end event went out with its final state: deliver it now
-    return outcome
+    return attempt.execute(job_id, ingest.run)
 
 
 @app.task(name="ingest.scheduled", queue=Queues.DEFAULT.value)

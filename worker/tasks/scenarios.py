@@ -1,14 +1,13 @@
-"""Scenario runs: load the job, shock the curves through `pipelines.scenarios.runs`, record the outcome."""
+"""Scenario runs: load the job, shock the curves through `pipelines.scenarios.runs`, record the outcome.
 
-from pipelines.jobs import machine
+The run's end event commits with its final state and wakes the webhook relay (worker.outbox)."""
+
+from pipelines.core.models import JobKind
+from pipelines.jobs import attempt
 from pipelines.scenarios import runs
-from worker.app import app
-from worker.dispatch import relay_webhooks
-from worker.queues import Queues
+from worker.app import job_task
 
 
-@app.task(name="scenarios.run", queue=Queues.SCENARIOS.value)
+@job_task(JobKind.SCENARIO_RUN)
 def run(job_id: str) -> str:
-    outcome = machine.execute(job_id, runs.run)
-    relay_webhooks()  # the run's end event went out with its final state: deliver it now
-    return outcome
+    return attempt.execute(job_id, runs.run)
