@@ -1,16 +1,17 @@
-"""API benchmark: the authenticated, rate-limited routes beside a bare FastAPI route, under wrk.
+"""API benchmark: the authenticated, rate-limited routes beside bare FastAPI routes, under wrk.
 
     .venv/bin/python bench/api.py [--clients 1,10,50,200] [--seconds 5] [--rounds 3]
 
 Each server is one uvicorn process, as `ingot api` runs it (the bare one has no middleware, no
-database, no key). The key is an admin key, with the rate limit raised out of the way, and the API
-logs its JSON access line per request as it does in production (to /dev/null here). wrk comes from
-Debian's package (`apt-get install wrk`). Requests that got no answer (wrk's timeouts and socket
-errors) are reported beside the figures, as are answers other than 200, and the CPU time the server
-process spent per request. Each cell is run ROUNDS times, the bare route and the two routes one after
-the other in each round; the medians are shown, with the range of the ratio to the bare route over
-the rounds (single runs on a shared 2-core machine spread by a fifth either way).
-"""
+database, no key). The ratios are to the bare `async def` route, FastAPI's fastest answer (served on
+the event loop); the bare `def` route (a trip to a worker thread per request) is shown beside it.
+The key is an admin key, with the rate limit raised out of the way, and the API logs its JSON access
+line per request as it does in production (to /dev/null here). wrk comes from Debian's package
+(`apt-get install wrk`). Requests that got no answer (wrk's timeouts and socket errors) are reported
+beside the figures, as are answers other than 200, and the CPU time the server process spent per
+request. Each cell is run ROUNDS times, the bare routes and the two routes one after the other in
+each round; the medians are shown, with the range of the ratio to the bare route over the rounds
+(single runs on a shared 2-core machine spread by a fifth either way). """
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from pathlib import Path
 from statistics import median
 
 import httpx
-from harness import ROOT, Bench, free_port
+from harness import ROOT, Bench, free_port, postgres_settings
 
 BARE = """
 import uvicorn
@@ -36,6 +37,11 @@ app = FastAPI()
 
 @app.get("/bare")
 def bare() -> dict:
+    return {"data": {"status": "ok"}}
+
+
+@app.get("/bare-async")
+async def bare_async() -> dict:
     return {"data": {"status": "ok"}}
 
 
@@ -106,9 +112,10 @@ def main() -> None:
         os.environ.update(INGOT_DATABASE_URL=embedded.database_url(settings),
                           INGOT_REDIS_URL=embedded.redis_url(settings))
         migrate.upgrade()
+        print(postgres_settings())
         with session_scope() as session:
             _row, key = keys.create_key(session, "bench", ["admin"])
-            job = Job(kind=JobKind.INGESTION, queue="ingest", params={"sources": []}, timeout_seconds=3600)
+            job = Job(kind=JobKind.INGESTION, params={"sources": []}, timeout_seconds=3600)
             session.add(job)
             session.flush()
             job_id = job.id
@@ -121,14 +128,15 @@ def main() -> None:
         auth = {"X-API-Key": key}
         wait_up(f"http://127.0.0.1:{api_port}/api/v1/jobs/{job_id}", auth)
         wait_up(f"http://127.0.0.1:{bare_port}/bare")
-        targets = [("bare FastAPI route", f"http://127.0.0.1:{bare_port}/bare", {}),
+        targets = [("bare async def route", f"http://127.0.0.1:{bare_port}/bare-async", {}),
+                   ("bare def route", f"http://127.0.0.1:{bare_port}/bare", {}),
                    ("GET /api/v1/jobs/{id}", f"http://127.0.0.1:{api_port}/api/v1/jobs/{job_id}", auth),
                    ("GET /api/v1/ingestion/status", f"http://127.0.0.1:{api_port}/api/v1/ingestion/status", auth)]
         print(f"wrk, {args.seconds} s per cell, {args.rounds} rounds alternated, medians shown; "
               f"one uvicorn process per server; {os.cpu_count()} cores shared")
         print(f"{'route':30} {'clients':>7} {'req/s':>9} {'of bare':>8} {'rounds':>13} {'p50':>9} {'p99':>9} "
               f"{'not 200':>8} {'no answer':>9} {'CPU/req':>8}")
-        servers = (procs[1], procs[0], procs[0])
+        servers = (procs[1], procs[1], procs[0], procs[0])
         for clients in map(int, args.clients.split(",")):
             cells: list[list[dict]] = [[] for _ in targets]
             for _round in range(args.rounds):  # the three side by side, again and again: this machine is noisy
@@ -137,7 +145,7 @@ def main() -> None:
                     figures = wrk(url, clients, args.seconds, headers)
                     figures["cpu"] = (cpu_seconds(server.pid) - before) / max(figures["requests"], 1)
                     cell.append(figures)
-            bare = cells[0]
+            bare = cells[0]  # the strongest fair baseline: FastAPI's fastest answer, on the event loop
             for (name, _url, _headers), cell in zip(targets, cells, strict=True):
                 ratios = [c["rps"] / b["rps"] for c, b in zip(cell, bare, strict=True)]
                 print(f"{name:30} {clients:7} {median(c['rps'] for c in cell):9,.0f} "

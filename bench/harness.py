@@ -45,6 +45,7 @@ class Bench:
         self.database_url = embedded.database_url(settings)
         os.environ.update(INGOT_DATABASE_URL=self.database_url, INGOT_REDIS_URL=embedded.redis_url(settings))
         migrate.upgrade()
+        print(postgres_settings())
         with session_scope() as session:
             _row, self.key = keys.create_key(session, "bench", ["admin"])
 
@@ -121,6 +122,21 @@ class Bench:
         self.keep = keep
         if not keep:
             shutil.rmtree(self.data, ignore_errors=True)
+
+
+def postgres_settings() -> str:
+    """The server a benchmark ran on and the settings its figures depend on, for its first line: the
+    embedded server runs with `wal_level = minimal`, compose's with PostgreSQL's defaults."""
+    from sqlalchemy import text
+
+    from pipelines.core.db import get_engine
+
+    names = ["wal_level", "synchronous_commit", "fsync", "shared_buffers", "max_wal_size", "checkpoint_timeout"]
+    with get_engine().connect() as conn:
+        version = conn.execute(text("SHOW server_version")).scalar_one()
+        rows = conn.execute(text("SELECT name, setting, COALESCE(unit, '') FROM pg_settings WHERE name = ANY(:n) "
+                                 "ORDER BY name"), {"n": names}).all()
+    return f"PostgreSQL {version}: " + ", ".join(f"{name} = {setting}{unit}" for name, setting, unit in rows)
 
 
 def _peak_rss(pid: int) -> int:

@@ -13,9 +13,10 @@ the API, beat with one housekeeping worker, and a webhook receiver. Each simulat
    reaper and finished on the others, zero lost and zero doubled, then lets the cut host come back and
    shows that its late work changes nothing.
 
-It needs root (namespaces, a bridge, veth pairs) and says so plainly, exiting 0, where it cannot make
-them. Everything it makes is removed when it ends, however it ends; it sends traffic only to the
-addresses it gave its own bridge and namespaces, and to loopback.
+It needs root (namespaces, a bridge, veth pairs): where it cannot make them, it says why and exits 2
+(nothing was measured, so nothing may pass for a green run). Everything it makes is removed when it
+ends, however it ends; it sends traffic only to the addresses it gave its own bridge and namespaces,
+and to loopback.
 
     sudo .venv/bin/python bench/scale.py [--rounds 4] [--rows 100000]
 """
@@ -39,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).parent))
 
-from harness import free_port  # noqa: E402
+from harness import free_port, postgres_settings  # noqa: E402
 
 BRIDGE, CONTROL = "ingot-br0", "10.210.0.1"
 HOSTS = [(f"ingot-h{i}", f"ingot-v{i}", f"host-{i}", f"10.210.0.{10 + i}") for i in (1, 2, 3)]
@@ -208,8 +209,8 @@ def main() -> None:
     args = parser.parse_args()
     why_not = Network.possible()
     if why_not:
-        print(f"make scale skipped: {why_not}.")
-        return
+        print(f"make scale cannot run: {why_not}.", file=sys.stderr)
+        sys.exit(2)
 
     home = Path(tempfile.mkdtemp(prefix="ingot-scale-"))
     os.chmod(home, 0o755)  # the embedded PostgreSQL's own user creates its data directory inside
@@ -248,6 +249,7 @@ def main() -> None:
     from pipelines.core.db import session_scope
 
     migrate.upgrade()
+    print(postgres_settings())
     with session_scope() as session:
         _row, key = keys.create_key(session, "scale", ["admin"])
     processes.start("api", ["api", "--no-migrate"])

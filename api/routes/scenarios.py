@@ -133,12 +133,12 @@ def delete_scenario(scenario_id: str, request: Request, session: SessionDep, _ke
 
 
 @router.post("/{scenario_id}/run", status_code=202, response_model=Envelope[RunOut])
-def run(scenario_id: str, request: Request, session: SessionDep, key: WriteKey) -> dict:
+async def run(scenario_id: str, request: Request, key: WriteKey) -> dict:
     """Queue a run on the `scenarios` queue; `run_id` is its job id."""
-    _scenario(session, scenario_id)
-    job = runs.start(session, scenario_id, send_job, request.state.request_id, key.id)
-    session.commit()
-    return ok(request, RunOut.of(job), message="scenario run queued")
+    job = found(await runs.start_now(scenario_id, send_job, request.state.request_id, key.id),
+                f"no scenario '{scenario_id}'")
+    return ok(request, RunOut.model_validate({**job, "run_id": job["id"], "scenario_id": scenario_id}),
+              message="scenario run queued")
 
 
 @router.get("/{scenario_id}/runs", response_model=Envelope[list[RunOut]])

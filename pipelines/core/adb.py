@@ -22,6 +22,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import psycopg
+from psycopg import sql
 from psycopg.rows import DictRow, dict_row
 
 from pipelines.core import embedded
@@ -128,6 +129,14 @@ async def fetch(query: str, params: Params = ()) -> list[dict[str, Any]]:
 async def fetch_one(query: str, params: Params = ()) -> dict[str, Any] | None:
     rows = await fetch(query, params)
     return rows[0] if rows else None
+
+
+async def write(query: str | sql.Composed, params: Params = ()) -> dict[str, Any] | None:
+    """Run a statement that changes something, once (no retry: it may have been applied); its first
+    row returned, if any."""
+    async with pool().connection() as conn:
+        cursor = await conn.execute(query, params, prepare=True)
+        return await cursor.fetchone() if cursor.description else None
 
 
 async def execute(query: str, params: Params = ()) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import datetime as dt
 import io
-import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -25,16 +24,19 @@ from psycopg import sql
 from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
-from pipelines.core.db import on_commit, session_scope
+from pipelines.core.db import driver, session_scope
 from pipelines.core.models import Job, JobKind, JobState, Scenario, ScenarioMetric
 from pipelines.core.pagination import Keyset
 from pipelines.ingestion.load import Payload, copy_payload
-from pipelines.jobs.machine import JobFailed, JobRun, Sender, create_job
-from pipelines.scenarios.definitions import parse_month, runs_of
+from pipelines.jobs import machine
+from pipelines.jobs.attempt import JobFailed, JobRun
+from pipelines.jobs.machine import Sender, create_job
+from pipelines.scenarios import compute
+from pipelines.scenarios.compute import METRICS
+from pipelines.scenarios.definitions import runs_of
 
 NEWEST_FIRST = Keyset((Job.created_at, Job.id), descending=True)
 OUTPUT_COLUMNS = ("curve_key", "contract_month", "tenor_label", "base", "shocked", "change")
-METRICS = ("mean_change", "max_abs_change", "mean_pct_change", "value_weighted_change")
 
 
 class NoSuchRun(LookupError):
@@ -45,11 +47,24 @@ class StateNotAllowed(Exception):
     """The run cannot move to the asked state from the one it is in."""
 
 
-def start(session: Session, scenario_id: str, send: Sender, request_id: str | None, api_key_id: str | None) -> Job:
-    """Queue a run of SCENARIO_ID (locked, so a delete cannot slip in between)."""
-    session.get(Scenario, scenario_id, with_for_update=True)
-    return create_job(session, kind=JobKind.SCENARIO_RUN, queue="scenarios", params={"scenario_id": scenario_id},
-                      send=send, request_id=request_id, api_key_id=api_key_id)
+def start(session: Session, scenario_id: str, send: Sender, request_id: str | None, api_key_id: str | None
+          ) -> Job | None:
+    """Queue a run of SCENARIO_ID, or None if there is no such scenario. The scenario is locked in
+    share mode: a delete (which locks it exclusively) cannot slip in between, while runs of the same
+    scenario start side by side."""
+    if session.get(Scenario, scenario_id, with_for_update={"read": True, "key_share": True}) is None:
+        return None
+    return create_job(session, kind=JobKind.SCENARIO_RUN, params={"scenario_id": scenario_id}, send=send,
+                      request_id=request_id, api_key_id=api_key_id)
+
+
+async def start_now(scenario_id: str, send: Sender, request_id: str | None, api_key_id: str | None
+                    ) -> dict[str, Any] | None:
+    """`start` on the API's event loop, in one statement: the new run as a row, or None if there is no
+    such scenario."""
+    return await machine.create_job_now(kind=JobKind.SCENARIO_RUN, params={"scenario_id": scenario_id}, send=send,
+                                        about=("scenarios", scenario_id), request_id=request_id,
+                                        api_key_id=api_key_id)
 
 
 def page(session: Session, scenario_id: str, cursor: str | None, limit: int) -> tuple[list[Job], str | None]:
@@ -70,22 +85,12 @@ def set_state(session: Session, run_id: str, state: str, reason: str | None, sen
     if get(session, run_id) is None:
         raise NoSuchRun(run_id)
     if state == JobState.FAILED:
-        moved = session.execute(text(
-            "UPDATE jobs SET state = 'failed', error = :reason, finished_at = now(), lease_id = NULL "
-            "WHERE id = :id AND state IN ('queued', 'running') RETURNING id"),
-            {"id": run_id, "reason": reason or "marked failed by an admin"}).one_or_none()
+        moved = machine.fail(session, run_id, reason or "marked failed by an admin")
     elif state == JobState.QUEUED:
-        moved = session.execute(text(
-            "UPDATE jobs SET state = 'queued', error = NULL, finished_at = NULL, started_at = NULL, lease_id = NULL, "
-            "attempts = 0, progress = 0, result = '{}', checkpoint = '{}', celery_task_id = :task, sent_at = now() "
-            "WHERE id = :id AND state IN ('failed', 'cancelled') RETURNING id, kind, queue, celery_task_id"),
-            {"id": run_id, "task": str(uuid.uuid4())}).one_or_none()
-        if moved is not None:
-            snapshot = Job(id=moved.id, kind=moved.kind, queue=moved.queue, celery_task_id=moved.celery_task_id)
-            on_commit(session, lambda: send(snapshot))
+        moved = machine.rerun(session, run_id, send)
     else:
-        moved = None
-    if moved is None:
+        moved = False
+    if not moved:
         current = session.scalar(select(Job.state).where(Job.id == run_id))
         raise StateNotAllowed(f"run {run_id} is {current}: it cannot become {state}")
     return state
@@ -94,72 +99,13 @@ def set_state(session: Session, run_id: str, state: str, reason: str | None, sen
 # --- the run --------------------------------------------------------------------------------------
 
 
-def apply(base: pd.DataFrame, shocks: list[dict]) -> pd.Series:
-    """BASE's `value` after SHOCKS, in order (BASE has `contract_month` as dates)."""
-    shocked = base["value"].astype("float64").copy()
-    months = pd.to_datetime(base["contract_month"])
-    for shock in shocks:
-        if shock["type"] == "parallel":
-            shocked += shock["value"]
-        elif shock["type"] == "percent":
-            shocked *= 1 + shock["value"] / 100
-        else:
-            inside = (months >= pd.Timestamp(parse_month(shock["from"]))) & \
-                     (months <= pd.Timestamp(parse_month(shock["to"])))
-            shocked = shocked.where(~inside, shocked + shock["value"])
-    return shocked
-
-
-def curve_bounds(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Where each curve's rows start and end in KEYS (sorted by curve)."""
-    starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]]) if len(keys) else np.array([], dtype=int)
-    return starts, np.r_[starts[1:], len(keys)].astype(int)
-
-
-def metrics(frame: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, float | None]]:
-    """The four figures per curve (a table indexed by curve key) and over all of FRAME (`curve_key`,
-    sorted, `base`, `change`); `mean_pct_change` leaves out months whose base is 0. Column-wise, one
-    pass per figure whatever the number of curves."""
-    keys = frame["curve_key"].to_numpy()
-    change = frame["change"].to_numpy(dtype="float64")
-    weight = np.abs(frame["base"].to_numpy(dtype="float64"))
-    nonzero = weight > 0
-    pct = np.where(nonzero, 100 * change / np.where(nonzero, weight, 1.0), 0.0)
-    starts, ends = curve_bounds(keys)
-
-    def per(values: np.ndarray, ufunc: np.ufunc = np.add) -> np.ndarray:
-        return ufunc.reduceat(values, starts)
-
-    def ratio(top: np.ndarray, bottom: np.ndarray) -> np.ndarray:
-        return np.divide(top, bottom, out=np.full(len(top), np.nan), where=bottom > 0)
-
-    weighted = change * weight
-    per_curve = pd.DataFrame({
-        "mean_change": per(change) / (ends - starts),
-        "max_abs_change": per(np.abs(change), np.maximum),
-        "mean_pct_change": ratio(per(pct), per(nonzero.astype("float64"))),
-        "value_weighted_change": ratio(per(weighted), per(weight)),
-    }, index=pd.Index(keys[starts], name="curve_key"))
-    total = {
-        "mean_change": _number(change.mean()),
-        "max_abs_change": _number(np.abs(change).max()),
-        "mean_pct_change": _number(pct[nonzero].mean()) if nonzero.any() else None,
-        "value_weighted_change": _number(weighted.sum() / weight.sum()) if weight.sum() > 0 else None,
-    }
-    return per_curve, total
-
-
-def _number(value: Any) -> float | None:
-    return None if value is None or pd.isna(value) else float(value)
-
-
 _BASE_TYPES = {"curve_key": pa.string(), "asof_date": pa.date32(), "contract_month": pa.date32(),
                "tenor_label": pa.string(), "unit": pa.string(), "value": pa.float64()}
 
 
-def _base_curves(conn: psycopg.Connection, keys: list[str], asof: dt.date | None) -> pd.DataFrame:
-    """The base points of KEYS at ASOF (None: each curve's latest as-of date), in key order: one COPY,
-    parsed by Arrow's CSV reader (faster than building a Python tuple per row)."""
+def _base_curves(conn: psycopg.Connection, keys: list[str], asof: dt.date | None) -> pa.Table:
+    """The base points of KEYS at ASOF (None: each curve's latest as-of date), in curve and month
+    order: one COPY, parsed by Arrow's CSV reader (no Python object per row)."""
     query = ("COPY (SELECT c.curve_key, c.asof_date, c.contract_month, c.tenor_label, c.unit, c.value "
              "FROM curve_index i JOIN curves c ON c.curve_key = i.curve_key "
              "AND c.asof_date = COALESCE(%(asof)s::date, i.last_asof) "
@@ -167,82 +113,72 @@ def _base_curves(conn: psycopg.Connection, keys: list[str], asof: dt.date | None
              "TO STDOUT (FORMAT csv)")
     with conn.cursor().copy(query, {"keys": keys, "asof": asof}) as copy:
         data = b"".join(bytes(block) for block in copy)
-    table = pacsv.read_csv(
+    return pacsv.read_csv(
         io.BytesIO(data),
         read_options=pacsv.ReadOptions(column_names=list(_BASE_TYPES)),
         convert_options=pacsv.ConvertOptions(column_types=_BASE_TYPES, strings_can_be_null=True,
                                              quoted_strings_can_be_null=False),
-    )
-    frame = table.to_pandas(date_as_object=True)
-    # Plain object columns: the arrays taken from them below are the values as they are, no conversion.
-    return frame.astype({"curve_key": object, "tenor_label": object, "unit": object})
+    ).combine_chunks()
+
+
+_SCENARIO = text("SELECT base, shocks FROM scenarios WHERE id = :id")
 
 
 def run(job: JobRun) -> dict:
-    """One scenario run: shocks over the base curves, outputs and metrics kept with the final state."""
+    """One scenario run: shocks over the base curves, outputs and metrics kept with the final state.
+
+    A run is small and quick, so it reports no progress on the way: it reads in one transaction,
+    computes, and writes with its end (`JobRun.final_writes`), whose guarded UPDATE also stops a run
+    cancelled meanwhile before anything is written."""
     scenario_id = job.params["scenario_id"]
-    with session_scope() as session:
-        scenario = session.get(Scenario, scenario_id)
+    with job.reading() as connection:
+        scenario = connection.execute(_SCENARIO, {"id": scenario_id}).one_or_none()
         if scenario is None:
             raise JobFailed(f"scenario {scenario_id} no longer exists")
         keys, shocks = list(scenario.base["curve_keys"]), list(scenario.shocks)
         asof = dt.date.fromisoformat(scenario.base["asof_date"]) if scenario.base.get("asof_date") else None
-    with job.batch(processed=0, failed=0, checkpoint={}, progress=10) as conn:  # also: stop if cancelled
-        base = _base_curves(conn, keys, asof)
-    missing = sorted(set(keys) - set(base["curve_key"]))
+        base = _base_curves(driver(connection), keys, asof)
+    curve_keys = base["curve_key"].to_numpy(zero_copy_only=False)
+    missing = sorted(set(keys) - set(curve_keys))
     if missing:
         when = asof.isoformat() if asof else "its latest as-of date"
         raise JobFailed(f"no base curve for {', '.join(missing)} on {when}")
-    frame = base.assign(base=base["value"].astype("float64"))
-    frame["shocked"] = apply(base, shocks)
-    frame["change"] = frame["shocked"] - frame["base"]
-    per_curve, total = metrics(frame)
-    with job.batch(processed=len(frame), failed=0, checkpoint={}, progress=90):
-        pass  # a cancel that came while computing stops the run here, before anything is written
+    values = base["value"].to_numpy()
+    shocked = compute.apply(values, base["contract_month"].to_numpy(zero_copy_only=False), shocks)
+    change = shocked - values
+    per_curve, total = compute.metrics(curve_keys, values, change)
+    starts, _ends = compute.curve_bounds(curve_keys)
+    job.processed = len(values)
 
     def write(conn: psycopg.Connection) -> None:
-        _write_outputs(conn, job.id, scenario_id, frame)
-        _write_metrics(conn, job.id, scenario_id, per_curve, total)
+        _write_outputs(conn, job.id, scenario_id, base, starts, shocked, change)
+        _write_metrics(conn, job.id, scenario_id, curve_keys[starts], per_curve, total)
 
     job.final_writes = write
-    starts, _ends = curve_bounds(frame["curve_key"].to_numpy())
-    used = zip(frame["curve_key"].to_numpy()[starts], frame["asof_date"].to_numpy()[starts], strict=True)
-    asof_used = {key: day.isoformat() for key, day in used}
-    return {"scenario_id": scenario_id, "asof_dates": asof_used, "curves": len(per_curve), "points": len(frame),
-            "metrics": total}
+    firsts = pa.array(starts)
+    used = zip(curve_keys[starts], base["asof_date"].take(firsts).to_pylist(), strict=True)
+    return {"scenario_id": scenario_id, "asof_dates": {key: day.isoformat() for key, day in used},
+            "curves": len(starts), "points": len(values), "metrics": total}
 
 
-def _copy_frame(conn: psycopg.Connection, table: str, frame: pd.DataFrame) -> None:
-    """FRAME into TABLE (its columns by name) with one COPY in CSV (quoted as need be); NaN, None
-    and empty text as NULL. Floats are written as repr() does: the same double reads back."""
-    text = frame.to_csv(header=False, index=False, na_rep="")
-    statement = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT csv)").format(
-        sql.Identifier(table), sql.SQL(", ").join(map(sql.Identifier, frame.columns)))
-    with conn.cursor().copy(statement) as copy:
-        copy.write(text)
+def _write_outputs(conn: psycopg.Connection, run_id: str, scenario_id: str, base: pa.Table, starts: np.ndarray,
+                   shocked: np.ndarray, change: np.ndarray) -> None:
+    """One row per curve (BASE is in curve and month order), its months and values as arrays, with
+    one binary COPY encoded from Arrow: each array is a slice of one column, nothing per value. (Written
+    only with the run's success, which is final: never twice for one run.)"""
+    offsets = pa.array(np.r_[starts, base.num_rows], pa.int32())
+    firsts = pa.array(starts)
 
-
-def _write_outputs(conn: psycopg.Connection, run_id: str, scenario_id: str, frame: pd.DataFrame) -> None:
-    """One row per curve (FRAME is in curve and month order), its months and values as arrays, with
-    one binary COPY encoded from Arrow: each array is a slice of one column, nothing per value."""
-    conn.execute("DELETE FROM scenario_outputs WHERE run_id = %s", (run_id,))
-    keys = frame["curve_key"].to_numpy()
-    starts, _ends = curve_bounds(keys)
-    offsets = pa.array(np.r_[starts, len(keys)], pa.int32())
-
-    def listed(name: str, kind: pa.DataType) -> pa.ListArray:
-        return pa.ListArray.from_arrays(offsets, pa.array(frame[name].to_numpy(), kind, from_pandas=True))
-
-    def first(name: str, kind: pa.DataType) -> pa.Array:
-        return pa.array(frame[name].to_numpy()[starts], kind, from_pandas=True)
+    def listed(values: pa.Array | np.ndarray) -> pa.ListArray:
+        return pa.ListArray.from_arrays(offsets, values if isinstance(values, pa.Array) else pa.array(values))
 
     n = len(starts)
     table = pa.table({
         "run_id": pa.repeat(pa.scalar(run_id), n), "scenario_id": pa.repeat(pa.scalar(scenario_id), n),
-        "curve_key": first("curve_key", pa.string()), "asof_date": first("asof_date", pa.date32()),
-        "unit": first("unit", pa.string()), "contract_months": listed("contract_month", pa.date32()),
-        "tenor_labels": listed("tenor_label", pa.string()), "base": listed("base", pa.float64()),
-        "shocked": listed("shocked", pa.float64()), "change": listed("change", pa.float64()),
+        "curve_key": base["curve_key"].take(firsts), "asof_date": base["asof_date"].take(firsts),
+        "unit": base["unit"].take(firsts), "contract_months": listed(base["contract_month"].chunk(0)),
+        "tenor_labels": listed(base["tenor_label"].chunk(0)), "base": listed(base["value"].chunk(0)),
+        "shocked": listed(shocked), "change": listed(change),
     })
     encoder = ArrowToPostgresBinaryEncoder(table.schema)
     header = encoder.write_header()  # first: the encoder writes in order
@@ -251,12 +187,18 @@ def _write_outputs(conn: psycopg.Connection, run_id: str, scenario_id: str, fram
                  Payload((header, body, encoder.finish()), n, tuple(table.column_names)))
 
 
-def _write_metrics(conn: psycopg.Connection, run_id: str, scenario_id: str, per_curve: pd.DataFrame,
-                   total: dict) -> None:
-    conn.execute("DELETE FROM scenario_metrics WHERE run_id = %s", (run_id,))
-    rows = per_curve.reset_index()
-    rows.loc[len(rows)] = [None, *(total[name] for name in METRICS)]  # the total: no curve key
-    _copy_frame(conn, "scenario_metrics", rows.assign(run_id=run_id, scenario_id=scenario_id))
+_METRICS_COPY = sql.SQL("COPY scenario_metrics (run_id, scenario_id, curve_key, {}) FROM STDIN").format(
+    sql.SQL(", ").join(map(sql.Identifier, METRICS)))
+
+
+def _write_metrics(conn: psycopg.Connection, run_id: str, scenario_id: str, curve_keys: np.ndarray,
+                   per_curve: dict[str, np.ndarray], total: dict) -> None:
+    """A row per curve and one for the whole run (no curve key); NaN as NULL."""
+    columns = [per_curve[name].tolist() for name in METRICS]
+    with conn.cursor().copy(_METRICS_COPY) as copy:
+        for key, *row in zip(curve_keys.tolist(), *columns, strict=True):
+            copy.write_row((run_id, scenario_id, key, *(None if v != v else v for v in row)))
+        copy.write_row((run_id, scenario_id, None, *(total[name] for name in METRICS)))
 
 
 # --- what a run produced --------------------------------------------------------------------------
