@@ -93,7 +93,8 @@ def pytest_unconfigure(config) -> None:
     if "redis" in _state:
         _state["redis"].stop()
     _stop_embedded_postgres(_state["home"] / "pgdata")
-    shutil.rmtree(_state["home"], ignore_errors=True)
+    if not os.environ.get("INGOT_KEEP_TEST_HOME"):
+        shutil.rmtree(_state["home"], ignore_errors=True)
 
 
 def _stop_embedded_postgres(pgdata: Path, timeout: float = 30) -> None:

@@ -32,7 +32,7 @@ from tests.receiver import Receiver
 from tests.test_curves import CURVES_SOURCE, write_curves
 
 EVENTS = {"ingestion": "ingestion.completed", "export": "export.completed", "scenario_run": "scenario.run.completed"}
-SOURCES_PER_ROUND, BAD_EVERY = 3, 500
+SOURCES_PER_ROUND, BAD_EVERY, BATCH = 3, 500, 1000
 ROWS = int(os.environ.get("INGOT_FAULT_ROWS", "6000"))  # per source and round; `make faults` raises it
 CURVE_KEYS = ["NG_HENRY_HUB", "PWR_PJM_WEST_PEAK", "PWR_ERCOT_NORTH_PEAK"]
 
@@ -87,7 +87,9 @@ class Load:
         """Round ROUND_NO's jobs, submitted (retried while the API answers 503 or cannot be reached)."""
         names = [f"s{round_no}_{i}" for i in range(SOURCES_PER_ROUND)]
         exported = f"s{max(round_no - 1, 0)}_0"  # the last round's: loaded by now, so the export has rows
-        made = [("ingestion", self._retry(lambda: self.client.start_ingestion(names)["job_id"])),
+        # Small batches: the ingestion runs for a second or so, so a fault meant to land mid-job finds it
+        # running (a scenario run or an export ends within a few tens of milliseconds).
+        made = [("ingestion", self._retry(lambda: self.client.start_ingestion(names, batch_size=BATCH)["job_id"])),
                 ("export", self._retry(lambda: self.client.start_export("csv", filters={"source": exported})
                                        ["export_id"])),
                 ("scenario_run", self._retry(lambda: self.client.run_scenario(self.scenario_id)["run_id"]))]
