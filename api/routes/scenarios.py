@@ -19,7 +19,7 @@ from pipelines.core.models import JobState, Scenario
 from pipelines.jobs import control
 from pipelines.scenarios import charts, definitions, runs
 from pipelines.scenarios.definitions import ScenarioIn
-from worker.dispatch import relay_webhooks, revoke, send_job
+from worker.dispatch import relay_webhooks, revoke, send_job, send_job_soon
 
 router = APIRouter(prefix="/scenarios", tags=["scenarios"])
 
@@ -135,7 +135,7 @@ def delete_scenario(scenario_id: str, request: Request, session: SessionDep, _ke
 @router.post("/{scenario_id}/run", status_code=202, response_model=Envelope[RunOut])
 async def run(scenario_id: str, request: Request, key: WriteKey) -> dict:
     """Queue a run on the `scenarios` queue; `run_id` is its job id."""
-    job = found(await runs.start_now(scenario_id, send_job, request.state.request_id, key.id),
+    job = found(await runs.start_now(scenario_id, send_job_soon, request.state.request_id, key.id),
                 f"no scenario '{scenario_id}'")
     return ok(request, RunOut.model_validate({**job, "run_id": job["id"], "scenario_id": scenario_id}),
               message="scenario run queued")
