@@ -44,6 +44,8 @@ class IngestionOptions(BaseModel):
     timeout: Annotated[int, Field(ge=1, le=7 * 24 * 3600, description="job timeout in seconds"),
                        JSON_INTEGER] | None = None
     mode: Literal["incremental", "full"] = "incremental"
+    force: bool = Field(default=False, description="read every file again, even those unchanged since their "
+                                                    "last whole load (which are otherwise skipped)")
 
 
 class StartIngestion(BaseModel):

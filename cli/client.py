@@ -171,8 +171,9 @@ class Client:
         return self._data("POST", f"/sources/{source_id}/test")
 
     def start_ingestion(self, sources: list[str] | None = None, *, mode: str | None = None,
-                        batch_size: int | None = None, timeout: int | None = None) -> dict:
-        body: dict[str, Any] = {"options": _present(mode=mode, batch_size=batch_size, timeout=timeout)}
+                        batch_size: int | None = None, timeout: int | None = None, force: bool = False) -> dict:
+        body: dict[str, Any] = {"options": _present(mode=mode, batch_size=batch_size, timeout=timeout,
+                                                    force=force or None)}
         if sources:
             body["sources"] = sources
         return self._data("POST", "/ingestion/start", json=body)

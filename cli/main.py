@@ -260,7 +260,9 @@ def users_create(
 @app.command()
 def ingest(
     sources: Annotated[list[str] | None, typer.Argument(help="source ids; all enabled when none")] = None,
-    full: Annotated[bool, typer.Option("--full", help="reload everything")] = False,
+    full: Annotated[bool, typer.Option("--full", help="every row, not only those past the cursor")] = False,
+    force: Annotated[bool, typer.Option("--force", help="read again files unchanged since their last load")
+                     ] = False,
     wait: Annotated[bool, typer.Option("--wait", help="follow the job to its end")] = False,
     url: UrlOpt = DEFAULT_URL,
     api_key: KeyOpt = None,
@@ -268,7 +270,7 @@ def ingest(
     """Start an ingestion job."""
     with client_for(url, api_key) as client:
         try:
-            started = client.start_ingestion(sources or None, mode="full" if full else None)
+            started = client.start_ingestion(sources or None, mode="full" if full else None, force=force)
             err.print(f"queued {started['job_id']} for {', '.join(started['sources'])}")
             if not wait:
                 print(started["job_id"])

@@ -7,7 +7,7 @@ import pytest
 from sqlalchemy import text
 
 from pipelines.core.db import get_engine
-from tests.datagen import incremental_toml, write_series
+from tests.datagen import incremental_toml, sources_toml, write_csv, write_series
 from tests.helpers import wait_for
 
 
@@ -54,7 +54,9 @@ def test_three_runs_over_a_growing_file_load_each_row_once(client, worker, write
     assert third["records_processed"] == 30
     assert count() == (180, 180)
     assert writers() == {first["id"]: 100, second["id"]: 50, third["id"]: 30}
-    full = run(client, mode="full")
+    unchanged = run(client, mode="full")  # the file has not changed since the last run: not read at all
+    assert unchanged["records_processed"] == 0 and unchanged["result"]["sources"]["prices"]["unchanged"]
+    full = run(client, mode="full", force=True)
     assert full["records_processed"] == 180 and count() == (180, 180)
     assert writers() == {first["id"]: 100, second["id"]: 50, third["id"]: 30}  # nothing rewritten
 
@@ -82,7 +84,8 @@ def test_a_killed_incremental_run_resumes_without_losing_or_doubling(client, wor
     assert count() == (140_000, 140_000)
     assert writers() == {first["id"]: 20_000, job_id: 120_000}
     assert cursor_state() == "2026-04-08T05:19:00+00:00"  # minute 139,999
-    again = run(client)
+    assert run(client)["result"]["sources"]["prices"]["unchanged"] == ["data/series.csv"]  # not read at all
+    again = run(client, force=True)  # read: every row is behind the cursor
     assert again["records_processed"] == 0 and again["result"]["sources"]["prices"]["skipped"] == 140_000
 
 
@@ -98,3 +101,41 @@ def test_rows_sharing_the_last_cursor_value_still_load_once(client, worker, writ
     assert second["records_processed"] == 2 and second["result"]["sources"]["prices"]["skipped"] == 3
     assert count() == (5, 5)
     assert run(client)["records_processed"] == 0
+
+
+def test_a_rerun_reads_only_files_that_changed_since_their_last_load(client, worker, write_sources, data_dir):
+    write_sources(sources_toml("prices", "*.csv"))
+    good_a, _ = write_csv(data_dir / "a.csv", 200)
+    good_b, _ = write_csv(data_dir / "b.csv", 100, start=200)
+    first = run(client)
+    assert first["records_processed"] == good_a + good_b
+
+    # Nothing changed: nothing read, and the job says which files it skipped.
+    same = run(client)
+    assert same["records_processed"] == 0
+    assert same["result"]["sources"]["prices"]["unchanged"] == ["data/a.csv", "data/b.csv"]
+
+    # b.csv rewritten with other values but the same size and time (as `cp -p` or `rsync -t` leave it):
+    # its content hash tells it apart. A new file beside them is read too; a.csv is not.
+    stat = (data_dir / "b.csv").stat()
+    text_b = (data_dir / "b.csv").read_text()
+    (data_dir / "b.csv").write_text(text_b.replace("hub-", "hub_"))
+    os.utime(data_dir / "b.csv", ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert (data_dir / "b.csv").stat().st_size == stat.st_size
+    good_c, _ = write_csv(data_dir / "c.csv", 50, start=300)
+    changed = run(client)
+    assert changed["records_processed"] == good_b + good_c
+    assert changed["result"]["sources"]["prices"]["unchanged"] == ["data/a.csv"]
+    assert count() == (good_a + good_b + good_c,) * 2
+
+    # Another declaration of the source (a different rule) reads every file again.
+    write_sources(sources_toml("prices", "*.csv").replace('name = "Test prices"', 'name = "Prices, renamed"'))
+    redeclared = run(client)
+    assert redeclared["records_processed"] == good_a + good_b + good_c
+
+
+def test_a_forced_run_reads_every_file_and_records_what_it_read(client, worker, write_sources, data_dir):
+    write_sources(sources_toml("prices", "a.csv"))
+    good, _ = write_csv(data_dir / "a.csv", 120)
+    assert run(client, force=True)["records_processed"] == good
+    assert run(client)["records_processed"] == 0  # the forced run's fingerprint counts as a whole load

@@ -48,7 +48,10 @@ def test_ingest_quarantine_and_rerun_changes_nothing(client, worker, write_sourc
     assert all(q["reason"] == "column 'px': cannot parse 'n/a' as float" for q in quarantined)
     assert quarantined[0]["raw"]["px"] == "n/a"
 
-    again = client.wait(client.start_ingestion(["prices"])["job_id"], timeout=60)
+    unchanged = client.wait(client.start_ingestion(["prices"])["job_id"], timeout=60)  # neither file changed
+    assert unchanged["state"] == "succeeded" and unchanged["records_processed"] == 0
+    assert unchanged["result"]["sources"]["prices"]["unchanged"] == ["data/a.csv", "data/b.csv"]
+    again = client.wait(client.start_ingestion(["prices"], force=True)["job_id"], timeout=60)  # read again
     assert again["state"] == "succeeded" and again["records_processed"] == job["records_processed"]
     assert observations() == rows  # same rows, same row versions: nothing rewritten
 
@@ -57,7 +60,7 @@ def test_ingest_quarantine_and_rerun_changes_nothing(client, worker, write_sourc
     source = client.request("GET", "/sources/prices")["data"]
     assert source["status"] == "ok" and source["sync_stats"]["total_records"] == len(rows)
     listed, _ = client.jobs(kind="ingestion", state="succeeded")
-    assert [j["id"] for j in listed] == [again["id"], job["id"]]
+    assert [j["id"] for j in listed] == [again["id"], unchanged["id"], job["id"]]
 
 
 def test_a_bad_file_fails_its_job_clearly_and_the_worker_lives_on(client, worker, write_sources, data_dir):

@@ -17,8 +17,12 @@ def entries(client, **filters) -> list[dict]:
 def test_reruns_count_each_bad_row_once_and_fixes_resolve_it(client, worker, write_sources, data_dir):
     _good, bad = write_csv(data_dir / "a.csv", 30, bad_every=10)  # bad at lines 11, 21, 31
     write_sources(sources_toml("prices"))
-    runs = [client.wait(client.start_ingestion(["prices"])["job_id"], timeout=60) for _ in range(3)]
+    # An unchanged file is skipped by the next run; forced runs read it again, and meet its bad rows.
+    runs = [client.wait(client.start_ingestion(["prices"], force=i > 0)["job_id"], timeout=60) for i in range(3)]
     assert all(r["state"] == "succeeded" and r["records_failed"] == 3 for r in runs)
+    skipped = client.wait(client.start_ingestion(["prices"])["job_id"], timeout=60)
+    assert skipped["state"] == "succeeded" and skipped["records_failed"] == 0
+    assert skipped["result"]["sources"]["prices"]["unchanged"] == ["data/a.csv"]
 
     held = entries(client, source="prices")
     assert [(q["line"], q["times_seen"]) for q in held] == [(line, 3) for line in bad]

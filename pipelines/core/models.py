@@ -208,6 +208,21 @@ class Observation(Base):
     )
 
 
+class SourceFile(Base):
+    """What one file of a source was when it was last loaded whole (`ingestion.sources.fingerprints`)."""
+
+    __tablename__ = "source_files"
+
+    source: Mapped[str] = mapped_column(Text, primary_key=True)
+    path: Mapped[str] = mapped_column(Text, primary_key=True)
+    size: Mapped[int] = mapped_column(BigInteger)
+    mtime_ns: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(Text)
+    declaration: Mapped[str] = mapped_column(Text)
+    job_id: Mapped[str | None] = mapped_column(Text)
+    loaded_at: Mapped[datetime] = mapped_column(server_default=func.now())
+
+
 class SourceState(Base):
     """What Ingot knows of each declared source between runs."""
 

@@ -26,7 +26,7 @@ from pipelines.ingestion.datasets import CURVES
 from pipelines.ingestion.load import loading
 from pipelines.ingestion.load_curves import CurveLoader
 from pipelines.ingestion.quarantine import Book
-from pipelines.ingestion.sources import files, http
+from pipelines.ingestion.sources import files, fingerprints, http
 from pipelines.ingestion.sources.batches import Piece
 from pipelines.ingestion.sources.registry import Registry, SourceConfig, SourceError, load_registry
 from pipelines.ingestion.validate import Cursor, effective_types, validate
@@ -46,10 +46,10 @@ def current_registry() -> Registry:
 
 
 def pieces(source: SourceConfig, registry: Registry, batch_rows: int, resume: dict | None,
-           since: Cursor | None) -> Iterator[Piece]:
+           since: Cursor | None, seen: fingerprints.Seen | None = None) -> Iterator[Piece]:
     """The batches of SOURCE from its connector, after the committed position RESUME."""
     if source.type == "file":
-        return files.stream(source, registry, batch_rows, resume)
+        return files.stream(source, registry, batch_rows, resume, seen)
     return http.stream(source, resume, since.value if since else None)
 
 
@@ -59,6 +59,7 @@ def run(job: JobRun, registry: Registry | None = None) -> dict:
     options = job.params.get("options", {})
     batch_rows = int(options.get("batch_size") or runtime.value("batch_size"))
     incremental = options.get("mode", "incremental") == "incremental"
+    force = bool(options.get("force"))
     stats: dict[str, dict] = job.checkpoint.get("stats", {})
     for s_index, source_id in enumerate(sources):
         if s_index < job.checkpoint.get("source", 0):
@@ -74,11 +75,11 @@ def run(job: JobRun, registry: Registry | None = None) -> dict:
                 since = Cursor(job.checkpoint["since"]["value"], frozenset(job.checkpoint["since"]["ids"]))
             elif source.cursor and incremental and not resuming:
                 since = _cursor_state(source_id)
-            _ingest_source(job, registry, source, s_index, since, batch_rows, stats)
+            _ingest_source(job, registry, source, s_index, since, batch_rows, stats, force)
         except SourceError as exc:
             source_stats["error"] = str(exc)
         _finish_source(job, source_id, s_index, stats)
-    result = {"sources": stats, "mode": "incremental" if incremental else "full"}
+    result = {"sources": stats, "mode": "incremental" if incremental else "full", "force": force}
     job.result = result
     errors = [s["error"] for s in stats.values() if s.get("error")]
     if errors:
@@ -96,7 +97,7 @@ def _cursor_state(source_id: str) -> Cursor | None:
     return Cursor(row.cursor_value, frozenset(row.cursor_ids))
 
 
-def _ingest_source(job, registry, source, s_index, since, batch_rows, stats) -> None:
+def _ingest_source(job, registry, source, s_index, since, batch_rows, stats, force) -> None:
     source_stats = stats[source.id]
     resuming = job.checkpoint.get("source") == s_index
     resume = job.checkpoint.get("resume") if resuming else None
@@ -106,13 +107,15 @@ def _ingest_source(job, registry, source, s_index, since, batch_rows, stats) -> 
     since_state = {"value": since.value, "ids": sorted(since.ids)} if since else None
     cursor_type = _CURSOR_SQL.get(effective_types(source).get(source.cursor or "", "string"), "text")
 
+    # Files unchanged since their last whole load are skipped, unless the run is forced.
+    seen = fingerprints.seen(source, force) if source.type == "file" else None
     book = Book.open(source.id, job.id)
     curves = source.dataset == CURVES.name
     with nullcontext(CurveLoader(source.id, job.id)) if curves else loading(source.id, job.id, resuming) as loader:
 
         def prepared():
             """Batches validated and serialised, one ahead in a thread while the database loads."""
-            for piece in pieces(source, registry, batch_rows, resume, since):
+            for piece in pieces(source, registry, batch_rows, resume, since, seen):
                 valid = validate(source, piece.raw, since)
                 yield piece, valid, loader.prepare(valid)
 
@@ -132,11 +135,17 @@ def _ingest_source(job, registry, source, s_index, since, batch_rows, stats) -> 
                 book.record(conn, piece.label, valid.rejects, valid.lines)
                 if valid.cursor_max is not None:
                     _advance_cursor(conn, source.id, valid.cursor_max, valid.cursor_max_ids, cursor_type)
+                if piece.file_done is not None:
+                    fingerprints.record(conn, source.id, piece.label, piece.file_done, job.id)
             if valid.num_rows:  # committed: what the curves cover, or how many rows a query matches, changed
                 cache.drop(CURVES_CACHE if curves else QUERY_TOTALS)
             del valid, payload
             # Hand freed batch memory back to the OS, so RSS stays flat whatever the input size.
             pa.default_memory_pool().release_unused()
+    if seen is not None and seen.skipped:
+        source_stats["unchanged"] = sorted(set(source_stats.get("unchanged", [])) | set(seen.skipped))
+        source_stats.setdefault("notes", []).append(
+            f"{len(seen.skipped)} file(s) unchanged since their last load, skipped (force to read them again)")
 
 
 def _advance_cursor(conn, source_id: str, value: str, ids: list[str], cursor_type: str) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -38,6 +39,8 @@ class Piece:
     label: str
     position: dict
     progress: float | None
+    # On a file's last batch: the fingerprint the file had when its reading began, to record with it.
+    file_done: Any = None
 
 
 def _cell_text(value) -> str | None:

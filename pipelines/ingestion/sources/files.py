@@ -34,6 +34,7 @@ import pyarrow.parquet as pq
 
 from pipelines.core.settings import get_settings
 from pipelines.ingestion.sources.batches import Piece, RawBatch, Reject, records_table
+from pipelines.ingestion.sources.fingerprints import Seen
 from pipelines.ingestion.sources.lines import Block, LineStream, open_stream
 from pipelines.ingestion.sources.registry import Registry, SourceConfig, SourceContentError, SourceError
 
@@ -376,8 +377,10 @@ def _maybe_inexact(column: pa.ChunkedArray) -> bool:
 # --- a source's files -----------------------------------------------------------------------------
 
 
-def stream(source: SourceConfig, registry: Registry, batch_rows: int, resume: dict | None) -> Iterator[Piece]:
-    """Every batch of every file SOURCE matches, after the position RESUME (a committed checkpoint)."""
+def stream(source: SourceConfig, registry: Registry, batch_rows: int, resume: dict | None,
+           seen: Seen | None = None) -> Iterator[Piece]:
+    """Every batch of every file SOURCE matches, after the position RESUME (a committed checkpoint);
+    with SEEN, files unchanged since their last whole load are skipped (`fingerprints`)."""
     files = registry.files(source)
     sizes = [p.stat().st_size for p in files]
     total = sum(sizes) or 1
@@ -386,9 +389,18 @@ def stream(source: SourceConfig, registry: Registry, batch_rows: int, resume: di
         if f_index < start_file:
             continue
         label = registry.display_path(path)
+        print_ = seen.changed(label, path) if seen is not None else None
+        if seen is not None and print_ is None:
+            continue  # unchanged since its last whole load
         before = sum(sizes[:f_index])
+        last = None
         for b_index, raw in enumerate(read_file(source, path, batch_rows)):
             if f_index == start_file and b_index < start_batch:
                 continue
-            progress = (before + raw.fraction * sizes[f_index]) / total
-            yield Piece(raw, label, {"file": f_index, "batch": b_index + 1}, progress)
+            if last is not None:
+                yield last
+            last = Piece(raw, label, {"file": f_index, "batch": b_index + 1},
+                         (before + raw.fraction * sizes[f_index]) / total)
+        if last is not None:
+            last.file_done = print_
+            yield last
