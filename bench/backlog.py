@@ -35,17 +35,8 @@ import time
 from pathlib import Path
 
 from harness import ROOT, Bench, free_port, postgres_settings
+from scenarios import SOURCE as CURVES  # a curves source over data/*.csv
 
-CURVES = """
-[sources.curves]
-type = "file"
-format = "csv"
-path = "data/curves.csv"
-dataset = "curves"
-[sources.curves.validation]
-required_columns = ["curve_key", "asof_date", "contract_month", "value"]
-data_types = { asof_date = "date", contract_month = "month", value = "float" }
-"""
 SHOCKS = [{"type": "parallel", "value": 0.5}, {"type": "percent", "value": 2}]
 HERE = Path(__file__).resolve().parent
 
