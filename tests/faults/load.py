@@ -107,11 +107,13 @@ class Load:
                     raise
                 time.sleep(0.5)
 
-    def settle(self, job_ids: list[str], timeout: float = 180) -> float:
-        """Wait until every one of JOB_IDS has ended; seconds it took."""
+    def settle(self, job_ids: list[str], timeout: float = 180, tend=lambda: None) -> float:
+        """Wait until every one of JOB_IDS has ended, calling TEND at each look (a supervisor's round);
+        seconds it took."""
         began = time.monotonic()
 
         def ended() -> bool:
+            tend()
             with get_engine().connect() as conn:
                 left = conn.execute(text("SELECT count(*) FROM jobs WHERE id = ANY(:ids) AND state NOT IN "
                                          "('succeeded', 'failed', 'cancelled')"), {"ids": job_ids}).scalar_one()
