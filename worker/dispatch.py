@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import logging
-import os
 import queue
-import threading
 
+from pipelines.core.loops import ProcessThread
 from pipelines.core.settings import get_settings
 from pipelines.jobs.machine import Message
 from worker.app import app
@@ -25,26 +24,14 @@ def send_job(message: Message) -> None:
         log.exception("could not send job %s; the reaper will re-send it", message.id)
 
 
-class Publisher(threading.Thread):
+class Publisher(ProcessThread):
     """Sends job messages for an event loop, in order, on a thread of its own: a start answered on the
     loop never waits for the broker's round trip. A message still in its queue when the process dies
     was counted but never sent; the reaper finds and sends it (pipelines.jobs.reaper)."""
 
-    _lock = threading.Lock()
-    _running: Publisher | None = None
-
     def __init__(self) -> None:
-        super().__init__(name="publisher", daemon=True)
-        self.pid = os.getpid()
+        super().__init__()
         self.messages: queue.SimpleQueue[Message] = queue.SimpleQueue()
-
-    @classmethod
-    def of_this_process(cls) -> Publisher:
-        with cls._lock:
-            if cls._running is None or cls._running.pid != os.getpid():
-                cls._running = cls()
-                cls._running.start()
-            return cls._running
 
     def run(self) -> None:
         while True:

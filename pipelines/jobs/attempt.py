@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import enum
 import logging
-import os
-import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -21,6 +19,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import Connection
 
 from pipelines.core.db import autocommit, driver, get_engine
+from pipelines.core.loops import ProcessThread
 from pipelines.core.models import JobState
 from pipelines.core.settings import get_settings
 from pipelines.jobs import machine
@@ -117,25 +116,13 @@ def finish(run: JobRun, state: JobState, *, result: dict | None = None, error: s
     return ended is not None
 
 
-class Heartbeats(threading.Thread):
+class Heartbeats(ProcessThread):
     """Tells the reaper the attempts of this process are alive, every few seconds: one thread per
     process for all of them (started with the first), so an attempt costs no thread of its own."""
 
-    _lock = threading.Lock()
-    _running: Heartbeats | None = None
-
     def __init__(self) -> None:
-        super().__init__(name="heartbeats", daemon=True)
-        self.pid = os.getpid()
+        super().__init__()
         self.runs: dict[str, str] = {}  # job id -> lease
-
-    @classmethod
-    def of_this_process(cls) -> Heartbeats:
-        with cls._lock:
-            if cls._running is None or cls._running.pid != os.getpid():  # none yet, or one from before a fork
-                cls._running = cls()
-                cls._running.start()
-            return cls._running
 
     def add(self, run: JobRun) -> None:
         self.runs[run.id] = run.lease
