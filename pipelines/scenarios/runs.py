@@ -25,12 +25,12 @@ from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
 from pipelines.core.db import driver, session_scope
-from pipelines.core.models import Job, JobKind, JobState, Scenario, ScenarioMetric
+from pipelines.core.models import Job, JobKind, JobState, ScenarioMetric
 from pipelines.core.pagination import Keyset
 from pipelines.ingestion.load import Payload, copy_payload
 from pipelines.jobs import machine
 from pipelines.jobs.attempt import JobFailed, JobRun
-from pipelines.jobs.machine import Sender, create_job
+from pipelines.jobs.machine import Sender
 from pipelines.scenarios import compute
 from pipelines.scenarios.compute import METRICS
 from pipelines.scenarios.definitions import runs_of
@@ -47,21 +47,11 @@ class StateNotAllowed(Exception):
     """The run cannot move to the asked state from the one it is in."""
 
 
-def start(session: Session, scenario_id: str, send: Sender, request_id: str | None, api_key_id: str | None
-          ) -> Job | None:
-    """Queue a run of SCENARIO_ID, or None if there is no such scenario. The scenario is locked in
-    share mode: a delete (which locks it exclusively) cannot slip in between, while runs of the same
-    scenario start side by side."""
-    if session.get(Scenario, scenario_id, with_for_update={"read": True, "key_share": True}) is None:
-        return None
-    return create_job(session, kind=JobKind.SCENARIO_RUN, params={"scenario_id": scenario_id}, send=send,
-                      request_id=request_id, api_key_id=api_key_id)
-
-
 async def start_now(scenario_id: str, send: Sender, request_id: str | None, api_key_id: str | None
                     ) -> dict[str, Any] | None:
-    """`start` on the API's event loop, in one statement: the new run as a row, or None if there is no
-    such scenario."""
+    """Queue a run of SCENARIO_ID, on the API's event loop in one statement: the new run as a row, or
+    None if there is no such scenario. The scenario is share-locked meanwhile: a delete (which locks it
+    exclusively) cannot slip in between, while runs of the same scenario start side by side."""
     return await machine.create_job_now(kind=JobKind.SCENARIO_RUN, params={"scenario_id": scenario_id}, send=send,
                                         about=("scenarios", scenario_id), request_id=request_id,
                                         api_key_id=api_key_id)
