@@ -247,15 +247,16 @@ def _dead_owner(owner: str | None) -> str | None:
     return None
 
 
+# The attempt holding the job (its lease), and a heartbeat gone quiet: said once, used by each statement.
+_HELD = (Job.id == bindparam("job"), Job.lease_id == bindparam("lease"))
+_STALE = Job.heartbeat_at < func.now() - func.make_interval(0, 0, 0, 0, 0, 0, bindparam("stale"))
 _CLAIMED = dict(lease_id=bindparam("lease"), lease_owner=bindparam("owner"), heartbeat_at=func.now(),
                 started_at=func.coalesce(Job.started_at, func.now()), attempts=Job.attempts + 1)
 _CLAIM_RETURNS = (Job.kind, Job.params, Job.checkpoint, Job.attempts, Job.result)
 _CLAIM = _moving({Q: R}, Job.id == bindparam("job"), **_CLAIMED).returning(*_CLAIM_RETURNS)
-_TAKE_OVER = _moving({R: R}, Job.id == bindparam("job"), (Job.heartbeat_at < func.now() - func.make_interval(
-    0, 0, 0, 0, 0, 0, bindparam("stale"))) | (Job.lease_owner == bindparam("dead")), **_CLAIMED
-).returning(*_CLAIM_RETURNS)
-_GIVE_UP = _moving({R: F}, Job.id == bindparam("job"), Job.lease_id == bindparam("lease"), finished_at=func.now(),
-                   lease_id=None, error=bindparam("error"))
+_TAKE_OVER = _moving({R: R}, Job.id == bindparam("job"), _STALE | (Job.lease_owner == bindparam("dead")),
+                     **_CLAIMED).returning(*_CLAIM_RETURNS)
+_GIVE_UP = _moving({R: F}, *_HELD, finished_at=func.now(), lease_id=None, error=bindparam("error"))
 
 
 @dataclass
@@ -297,14 +298,13 @@ def claim(job_id: str, owner: str, connection: Connection | None = None) -> Clai
     return Claim(lease, row.kind, row.params, row.checkpoint, row.attempts, dict(row.result or {}))
 
 
-_PROGRESS = update(Job).where(Job.id == bindparam("job"), Job.lease_id == bindparam("lease"), Job.state == R).values(
+_PROGRESS = update(Job).where(*_HELD, Job.state == R).values(
     records_processed=Job.records_processed + bindparam("p"), records_failed=Job.records_failed + bindparam("f"),
     checkpoint=bindparam("c"), progress=func.greatest(Job.progress, func.coalesce(bindparam("g"), Job.progress)),
     heartbeat_at=func.now())
-_RESTART = update(Job).where(Job.id == bindparam("job"), Job.lease_id == bindparam("lease"), Job.state == R).values(
+_RESTART = update(Job).where(*_HELD, Job.state == R).values(
     records_processed=0, records_failed=0, progress=0, checkpoint={})
-_BEAT = update(Job).where(Job.id == bindparam("job"), Job.lease_id == bindparam("lease")).values(
-    heartbeat_at=func.now())
+_BEAT = update(Job).where(*_HELD).values(heartbeat_at=func.now())
 
 
 def progress(connection: Connection, job_id: str, lease: str, *, processed: int, failed: int, checkpoint: dict,
@@ -324,8 +324,8 @@ def beat(connection: Connection, job_id: str, lease: str) -> None:
 
 def _ending(state: JobState) -> Update:
     """RUNNING -> STATE, or a cancelling job -> cancelled, for the attempt holding the lease."""
-    return _moving({R: state, CG: C}, Job.id == bindparam("job"), Job.lease_id == bindparam("lease"),
-                   finished_at=func.now(), lease_id=None, result=bindparam("result"), error=bindparam("error"),
+    return _moving({R: state, CG: C}, *_HELD, finished_at=func.now(), lease_id=None, result=bindparam("result"),
+                   error=bindparam("error"),
                    records_processed=Job.records_processed + bindparam("processed"),
                    progress=case((Job.state == R, 100), else_=Job.progress) if state == S else Job.progress,
                    ).returning(Job.state, Job.records_processed, Job.records_failed,
@@ -345,7 +345,6 @@ def end(connection: Connection, job_id: str, lease: str, state: JobState, *, res
 
 # --- the reaper's transitions ----------------------------------------------------------------------
 
-_STALE = Job.heartbeat_at < func.now() - func.make_interval(0, 0, 0, 0, 0, 0, bindparam("stale"))
 _TIME_OUT = _moving({R: F, CG: C}, Job.started_at < func.now() - func.make_interval(
     0, 0, 0, 0, 0, 0, Job.timeout_seconds), finished_at=func.now(), lease_id=None,
     error=func.format("timed out after %s seconds", Job.timeout_seconds)).returning(Job.id)
