@@ -35,7 +35,7 @@ def cursor_state() -> str:
 
 def run(client, **options) -> dict:
     job = client.wait(client.start_ingestion(["prices"], **options)["job_id"], timeout=120)
-    assert job["state"] == "succeeded", job
+    assert job["state"] == "succeeded", (job["error"], job["result"])
     return job
 
 
@@ -139,3 +139,77 @@ def test_a_forced_run_reads_every_file_and_records_what_it_read(client, worker, 
     good, _ = write_csv(data_dir / "a.csv", 120)
     assert run(client, force=True)["records_processed"] == good
     assert run(client)["records_processed"] == 0  # the forced run's fingerprint counts as a whole load
+
+
+def stored(ids: list[str]) -> dict[str, tuple]:
+    """Value, writing job and row hash of IDS."""
+    with get_engine().connect() as conn:
+        rows = conn.execute(text("SELECT id, value, job_id, row_hash FROM observations WHERE id = ANY(:ids)"),
+                            {"ids": ids}).all()
+    return {row.id: (row.value, row.job_id, row.row_hash) for row in rows}
+
+
+def rewrite(path, changes: dict[str, str], extra: str = "") -> None:
+    """PATH with the px of the rows in CHANGES replaced, and EXTRA lines appended."""
+    lines = path.read_text().splitlines(keepends=True)
+    for n, line in enumerate(lines):
+        key = line.split(",", 1)[0]
+        if key in changes:
+            fields = line.rstrip("\n").split(",")
+            fields[2] = changes[key]
+            lines[n] = ",".join(fields) + "\n"
+    path.write_text("".join(lines) + extra)
+
+
+def test_a_rerun_of_a_changed_file_merges_only_the_rows_that_changed(client, worker, write_sources, data_dir):
+    path = data_dir / "series.csv"
+    write_sources(sources_toml("prices", "series.csv"))
+    write_series(path, 0, 100)
+    first = run(client)
+    rewrite(path, {"r00000003": "-3", "r00000050": "-50", "r00000097": "-97"},
+            extra="r00000100,2026-01-02T00:00:00Z,1,hub-0\nr00000101,2026-01-02T00:01:00Z,2,hub-1\n")
+    second = run(client, batch_size=20)  # the first batch meets stored keys: the rest of the run merges
+
+    assert second["records_processed"] == 102
+    assert second["result"]["sources"]["prices"]["unchanged_rows"] == 97
+    assert writers() == {first["id"]: 97, second["id"]: 5}  # unchanged rows keep their first writer
+    after = stored(["r00000003", "r00000050", "r00000097", "r00000100", "r00000004"])
+    assert [after[k][0] for k in ("r00000003", "r00000050", "r00000097", "r00000100", "r00000004")] == \
+        [-3, -50, -97, 1, 2.0]
+    assert all(row_hash is not None for _value, _job, row_hash in after.values())
+
+
+def test_a_key_that_comes_back_later_in_the_run_wins_even_with_its_stored_content(
+        client, worker, write_sources, data_dir):
+    """The stored hashes are read once; a key this run merged is never taken for unchanged again."""
+    path = data_dir / "series.csv"
+    write_sources(sources_toml("prices", "series.csv"))
+    write_series(path, 0, 60)
+    run(client)
+    # r00000010 changes early in the file and comes back, as it was, in the last line (a later batch).
+    rewrite(path, {"r00000010": "-1", "r00000020": "-2"}, extra="r00000010,2026-01-01T00:10:00Z,5.0,hub-0\n")
+    again = run(client, batch_size=10)
+    assert again["records_processed"] == 61  # every line read counts, the repeated key's too
+    assert stored(["r00000010"])["r00000010"][0] == 5.0
+    assert stored(["r00000020"])["r00000020"][0] == -2
+
+
+def test_a_forced_run_merges_every_row_and_rows_without_a_hash_get_one(client, worker, write_sources, data_dir):
+    path = data_dir / "series.csv"
+    write_sources(sources_toml("prices", "series.csv"))
+    write_series(path, 0, 40)
+    first = run(client)
+    with get_engine().begin() as conn:
+        # Edited behind Ingot's back (its hash now lies), and rows as written before hashes existed.
+        conn.execute(text("UPDATE observations SET value = -1 WHERE id = 'r00000005'"))
+        conn.execute(text("UPDATE observations SET row_hash = NULL WHERE id IN ('r00000006', 'r00000007')"))
+    forced = run(client, force=True)
+    assert "unchanged_rows" not in forced["result"]["sources"]["prices"]
+    after = stored(["r00000005", "r00000006", "r00000007"])
+    assert after["r00000005"][:2] == (2.5, forced["id"])  # the merge compared values: put right
+    # Same values, now with a hash: their writer is still the first run.
+    assert {k: (v[1], v[2] is not None) for k, v in after.items() if k != "r00000005"} == \
+        {"r00000006": (first["id"], True), "r00000007": (first["id"], True)}
+    rewrite(path, {"r00000001": "-1"})
+    plain = run(client)
+    assert plain["result"]["sources"]["prices"]["unchanged_rows"] == 39

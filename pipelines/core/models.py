@@ -195,6 +195,8 @@ class Observation(Base):
     metadata_: Mapped[dict[str, Any]] = mapped_column("metadata", default=dict)
     job_id: Mapped[str | None] = mapped_column(Text)
     ingested_at: Mapped[datetime] = mapped_column(server_default=func.now())
+    # Key and content hashed by the loader: a re-run merges only rows whose hash is not stored already.
+    row_hash: Mapped[int | None] = mapped_column(BigInteger)
 
     __table_args__ = (
         # The data query's time order (source and id break ties for cursors). Inside a source's

@@ -111,7 +111,9 @@ def _ingest_source(job, registry, source, s_index, since, batch_rows, stats, for
     seen = fingerprints.seen(source, force) if source.type == "file" else None
     book = Book.open(source.id, job.id)
     curves = source.dataset == CURVES.name
-    with nullcontext(CurveLoader(source.id, job.id)) if curves else loading(source.id, job.id, resuming) as loader:
+    unchanged_before = source_stats.get("unchanged_rows", 0)  # counted by an earlier attempt of this run
+    with (nullcontext(CurveLoader(source.id, job.id)) if curves
+          else loading(source.id, job.id, resuming, force)) as loader:
 
         def prepared():
             """Batches validated and serialised, one ahead in a thread while the database loads."""
@@ -132,6 +134,8 @@ def _ingest_source(job, registry, source, s_index, since, batch_rows, stats, for
             with job.batch(processed=valid.num_rows, failed=len(valid.rejects), checkpoint=checkpoint,
                            progress=progress) as conn:
                 loader.load(conn, payload)
+                if loader.unchanged_rows:  # rows the table already held as they are, left out of the merge
+                    source_stats["unchanged_rows"] = unchanged_before + loader.unchanged_rows
                 book.record(conn, piece.label, valid.rejects, valid.lines)
                 if valid.cursor_max is not None:
                     _advance_cursor(conn, source.id, valid.cursor_max, valid.cursor_max_ids, cursor_type)

@@ -7,6 +7,12 @@ rolls the savepoint back and sends that batch, and the rest of the run, down the
 into a staging table, then `INSERT ... ON CONFLICT DO UPDATE`, skipping rows whose values did not
 change, so re-ingesting the same input rewrites nothing. Duplicate keys within a batch are removed
 first (the last line wins).
+
+Every row carries a hash of its key and content (`row_hash`). When a run first meets a key the
+partition has, it reads the partition's stored hashes once (8 bytes a row, one sequential scan); from
+then on a row whose hash is stored, and whose key this run has not written, is the row already there
+and is left out before the merge: a file with 1% of its rows changed merges 1% of them. A forced run
+compares nothing (`force`: the merge itself decides, row by row, on the values).
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import numpy as np
 import psycopg
 import pyarrow as pa
 import pyarrow.compute as pc
+from pandas.util import hash_array
 from pgpq import ArrowToPostgresBinaryEncoder
 from pgpq import schema as pg_types
 from pgpq.encoders import StringEncoderBuilder
@@ -99,6 +106,7 @@ _COLUMNS = pa.schema([
     ("value", pa.float64()),
     ("metadata", pa.string()),
     ("job_id", pa.string()),
+    ("row_hash", pa.int64()),
 ])
 _ENCODERS = {
     column.name: StringEncoderBuilder.new_with_output(column, pg_types.Jsonb())
@@ -106,17 +114,35 @@ _ENCODERS = {
     for column in _COLUMNS
 }
 # A first load's table supplies source and job_id itself (see `partitions.begin_bulk`).
-_BULK_COLUMNS = pa.schema([_COLUMNS.field(name) for name in ("id", "timestamp", "value", "metadata")])
+_BULK_COLUMNS = pa.schema([_COLUMNS.field(name) for name in ("id", "timestamp", "value", "metadata", "row_hash")])
 
 
 @dataclass
 class Payload:
     """A batch as one binary COPY stream (header, rows, trailer) of COLUMNS."""
 
-    parts: tuple[bytes, bytes, bytes]
+    parts: tuple[bytes, bytes, bytes] | None  # None: encoded from ROWS_BATCH when first needed
     rows: int
     columns: tuple[str, ...]
     summary: list[tuple] = field(default_factory=list)  # what else the batch updates (curves: their index)
+    # Observations outside a first load: the rows themselves, their key hashes and row hashes (uint64).
+    rows_batch: pa.RecordBatch | None = None
+    keys: np.ndarray | None = None
+    hashes: np.ndarray | None = None
+    stored: np.ndarray | None = None  # which rows' hashes were stored, when known as the batch was prepared
+
+    def encoded(self) -> tuple[bytes, bytes, bytes]:
+        if self.parts is None:
+            assert self.rows_batch is not None
+            self.parts = _encode(self.rows_batch)
+        return self.parts
+
+    def only(self, keep: np.ndarray) -> Payload:
+        """The rows of KEEP (a mask)."""
+        assert self.rows_batch is not None and self.keys is not None and self.hashes is not None
+        return Payload(None, int(keep.sum()), self.columns, rows_batch=self.rows_batch.filter(pa.array(keep)),
+                       keys=self.keys[keep], hashes=self.hashes[keep],
+                       stored=None if self.stored is None else self.stored[keep])
 
 
 def _microseconds(timestamp: pa.Array) -> pa.Array:
@@ -137,17 +163,48 @@ def deduplicated(batch: ValidBatch) -> tuple[pa.Array, dict[str, pa.Array], dict
     return ids, fields, metadata
 
 
+_MIX = np.uint64(0x100000001B3)
+_NULL = np.uint64(0x9E3779B97F4A7C15)
+
+
+def _column_hash(array: pa.Array) -> np.ndarray:
+    """A 64-bit hash of each value of a column (nulls apart from every value)."""
+    if pa.types.is_string(array.type):  # few distinct values (metadata): each hashed once
+        encoded = pc.dictionary_encode(array)
+        each = hash_array(encoded.dictionary.to_numpy(zero_copy_only=False), categorize=False)
+        return each[pc.fill_null(encoded.indices, 0).to_numpy()] ^ (_nulls(encoded.indices) * _NULL)
+    if pa.types.is_timestamp(array.type):
+        array = array.cast(pa.int64())
+    return hash_array(pc.fill_null(array, 0).to_numpy(zero_copy_only=False)) ^ (_nulls(array) * _NULL)
+
+
+def _nulls(array: pa.Array) -> np.ndarray:
+    return pc.is_null(array).to_numpy(zero_copy_only=False).astype(np.uint64)
+
+
+def row_hashes(arrays: dict[str, pa.Array]) -> tuple[np.ndarray, np.ndarray]:
+    """Per row: a hash of its key (`id`), and one of its key and content (timestamp, value, metadata as
+    written), both uint64."""
+    keys = hash_array(arrays["id"].to_numpy(zero_copy_only=False), categorize=False)
+    rows = keys.copy()
+    for name in ("timestamp", "value", "metadata"):
+        rows ^= _column_hash(arrays[name])
+        rows *= _MIX
+    return keys, rows
+
+
 def copy_payload(conn: psycopg.Connection, table: sql.Identifier, payload: Payload) -> None:
     """COPY PAYLOAD into TABLE, in the caller's transaction."""
     statement = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT binary)").format(
         table, sql.SQL(", ").join(map(sql.Identifier, payload.columns)))
     with conn.cursor().copy(statement) as copy:
-        for part in payload.parts:
+        for part in payload.encoded():
             copy.write(part)
 
 
-def prepare(source: str, job_id: str, batch: ValidBatch, bulk: bool = False) -> Payload:
-    """BATCH as a COPY payload; BULK leaves out the columns a first load's table supplies."""
+def prepare(source: str, job_id: str, batch: ValidBatch, bulk: bool = False, encode: bool = True) -> Payload:
+    """BATCH as a COPY payload; BULK leaves out the columns a first load's table supplies. Not ENCODE:
+    the rows are encoded when a COPY needs them (a merge that leaves most of them out)."""
     ids, fields, metadata = deduplicated(batch)
     n = len(ids)
     timestamp = fields.get("timestamp")
@@ -157,12 +214,106 @@ def prepare(source: str, job_id: str, batch: ValidBatch, bulk: bool = False) -> 
         "value": fields.get("value", pa.nulls(n, pa.float64())).cast(pa.float64()),
         "metadata": metadata_json(metadata, n),
     }
+    keys, hashes = row_hashes(arrays)
+    arrays["row_hash"] = pa.array(hashes.view(np.int64))
     if not bulk:
         arrays.update(source=pa.repeat(pa.scalar(source), n), job_id=pa.repeat(pa.scalar(job_id), n))
     schema = _BULK_COLUMNS if bulk else _COLUMNS
     rows = pa.RecordBatch.from_arrays([arrays[name] for name in schema.names], schema=schema)
+    if bulk:
+        return Payload(_encode(rows), n, tuple(schema.names))
+    # A merge may leave some rows out: it needs them and their hashes.
+    return Payload(_encode(rows) if encode else None, n, tuple(schema.names), rows_batch=rows, keys=keys,
+                   hashes=hashes)
+
+
+def _encode(rows: pa.RecordBatch) -> tuple[bytes, bytes, bytes]:
+    schema = rows.schema
     encoder = ArrowToPostgresBinaryEncoder.new_with_encoders(schema, {name: _ENCODERS[name] for name in schema.names})
-    return Payload((encoder.write_header(), encoder.write_batch(rows), encoder.finish()), n, tuple(schema.names))
+    return encoder.write_header(), encoder.write_batch(rows), encoder.finish()
+
+
+# Above this many stored rows a run does not read their hashes (8 bytes each): it merges every row.
+MOST_STORED_HASHES = 8_000_000
+# Stored hashes are read in slices of about this many rows (by page ranges), each one bytea value.
+_HASH_SLICE_ROWS = 1_000_000
+
+
+def _member(stored: np.ndarray, needles: np.ndarray) -> np.ndarray:
+    """Which NEEDLES are in the sorted array STORED (looked up in order: far fewer cache misses)."""
+    found = np.zeros(len(needles), bool)
+    if len(stored) and len(needles):
+        order = np.argsort(needles)
+        ordered = needles[order]
+        at = np.searchsorted(stored, ordered).clip(max=len(stored) - 1)
+        found[order] = stored[at] == ordered
+    return found
+
+
+class StoredRows:
+    """The row hashes a partition held when a run first met one of its keys, and the keys the run has
+    merged since: a row is unchanged if its hash is stored and its key was not merged by this run
+    (a later line of the same key may bring back the stored content after an earlier one changed it)."""
+
+    def __init__(self, hashes: np.ndarray) -> None:
+        hashes.sort()
+        self.hashes = hashes
+        self.merged: list[np.ndarray] = []  # sorted, each
+        self.unchanged_rows = 0
+
+    @classmethod
+    def read(cls, conn: psycopg.Connection, name: str) -> StoredRows | None:
+        """Table NAME's stored hashes, or None when it holds more than MOST_STORED_HASHES rows.
+
+        Each slice of pages comes as one `bytea` of 8 bytes a row (`int8send`), so neither side
+        handles a row at a time."""
+        pages, estimate = conn.execute("SELECT relpages, reltuples::bigint FROM pg_class WHERE oid = %s::regclass",
+                                       (name,)).fetchone() or (0, 0)
+        if estimate > MOST_STORED_HASHES:
+            return None
+        step = max(1, pages * _HASH_SLICE_ROWS // estimate) if estimate > 0 else pages + 1
+        starts = list(range(0, pages, step)) or [0]
+        statement = sql.SQL("SELECT string_agg(int8send(row_hash), ''::bytea) FROM {} "
+                            "WHERE ctid >= %s::tid AND (%s::tid IS NULL OR ctid < %s::tid) AND row_hash IS NOT NULL"
+                            ).format(sql.Identifier(name))
+        hashes = np.empty(max(estimate, 0) + 1024, np.int64)
+        n = 0
+        with conn.cursor(binary=True) as cursor:
+            for i, start in enumerate(starts):
+                # A slice is a range of pages (a TID range scan); the last is open: the table may have grown.
+                end = f"({starts[i + 1]},0)" if i + 1 < len(starts) else None
+                (data,) = cursor.execute(statement, (f"({start},0)", end, end)).fetchone() or (None,)
+                if not data:
+                    continue
+                part = np.frombuffer(data, ">i8")
+                if n + len(part) > MOST_STORED_HASHES:
+                    return None
+                if n + len(part) > len(hashes):
+                    hashes = np.resize(hashes, max(2 * len(hashes), n + len(part)))
+                hashes[n:n + len(part)] = part
+                n += len(part)
+                del data, part
+        return cls(hashes[:n].copy() if n < len(hashes) // 2 else hashes[:n])
+
+    def holds(self, hashes: np.ndarray) -> np.ndarray:
+        """Which HASHES were stored (the snapshot never changes: any thread may ask)."""
+        return _member(self.hashes, hashes.view(np.int64))
+
+    def changed(self, payload: Payload) -> np.ndarray:
+        """A mask of PAYLOAD's rows that are not in the table as they are, or whose key this run merged."""
+        assert payload.keys is not None and payload.hashes is not None
+        keys = payload.keys
+        stored = payload.stored if payload.stored is not None else self.holds(payload.hashes)
+        for merged in self.merged:
+            stored &= ~_member(merged, keys)
+        self.unchanged_rows += int(stored.sum())
+        return ~stored
+
+    def merging(self, keys: np.ndarray) -> None:
+        if len(keys):
+            self.merged.append(np.unique(keys))
+            if len(self.merged) > 8:  # a few arrays to look through, however long the run
+                self.merged = [np.unique(np.concatenate(self.merged))]
 
 
 class Loader:
@@ -172,27 +323,42 @@ class Loader:
     `finish`. Direct: COPY under a savepoint while the keys are new. Merge: staging and upsert.
     """
 
-    def __init__(self, source: str, job_id: str, *, bulk: bool = False, direct: bool = True) -> None:
+    def __init__(self, source: str, job_id: str, *, bulk: bool = False, direct: bool = True,
+                 compare: bool = True) -> None:
         self.source = source
         self.job_id = job_id
         self.table = sql.Identifier(partitions.partition_name(source))
         self.bulk = bulk
         self.direct = direct
+        self.compare = compare  # leave out rows whose hash is stored (see the module's docstring)
+        self.stored: StoredRows | None = None
 
     @classmethod
-    def open(cls, conn: psycopg.Connection, source: str, job_id: str, resuming: bool) -> Loader:
+    def open(cls, conn: psycopg.Connection, source: str, job_id: str, resuming: bool, force: bool = False) -> Loader:
         """Settle SOURCE's partition and choose how JOB_ID's run loads it, in the caller's transaction.
 
-        RESUMING: this attempt carries on a run that an earlier attempt of the same job began."""
+        RESUMING: this attempt carries on a run that an earlier attempt of the same job began. FORCE:
+        every row goes through the merge, whatever its stored hash."""
         if resuming and partitions.state(conn, source) is partitions.State.DETACHED:
             return cls(source, job_id, bulk=True)
         if partitions.begin_bulk(conn, source, job_id):
             return cls(source, job_id, bulk=True)
         partitions.ensure(conn, source)
-        return cls(source, job_id)
+        return cls(source, job_id, compare=not force)
+
+    @property
+    def unchanged_rows(self) -> int:
+        """Rows left out of the merge so far because the table holds them as they are."""
+        return self.stored.unchanged_rows if self.stored is not None else 0
 
     def prepare(self, batch: ValidBatch) -> Payload:
-        return prepare(self.source, self.job_id, batch, bulk=self.bulk)
+        """BATCH as a payload. Once stored hashes are compared, most rows of a re-run are left out:
+        they are looked up here, a batch ahead of the load, and only what is sent is encoded."""
+        stored = self.stored
+        payload = prepare(self.source, self.job_id, batch, bulk=self.bulk, encode=stored is None)
+        if stored is not None and payload.hashes is not None:
+            payload.stored = stored.holds(payload.hashes)
+        return payload
 
     def load(self, conn: psycopg.Connection, payload: Payload) -> None:
         """Write PAYLOAD into observations in the caller's transaction."""
@@ -216,27 +382,47 @@ class Loader:
             partitions.finish_bulk(self.source)
 
     def _merge(self, conn: psycopg.Connection, payload: Payload) -> None:
+        if self.compare and payload.keys is not None and payload.hashes is not None:
+            if self.stored is None:
+                self.stored = StoredRows.read(conn, partitions.partition_name(self.source))
+                if self.stored is None:  # too many rows to hold their hashes: the merge decides
+                    self.compare = False
+            if self.stored is not None:
+                changed = self.stored.changed(payload)
+                self.stored.merging(payload.keys[changed])
+                if not changed.any():
+                    return
+                if not changed.all():
+                    payload = payload.only(changed)
         conn.execute(
             "CREATE TEMP TABLE IF NOT EXISTS ingot_stage (source text, id text, timestamp timestamptz, "
-            "value double precision, metadata jsonb, job_id text) ON COMMIT DELETE ROWS"
+            "value double precision, metadata jsonb, job_id text, row_hash bigint) ON COMMIT DELETE ROWS"
         )
         copy_payload(conn, sql.Identifier("ingot_stage"), payload)
+        # A row whose values are the same keeps its job and time; one only lacking its hash (written
+        # before hashes were) gets it.
         conn.execute(sql.SQL(
-            "INSERT INTO {} AS o (source, id, timestamp, value, metadata, job_id) "
-            "SELECT source, id, timestamp, value, metadata, job_id FROM ingot_stage "
+            "INSERT INTO {} AS o (source, id, timestamp, value, metadata, job_id, row_hash) "
+            "SELECT source, id, timestamp, value, metadata, job_id, row_hash FROM ingot_stage "
             "ON CONFLICT (source, id) DO UPDATE SET timestamp = EXCLUDED.timestamp, value = EXCLUDED.value, "
-            "metadata = EXCLUDED.metadata, job_id = EXCLUDED.job_id, ingested_at = now() "
-            "WHERE (o.timestamp, o.value, o.metadata) IS DISTINCT FROM "
-            "(EXCLUDED.timestamp, EXCLUDED.value, EXCLUDED.metadata)"
-        ).format(self.table))
+            "metadata = EXCLUDED.metadata, row_hash = EXCLUDED.row_hash, "
+            "job_id = CASE WHEN {same} THEN o.job_id ELSE EXCLUDED.job_id END, "
+            "ingested_at = CASE WHEN {same} THEN o.ingested_at ELSE now() END "
+            "WHERE (o.timestamp, o.value, o.metadata, o.row_hash) IS DISTINCT FROM "
+            "(EXCLUDED.timestamp, EXCLUDED.value, EXCLUDED.metadata, EXCLUDED.row_hash)"
+        ).format(self.table, same=_SAME))
+
+
+_SAME = sql.SQL("(o.timestamp, o.value, o.metadata) IS NOT DISTINCT FROM "
+                "(EXCLUDED.timestamp, EXCLUDED.value, EXCLUDED.metadata)")
 
 
 @contextmanager
-def loading(source: str, job_id: str, resuming: bool) -> Iterator[Loader]:
+def loading(source: str, job_id: str, resuming: bool, force: bool = False) -> Iterator[Loader]:
     """A Loader for one source's run. However the block ends, short of the process dying, a first
     load is then indexed and attached: what the run committed stays, and becomes visible."""
     with get_engine().begin() as connection:
-        loader = Loader.open(driver(connection), source, job_id, resuming)
+        loader = Loader.open(driver(connection), source, job_id, resuming, force)
     try:
         yield loader
     except BaseException:

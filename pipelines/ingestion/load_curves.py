@@ -66,6 +66,7 @@ class CurveLoader:
     """Loads one run's curve batches (see the module's docstring)."""
 
     table = sql.Identifier("curves")
+    unchanged_rows = 0  # curves are compared by the merge itself, row by row
 
     def __init__(self, source: str, job_id: str) -> None:
         self.source = source
