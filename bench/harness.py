@@ -139,6 +139,21 @@ def postgres_settings() -> str:
     return f"PostgreSQL {version}: " + ", ".join(f"{name} = {setting}{unit}" for name, setting, unit in rows)
 
 
+def resting_pool_memory(bench: Bench) -> tuple[int, int]:
+    """(RSS, the part of it shared with the worker's main process) of its first pool process, in bytes:
+    what the imports cost before any job, counted in every pool process's RSS."""
+    import psutil
+
+    pool = psutil.Process(bench.worker.pid).children(recursive=True)
+    if not pool:
+        return 0, 0
+    fields = {}
+    for line in Path(f"/proc/{pool[0].pid}/smaps_rollup").read_text().splitlines()[1:]:
+        name, value, *_unit = line.split()
+        fields[name.rstrip(":")] = int(value) * 1024
+    return fields["Rss"], fields["Shared_Clean"] + fields["Shared_Dirty"]
+
+
 def _peak_rss(pid: int) -> int:
     """The peak resident set size of PID since its last reset, in bytes (VmHWM)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():

@@ -16,7 +16,7 @@ import statistics
 import time
 from pathlib import Path
 
-from harness import Bench, csv_source, generate_csv
+from harness import Bench, csv_source, generate_csv, resting_pool_memory
 
 
 def raw_copy(url: str, path: Path) -> float:
@@ -59,6 +59,7 @@ def main() -> None:
     copies, runs, peaks, gz_runs = [], [], [], []
     try:
         bench.start()
+        resting, shared = resting_pool_memory(bench)
         for name in names:
             bench.quiesce()
             copies.append(raw_copy(bench.database_url, path))
@@ -98,7 +99,9 @@ def main() -> None:
     gz_seconds = statistics.median(gz_runs)
     print(f"(c) Ingot from the same CSV gzip-compressed {gz_seconds:7.2f} s  {args.rows / gz_seconds:12,.0f} rows/s"
           f"  ({gz_megabytes:.0f} MB)")
-    print(f"worker peak RSS: {max(peaks) / 2**20:.0f} MB")
+    print(f"worker peak RSS: {max(peaks) / 2**20:.0f} MB (at rest before the first job: {resting / 2**20:.0f} MB, "
+          f"{shared / 2**20:.0f} MB of it shared with the worker's main process; the run added "
+          f"{(max(peaks) - resting) / 2**20:.0f} MB)")
     print(f"re-ingest, file unchanged (skipped): {again:.2f} s, {again / seconds:.2f}x the first load (goal 0.2x)")
     print(f"re-ingest, file unchanged, forced:   {forced:.2f} s, {forced / seconds:.2f}x")
     print(f"re-ingest, 1% of rows changed:       {changed:.2f} s, {changed / seconds:.2f}x (goal 0.5x)")
