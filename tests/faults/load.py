@@ -1,8 +1,9 @@
 """A mixed load for the fault suite, and its ledger.
 
 Each round submits, through the API, an ingestion of a few CSV sources of its own (known good and
-bad rows), an export, and a scenario run over curves loaded once at the start; every job's end is a
-webhook event to a local receiver. The ledger is what PostgreSQL and the receiver say was done:
+bad rows), an export, and a scenario run over curves loaded once at the start, then a backlog of
+scenario runs queued behind them (`INGOT_FAULT_BACKLOG`); every job's end is a webhook event to a
+local receiver. The ledger is what PostgreSQL and the receiver say was done:
 
 - lost: a submitted job that did not end `succeeded`, a row of its files missing from
   `observations` or `quarantine`, a scenario run without its outputs, or a succeeded job whose event
@@ -34,6 +35,8 @@ from tests.test_curves import CURVES_SOURCE, write_curves
 EVENTS = {"ingestion": "ingestion.completed", "export": "export.completed", "scenario_run": "scenario.run.completed"}
 SOURCES_PER_ROUND, BAD_EVERY, BATCH = 3, 500, 1000
 ROWS = int(os.environ.get("INGOT_FAULT_ROWS", "6000"))  # per source and round; `make faults` raises it
+# Scenario runs queued behind each round's three jobs, so every fault also lands on a waiting backlog.
+BACKLOG = int(os.environ.get("INGOT_FAULT_BACKLOG", "20"))
 CURVE_KEYS = ["NG_HENRY_HUB", "PWR_PJM_WEST_PEAK", "PWR_ERCOT_NORTH_PEAK"]
 
 
@@ -93,6 +96,8 @@ class Load:
                 ("export", self._retry(lambda: self.client.start_export("csv", filters={"source": exported})
                                        ["export_id"])),
                 ("scenario_run", self._retry(lambda: self.client.run_scenario(self.scenario_id)["run_id"]))]
+        made += [("scenario_run", self._retry(lambda: self.client.run_scenario(self.scenario_id)["run_id"]))
+                 for _ in range(BACKLOG)]
         self.jobs += made
         return [job_id for _, job_id in made]
 
