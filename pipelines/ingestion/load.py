@@ -9,7 +9,7 @@ change, so re-ingesting the same input rewrites nothing. Duplicate keys within a
 first (the last line wins).
 
 Every row carries a hash of its key and content (`row_hash`). When a run first meets a key the
-partition has, it reads the partition's stored hashes once (8 bytes a row, one sequential scan); from
+partition has, it reads the partition's stored hashes once (8 bytes a row, in page-range slices); from
 then on a row whose hash is stored, and whose key this run has not written, is the row already there
 and is left out before the merge: a file with 1% of its rows changed merges 1% of them. A forced run
 compares nothing (`force`: the merge itself decides, row by row, on the values).
