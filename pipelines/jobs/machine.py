@@ -23,6 +23,7 @@ from typing import Any
 import psutil
 from psycopg import sql as psql
 from sqlalchemy import Update, bindparam, case, func, insert, literal, select, text, update
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
@@ -121,17 +122,27 @@ def transition(session: Session, job_id: str, to: JobState, **values: Any) -> bo
 # --- queued: created, cancelled, re-run, re-sent ----------------------------------------------------
 
 
+def _first_values(kind: JobKind, params: dict[str, Any], *, sources: list[str] | None = None,
+                  request_id: str | None = None, api_key_id: str | None = None,
+                  timeout_seconds: int | None = None) -> dict[str, Any]:
+    """What a new job's row holds, whoever writes it, but for its place among its kind's messages
+    (`sent_at`, `send_seq`), which each writer takes in its own statement."""
+    return {"id": new_id("job"), "kind": kind, "state": Q, "params": params, "sources": sources or [],
+            "request_id": request_id, "api_key_id": api_key_id,
+            "timeout_seconds": timeout_seconds or get_settings().job_timeout_seconds, "progress": 0,
+            "records_processed": 0, "records_failed": 0, "attempts": 0, "result": {}, "checkpoint": {},
+            "celery_task_id": str(uuid.uuid4())}
+
+
 def create_job(session: Session, *, kind: JobKind, params: dict[str, Any], send: Sender,
                sources: list[str] | None = None, request_id: str | None = None, api_key_id: str | None = None,
                timeout_seconds: int | None = None) -> Job:
     """Record a queued job in SESSION's transaction; its message goes out only once that commits. The
     kind decides the task and the queue (`worker.queues`)."""
-    job = session.scalars(insert(Job).values(
-        id=new_id("job"), kind=kind, state=Q, params=params, sources=sources or [], request_id=request_id,
-        api_key_id=api_key_id, timeout_seconds=timeout_seconds or get_settings().job_timeout_seconds,
-        progress=0, records_processed=0, records_failed=0, attempts=0, result={}, checkpoint={},
-        celery_task_id=str(uuid.uuid4()), sent_at=func.now(), send_seq=_next_send(kind),
-    ).returning(Job)).one()
+    first = _first_values(kind, params, sources=sources, request_id=request_id, api_key_id=api_key_id,
+                          timeout_seconds=timeout_seconds)
+    job = session.scalars(insert(Job).values(**first, sent_at=func.now(), send_seq=_next_send(kind))
+                          .returning(Job)).one()
     message = Message(job.id, job.kind, job.celery_task_id)  # type: ignore[arg-type]
     on_commit(session, lambda: send(message))
     return job
@@ -140,15 +151,23 @@ def create_job(session: Session, *, kind: JobKind, params: dict[str, Any], send:
 # The same new row, written on the API's event loop (pipelines.core.adb) in one statement that also
 # share-locks the object the job is about (a delete, which locks it exclusively, waits; starts of the
 # same object do not wait for each other), and answers with the job as `pipelines.jobs.listing` shows it.
+_FIRST_COLUMNS = ("id", "kind", "state", "params", "sources", "request_id", "api_key_id", "timeout_seconds",
+                  "progress", "records_processed", "records_failed", "attempts", "result", "checkpoint",
+                  "celery_task_id")
 _CREATE_NOW = psql.SQL(
     "WITH about AS (SELECT FROM {table} WHERE id = %(about)s FOR KEY SHARE) "
-    "INSERT INTO jobs (id, kind, state, params, sources, request_id, api_key_id, timeout_seconds, progress, "
-    "records_processed, records_failed, attempts, result, checkpoint, celery_task_id, sent_at, send_seq) "
-    "SELECT %(id)s, %(kind)s, %(state)s, %(params)s, %(sources)s::text[], %(request_id)s, %(api_key_id)s, "
-    "%(timeout)s, 0, 0, 0, 0, '{{}}', '{{}}', %(task)s, now(), nextval(%(sequence)s::regclass) FROM about "
+    "INSERT INTO jobs ({columns}, sent_at, send_seq) "
+    "SELECT {values}, now(), nextval(%(sequence)s::regclass) FROM about "
     "RETURNING id, kind, state, progress, records_processed, records_failed, params, result, error, created_at, "
     "started_at, finished_at, request_id, celery_task_id, attempts, sources")
-_LOCKABLE = {"scenarios": _CREATE_NOW.format(table=psql.Identifier("scenarios"))}
+_LOCKABLE = {"scenarios": _CREATE_NOW.format(
+    table=psql.Identifier("scenarios"), columns=psql.SQL(", ").join(map(psql.Identifier, _FIRST_COLUMNS)),
+    # Cast to the columns' own types, so that the SELECT's outputs are what they take (an empty list
+    # is no array by itself).
+    values=psql.SQL(", ").join(
+        psql.SQL("{}::{}").format(psql.Placeholder(column),
+                                  psql.SQL(Job.__table__.c[column].type.compile(dialect=postgresql.dialect())))
+        for column in _FIRST_COLUMNS))}
 
 
 async def create_job_now(*, kind: JobKind, params: dict[str, Any], send: Sender, about: tuple[str, str],
@@ -160,10 +179,11 @@ async def create_job_now(*, kind: JobKind, params: dict[str, Any], send: Sender,
     from pipelines.core import adb
 
     table, about_id = about
-    row = await adb.write(_LOCKABLE[table], {
-        "about": about_id, "id": new_id("job"), "kind": kind.value, "state": Q.value, "params": Jsonb(params),
-        "sources": [], "request_id": request_id, "api_key_id": api_key_id,
-        "timeout": get_settings().job_timeout_seconds, "task": str(uuid.uuid4()), "sequence": SEND_SEQUENCES[kind]})
+    first = _first_values(kind, params, request_id=request_id, api_key_id=api_key_id)
+    assert tuple(first) == _FIRST_COLUMNS
+    values = {column: Jsonb(value) if isinstance(value, dict) else getattr(value, "value", value)
+              for column, value in first.items()}
+    row = await adb.write(_LOCKABLE[table], {**values, "about": about_id, "sequence": SEND_SEQUENCES[kind]})
     if row is not None:
         send(Message(row["id"], row["kind"], row["celery_task_id"]))
     return row
