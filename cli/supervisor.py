@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 import httpx
 from rich.console import Console
@@ -116,9 +117,13 @@ class Supervisor:
         return env
 
     def _local_admin_key(self) -> str:
-        # Keys are stored hashed, so the previous run's key cannot be shown again: make a new one.
+        # Keys are stored hashed, so the previous run's key cannot be shown again: it gets a new secret.
+        # Rotated, not replaced, so the webhooks made with it keep receiving.
         with session_scope() as session:
-            keys.revoke_named(session, LOCAL_KEY_NAME)
+            row = keys.live_named(session, LOCAL_KEY_NAME)
+            rotated = keys.rotate(session, row.id, timedelta(0)) if row is not None else None
+            if rotated is not None:
+                return rotated[1]
             _row, key = keys.create_key(session, LOCAL_KEY_NAME, ["admin"])
         return key
 

@@ -9,6 +9,7 @@ from fastapi import APIRouter, Query, Request
 from api.deps import ReadKey, SessionDep, WriteKey
 from api.envelope import ApiError, Cursor, Envelope, found, ok
 from api.schemas import JobList, JobOut
+from pipelines.auth import keys
 from pipelines.core.models import Job, JobKind, JobState
 from pipelines.jobs import control, listing
 from worker.dispatch import relay_webhooks, revoke
@@ -20,19 +21,22 @@ router = APIRouter(prefix="/jobs", tags=["jobs"])
 def list_jobs(
     request: Request,
     session: SessionDep,
-    _key: ReadKey,
+    key: ReadKey,
     kind: JobKind | None = None,
     state: JobState | None = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 50,
     cursor: Cursor = None,
 ) -> dict:
-    rows, next_cursor = listing.page(session, kind=kind, state=state, cursor=cursor, limit=limit)
+    """Jobs newest first; exports only the caller's own (an admin's: every one)."""
+    rows, next_cursor = listing.page(session, kind=kind, state=state, cursor=cursor, limit=limit,
+                                     owner=keys.owner_filter(key))
     return ok(request, {"jobs": [JobOut.of(j) for j in rows]}, next_cursor=next_cursor)
 
 
 @router.get("/{job_id}", response_model=Envelope[JobOut])
-async def get_job(job_id: str, request: Request, _key: ReadKey) -> dict:
-    return ok(request, JobOut.model_validate(found(await listing.fetch_job(job_id), f"no job '{job_id}'")))
+async def get_job(job_id: str, request: Request, key: ReadKey) -> dict:
+    job = await listing.fetch_job(job_id, keys.owner_filter(key))
+    return ok(request, JobOut.model_validate(found(job, f"no job '{job_id}'")))
 
 
 def _job(session, job_id: str) -> Job:
@@ -40,12 +44,12 @@ def _job(session, job_id: str) -> Job:
 
 
 @router.post("/{job_id}/cancel", status_code=202, response_model=Envelope[JobOut])
-def cancel(job_id: str, request: Request, session: SessionDep, _key: WriteKey) -> dict:
+def cancel(job_id: str, request: Request, session: SessionDep, key: WriteKey) -> dict:
     """Cancel a job: a queued job at once, a running one at its next batch boundary (committed
     batches stay). Cancelling a job that has ended is 409."""
     try:
         state = control.request_cancel(session, job_id, request.state.request_id, revoke=revoke,
-                                       relay=relay_webhooks)
+                                       relay=relay_webhooks, owner=keys.owner_filter(key))
     except control.NoSuchJob:
         raise ApiError(404, f"no job '{job_id}'") from None
     except control.NotCancellable as exc:

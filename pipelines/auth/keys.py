@@ -21,6 +21,7 @@ from pipelines.core import adb, embedded
 from pipelines.core.db import affected, on_commit
 from pipelines.core.models import ApiKey
 from pipelines.core.settings import get_settings
+from pipelines.webhooks import endpoints
 
 log = logging.getLogger(__name__)
 GENERATION = "ingot:keys:generation"
@@ -123,16 +124,17 @@ def list_keys(session: Session) -> list[ApiKey]:
 
 
 def revoke(session: Session, key_id: str) -> bool:
+    """Revoke KEY_ID at once: it is refused from the next request, and its webhooks stop receiving
+    (disabled with the reason `key_revoked`) in the same transaction."""
     _changed(session)
     result = session.execute(
         update(ApiKey).where(ApiKey.id == key_id, ApiKey.revoked_at.is_(None)).values(revoked_at=datetime.now(UTC))
     )
+    endpoints.close_orphaned(session)
     return bool(affected(result))
 
 
-def revoke_named(session: Session, name: str) -> int:
-    _changed(session)
-    result = session.execute(
-        update(ApiKey).where(ApiKey.name == name, ApiKey.revoked_at.is_(None)).values(revoked_at=datetime.now(UTC))
-    )
-    return affected(result)
+def live_named(session: Session, name: str) -> ApiKey | None:
+    """The newest live key called NAME, if any."""
+    return session.scalars(select(ApiKey).where(ApiKey.name == name, ApiKey.revoked_at.is_(None))
+                           .order_by(ApiKey.created_at.desc()).limit(1)).first()

@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 
 from pipelines.core.db import on_commit
 from pipelines.core.models import ACTIVE_STATES, Job, JobKind, JobState
-from pipelines.jobs import journal
+from pipelines.jobs import journal, listing
 from pipelines.jobs.machine import NotCancellable, Sender, cancel, create_job
 
 # Advisory lock held while a job that claims sources is checked and created.
@@ -59,9 +59,12 @@ def start_ingestion(session: Session, sources: list[str], options: dict, send: S
 
 
 def request_cancel(session: Session, job_id: str, request_id: str | None, *, revoke: Callable[[str], None],
-                   relay: Callable[[], object]) -> str:
+                   relay: Callable[[], object], owner: str | None = None) -> str:
     """Cancel JOB_ID in SESSION's transaction; once it commits, its message is revoked and, if it ended
-    here, its job.cancelled event relayed. Returns the new state; NoSuchJob, NotCancellable."""
+    here, its job.cancelled event relayed. Returns the new state; NoSuchJob (also for another's export
+    when OWNER is given), NotCancellable."""
+    if owner is not None and listing.get(session, job_id, owner=owner) is None:
+        raise NoSuchJob(job_id)
     outcome = cancel(session, job_id)
     if outcome is None:
         raise NoSuchJob(job_id)

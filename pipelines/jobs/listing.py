@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
 from pipelines.core import adb
@@ -14,27 +14,38 @@ from pipelines.core.pagination import Keyset
 NEWEST_FIRST = Keyset((Job.created_at, Job.id), descending=True)
 
 
-def get(session: Session, job_id: str, kind: JobKind | None = None) -> Job | None:
-    """The job JOB_ID (of KIND, when given), or None."""
+def visible(kind: str, job_owner: str | None, owner: str | None) -> bool:
+    """Whether a job is shown to a caller who may see OWNER's objects (None: an admin, everyone's).
+    An export belongs to the key or user that made it; every other job is shared by every reader."""
+    return owner is None or kind != JobKind.EXPORT or job_owner == owner
+
+
+def get(session: Session, job_id: str, kind: JobKind | None = None, owner: str | None = None) -> Job | None:
+    """The job JOB_ID (of KIND, when given), or None; None too for another's export when OWNER is given."""
     job = session.get(Job, job_id)
-    return job if job is not None and (kind is None or job.kind == kind) else None
+    if job is None or (kind is not None and job.kind != kind) or not visible(job.kind, job.api_key_id, owner):
+        return None
+    return job
 
 
-def page(session: Session, *, kind: JobKind | None, state: JobState | None, cursor: str | None, limit: int
-         ) -> tuple[list[Job], str | None]:
-    """Jobs newest first, filtered; BadCursor for a cursor that is not ours."""
+def page(session: Session, *, kind: JobKind | None, state: JobState | None, cursor: str | None, limit: int,
+         owner: str | None = None) -> tuple[list[Job], str | None]:
+    """Jobs newest first, filtered (and without others' exports when OWNER is given); BadCursor for a
+    cursor that is not ours."""
     query = select(Job)
     if kind:
         query = query.where(Job.kind == kind)
     if state:
         query = query.where(Job.state == state)
+    if owner is not None:
+        query = query.where(or_(Job.kind != JobKind.EXPORT, Job.api_key_id == owner))
     return NEWEST_FIRST.page(session, query, cursor, limit)
 
 
 # On the API's event loop (pipelines.core.adb): rows as dicts, in one round trip each.
 
 _JOB = ("SELECT id, kind, state, progress, records_processed, records_failed, params, result, error, created_at, "
-        "started_at, finished_at, request_id, celery_task_id, attempts, sources FROM jobs WHERE id = %s")
+        "started_at, finished_at, request_id, celery_task_id, attempts, sources, api_key_id FROM jobs WHERE id = %s")
 
 _OVERVIEW = (
     "(SELECT 'current' AS slot, id, state, progress, records_processed, records_failed, started_at, finished_at "
@@ -45,9 +56,12 @@ _OVERVIEW = (
 )
 
 
-async def fetch_job(job_id: str) -> dict[str, Any] | None:
-    """The job JOB_ID as a row, or None."""
-    return await adb.fetch_one(_JOB, (job_id,))
+async def fetch_job(job_id: str, owner: str | None = None) -> dict[str, Any] | None:
+    """The job JOB_ID as a row, or None; None too for another's export when OWNER is given."""
+    row = await adb.fetch_one(_JOB, (job_id,))
+    if row is None or not visible(row["kind"], row.pop("api_key_id"), owner):
+        return None
+    return row
 
 
 async def fetch_ingestion_overview() -> dict[str, dict[str, Any] | None]:

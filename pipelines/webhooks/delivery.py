@@ -152,7 +152,8 @@ class _Locks:
         self.held = set(self._lock(ids))
         assert self.connection is not None
         rows = list(self.connection.execute(text(
-            "SELECT d.id, d.attempts, d.state, w.id AS webhook_id, w.url, w.enabled, w.secret_encrypted, "
+            "SELECT d.id, d.attempts, d.state, w.id AS webhook_id, w.url, "
+            "w.enabled AND NOT ingot_owner_gone(w.api_key_id) AS enabled, w.secret_encrypted, "
             "w.failing_since, e.id AS event_id, e.type, e.payload, e.created_at, "
             "extract(epoch FROM d.claimed_until - now()) AS claim_left "
             "FROM webhook_deliveries d JOIN webhooks w ON w.id = d.webhook_id "

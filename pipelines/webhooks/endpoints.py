@@ -27,6 +27,27 @@ class TooManyWebhooks(Exception):
     pass
 
 
+# --- who receives what ----------------------------------------------------------------------------
+# Decided in SQL, by two functions (migration 0015) that the relay (which deliveries to make) and each
+# attempt (whether to send) both call: `ingot_owner_gone(owner)` (a key revoked or expired, a user
+# disabled) and `ingot_sees_job(endpoint owner, job kind, job owner)` (an export's events only to its
+# owner and admins).
+
+
+def close_orphaned(session: Session) -> int:
+    """Disable every enabled endpoint whose owner is gone, saying why (`key_revoked`, `key_expired`,
+    `user_disabled`). Deliveries stop before this runs (the relay and each attempt check `ingot_owner_gone`):
+    this makes the endpoint's state say so. Returns how many were disabled."""
+    return affected(session.execute(text(
+        "UPDATE webhooks w SET enabled = false, disabled_at = now(), disabled_reason = CASE "
+        "  WHEN EXISTS (SELECT 1 FROM api_keys k WHERE k.id = w.api_key_id AND k.revoked_at IS NOT NULL) "
+        "    THEN 'key_revoked' "
+        "  WHEN EXISTS (SELECT 1 FROM api_keys k WHERE k.id = w.api_key_id) THEN 'key_expired' "
+        "  ELSE 'user_disabled' END "
+        "WHERE w.enabled AND w.deleted_at IS NULL AND ingot_owner_gone(w.api_key_id)"
+    )))
+
+
 # --- secrets, encrypted at rest -------------------------------------------------------------------
 
 

@@ -35,7 +35,12 @@ def deliver(delivery_ids: list[str] | str) -> dict[str, str]:
 
 @app.task(name="webhooks.relay", queue=Queues.WEBHOOKS.value, send_events=False)
 def relay() -> int:
-    """The safety net: the outbox listener (worker.outbox) relays as events are committed."""
+    """The safety net: the outbox listener (worker.outbox) relays as events are committed. Also marks
+    disabled the endpoints of keys that expired since (none receives anything meanwhile)."""
+    from pipelines.core.db import session_scope
+    from pipelines.webhooks import endpoints
     from worker.dispatch import relay_webhooks
 
+    with session_scope() as session:
+        endpoints.close_orphaned(session)
     return relay_webhooks()
