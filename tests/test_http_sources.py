@@ -237,3 +237,87 @@ def test_a_secret_in_the_url_path_is_never_shown(client, start_worker, write_sou
     failed = client.wait(client.start_ingestion(["gone"])["job_id"], timeout=60)
     assert failed["state"] == "failed" and "${PATH_TOKEN}" in failed["error"] and token not in failed["error"]
     assert token not in client.http.get("/api/v1/sources/gone").text
+
+
+# --- compressed pages: unpacked with a ceiling --------------------------------------------------
+
+CSV_LINE = b"h00001,2026-02-01T00:00:00Z,1.5,A1\n"
+
+
+def bomb(expanded_mb: int) -> bytes:
+    """A CSV page of EXPANDED_MB megabytes, gzip by its content (identical members, one a megabyte
+    unpacked), then gzipped again as its Content-Encoding: a few kilobytes on the wire."""
+    import gzip
+
+    header = gzip.compress(b"id,period,value,area\n")
+    member = gzip.compress(CSV_LINE * ((1 << 20) // len(CSV_LINE)), 9)
+    return gzip.compress(header + member * expanded_mb, 9)
+
+
+def high_water_mark(pid: int) -> int:
+    """PID's peak resident memory so far, in bytes (Linux's VmHWM)."""
+    with open(f"/proc/{pid}/status") as status:
+        line = next(line for line in status if line.startswith("VmHWM:"))
+    return int(line.split()[1]) * 1024
+
+
+def test_a_page_that_unpacks_past_the_limit_is_refused_without_being_held(client, start_worker, write_sources,
+                                                                          api):
+    import gzip
+
+    from tests.helpers import api_processes, wait_for
+
+    page = bomb(500)
+    assert len(page) < 100_000
+    api.routes["/bomb"] = lambda q, h: (200, {"Content-Type": "text/csv", "Content-Encoding": "gzip"}, page)
+    honest = gzip.compress(b"id,period,value,area\n" + CSV_LINE + b"h00002,2026-02-01T01:00:00Z,2.5,A2\n")
+    api.routes["/honest"] = lambda q, h: (200, {"Content-Encoding": "gzip"}, gzip.compress(honest))
+    write_sources(http_source("bomb", f"{api.url}/bomb").replace('format = "json"', 'format = "csv"')
+                  + http_source("honest", f"{api.url}/honest").replace('format = "json"', 'format = "csv"'))
+
+    # In a worker: the job fails saying why, and the pool process barely grows.
+    worker = start_worker(beat=False)  # (with beat, every process's command line says "beat")
+    wait_for(worker.pool_pids, timeout=30, message="the worker's pool process")
+    pool = worker.pool_pids()[0]
+    before = high_water_mark(pool)
+    job = ingest(client, "bomb")
+    assert job["state"] == "failed", job
+    assert "larger than 67,108,864 bytes once unpacked" in job["error"], job["error"]
+    assert high_water_mark(pool) - before < 50 * 2**20
+    assert stored("bomb") == []
+    # A page compressed twice over within the limit still loads.
+    assert ingest(client, "honest")["state"] == "succeeded" and len(stored("honest")) == 2
+
+    # In the API's own process, testing the source: refused, and the process barely grows.
+    with api_processes(1) as (url,):
+        import httpx
+        import psutil
+
+        pid = next(c.pid for c in psutil.net_connections("tcp")
+                   if c.status == "LISTEN" and c.laddr.port == int(url.rsplit(":", 1)[1]))
+        before = high_water_mark(pid)
+        answer = httpx.post(f"{url}/api/v1/sources/bomb/test", headers=client.http.headers, timeout=60)
+        assert answer.status_code == 200, answer.text
+        result = answer.json()["data"]
+        assert result["connected"] is True and "once unpacked" in result["error"], result
+        assert high_water_mark(pid) - before < 50 * 2**20
+
+
+def test_inflate_counts_every_member_and_refuses_past_the_limit():
+    import gzip
+    import zlib
+
+    from pipelines.ingestion.sources import inflate
+
+    two_members = gzip.compress(b"a" * 1000) + gzip.compress(b"b" * 1000)
+    assert inflate.inflate(two_members, "gzip", 2000) == b"a" * 1000 + b"b" * 1000
+    assert inflate.inflate(two_members, "gzip", 2000, keep=False) == b""
+    with pytest.raises(inflate.TooLarge):
+        inflate.inflate(two_members, "gzip", 1999, keep=False)
+    assert inflate.inflate(zlib.compress(b"xyz" * 100), "deflate", 300) == b"xyz" * 100
+    raw = zlib.compressobj(wbits=-zlib.MAX_WBITS)
+    assert inflate.inflate(raw.compress(b"raw" * 10) + raw.flush(), "deflate", 30) == b"raw" * 10
+    with pytest.raises(zlib.error):
+        inflate.inflate(gzip.compress(b"c" * 5000)[:-20], "gzip", 10_000)  # cut short
+    with pytest.raises(inflate.Unsupported):
+        inflate.inflate(b"..", "br", 10)

@@ -15,6 +15,7 @@ import os
 import random
 import re
 import time
+import zlib
 from collections.abc import Iterator
 from urllib.parse import urlsplit, urlunsplit
 
@@ -24,9 +25,10 @@ import pyarrow as pa
 
 from pipelines.core.retry import retry_after
 from pipelines.core.settings import get_settings
+from pipelines.ingestion.sources import inflate
 from pipelines.ingestion.sources.batches import Piece, RawBatch, Reject, records_table
 from pipelines.ingestion.sources.files import read_stream
-from pipelines.ingestion.sources.registry import SourceConfig, SourceError
+from pipelines.ingestion.sources.registry import SourceConfig, SourceContentError, SourceError
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _RETRY_STATUS = {429, 500, 502, 503, 504}
@@ -95,7 +97,8 @@ class Fetcher:
     def __init__(self, source: SourceConfig, client: httpx.Client | None = None):
         self.source = source
         self.limit = source.max_response_bytes or get_settings().http_max_response_bytes
-        self.client = client or httpx.Client(timeout=source.timeout, follow_redirects=False)
+        self.client = client or httpx.Client(timeout=source.timeout, follow_redirects=False,
+                                             headers={"Accept-Encoding": inflate.ACCEPT_ENCODING})
         self.origin = _origin(httpx.URL(expand(source, source.url or "")))
 
     def close(self) -> None:
@@ -151,16 +154,50 @@ class Fetcher:
         raise SourceError(f"source '{source.id}': {shown}: {problem} after {attempts} attempt(s)")
 
     def _read(self, response: httpx.Response, shown: str) -> bytes:
+        """The page's body, unpacked from its Content-Encoding. Its bytes on the wire and its bytes
+        unpacked each count against the limit, and the unpacked size is known before it is held."""
         declared = response.headers.get("content-length")
         too_big = f"source '{self.source.id}': the response from {shown} is larger than {self.limit:,} bytes"
         if declared and declared.isdigit() and int(declared) > self.limit:
             raise SourceError(too_big)
+        encoding = response.headers.get("content-encoding", "identity").strip().lower()
+        if encoding not in ("", "identity", *inflate.ENCODINGS):
+            raise SourceContentError(f"source '{self.source.id}': the response from {shown} is {encoding}-encoded, "
+                                     f"which Ingot does not unpack (it asks for {inflate.ACCEPT_ENCODING})")
         body = bytearray()
-        for chunk in response.iter_bytes():
+        for chunk in response.iter_raw():  # as sent: httpx would unpack each chunk whole
             body += chunk
             if len(body) > self.limit:
                 raise SourceError(too_big)
-        return bytes(body)
+        if encoding in ("", "identity"):
+            return bytes(body)
+        return unpacked(self.source, bytes(body), encoding, self.limit, shown)
+
+
+def unpacked(source: SourceConfig, data: bytes, encoding: str, limit: int, shown: str, *, keep: bool = True
+             ) -> bytes:
+    """DATA unpacked (or, KEEP false, DATA itself once checked), refused (SourceContentError) if it
+    would come to more than LIMIT bytes: counted first, a megabyte at a time, so a bomb is refused
+    without ever being held."""
+    try:
+        inflate.inflate(data, encoding, limit, keep=False)
+        return inflate.inflate(data, encoding, limit) if keep else data
+    except inflate.TooLarge:
+        raise SourceContentError(f"source '{source.id}': the response from {shown} is larger than {limit:,} bytes "
+                                 f"once unpacked ({len(data):,} bytes {encoding}-compressed); raise "
+                                 "max_response_bytes if this page is meant to be that large") from None
+    except zlib.error as exc:
+        raise SourceContentError(f"source '{source.id}': the response from {shown} is not valid {encoding}: "
+                                 f"{exc}") from None
+
+
+def _content(source: SourceConfig, body: bytes, limit: int, shown: str) -> bytes:
+    """The page's content. A body that is gzip by its content (a `.csv.gz` served as is) is checked
+    against LIMIT once unpacked; JSON is unpacked here, CSV and JSON Lines as they are parsed
+    (`lines.open_stream`)."""
+    if not body.startswith(inflate.GZIP_MAGIC):
+        return body
+    return unpacked(source, body, "gzip", limit, shown, keep=source.format not in ("csv", "jsonl"))
 
 
 def _parse(source: SourceConfig, body: bytes, first_record: int, shown: str) -> RawBatch:
@@ -265,6 +302,7 @@ def stream(
                 params[source.cursor_param] = since  # the API itself sends only what is new
             shown = shown_url(source, url)
             body, headers = fetcher.get(url, params)
+            body = _content(source, body, fetcher.limit, shown)
             raw = _parse(source, body, state["record"], shown)
             try:
                 state = _next_state(source, state, body, headers, raw.rows_seen)
