@@ -5,11 +5,13 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi_offline import FastAPIOffline
 from starlette.concurrency import run_in_threadpool
+from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from api import envelope, limits, metrics
 from api.access import Access
@@ -82,7 +84,16 @@ def create_app() -> FastAPI:
                                            "X-RateLimit-Reset", "Retry-After", "X-Pagination-Total"])
     # Outermost: the body is counted before anything else reads the request.
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    if settings.trusted_proxy_list:
+        # Who the client is (rate limits by address, the login limit) is the connection's address,
+        # unless the connection comes from a listed proxy. Decided here, not by the server's options
+        # (uvicorn's own trusts loopback by default), so every way of serving the app agrees.
+        app.add_middleware(ProxyHeadersMiddleware, trusted_hosts=settings.trusted_proxy_list)
     return app
+
+
+# How the server must run the app: forwarded headers are the app's business (see create_app).
+SERVER_OPTIONS: dict[str, Any] = {"proxy_headers": False, "server_header": False}
 
 
 def _document_no_nul(app: FastAPI) -> None:

@@ -51,9 +51,9 @@ class Bench:
 
         import uvicorn
 
-        from api.main import create_app
+        from api.main import SERVER_OPTIONS, create_app
 
-        self.server = uvicorn.Server(uvicorn.Config(create_app(), host="127.0.0.1", port=self.port,
+        self.server = uvicorn.Server(uvicorn.Config(create_app(), host="127.0.0.1", port=self.port, **SERVER_OPTIONS,
                                                     log_level="warning"))
         threading.Thread(target=self.server.run, daemon=True).start()
         while not self.server.started:

@@ -38,14 +38,29 @@ def api(migrate: bool = typer.Option(True, help="wait for the database and migra
     """Run the HTTP API."""
     import uvicorn
 
+    from api.main import SERVER_OPTIONS
     from pipelines.core.settings import get_settings
 
+    settings = get_settings()
+    if settings.auth_disabled and not _loopback(settings.api_host):
+        raise typer.BadParameter(f"INGOT_AUTH_DISABLED makes every caller an admin: it is refused on "
+                                 f"{settings.api_host}, which is not a loopback address", param_hint="INGOT_API_HOST")
     if migrate:
         _wait_and_migrate()
-    settings = get_settings()
     # The API writes its own access line (api.access): uvicorn's would only be formatted to be dropped.
     uvicorn.run("api.main:create_app", factory=True, host=settings.api_host, port=settings.api_port,
-                log_config=None, proxy_headers=True, access_log=False)
+                log_config=None, access_log=False, **SERVER_OPTIONS)
+
+
+def _loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 @app.command()

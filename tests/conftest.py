@@ -157,8 +157,9 @@ def clean_state():
     from pipelines.core import cache
 
     cache.drop("")
-    for key in client.scan_iter(match="ingot:ratelimit:*", count=1000):  # every test starts with full buckets
-        client.delete(key)
+    for pattern in ("ingot:ratelimit:*", "ingot:login:*"):  # every test starts with full buckets
+        for key in client.scan_iter(match=pattern, count=1000):
+            client.delete(key)
 
 
 @pytest.fixture(scope="session")
@@ -297,10 +298,11 @@ def api_url() -> str:
     """The real API over real HTTP: uvicorn in a thread of the test process."""
     import uvicorn
 
-    from api.main import create_app
+    from api.main import SERVER_OPTIONS, create_app
 
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(), host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(create_app(), host="127.0.0.1", port=port, log_level="warning",
+                                           **SERVER_OPTIONS))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 20

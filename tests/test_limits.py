@@ -208,3 +208,79 @@ def test_a_key_may_hold_only_so_many_webhooks(api_url, configure):
         assert owner.http.post("/api/v1/webhooks", json=body).status_code == 201  # room again
     with Client(api_url, make_key(["write"])) as other:  # the cap is per key
         assert other.http.post("/api/v1/webhooks", json=body).status_code == 201
+
+
+# --- who is calling: decided by configuration, not by the caller ---------------------------------
+
+
+def _logins(url: str, forwarded_for: list[str]) -> list[int]:
+    """One failed login per entry, each for an account of its own, claiming to be forwarded for it."""
+    with httpx.Client(base_url=url, timeout=30) as http:
+        return [http.post("/api/v1/auth/login", json={"username": f"who-{i}", "password": "p"},
+                          headers={"X-Forwarded-For": claimed}).status_code
+                for i, claimed in enumerate(forwarded_for)]
+
+
+def test_forwarded_headers_count_only_from_a_trusted_proxy():
+    from pipelines.core.settings import get_settings
+    from tests.helpers import api_processes
+
+    most = get_settings().login_rate_limit_per_minute
+    invented = [f"203.0.113.{i}" for i in range(most + 1)]
+    with api_processes(1) as (url,):  # no proxy trusted: a loopback client is loopback, whatever it says
+        assert _logins(url, invented) == [401] * most + [429]
+    with api_processes(1, INGOT_TRUSTED_PROXIES="127.0.0.1") as (url,):  # behind a proxy on loopback
+        assert _logins(url, invented) == [401] * (most + 1)  # each forwarded address its own bucket
+        assert _logins(url, ["198.51.100.7"] * (most + 1)) == [401] * most + [429]
+
+
+def test_an_account_waits_longer_after_each_failure_from_any_address(api_url, configure):
+    from pipelines.auth import users
+    from pipelines.auth.limits import FREE_FAILURES
+    from pipelines.core.db import session_scope
+
+    configure(login_rate_limit_per_minute=1000)  # the address's own limit is not what is tried here
+    with session_scope() as session:
+        users.create_user(session, "dana", "the right password", ["read"])
+    with httpx.Client(base_url=api_url, timeout=30) as http:
+        def attempt(password: str, username: str = "dana") -> httpx.Response:
+            return http.post("/api/v1/auth/login", json={"username": username, "password": password})
+
+        assert [attempt("wrong").status_code for _ in range(FREE_FAILURES)] == [401] * FREE_FAILURES
+        held = attempt("the right password")  # even the right password waits: the account is held
+        assert held.status_code == 429 and int(held.headers["Retry-After"]) >= 1
+        assert attempt("x", "DANA ").status_code == 429  # the same account whatever its spelling
+        assert attempt("wrong", "someone-else").status_code == 401  # other accounts are not held
+        wait_for(lambda: attempt("the right password").status_code == 200, timeout=10,
+                 message="the account's delay to pass")
+        assert attempt("wrong").status_code == 401  # a success starts the count again
+
+
+@pytest.mark.parametrize(("failures", "delay"), [(0, 0), (4, 0), (5, 1), (6, 2), (10, 32), (14, 512), (15, 900),
+                                                  (10_000, 900)])
+def test_login_delay_grows_to_a_ceiling(failures, delay):
+    from pipelines.auth.limits import login_delay
+
+    assert login_delay(failures) == delay
+
+
+def test_without_redis_logging_in_is_503_and_keys_still_work(admin_key):
+    from tests.helpers import api_processes, free_port
+
+    with api_processes(1, INGOT_REDIS_URL=f"redis://127.0.0.1:{free_port()}/0") as (url,):
+        login = httpx.post(f"{url}/api/v1/auth/login", json={"username": "u", "password": "p"}, timeout=30)
+        assert login.status_code == 503 and login.json()["error"]["code"] == "SERVICE_UNAVAILABLE"
+        assert login.headers["Retry-After"]
+        assert httpx.get(f"{url}/api/v1/jobs", headers={"X-API-Key": admin_key}, timeout=30).status_code == 200
+
+
+def test_authentication_cannot_be_disabled_on_a_public_address():
+    import subprocess
+    import sys
+
+    from tests.helpers import ROOT
+
+    env = {**__import__("os").environ, "INGOT_AUTH_DISABLED": "true", "INGOT_API_HOST": "0.0.0.0"}
+    run = subprocess.run([sys.executable, "-m", "cli.main", "api", "--no-migrate"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode != 0 and "INGOT_AUTH_DISABLED" in run.stderr

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import time
 from typing import Literal
 
+import redis
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
+from starlette.concurrency import run_in_threadpool
 
-from api.deps import ReadKey, SessionDep, limit
+from api import limits
+from api.deps import ReadKey, limit
 from api.envelope import ApiError, Envelope, ok
 from pipelines.auth import users
+from pipelines.auth.limits import Account
+from pipelines.core.db import session_scope
 
 router = APIRouter(prefix="/auth", tags=["auth"])
 
@@ -29,13 +35,40 @@ class Token(BaseModel):
 
 @router.post("/login", response_model=Envelope[Token],
              dependencies=[limit("login", "login_rate_limit_per_minute", by_address=True)])
-def login(body: Login, request: Request, session: SessionDep) -> dict:
-    """Exchange a user's credentials for a bearer token (`Authorization: Bearer ...`)."""
-    issued = users.login(session, body.username, body.password)
+async def login(body: Login, request: Request) -> dict:
+    """Exchange a user's credentials for a bearer token (`Authorization: Bearer ...`). Besides the
+    limit per address, each account waits longer and longer after failed tries in a row (5 free,
+    then 1 s, 2 s, 4 s ... up to 15 minutes), counted by every API process whatever the address."""
+    account = Account.named(body.username)
+    try:
+        (reply,) = await limits.pipe().call(account.read())
+    except redis.RedisError:
+        raise _uncounted() from None
+    left = Account.wait_left(reply, time.time())
+    if left:
+        raise ApiError(429, f"too many failed logins for this account; try again in {left} s",
+                       headers={"Retry-After": str(left)})
+    issued = await run_in_threadpool(_login, body.username, body.password)
+    try:
+        await limits.pipe().call(*(account.succeeded() if issued else account.failed(time.time())))
+    except redis.RedisError:
+        raise _uncounted() from None
     if issued is None:
         raise ApiError(401, "wrong username or password")
     token, lifetime = issued
     return ok(request, {"access_token": token, "token_type": "bearer", "expires_in": lifetime})
+
+
+def _login(username: str, password: str) -> tuple[str, int] | None:
+    with session_scope() as session:
+        return users.login(session, username, password)
+
+
+def _uncounted() -> ApiError:
+    """Logging in is refused rather than left uncounted: without Redis, failed tries could go on
+    forever. (Other routes stay open without counting: see README, Authentication.)"""
+    return ApiError(503, "logging in is unavailable while its limits cannot be counted; try again shortly",
+                    headers={"Retry-After": "5"})
 
 
 class Me(BaseModel):

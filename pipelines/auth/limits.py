@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import dataclass
 
@@ -49,3 +50,47 @@ def hit(client: redis.Redis, bucket: str, caller: str, limit: int, window: int =
             pipe.execute_command(*command)
         count, _ = pipe.execute()
     return counter.verdict(count, limit)
+
+
+# --- logging in: a growing delay per account after failures -------------------------------------
+
+FREE_FAILURES = 5  # failed logins in a row an account may have without waiting
+MOST_DELAY = 15 * 60
+FORGET_AFTER = 24 * 3600  # failures older than this (since the latest) are forgotten
+
+
+def login_delay(failures: int) -> int:
+    """Seconds an account waits after its latest failure before it may try again: none for the first
+    FREE_FAILURES failures in a row, then 1, 2, 4, ... up to MOST_DELAY."""
+    if failures < FREE_FAILURES:
+        return 0
+    return min(2 ** min(failures - FREE_FAILURES, 20), MOST_DELAY)
+
+
+@dataclass(frozen=True)
+class Account:
+    """The failed logins of one username (whatever its letter case), shared by every API process and
+    counted whatever address they come from."""
+
+    key: str
+
+    @classmethod
+    def named(cls, username: str) -> Account:
+        digest = hashlib.sha256(username.strip().lower().encode()).hexdigest()[:32]
+        return cls(f"ingot:login:failures:{digest}")
+
+    def read(self) -> tuple:
+        return ("HMGET", self.key, "count", "last")
+
+    def failed(self, now: float) -> list[tuple]:
+        return [("HINCRBY", self.key, "count", 1), ("HSET", self.key, "last", int(now)),
+                ("EXPIRE", self.key, FORGET_AFTER)]
+
+    def succeeded(self) -> list[tuple]:
+        return [("DEL", self.key)]
+
+    @staticmethod
+    def wait_left(reply: list, now: float) -> int:
+        """Seconds until the account may try again, from READ's reply (0: now)."""
+        count, last = (int(v) if v is not None else 0 for v in reply)
+        return max(0, last + login_delay(count) - int(now)) if count else 0

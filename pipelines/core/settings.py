@@ -42,6 +42,9 @@ class Settings(BaseSettings):
     api_concurrency: int = Field(default=4, ge=1)
     api_queue_seconds: float = 5.0
     cors_origins: str = ""  # comma-separated origins a browser may call the API from; none by default
+    # Comma-separated addresses or networks (10.0.0.0/8) of the proxies in front of the API: only a
+    # connection from one of them may say, in X-Forwarded-For, whom it forwards. None by default.
+    trusted_proxies: str = ""
     metrics_key_labels: bool = False  # label HTTP request metrics by API key id (one series per key)
     retention_days: int = 30  # finished jobs, events, webhook attempts, resolved quarantine; 0 keeps all
     retention_interval_seconds: float = 3600
@@ -82,6 +85,10 @@ class Settings(BaseSettings):
     @classmethod
     def _absolute(cls, value: Path) -> Path:
         return value.expanduser().resolve()
+
+    @property
+    def trusted_proxy_list(self) -> list[str]:
+        return [p.strip() for p in self.trusted_proxies.split(",") if p.strip()]
 
     @property
     def data_root_paths(self) -> list[Path]:
