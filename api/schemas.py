@@ -128,7 +128,8 @@ class SourceList(BaseModel):
 
 
 class SyncStats(BaseModel):
-    total_records: int
+    total_records: int  # counted to 100,000: at least this many when total_records_exact is false
+    total_records_exact: bool = True
     successful: int
     failed: int
     last_error: str | None

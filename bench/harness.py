@@ -22,7 +22,8 @@ class Bench:
         self.home = Path(tempfile.mkdtemp(prefix="ingot-bench-"))
         self.data = self.home / "data"
         self.data.mkdir()
-        os.environ.update(INGOT_HOME=str(self.home), INGOT_SOURCES_FILE=str(self.home / "sources.toml"),
+        # sources.toml and the data beside INGOT_HOME, not in it: file sources may not read there.
+        os.environ.update(INGOT_HOME=str(self.home / "ingot"), INGOT_SOURCES_FILE=str(self.home / "sources.toml"),
                           INGOT_LOG_LEVEL="WARNING", INGOT_WORKER_CONCURRENCY="1", INGOT_IGNORE_ENV_FILE="1")
         os.environ.update(env)
         (self.home / "sources.toml").write_text(sources_toml)

@@ -215,7 +215,8 @@ def main() -> None:
     home = Path(tempfile.mkdtemp(prefix="ingot-scale-"))
     os.chmod(home, 0o755)  # the embedded PostgreSQL's own user creates its data directory inside
     network, servers = Network(), Servers(home)
-    env = {**os.environ, "INGOT_HOME": str(home), "INGOT_SOURCES_FILE": str(home / "sources.toml"),
+    # sources.toml and the data beside INGOT_HOME, not in it: file sources may not read there.
+    env = {**os.environ, "INGOT_HOME": str(home / "ingot"), "INGOT_SOURCES_FILE": str(home / "sources.toml"),
            "INGOT_DATA_ROOTS": str(home / "data"), "INGOT_LOG_LEVEL": "WARNING", "INGOT_IGNORE_ENV_FILE": "1",
            "INGOT_WEBHOOK_ALLOW_PRIVATE": "true", "INGOT_HEARTBEAT_STALE_SECONDS": "6",
            "INGOT_REAPER_INTERVAL_SECONDS": "2", "INGOT_FAULT_ROWS": str(args.rows),

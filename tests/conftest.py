@@ -36,11 +36,15 @@ def _test_database(base_url: str) -> str:
 
 
 def pytest_configure(config) -> None:
-    home = Path(tempfile.mkdtemp(prefix="ingot-test-"))
-    _state["home"] = home
+    # The session's folder holds sources.toml and the data beside INGOT_HOME, as a project does:
+    # file sources may not read under INGOT_HOME.
+    work = Path(tempfile.mkdtemp(prefix="ingot-test-"))
+    home = work / "home"
+    home.mkdir(mode=0o700)
+    _state["work"], _state["home"] = work, home
     os.environ.update(
         INGOT_HOME=str(home),
-        INGOT_SOURCES_FILE=str(home / "sources.toml"),
+        INGOT_SOURCES_FILE=str(work / "sources.toml"),
         INGOT_LOG_FORMAT="console",
         INGOT_LOG_LEVEL="WARNING",
         INGOT_HEARTBEAT_SECONDS="0.5",
@@ -56,7 +60,7 @@ def pytest_configure(config) -> None:
     )
     for name in ("INGOT_DATABASE_URL", "INGOT_REDIS_URL", "INGOT_AUTH_DISABLED", "INGOT_DATA_ROOTS"):
         os.environ.pop(name, None)
-    (home / "sources.toml").write_text("")
+    (work / "sources.toml").write_text("")
 
     from pipelines.core import embedded
 
@@ -94,7 +98,7 @@ def pytest_unconfigure(config) -> None:
         _state["redis"].stop()
     _stop_embedded_postgres(_state["home"] / "pgdata")
     if not os.environ.get("INGOT_KEEP_TEST_HOME"):
-        shutil.rmtree(_state["home"], ignore_errors=True)
+        shutil.rmtree(_state["work"], ignore_errors=True)
 
 
 def _stop_embedded_postgres(pgdata: Path, timeout: float = 30) -> None:
@@ -168,6 +172,12 @@ def session_home() -> Path:
     return _state["home"]
 
 
+@pytest.fixture(scope="session")
+def session_work() -> Path:
+    """The folder of this session's sources.toml and its data (beside INGOT_HOME, not in it)."""
+    return _state["work"]
+
+
 @pytest.fixture
 def embedded_redis():
     """The session's embedded Redis server (skips when the tests were given a Redis of their own)."""
@@ -203,21 +213,21 @@ def home(session_home) -> Path:
 
 
 @pytest.fixture
-def write_sources(home):
+def write_sources(session_work):
     """Write the sources.toml every process reads (INGOT_SOURCES_FILE)."""
 
     def write(text: str) -> Path:
-        path = home / "sources.toml"
+        path = session_work / "sources.toml"
         path.write_text(text)
         return path
 
     yield write
-    (home / "sources.toml").write_text("")
+    (session_work / "sources.toml").write_text("")
 
 
 @pytest.fixture
-def data_dir(home) -> Path:
-    path = home / "data"
+def data_dir(session_work) -> Path:
+    path = session_work / "data"
     if path.exists():
         shutil.rmtree(path)
     path.mkdir()

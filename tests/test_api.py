@@ -139,3 +139,46 @@ def test_the_documentation_loads_with_no_internet(http, page):
         assert http.get(asset).status_code == 200, asset
     openapi = re.search(r"""(?:url|spec-url)["']?\s*[:=]\s*['"]([^'"]+openapi\.json)""", html.text)
     assert openapi and http.get(openapi.group(1)).status_code == 200
+
+
+def test_status_shows_the_servers_own_path_to_admins_only(http, admin_key):
+    from pipelines.core.settings import get_settings
+
+    def storage(key: str) -> dict:
+        answer = http.get("/api/v1/status", headers={"X-API-Key": key})
+        assert answer.status_code == 200, answer.text
+        return answer.json()["data"]["storage"]
+
+    assert storage(admin_key)["path"] == str(get_settings().home)
+    shown = storage(make_key(["read"]))
+    assert shown["path"] is None and str(get_settings().home) not in str(shown)
+    assert shown["total_records"] == 0 and shown["total_records_exact"] is True
+
+
+def test_a_source_urls_query_values_and_credentials_are_redacted(http, write_sources):
+    from tests.fakeapi import http_source
+
+    url = "https://feed:hunter22@api.example.com:8443/v1/prices?token=abc123secret&market=${MARKET}&empty="
+    write_sources(http_source("feed", url))
+    detail = http.get("/api/v1/sources/feed", headers={"X-API-Key": make_key(["read"])}).json()["data"]
+    assert detail["config"]["url"] == \
+        "https://api.example.com:8443/v1/prices?token=<redacted>&market=${MARKET}&empty=<redacted>"
+    assert "abc123secret" not in str(detail) and "hunter22" not in str(detail)
+
+
+def test_totals_are_counted_to_a_cap(session):
+    from sqlalchemy import select
+
+    from pipelines.core.models import Job
+    from pipelines.core.pagination import capped_count
+    from pipelines.jobs.machine import create_job
+
+    for _ in range(5):
+        create_job(session, kind="scenario_run", params={}, send=lambda *a, **k: None)
+    session.commit()
+    at_cap = capped_count(session, select(Job.id), cap=5)
+    assert (at_cap.count, at_cap.exact) == (5, True)
+    over = capped_count(session, select(Job.id), cap=3)
+    assert (over.count, over.exact) == (3, False)
+    exact = capped_count(session, select(Job.id).where(Job.kind == "scenario_run"), cap=10)
+    assert (exact.count, exact.exact) == (5, True)

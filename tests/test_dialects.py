@@ -105,9 +105,9 @@ def declaration(name: str, case: Case) -> str:
 
 
 @pytest.fixture(scope="module")
-def ingested(api_url, session_home):
+def ingested(api_url, session_work):
     """Every case as a source of its own, all ingested by one job; what landed, read back."""
-    home = session_home
+    home = session_work
     for name, case in CASES.items():
         folder = home / "data" / name
         folder.mkdir(parents=True, exist_ok=True)

@@ -54,7 +54,11 @@ def test_parse_refuses(url, reason):
 
 
 def test_resolve_refuses_private_answers_unless_allowed():
-    with pytest.raises(netguard.UnsafeUrl, match="private or reserved") as refused:
+    with pytest.raises(netguard.UnsafeUrl, match="does not resolve to a public address") as refused:
         netguard.resolve("http://localhost:8080/x", allow_private=False)
     assert "127.0.0.1" not in str(refused.value) and "::1" not in str(refused.value)  # the network is not mapped
+    # A name that does not resolve gets the same answer: a caller cannot tell which internal names exist.
+    with pytest.raises(netguard.UnsafeUrl) as unknown:
+        netguard.resolve("http://no-such-host.invalid:8080/x", allow_private=False)
+    assert str(unknown.value).replace("no-such-host.invalid", "localhost") == str(refused.value)
     assert netguard.resolve("http://127.0.0.1:8080/x", allow_private=True) == "127.0.0.1"

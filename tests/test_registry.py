@@ -94,3 +94,29 @@ def test_no_matching_file_is_a_clear_error(tmp_path):
     registry = load_registry(tmp_path / "sources.toml")
     with pytest.raises(SourceError, match="no file matches"):
         registry.files(registry.get("x"))
+
+
+@pytest.mark.parametrize("path", [".ingot/jwt_secret", ".ingot/*", ".ingot/exports/*.csv", "data/../.ingot/secret_key",
+                                  "link/jwt_secret"])
+def test_ingots_own_home_is_never_a_source_even_beside_sources_toml(tmp_path, path):
+    home = tmp_path / ".ingot"
+    (home / "exports").mkdir(parents=True)
+    (home / "jwt_secret").write_text("not for sources\n")
+    (home / "exports" / "job_x.csv").write_text("id\n1\n")
+    (tmp_path / "data").mkdir()
+    os.symlink(home, tmp_path / "link")  # a link into the home is followed to where it leads
+    (tmp_path / "sources.toml").write_text(f'[sources.x]\ntype = "file"\nformat = "csv"\npath = "{path}"\n')
+    registry = load_registry(tmp_path / "sources.toml", home=home)
+    with pytest.raises(SourceError, match="outside the allowed data folders|no file matches"):
+        registry.files(registry.get("x"))
+
+
+def test_a_wide_glob_passes_over_ingots_home(tmp_path):
+    home = tmp_path / "state"  # not hidden: a glob would otherwise pass over it by itself
+    (home / "exports").mkdir(parents=True)
+    (home / "exports" / "job_x.csv").write_text("id\n1\n")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "a.csv").write_text("id\n1\n")
+    (tmp_path / "sources.toml").write_text('[sources.x]\ntype = "file"\nformat = "csv"\npath = "**/*.csv"\n')
+    registry = load_registry(tmp_path / "sources.toml", home=home)
+    assert registry.files(registry.get("x")) == [tmp_path / "data" / "a.csv"]

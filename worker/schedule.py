@@ -67,7 +67,7 @@ def beat_schedule(settings: Settings) -> dict:
     from pipelines.ingestion.sources.registry import SourceError, load_registry
 
     try:
-        registry = load_registry(settings.sources_file, settings.data_root_paths)
+        registry = load_registry(settings.sources_file, settings.data_root_paths, settings.home)
     except SourceError as exc:
         log.error("no source schedules: %s", exc)
         return entries

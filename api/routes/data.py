@@ -73,7 +73,9 @@ class Record(BaseModel):
 class PageInfo(BaseModel):
     page: int | None
     limit: int
-    total: int
+    total: int = Field(description="rows the filters match; at least this many when total_exact is false "
+                                   "(totals are counted to 100,000)")
+    total_exact: bool
     pages: int
     next_cursor: str | None
 

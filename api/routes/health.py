@@ -12,6 +12,7 @@ from api.broker import broker_status, queue_depths, workers_online
 from api.deps import ReadKey, SessionDep
 from api.envelope import Envelope, iso, ok
 from pipelines import __version__
+from pipelines.auth import keys
 from pipelines.jobs import status
 
 STARTED = time.monotonic()
@@ -44,7 +45,7 @@ async def api_health(request: Request) -> dict:
 
 
 @router.get("/status", response_model=Envelope[dict[str, Any]])
-def overview(request: Request, session: SessionDep, _key: ReadKey) -> dict:
+def overview(request: Request, session: SessionDep, key: ReadKey) -> dict:
     cycles = status.ingestion_cycles(session)
     cycles["last_cycle"] = iso(cycles["last_cycle"])
     connected = broker_status()
@@ -55,6 +56,6 @@ def overview(request: Request, session: SessionDep, _key: ReadKey) -> dict:
             "database": status.database_stats(session),
             "broker": {"connected": connected, "queues": queue_depths() if connected else {}},
             "workers": {"online": workers_online() if connected else 0},
-            "storage": status.storage(session),
+            "storage": status.storage(session, admin=keys.grants(key, "admin")),
         },
     )

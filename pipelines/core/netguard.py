@@ -8,8 +8,11 @@ lookup), so a DNS answer that changes between check and connect cannot slip past
 from __future__ import annotations
 
 import ipaddress
+import logging
 import socket
 from urllib.parse import urlsplit
+
+log = logging.getLogger(__name__)
 
 _CGNAT = ipaddress.ip_network("100.64.0.0/10")
 _EXTRA = [ipaddress.ip_network(n) for n in ("0.0.0.0/8", "192.0.0.0/24", "198.18.0.0/15", "64:ff9b::/96",
@@ -54,15 +57,17 @@ def parse(url: str) -> tuple[str, str, int]:
 def resolve(url: str, allow_private: bool) -> str:
     """The address to connect to for URL, checked; UnsafeUrl if any answer is not allowed."""
     _scheme, host, port = parse(url)
+    # One answer for a name that does not resolve and for one that resolves to a private address: two
+    # would let a caller probe which internal names exist. The server's log says which it was.
+    unusable = UnsafeUrl(f"{host} cannot receive webhooks: it does not resolve to a public address (set "
+                         "INGOT_WEBHOOK_ALLOW_PRIVATE=true to allow private ones)")
     try:
         answers = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as exc:
-        raise UnsafeUrl(f"cannot resolve {host}: {exc.strerror}") from None
+        log.info("webhook host %s does not resolve: %s", host, exc.strerror)
+        raise unusable from None
     addresses = [ipaddress.ip_address(str(a[4][0]).split("%")[0]) for a in answers]
-    if not allow_private:
-        refused = [str(a) for a in addresses if blocked(a)]
-        if refused:
-            # The addresses are not named: the answer must not map the server's network for the caller.
-            raise UnsafeUrl(f"{host} resolves to a private or reserved address; "
-                            "set INGOT_WEBHOOK_ALLOW_PRIVATE=true to allow it")
+    if not allow_private and any(blocked(a) for a in addresses):
+        log.info("webhook host %s resolves to a private or reserved address", host)
+        raise unusable
     return str(addresses[0])

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Any
 
-from sqlalchemy import Select, tuple_
+from sqlalchemy import Select, func, select, tuple_
 from sqlalchemy.orm import InstrumentedAttribute, Session
 
 
@@ -85,3 +85,20 @@ def _typed(column: InstrumentedAttribute, value: Any) -> Any:
     if not isinstance(value, kind) or isinstance(value, bool):
         raise TypeError(f"{column.key}: {value!r} is not {kind.__name__}")
     return value
+
+
+# Totals are counted this far and no further: past it, a total says "at least this many". Counting
+# every row a filter matches costs a scan of all of them, for every new filter, by anyone.
+COUNT_CAP = 100_000
+
+
+@dataclass(frozen=True)
+class Total:
+    count: int  # exact, or COUNT_CAP when there are more
+    exact: bool
+
+
+def capped_count(session: Session, query: Select, cap: int = COUNT_CAP) -> Total:
+    """How many rows QUERY (a SELECT with its filters) matches, reading at most CAP + 1 of them."""
+    found = session.scalar(select(func.count()).select_from(query.limit(cap + 1).subquery())) or 0
+    return Total(found, True) if found <= cap else Total(cap, False)

@@ -10,11 +10,11 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, UnaryExpression, and_, func, or_, select, tuple_
+from sqlalchemy import ColumnElement, UnaryExpression, and_, or_, select, tuple_
 from sqlalchemy.orm import Session
 
 from pipelines.core import cache, pagination
@@ -93,14 +93,16 @@ def _encode(q: Query, row: Observation) -> str:
     return pagination.encode([value, row.source, row.id])
 
 
-def _total(session: Session, q: Query, where: list) -> int:
-    """How many rows Q's filters match: counted once, then kept in Redis (every API process shares it)
-    until an ingestion commits new rows or a minute passes, not counted again for every page."""
+def _total(session: Session, q: Query, where: list) -> pagination.Total:
+    """How many rows Q's filters match, up to pagination.COUNT_CAP (past it: at least that many):
+    counted once, then kept in Redis (every API process shares it) until an ingestion commits new
+    rows or a minute passes, not counted again for every page."""
     filters = json.dumps([q.source, q.start and q.start.isoformat(), q.end and q.end.isoformat(), q.min_value,
                           q.max_value])
     key = TOTALS + hashlib.sha256(filters.encode()).hexdigest()
-    return int(cache.cached(key, lambda: session.scalar(select(func.count()).select_from(Observation).where(*where)),
-                            ttl=60))
+    count, exact = cache.cached(key, lambda: astuple(pagination.capped_count(
+        session, select(Observation.id).where(*where))), ttl=60)
+    return pagination.Total(int(count), bool(exact))
 
 
 def run(session: Session, q: Query) -> tuple[list[Observation], dict]:
@@ -121,7 +123,8 @@ def run(session: Session, q: Query) -> tuple[list[Observation], dict]:
     return rows, {
         "page": page,
         "limit": q.limit,
-        "total": total,
-        "pages": math.ceil(total / q.limit) if total else 0,
+        "total": total.count,  # at least this many when total_exact is false
+        "total_exact": total.exact,
+        "pages": math.ceil(total.count / q.limit) if total.count else 0,
         "next_cursor": _encode(q, rows[-1]) if more and rows else None,
     }

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import re
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from pipelines.core.models import Observation, SourceState
+from pipelines.core.pagination import capped_count
 from pipelines.ingestion.sources.registry import Registry
 from pipelines.jobs.control import active_sources
 
@@ -16,7 +18,25 @@ _REFERENCE = re.compile(r"^\$\{[A-Za-z_][A-Za-z0-9_]*\}$")
 
 def _redact(values: dict) -> dict:
     """Header and parameter values are shown only when they are ${VAR} references."""
-    return {k: v if isinstance(v, str) and _REFERENCE.match(v) else "<redacted>" for k, v in values.items()}
+    return {k: _shown(v) for k, v in values.items()}
+
+
+def _shown(value) -> str:
+    return value if isinstance(value, str) and _REFERENCE.match(value) else "<redacted>"
+
+
+def _redact_url(url: str | None) -> str | None:
+    """URL with its query values redacted as parameters are (names kept, ${VAR} references shown) and
+    no user or password."""
+    if not url:
+        return url
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    query = urlencode([(name, _shown(value)) for name, value in parse_qsl(parts.query, keep_blank_values=True)],
+                      safe="${}<>")
+    return urlunsplit((parts.scheme, host, parts.path, query, ""))
 
 
 def _states(session: Session) -> dict[str, SourceState]:
@@ -47,12 +67,13 @@ def _summary(registry: Registry, source_id: str, state: SourceState | None, runn
 def detail(session: Session, registry: Registry, source_id: str) -> dict:
     state = session.get(SourceState, source_id)
     summary = _summary(registry, source_id, state, source_id in active_sources(session))
-    total = session.scalar(select(func.count()).select_from(Observation).where(Observation.source == source_id))
+    total = capped_count(session, select(Observation.id).where(Observation.source == source_id))
     config = registry.sources.get(source_id)
     body = config.model_dump(exclude={"id", "validation"}) if config else {}
     if config:
         body["headers"] = _redact(config.headers)
         body["params"] = _redact(config.params)
+        body["url"] = _redact_url(config.url)
     return {
         **summary,
         "config": body,
@@ -60,7 +81,8 @@ def detail(session: Session, registry: Registry, source_id: str) -> dict:
         "schedule": config.schedule if config else None,
         "error": registry.errors.get(source_id),
         "sync_stats": {
-            "total_records": total,
+            "total_records": total.count,  # at least this many when total_records_exact is false
+            "total_records_exact": total.exact,
             "successful": state.successful if state else 0,
             "failed": state.failed if state else 0,
             "last_error": registry.errors.get(source_id) or (state.last_error if state else None),

@@ -42,7 +42,7 @@ _CURSOR_SQL = {"datetime": "timestamptz", "date": "date", "int": "numeric", "flo
 
 def current_registry() -> Registry:
     settings = get_settings()
-    return load_registry(settings.sources_file, settings.data_root_paths)
+    return load_registry(settings.sources_file, settings.data_root_paths, settings.home)
 
 
 def pieces(source: SourceConfig, registry: Registry, batch_rows: int, resume: dict | None,

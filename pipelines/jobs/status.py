@@ -12,6 +12,7 @@ from sqlalchemy.pool import QueuePool
 
 from pipelines.core.db import get_engine
 from pipelines.core.models import ACTIVE_STATES, FINAL_STATES, Job, Observation
+from pipelines.core.pagination import capped_count
 from pipelines.core.settings import get_settings
 
 
@@ -47,16 +48,19 @@ def ingestion_cycles(session: Session) -> dict:
     return {"is_running": bool(running), "cycles_completed": row[0], "errors_count": row[1], "last_cycle": row[2]}
 
 
-def storage(session: Session) -> dict:
+def storage(session: Session, admin: bool) -> dict:
+    """Where Ingot keeps its files and how full it is. The server's own path only to an admin; the
+    records counted to pagination.COUNT_CAP (past it, at least that many), never a whole table."""
     settings = get_settings()
     settings.home.mkdir(parents=True, exist_ok=True)
     usage = shutil.disk_usage(settings.home)
-    total = session.scalar(select(func.count()).select_from(Observation))
+    total = capped_count(session, select(Observation.id))
     return {
         "type": "postgresql",
-        "path": str(settings.home),
+        "path": str(settings.home) if admin else None,
         "available_bytes": usage.free,
-        "total_records": total,
+        "total_records": total.count,
+        "total_records_exact": total.exact,
         "exports_bytes": export_bytes(),
     }
 

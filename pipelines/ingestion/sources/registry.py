@@ -172,6 +172,8 @@ class Registry:
 
     base_dir: Path
     roots: list[Path]
+    # Never read, even inside a root: Ingot's own home (its secrets, export files, embedded databases).
+    forbidden: list[Path] = field(default_factory=list)
     sources: dict[str, SourceConfig] = field(default_factory=dict)
     errors: dict[str, str] = field(default_factory=dict)
 
@@ -197,6 +199,8 @@ class Registry:
         files = []
         for match in matches:
             real = Path(os.path.realpath(match))
+            if self.hidden(real):  # a glob that also reaches INGOT_HOME (export files...) skips it
+                continue
             if not self.allowed(real):
                 raise SourceError(f"source '{source.id}': {match} resolves outside the allowed data folders")
             if real.is_file():
@@ -210,7 +214,12 @@ class Registry:
         return str(path.relative_to(self.base_dir)) if path.is_relative_to(self.base_dir) else str(path)
 
     def allowed(self, path: Path) -> bool:
-        return any(path == root or path.is_relative_to(root) for root in self.roots)
+        """Whether PATH (resolved) lies in a root and outside every forbidden folder."""
+        return not self.hidden(path) and any(path == root or path.is_relative_to(root) for root in self.roots)
+
+    def hidden(self, path: Path) -> bool:
+        """Whether PATH (resolved) lies in a forbidden folder: Ingot's own files, never a source's."""
+        return any(path.is_relative_to(gone) for gone in self.forbidden)
 
 
 def _format_error(source_id: str, error: ValidationError) -> str:
@@ -239,8 +248,9 @@ def _confinement_error(config: SourceConfig, registry: Registry) -> str | None:
     return None
 
 
-def load_registry(path: Path, data_roots: list[Path] | None = None) -> Registry:
-    """Read PATH. A missing or unparsable file is a SourceError; a bad source is recorded, not raised."""
+def load_registry(path: Path, data_roots: list[Path] | None = None, home: Path | None = None) -> Registry:
+    """Read PATH. A missing or unparsable file is a SourceError; a bad source is recorded, not raised.
+    File sources read under PATH's folder or DATA_ROOTS, never under HOME (INGOT_HOME)."""
     try:
         document = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -248,7 +258,8 @@ def load_registry(path: Path, data_roots: list[Path] | None = None) -> Registry:
     except tomllib.TOMLDecodeError as exc:
         raise SourceError(f"{path}: not valid TOML: {exc}") from None
     base_dir = path.resolve().parent
-    registry = Registry(base_dir=base_dir, roots=[Path(os.path.realpath(base_dir)), *(data_roots or [])])
+    registry = Registry(base_dir=base_dir, roots=[Path(os.path.realpath(base_dir)), *(data_roots or [])],
+                        forbidden=[Path(os.path.realpath(home))] if home is not None else [])
     declared = document.get("sources", {})
     if not isinstance(declared, dict):
         raise SourceError(f"{path}: [sources] must be a table of sources")
