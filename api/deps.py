@@ -25,7 +25,8 @@ from pipelines.core.models import ApiKey
 
 
 async def get_session() -> AsyncIterator[Session]:
-    session = new_session()  # no connection yet: the first query takes one from the pool
+    # No connection yet: the first query takes one from the pool whose statements are time-limited.
+    session = new_session(limited=True)
     try:
         yield session
     except Exception:

@@ -10,6 +10,7 @@ from functools import lru_cache
 from typing import Annotated, Any, Generic, TypeVar
 
 import psycopg
+import psycopg.errors
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -20,6 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pipelines.core.clock import utc_z
 from pipelines.core.pagination import BadCursor
+from pipelines.core.settings import get_settings
 
 log = logging.getLogger("ingot.api")
 T = TypeVar("T")
@@ -108,9 +110,10 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, details: dict | None = None, headers: dict | None = None):
+    def __init__(self, status: int, message: str, details: dict | None = None, headers: dict | None = None,
+                 code: str | None = None):
         self.status = status
-        self.code = _CODES.get(status, "INTERNAL_ERROR")
+        self.code = code or _CODES.get(status, "INTERNAL_ERROR")
         self.message = message
         self.details = details or {}
         self.headers = headers
@@ -149,11 +152,12 @@ def ok(request: Request, data: Any, *, message: str | None = None, next_cursor: 
     return body
 
 
-def error_response(request: Request, status: int, message: str, details: dict | None = None, headers=None):
+def error_response(request: Request, status: int, message: str, details: dict | None = None, headers=None,
+                   code: str | None = None):
     rid = request_id(request)
     body = {
         "success": False,
-        "error": {"code": _CODES.get(status, "INTERNAL_ERROR"), "message": message, "details": details or {}},
+        "error": {"code": code or _CODES.get(status, "INTERNAL_ERROR"), "message": message, "details": details or {}},
         "timestamp": now_iso(),
         "request_id": rid,
     }
@@ -179,7 +183,7 @@ def _template(path: str) -> re.Pattern[str]:
 def install(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError):
-        return error_response(request, exc.status, exc.message, exc.details, exc.headers)
+        return error_response(request, exc.status, exc.message, exc.details, exc.headers, exc.code)
 
     @app.exception_handler(BadCursor)
     async def _bad_cursor(request: Request, exc: BadCursor):
@@ -213,6 +217,10 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(psycopg.OperationalError)
     @app.exception_handler(PoolTimeout)
     async def _database_unavailable(request: Request, exc: Exception):
+        if isinstance(getattr(exc, "orig", exc), psycopg.errors.QueryCanceled):
+            limit = get_settings().api_statement_timeout_ms
+            return error_response(request, 422, f"the query ran past the API's time limit ({limit} ms); narrow "
+                                  "the filters, or use an export for large reads", code="QUERY_TOO_EXPENSIVE")
         # The database is down or restarting: say so, and when to try again; the pool reconnects by itself.
         log.warning("database unavailable: %s", type(exc).__name__)
         return error_response(request, 503, "the database is unavailable; try again shortly",

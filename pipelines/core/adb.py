@@ -41,7 +41,9 @@ class PoolExhausted(psycopg.OperationalError):
 class Pool:
     def __init__(self, url: str, size: int, wait: float = 10.0) -> None:
         self.url = url
-        self.kwargs = {**dead_peer_args(url), "connect_timeout": CONNECT_TIMEOUT}
+        # Only the API uses these connections: every statement is time-limited as its requests' are.
+        self.kwargs = {**dead_peer_args(url, get_settings().api_statement_timeout_ms),
+                       "connect_timeout": CONNECT_TIMEOUT}
         self.slots = asyncio.Semaphore(size)
         self.wait = wait
         self.idle: list[psycopg.AsyncConnection[DictRow]] = []
@@ -61,6 +63,9 @@ class Pool:
                 self.url, autocommit=True, row_factory=dict_row, **self.kwargs)
             try:
                 yield conn
+            except psycopg.errors.QueryCanceled:  # past the time limit: the connection itself is fine
+                await self._keep_or_discard(conn)
+                raise
             except psycopg.OperationalError:
                 await self._discard(conn)
                 await self.clear()
@@ -118,7 +123,7 @@ async def fetch(query: str, params: Params = ()) -> list[dict[str, Any]]:
             async with pool().connection() as conn:
                 cursor = await conn.execute(query, params, prepare=True)
                 return await cursor.fetchall()
-        except PoolExhausted:
+        except (PoolExhausted, psycopg.errors.QueryCanceled):  # not a broken connection: no second try
             raise
         except psycopg.OperationalError:
             if attempt == 2:

@@ -36,34 +36,45 @@ DEAD_PEER = {
 }
 
 
-def dead_peer_args(url: str) -> dict:
+def dead_peer_args(url: str, statement_timeout_ms: int | None = None) -> dict:
     """DEAD_PEER, keeping any `options` the URL already gives the server (and asking the server for
-    nothing when INGOT_DB_SERVER_KEEPALIVES is off)."""
-    if not get_settings().db_server_keepalives:
-        return {key: value for key, value in DEAD_PEER.items() if key != "options"}
+    nothing when INGOT_DB_SERVER_KEEPALIVES is off); with STATEMENT_TIMEOUT_MS, every statement on
+    the connection is also limited to that long."""
+    args: dict[str, object] = {k: v for k, v in DEAD_PEER.items() if k != "options"}
     own = make_url(url).query.get("options")
-    given = own if isinstance(own, str) else " ".join(own or ())
-    return {**DEAD_PEER, "options": f"{given} {DEAD_PEER['options']}".strip()}
+    options = [own if isinstance(own, str) else " ".join(own or ())]
+    if get_settings().db_server_keepalives:
+        options.append(str(DEAD_PEER["options"]))
+    if statement_timeout_ms:
+        options.append(f"-c statement_timeout={int(statement_timeout_ms)}")
+    if any(options):
+        args["options"] = " ".join(o for o in options if o)
+    return args
 
 
 @lru_cache
-def get_engine() -> Engine:
-    url = sqlalchemy_url(embedded.database_url(get_settings()))
-    size = get_settings().db_pool_size
+def get_engine(limited: bool = False) -> Engine:
+    """The process's engine; LIMITED, the one whose every statement is cut off after
+    INGOT_API_STATEMENT_TIMEOUT_MS (what the API's requests use: see `new_session`)."""
+    settings = get_settings()
+    url = sqlalchemy_url(embedded.database_url(settings))
+    size = settings.db_pool_size
+    timeout = settings.api_statement_timeout_ms if limited else None
     # pool_timeout: a request that cannot get a connection soon is answered 503, not left hanging.
     return create_engine(url, pool_size=size, max_overflow=size, pool_timeout=10, pool_pre_ping=True,
-                         pool_recycle=1800, connect_args=dead_peer_args(url))
+                         pool_recycle=1800, connect_args=dead_peer_args(url, timeout))
 
 
 @lru_cache
-def _sessionmaker() -> sessionmaker[Session]:
-    return sessionmaker(get_engine(), expire_on_commit=False)
+def _sessionmaker(limited: bool = False) -> sessionmaker[Session]:
+    return sessionmaker(get_engine(limited), expire_on_commit=False)
 
 
 def dispose_engine() -> None:
-    """Forget the engine (a forked worker process must not share its parent's connections)."""
+    """Forget the engines (a forked worker process must not share its parent's connections)."""
     if get_engine.cache_info().currsize:
-        get_engine().dispose(close=False)
+        for limited in (False, True):
+            get_engine(limited).dispose(close=False)
     get_engine.cache_clear()
     _sessionmaker.cache_clear()
 
@@ -87,8 +98,10 @@ def autocommit() -> Iterator[Connection]:
         yield connection.execution_options(isolation_level="AUTOCOMMIT")
 
 
-def new_session() -> Session:
-    return _sessionmaker()()
+def new_session(limited: bool = False) -> Session:
+    """A session; LIMITED, on the engine whose statements are cut off after
+    INGOT_API_STATEMENT_TIMEOUT_MS (a request's)."""
+    return _sessionmaker(limited)()
 
 
 def on_commit(session: Session, callback: Callable[[], object]) -> None:
