@@ -20,7 +20,7 @@ from api.envelope import ApiError
 from api.identity import Principal
 from pipelines.auth import keys
 from pipelines.core import runtime
-from pipelines.core.db import new_session
+from pipelines.core.db import abandon, new_session
 from pipelines.core.models import ApiKey
 
 
@@ -31,6 +31,9 @@ async def get_session() -> AsyncIterator[Session]:
         yield session
     except Exception:
         await _finish(session, False)
+        raise
+    except BaseException:  # cancelled (api.deadline): a thread may still be using the session
+        abandon(session)
         raise
     await _finish(session, True)
 

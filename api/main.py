@@ -17,6 +17,7 @@ from api import envelope, limits, metrics
 from api.access import Access
 from api.admission import Admission
 from api.bodylimit import BodyLimit
+from api.deadline import Deadline
 from api.gate import PREFIX, Gate
 from api.routes import (
     admin,
@@ -66,6 +67,7 @@ def create_app() -> FastAPI:
     # Inside the access layer: a request turned away at capacity is still logged and counted.
     app.add_middleware(Admission, limit=min(settings.api_concurrency, settings.db_pool_size),
                        queue_seconds=settings.api_queue_seconds)
+    app.add_middleware(Deadline, seconds=settings.api_request_timeout_seconds)  # the wait for a slot counts
     app.add_middleware(Access)
     metrics.install(app)
     envelope.install(app)

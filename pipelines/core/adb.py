@@ -116,8 +116,27 @@ async def close() -> None:
         await found.clear()
 
 
+def _not_cancelled_midway(coro):
+    """CORO run to its end even if its caller is cancelled (a request past its deadline): the caller
+    stops waiting at once, while the statement finishes, or fails, on its own and its connection goes
+    back to the pool. Cancelled midway instead, psycopg would ask the server to cancel the statement
+    and wait for it to, which is no wait at all with a server that has stopped answering."""
+    task = asyncio.ensure_future(coro)
+    task.add_done_callback(_settled)
+    return asyncio.shield(task)
+
+
+def _settled(task: asyncio.Task) -> None:
+    if not task.cancelled():
+        task.exception()  # the answer of a statement nobody waits for any more is nobody's error
+
+
 async def fetch(query: str, params: Params = ()) -> list[dict[str, Any]]:
     """QUERY's rows as dicts; tried once more on a fresh connection if the one it met had broken."""
+    return await _not_cancelled_midway(_fetch(query, params))
+
+
+async def _fetch(query: str, params: Params) -> list[dict[str, Any]]:
     for attempt in (1, 2):
         try:
             async with pool().connection() as conn:
@@ -138,7 +157,12 @@ async def fetch_one(query: str, params: Params = ()) -> dict[str, Any] | None:
 
 async def write(query: str | sql.Composed, params: Params = ()) -> dict[str, Any] | None:
     """Run a statement that changes something, once (no retry: it may have been applied); its first
-    row returned, if any."""
+    row returned, if any. (A caller cancelled meanwhile is not waited for, and the statement may
+    still be applied, as with any request that timed out.)"""
+    return await _not_cancelled_midway(_write(query, params))
+
+
+async def _write(query: str | sql.Composed, params: Params) -> dict[str, Any] | None:
     async with pool().connection() as conn:
         cursor = await conn.execute(query, params, prepare=True)
         return await cursor.fetchone() if cursor.description else None
@@ -146,5 +170,9 @@ async def write(query: str | sql.Composed, params: Params = ()) -> dict[str, Any
 
 async def execute(query: str, params: Params = ()) -> None:
     """Run a statement that changes something, once (no retry: it may have been applied)."""
+    await _not_cancelled_midway(_execute(query, params))
+
+
+async def _execute(query: str, params: Params) -> None:
     async with pool().connection() as conn:
         await conn.execute(query, params)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import lru_cache
@@ -10,11 +13,13 @@ from typing import cast
 import psycopg
 from sqlalchemy import create_engine, event, make_url
 from sqlalchemy.engine import Connection, CursorResult, Engine, Result
+from sqlalchemy.exc import IllegalStateChangeError
 from sqlalchemy.orm import Session, sessionmaker
 
 from pipelines.core import embedded
 from pipelines.core.settings import get_settings
 
+log = logging.getLogger(__name__)
 
 def sqlalchemy_url(url: str) -> str:
     for prefix in ("postgresql://", "postgres://"):
@@ -110,6 +115,52 @@ def on_commit(session: Session, callback: Callable[[], object]) -> None:
     Background work is sent this way, so a task never runs for a row that was never committed.
     """
     session.info.setdefault("on_commit", []).append(callback)
+
+
+class Abandoned(RuntimeError):
+    """The request this session served was answered already (its deadline passed)."""
+
+
+ABANDONED_CLOSE_SECONDS = 3600.0  # how long an abandoned session's thread waits for it to come free
+
+
+def abandon(session: Session) -> None:
+    """Give up SESSION, whose request was answered without it (its deadline passed) while a thread may
+    still be inside one of its statements: from now on it refuses every statement and commit, and it
+    is closed (rolled back, its connection pooled) from a thread of its own as soon as the statement
+    in flight lets it (SQLAlchemy refuses to close a session in the middle of taking a connection;
+    psycopg lets one call at a time into a connection)."""
+    session.info["abandoned"] = True
+    threading.Thread(target=_close_abandoned, args=(session,), name="ingot-abandoned-session", daemon=True).start()
+
+
+def _close_abandoned(session: Session) -> None:
+    deadline, pause = time.monotonic() + ABANDONED_CLOSE_SECONDS, 0.05
+    while True:
+        try:
+            session.close()
+            return
+        except IllegalStateChangeError:  # the thread that used it is still taking its connection
+            if time.monotonic() > deadline:
+                log.error("an abandoned session could not be closed within %s s", ABANDONED_CLOSE_SECONDS)
+                return
+            time.sleep(pause)  # nothing to poll: the other thread gives no signal when it is done
+            pause = min(pause * 2, 1.0)
+        except Exception:  # the connection broke meanwhile: the pool discards it
+            log.warning("could not close an abandoned session cleanly", exc_info=True)
+            return
+
+
+@event.listens_for(Session, "do_orm_execute")
+def _refuse_if_abandoned(state) -> None:
+    if state.session.info.get("abandoned"):
+        raise Abandoned("this request was already answered (past its deadline): its work is not done")
+
+
+@event.listens_for(Session, "before_commit")
+def _no_commit_if_abandoned(session: Session) -> None:
+    if session.info.get("abandoned"):
+        raise Abandoned("this request was already answered (past its deadline): nothing is committed")
 
 
 @event.listens_for(Session, "after_commit")

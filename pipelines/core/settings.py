@@ -44,6 +44,8 @@ class Settings(BaseSettings):
     # Every statement a request runs is cut off after this long: the caller gets QUERY_TOO_EXPENSIVE
     # (422) and the connection goes back to the pool, instead of one reader holding a slot.
     api_statement_timeout_ms: int = Field(default=5000, ge=100)
+    # Every request is answered within this long, whatever the database does (503 past it).
+    api_request_timeout_seconds: float = Field(default=10.0, gt=0)
     cors_origins: str = ""  # comma-separated origins a browser may call the API from; none by default
     # Comma-separated addresses or networks (10.0.0.0/8) of the proxies in front of the API: only a
     # connection from one of them may say, in X-Forwarded-For, whom it forwards. None by default.
