@@ -62,6 +62,10 @@ class DatabaseCollector:
         for outcome, n in sorted(counts.attempts.items()):
             deliveries.add_metric([outcome], n)
         yield deliveries
+        paused = GaugeMetricFamily("ingot_webhook_endpoints_paused",
+                                   "Webhook endpoints paused by their circuit breaker (failing, probed now and then)")
+        paused.add_metric([], counts.paused_endpoints)
+        yield paused
         deleted = CounterMetricFamily("ingot_retention_deleted_rows", "Rows deleted by retention, by table",
                                       labels=["table"])
         for table, n in sorted(counts.deleted.items()):

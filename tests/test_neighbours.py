@@ -130,3 +130,132 @@ def test_an_abandoned_session_refuses_further_work_and_is_closed():
             return conn.execute(text("SELECT state FROM pg_stat_activity WHERE pid = :p"), {"p": backend}).scalar_one()
 
     wait_for(lambda: state() == "idle", timeout=10, message="the abandoned session's transaction to end")
+
+
+# --- one slow receiver delays no one else ------------------------------------------------------
+
+
+class _BadReceiver:
+    """A receiver on loopback that never answers in time: TRICKLE sends its status line, then a header
+    byte now and then for ever; HANG reads the request and says nothing."""
+
+    def __init__(self, mode: str):
+        import socket
+
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}/hook"
+        self.mode, self.stop = mode, threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn) -> None:
+        with conn:
+            try:
+                conn.recv(65536)
+                if self.mode == "trickle":
+                    conn.sendall(b"HTTP/1.1 200 OK\r\nX-Slow: ")
+                    while not self.stop.wait(0.2):  # a byte every 0.2 s: each read is quick, the whole never ends
+                        conn.sendall(b"a")
+                else:
+                    self.stop.wait(60)
+            except OSError:
+                pass  # Ingot hung up, as it should
+
+    def close(self) -> None:
+        self.stop.set()
+        self.listener.close()
+
+
+def _end_jobs(count: int, prefix: str) -> None:
+    """COUNT ingestion jobs ending at once: COUNT ingestion.completed events, committed together."""
+    with get_engine().begin() as conn:
+        conn.execute(text(
+            "INSERT INTO jobs (id, kind, state, progress, records_processed, records_failed, params, result, "
+            "sources, attempts, timeout_seconds, checkpoint) "
+            "SELECT :p || g, 'ingestion', 'running', 0, 0, 0, '{}', '{}', '{}', 1, 60, '{}' "
+            "FROM generate_series(1, :n) g"), {"p": prefix, "n": count})
+        conn.execute(text("UPDATE jobs SET state = 'succeeded', finished_at = now() WHERE id LIKE :p || '%'"),
+                     {"p": prefix})
+
+
+def _lags(receivers, count: int) -> list[float]:
+    """Seconds from each event's commit to its receipt, over every healthy receiver; each got COUNT
+    events, each once, signed."""
+    from datetime import datetime
+
+    lags = []
+    for receiver in receivers:
+        ids = [r["headers"]["webhook-id"] for r in receiver.received]
+        assert len(ids) == count and len(set(ids)) == count, (len(ids), len(set(ids)))
+        assert all(r["verified"] for r in receiver.received)
+        for r in receiver.received:
+            sent = datetime.fromisoformat(r["payload"]["timestamp"].replace("Z", "+00:00")).timestamp()
+            lags.append(r["at"] - sent)
+    return sorted(lags)
+
+
+def test_bad_receivers_are_cut_off_by_the_clock_paused_and_delay_no_one_else(client, start_worker):
+    import socket
+
+    from tests.helpers import wait_for
+    from tests.receiver import Receiver
+
+    events, p99 = 150, {}
+    start_worker(env={"INGOT_WEBHOOK_TIMEOUT_SECONDS": "1", "INGOT_WEBHOOK_PAUSE_AFTER_FAILURES": "3",
+                      "INGOT_WEBHOOK_HAND_OFF_SECONDS": "0.2",
+                      "INGOT_WEBHOOK_PROBE_SECONDS": "2", "INGOT_WEBHOOK_RETRY_SCHEDULE": "0,0.3,0.3,0.3,0.3,0.3"})
+
+    def healthy_run(prefix: str, bad: list[str]) -> tuple[list, list[float]]:
+        receivers = [Receiver() for _ in range(3)]
+        hooks = []
+        for receiver in receivers:
+            hook = client.request("POST", "/webhooks", json={"url": receiver.url, "events": ["ingestion.completed"]})
+            receiver.secret = hook["data"]["secret"]
+            hooks.append(hook["data"]["id"])
+        bad_hooks = [client.request("POST", "/webhooks", json={"url": url, "events": ["ingestion.completed"]})
+                     ["data"]["id"] for url in bad]
+        _end_jobs(events, prefix)
+        wait_for(lambda: all(len(r.received) >= events for r in receivers), timeout=120,
+                 message="every healthy receiver's events")
+        lags = _lags(receivers, events)
+        for receiver in receivers:
+            receiver.close()
+        for hook in hooks:  # the next run's receivers are new ones
+            client.request("DELETE", f"/webhooks/{hook}")
+        return bad_hooks, lags
+
+    _none, lags = healthy_run("job_alone_", [])
+    p99["alone"] = lags[int(0.99 * (len(lags) - 1))]
+    trickle, hang = _BadReceiver("trickle"), _BadReceiver("hang")
+    refusing = socket.socket()  # bound and never listening: the port is refused, and no one else's
+    refusing.bind(("127.0.0.1", 0))
+    try:
+        bad_hooks, lags = healthy_run("job_crowd_", [trickle.url, hang.url,
+                                                     f"http://127.0.0.1:{refusing.getsockname()[1]}/refused"])
+        p99["crowd"] = lags[int(0.99 * (len(lags) - 1))]
+        # The healthy endpoints are on time (within twice the time alone, and a second for a busy machine).
+        assert p99["crowd"] <= 2 * p99["alone"] + 1.0, p99
+        # Each bad one was tried on schedule, every attempt cut off by the clock, then paused.
+        for hook in bad_hooks:
+            shown = wait_for(lambda hook=hook: (h := client.request("GET", f"/webhooks/{hook}")["data"])["paused"]
+                             and h, timeout=60, message="the bad endpoint to be paused")
+            assert shown["paused_at"] and shown["next_probe_at"] and shown["consecutive_failures"] >= 3
+            log = client.request("GET", f"/webhooks/{hook}/deliveries", params={"limit": 500})["data"]["deliveries"]
+            attempts = [a for d in log for a in d["attempt_log"]]
+            assert attempts and all(a["duration_ms"] < 2500 for a in attempts), attempts[:3]
+        with get_engine().connect() as conn:
+            noted = conn.execute(text("SELECT count(*) FROM events WHERE event = 'webhook.endpoint_paused'")
+                                 ).scalar_one()
+        assert noted == 3
+        assert "ingot_webhook_endpoints_paused 3.0" in client.http.get("/metrics").text
+    finally:
+        trickle.close()
+        hang.close()
+        refusing.close()

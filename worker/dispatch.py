@@ -87,7 +87,18 @@ def relay_webhooks() -> int:
     except Exception:  # the periodic relay will pick the events up
         log.exception("webhook relay failed")
         return 0
-    size = get_settings().webhook_batch_size
-    for start in range(0, len(due), size):
-        app.send_task("webhooks.deliver", args=[due[start:start + size]], queue="webhooks")
+    for batch in batches(due, get_settings().webhook_batch_size):
+        app.send_task("webhooks.deliver", args=[batch], queue="webhooks")
     return len(due)
+
+
+def batches(due: list[tuple[str, str, bool]], size: int) -> list[list[str]]:
+    """DUE (delivery, endpoint, failing lately) as the deliver tasks' batches: healthy endpoints'
+    deliveries together, SIZE at most to a batch, and each failing endpoint's in a batch of its own,
+    so that a receiver that hangs holds up a batch of its own deliveries only."""
+    healthy = [delivery for delivery, _endpoint, failing in due if not failing]
+    apart: dict[str, list[str]] = {}
+    for delivery, endpoint, failing in due:
+        if failing:
+            apart.setdefault(endpoint, []).append(delivery)
+    return [healthy[i:i + size] for i in range(0, len(healthy), size)] + list(apart.values())

@@ -27,11 +27,22 @@ def _libpq_url() -> str:
     return get_engine().url.set(drivername="postgresql").render_as_string(hide_password=False)
 
 
+# The earliest moment a delivery may be handed out: a retry falling due, a claim running out, or a
+# paused endpoint's probe (its other deliveries wait for the probe's answer, not for the clock).
+_NEXT_DUE = """
+SELECT least(
+    (SELECT min(COALESCE(d.next_attempt_at, d.claimed_until)) FROM webhook_deliveries d
+     JOIN webhooks w ON w.id = d.webhook_id WHERE d.state = 'pending' AND w.paused_at IS NULL),
+    (SELECT min(w.probe_at) FROM webhooks w WHERE w.paused_at IS NOT NULL
+       AND EXISTS (SELECT 1 FROM webhook_deliveries d WHERE d.webhook_id = w.id AND d.state = 'pending')
+       AND NOT EXISTS (SELECT 1 FROM webhook_deliveries d WHERE d.webhook_id = w.id AND d.state = 'pending'
+                       AND d.next_attempt_at IS NULL AND d.claimed_until >= now())))
+"""
+
+
 def _seconds_to_next_due(conn: psycopg.Connection, ceiling: float) -> float:
     """How long until the earliest pending delivery falls due (or a claim on one runs out)."""
-    due = conn.execute(
-        "SELECT min(COALESCE(next_attempt_at, claimed_until)) FROM webhook_deliveries WHERE state = 'pending'"
-    ).fetchone()[0]  # type: ignore[index]  # an aggregate always returns one row
+    due = conn.execute(_NEXT_DUE).fetchone()[0]  # type: ignore[index]  # an aggregate always returns one row
     if due is None:
         return ceiling
     return min(max((due - datetime.now(UTC)).total_seconds(), _MIN_WAIT), ceiling)

@@ -45,6 +45,11 @@ class WebhookOut(BaseModel):
     disabled_at: UTCDateTime | None = None
     disabled_reason: str | None = None
     failing_since: UTCDateTime | None = None
+    # The circuit breaker: paused after failing attempts in a row, probed with one attempt now and then.
+    paused: bool = False
+    paused_at: UTCDateTime | None = None
+    next_probe_at: UTCDateTime | None = None
+    consecutive_failures: int = 0
 
 
 class WebhookCreated(WebhookOut):
@@ -84,7 +89,8 @@ class DeliveryList(BaseModel):
 
 
 def _view(hook: Webhook) -> dict:
-    return {k: getattr(hook, k) for k in WebhookOut.model_fields}
+    shown = {k: getattr(hook, k) for k in WebhookOut.model_fields if hasattr(Webhook, k)}
+    return {**shown, "paused": hook.paused_at is not None, "next_probe_at": hook.probe_at}
 
 
 def _hook(session, webhook_id: str, key: ApiKey) -> Webhook:

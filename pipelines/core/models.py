@@ -281,6 +281,13 @@ class Webhook(Base):
     disabled_at: Mapped[datetime | None]
     disabled_reason: Mapped[str | None] = mapped_column(Text)
     deleted_at: Mapped[datetime | None]
+    # The circuit breaker (pipelines.webhooks.delivery): failed attempts in a row; when paused, since
+    # when, when its next probe may go, and how many probes failed.
+    consecutive_failures: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    paused_at: Mapped[datetime | None]
+    probe_at: Mapped[datetime | None]
+    probes: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    answered_at: Mapped[datetime | None]  # its first successful answer
 
 
 class WebhookEvent(Base):

@@ -68,6 +68,13 @@ class Settings(BaseSettings):
     webhook_concurrency: int = Field(default=4, ge=1)  # requests in flight at once within one worker process
     webhook_claim_seconds: float = 120.0  # a delivery handed to a lost task is handed out again after this
     webhook_disable_after_seconds: float = 5 * 24 * 3600
+    # Neighbours: an endpoint that has never answered gets 2 deliveries in flight at once, one failing
+    # 1 (its backlog waits in its own line); after webhook_pause_after_failures failed attempts in a row
+    # it is paused, and probed with one attempt after webhook_probe_seconds, then twice as long each
+    # time, up to an hour.
+    webhook_hand_off_seconds: float = Field(default=0.5, ge=0)  # a batch's slow attempts left to threads after this
+    webhook_pause_after_failures: int = Field(default=5, ge=1)
+    webhook_probe_seconds: float = Field(default=30.0, gt=0)
     secret_key: SecretStr | None = None
     flower_basic_auth: SecretStr | None = None
     log_level: str = "INFO"

@@ -7,7 +7,7 @@ import logging
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import select, text
+from sqlalchemy import Connection, select, text
 from sqlalchemy.orm import Session
 
 from pipelines.core.models import Event
@@ -19,10 +19,11 @@ _COLUMNS = "INSERT INTO events (level, event, message, source, job_id, details) 
 
 def record(conn, event: str, message: str, *, level: str = "info", source: str | None = None,
            job_id: str | None = None, details: dict | None = None) -> None:
-    """Record an event in the transaction of CONN (a SQLAlchemy session or a psycopg connection)."""
+    """Record an event in the transaction of CONN (a SQLAlchemy session or connection, or a psycopg
+    connection)."""
     params = {"level": level, "event": event, "message": message, "source": source, "job_id": job_id,
               "details": json.dumps(details or {})}
-    if isinstance(conn, Session):
+    if isinstance(conn, Session | Connection):
         conn.execute(text(_COLUMNS + "VALUES (:level, :event, :message, :source, :job_id, CAST(:details AS jsonb))"),
                      params)
     else:

@@ -109,6 +109,7 @@ class Counts:
     sources: list[tuple[str, int, int]]  # source, rows loaded, rows quarantined
     attempts: dict[str, int]  # webhook attempt outcome -> attempts
     deleted: dict[str, int]  # table -> rows deleted by retention
+    paused_endpoints: int = 0  # webhook endpoints whose circuit is open
 
 
 def counts() -> Counts:
@@ -128,6 +129,8 @@ def counts() -> Counts:
             "SELECT ingot_attempt_outcome(status_code), count(*) FROM webhook_attempts GROUP BY 1")).tuples().all())
         sources = [tuple(r) for r in conn.execute(text("SELECT source, successful, failed FROM source_state"))]
         retired = conn.execute(text("SELECT metric, labels, value FROM retired_totals")).all()
+        paused = conn.execute(text(
+            "SELECT count(*) FROM webhooks WHERE paused_at IS NOT NULL AND enabled")).scalar_one()
     deleted: dict[str, int] = {}
     for metric, labels, value in retired:
         if metric == "jobs":
@@ -147,4 +150,4 @@ def counts() -> Counts:
             deleted[labels[0]] = int(value)
     durations = {kind: Histogram({b: buckets.get(kind, {}).get(b, 0) for b in DURATION_BUCKETS}, n, float(t))
                  for kind, (n, t) in totals.items()}
-    return Counts(jobs, durations, sources, attempts, deleted)
+    return Counts(jobs, durations, sources, attempts, deleted, paused)

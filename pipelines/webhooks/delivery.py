@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
+import threading
 import time
+from collections import deque
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -29,6 +32,7 @@ from pipelines.core.clock import utc_z
 from pipelines.core.db import get_engine
 from pipelines.core.retry import retry_after
 from pipelines.core.settings import get_settings
+from pipelines.jobs import journal
 from pipelines.webhooks.endpoints import decrypt
 
 log = logging.getLogger(__name__)
@@ -53,7 +57,67 @@ def new_pool(connections: int) -> httpcore.ConnectionPool:
     delivery needs none of a client's conveniences (redirects are never followed, cookies never kept,
     the address is already resolved and checked), and without them a request costs 40% less CPU."""
     return httpcore.ConnectionPool(ssl_context=httpx.create_ssl_context(), max_connections=connections,
-                                   max_keepalive_connections=connections)
+                                   max_keepalive_connections=connections, network_backend=DeadlineBackend())
+
+
+# --- one deadline for the whole attempt ------------------------------------------------------------
+# httpcore's timeouts are per operation: a receiver that sends a byte of its headers every 14 s would
+# hold a 15 s timeout open for ever. Every read, write and connect of an attempt is given what is left
+# of the attempt's own deadline instead (set by `_post` for its thread), so the clock ends it.
+
+_this_attempt = threading.local()
+
+
+def _left(timeout: float | None, late: type[Exception]) -> float | None:
+    at = getattr(_this_attempt, "deadline", None)
+    if at is None:
+        return timeout
+    left = at - time.monotonic()
+    if left <= 0:
+        raise late("the attempt's deadline passed")
+    return left if timeout is None else min(timeout, left)
+
+
+class _DeadlineStream(httpcore.NetworkStream):
+    def __init__(self, inner: httpcore.NetworkStream) -> None:
+        self.inner = inner
+
+    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        return self.inner.read(max_bytes, _left(timeout, httpcore.ReadTimeout))
+
+    def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        self.inner.write(buffer, _left(timeout, httpcore.WriteTimeout))
+
+    def close(self) -> None:
+        self.inner.close()
+
+    def start_tls(self, ssl_context, server_hostname: str | None = None, timeout: float | None = None
+                  ) -> httpcore.NetworkStream:
+        return _DeadlineStream(self.inner.start_tls(ssl_context, server_hostname,
+                                                    _left(timeout, httpcore.ConnectTimeout)))
+
+    def get_extra_info(self, info: str) -> Any:
+        return self.inner.get_extra_info(info)
+
+
+class DeadlineBackend(httpcore.NetworkBackend):
+    """httpcore's own sockets, each operation limited to what is left of the attempt's deadline."""
+
+    def __init__(self) -> None:
+        self.inner = httpcore.SyncBackend()
+
+    def connect_tcp(self, host: str, port: int, timeout: float | None = None, local_address: str | None = None,
+                    socket_options=None) -> httpcore.NetworkStream:
+        return _DeadlineStream(self.inner.connect_tcp(host, port, _left(timeout, httpcore.ConnectTimeout),
+                                                      local_address, socket_options))
+
+    def connect_unix_socket(self, path: str, timeout: float | None = None, socket_options=None
+                            ) -> httpcore.NetworkStream:
+        return _DeadlineStream(self.inner.connect_unix_socket(path, _left(timeout, httpcore.ConnectTimeout),
+                                                              socket_options))
+
+    def sleep(self, seconds: float) -> None:
+        self.inner.sleep(seconds)
 
 
 def _post(pool: httpcore.ConnectionPool, url: str, address: str, body: str, headers: dict, timeout: float
@@ -63,7 +127,15 @@ def _post(pool: httpcore.ConnectionPool, url: str, address: str, body: str, head
     The answer is streamed and dropped after a short excerpt, never decompressed, and read for no
     longer than TIMEOUT in all: a receiver cannot hand back a gzip bomb or trickle bytes forever.
     Returns the answer (status and headers) and the excerpt."""
-    deadline = time.monotonic() + timeout
+    deadline = _this_attempt.deadline = time.monotonic() + timeout
+    try:
+        return _post_by(pool, url, address, body, headers, timeout, deadline)
+    finally:
+        _this_attempt.deadline = None
+
+
+def _post_by(pool: httpcore.ConnectionPool, url: str, address: str, body: str, headers: dict, timeout: float,
+             deadline: float) -> tuple[httpx.Response, str]:
     target = httpx.URL(url)
     pinned = target.copy_with(host=address)
     extensions: dict = {"timeout": dict.fromkeys(("connect", "read", "write", "pool"), timeout)}
@@ -85,10 +157,13 @@ def _excerpt(headers: httpx.Headers, chunks, deadline: float) -> str:
     if encoding not in ("", "identity"):
         return f"({encoding}-encoded answer, not decoded)"
     kept = bytearray()
-    for chunk in chunks:  # each piece as it arrives, so the deadline is looked at between them
-        kept += chunk
-        if len(kept) >= EXCERPT_BYTES or time.monotonic() > deadline:
-            break
+    try:
+        for chunk in chunks:  # each piece as it arrives, so the deadline is looked at between them
+            kept += chunk
+            if len(kept) >= EXCERPT_BYTES or time.monotonic() > deadline:
+                break
+    except httpcore.TimeoutException:  # the attempt's deadline came in the middle of the body: its answer stands
+        pass
     return kept[:EXCERPT_BYTES].decode("utf-8", "replace")[:EXCERPT_CHARS]
 
 
@@ -104,32 +179,87 @@ class Outcome:
     response: httpx.Response | None = None
 
 
-def deliver(delivery_ids: list[str], pool: httpcore.ConnectionPool, concurrency: int = 1) -> dict[str, str]:
+def deliver(delivery_ids: list[str], pool: httpcore.ConnectionPool, concurrency: int = 1,
+            hand_off: float | None = None) -> dict[str, str]:
     """Make one attempt at each of DELIVERY_IDS, CONCURRENCY at a time; returns each delivery's state
-    afterwards (`missing` for one this task did not get).
+    afterwards (`missing` for one this task did not get, `sending` for one handed off).
 
     Each delivery is held by a session-level advisory lock from before its request until its record
     commits, so a delivery handed out twice (its claim ran out, a message came back) is attempted by one
     task only: the other skips it. Each answer is recorded the moment it is in (with any others that
     came in meanwhile, in one short transaction). Should the database go away meanwhile, the answers
     already in are kept and recorded when it is back, while the deliveries' claim still holds, so a
-    receiver that answered is not sent the same event again."""
+    receiver that answered is not sent the same event again.
+
+    With HAND_OFF (seconds), the attempts run on the process's own threads (`threads`), and what is
+    still unanswered after HAND_OFF is left to them: a thread of the process records those answers as
+    they come and then lets the locks go, while the task returns and its process takes the next batch.
+    A receiver that hangs thus holds a thread, never a worker process and the batches behind it."""
     ids = list(dict.fromkeys(delivery_ids))
     states = dict.fromkeys(ids, "missing")
     locks = _Locks()
+    handed_off = False
+    own = None if hand_off is not None else ThreadPoolExecutor(max(1, concurrency), thread_name_prefix="webhook")
     try:
         rows = locks.take(ids)
         states.update({row.id: row.state for row in rows})
-        due = [row for row in rows if row.state == "pending"]
-        with ThreadPoolExecutor(max(1, concurrency), thread_name_prefix="webhook") as threads:
-            waiting = {threads.submit(_timed_attempt, row, pool): row for row in due}
-            while waiting:
-                done, _ = wait(waiting, return_when=FIRST_COMPLETED)
-                ready = [(waiting.pop(future), future.result()) for future in done]
-                states.update(locks.record(ready))
+        executor = own or threads(concurrency)
+        queued = deque(row for row in rows if row.state == "pending")
+        waiting: dict = {}
+
+        def top_up(most: int) -> None:  # CONCURRENCY at a time from this batch, as before a hand-off
+            while queued and len(waiting) < most:
+                row = queued.popleft()
+                waiting[executor.submit(_timed_attempt, row, pool)] = row
+
+        top_up(max(1, concurrency))
+        give_up_at = None if hand_off is None else time.monotonic() + hand_off
+        while waiting:
+            left = None if give_up_at is None else max(0.0, give_up_at - time.monotonic())
+            done, _ = wait(waiting, timeout=left, return_when=FIRST_COMPLETED)
+            if not done:
+                break
+            states.update(locks.record([(waiting.pop(future), future.result()) for future in done]))
+            top_up(max(1, concurrency))
+        if waiting:
+            top_up(len(waiting) + len(queued))  # the rest need not queue behind a receiver that hangs
+            states.update(dict.fromkeys((row.id for row in waiting.values()), "sending"))
+            threading.Thread(target=_record_later, args=(locks, waiting), name="webhook-hand-off",
+                             daemon=True).start()
+            handed_off = True
+    finally:
+        if own is not None:
+            own.shutdown(wait=True)
+        if not handed_off:
+            locks.release()
+    return states
+
+
+_threads: dict[int, ThreadPoolExecutor] = {}
+_threads_lock = threading.Lock()
+
+
+def threads(concurrency: int) -> ThreadPoolExecutor:
+    """This process's threads for attempts (made after the fork): four times CONCURRENCY, so that a
+    few receivers that hang cannot take them all."""
+    with _threads_lock:
+        executor = _threads.get(os.getpid())
+        if executor is None:
+            executor = _threads[os.getpid()] = ThreadPoolExecutor(max(1, concurrency) * 4,
+                                                                  thread_name_prefix="webhook")
+        return executor
+
+
+def _record_later(locks: _Locks, waiting: dict) -> None:
+    """Record the handed-off attempts as they end, then let their locks go."""
+    try:
+        while waiting:
+            done, _ = wait(waiting, return_when=FIRST_COMPLETED)
+            locks.record([(waiting.pop(future), future.result()) for future in done])
+    except Exception:  # their claims run out and the relay hands them out again
+        log.exception("could not record handed-off webhook attempts")
     finally:
         locks.release()
-    return states
 
 
 class _Locks:
@@ -154,7 +284,8 @@ class _Locks:
         rows = list(self.connection.execute(text(
             "SELECT d.id, d.attempts, d.state, w.id AS webhook_id, w.url, "
             "w.enabled AND NOT ingot_owner_gone(w.api_key_id) AS enabled, w.secret_encrypted, "
-            "w.failing_since, e.id AS event_id, e.type, e.payload, e.created_at, "
+            "w.failing_since, w.consecutive_failures, w.paused_at, w.answered_at, "
+            "e.id AS event_id, e.type, e.payload, e.created_at, "
             "extract(epoch FROM d.claimed_until - now()) AS claim_left "
             "FROM webhook_deliveries d JOIN webhooks w ON w.id = d.webhook_id "
             "JOIN webhook_events e ON e.id = d.event_id WHERE d.id = ANY(:ids) ORDER BY e.created_at"
@@ -256,6 +387,7 @@ def _record(connection: Connection, rows: list, outcomes: list[Outcome]) -> dict
     states: dict[str, str] = {}
     writes = []
     endpoints: dict[str, tuple[bool, str | None]] = {}  # webhook id -> (failing now, reason to disable)
+    failures: dict[str, int] = {}  # webhook id -> failed attempts in this batch
     for row, outcome in zip(rows, outcomes, strict=True):
         attempt, status, error = outcome.attempt, outcome.status, outcome.error
         next_at, disable = None, None
@@ -278,8 +410,10 @@ def _record(connection: Connection, rows: list, outcomes: list[Outcome]) -> dict
             if (now - since).total_seconds() > settings.webhook_disable_after_seconds:
                 disable = f"every delivery failed since {utc_z(since)}"
         if row.enabled:
-            before = endpoints.get(row.webhook_id, (False, None))
-            endpoints[row.webhook_id] = (error is not None, disable or before[1])
+            before = endpoints.get(row.webhook_id, (True, None))
+            # One success in the batch says the endpoint answers: it is not failing.
+            endpoints[row.webhook_id] = (before[0] and error is not None, disable or before[1])
+            failures[row.webhook_id] = failures.get(row.webhook_id, 0) + (error is not None)
         if error:
             log.info("webhook delivery %s attempt %s failed: %s", row.id, attempt, error)
         states[row.id] = state
@@ -296,17 +430,70 @@ def _record(connection: Connection, rows: list, outcomes: list[Outcome]) -> dict
         "last_status_code = :s, last_error = :e, completed_at = CASE WHEN :state = 'pending' THEN NULL ELSE now() END "
         "WHERE id = :d"
     ), writes)
-    failing_before = {row.webhook_id: row.failing_since for row in rows}
+    endpoint_rows = {row.webhook_id: row for row in rows}
     for webhook_id in sorted(endpoints):
         failing, disable = endpoints[webhook_id]
         if failing:
-            connection.execute(text("UPDATE webhooks SET failing_since = COALESCE(failing_since, now()) WHERE id = :w"),
-                            {"w": webhook_id})
-        elif failing_before[webhook_id] is not None:
-            connection.execute(text("UPDATE webhooks SET failing_since = NULL WHERE id = :w"), {"w": webhook_id})
+            _failed(connection, webhook_id, failures[webhook_id], settings)
+        elif _unsettled(endpoint_rows[webhook_id]):  # most answers change nothing on their endpoint
+            _answered(connection, webhook_id)
         if disable:
             _disable(connection, webhook_id, disable)
     return states
+
+
+# The circuit breaker. An endpoint whose attempts fail (an error status, a timeout, a refused
+# connection) `webhook_pause_after_failures` times in a row is paused: the relay hands it nothing but
+# a single probe, after `webhook_probe_seconds`, then twice as long after each failed probe, up to an
+# hour. The first answer that succeeds resumes it. Its deliveries keep their place meanwhile.
+MOST_PROBE_SECONDS = 3600.0
+
+_FAILED = text("""
+UPDATE webhooks SET
+    failing_since = COALESCE(failing_since, now()),
+    consecutive_failures = consecutive_failures + :n,
+    probes = CASE WHEN paused_at IS NOT NULL THEN probes + 1 ELSE 0 END,
+    probe_at = CASE
+        WHEN paused_at IS NOT NULL THEN now() + make_interval(secs => least(:base * 2 ^ (probes + 1), :most))
+        WHEN consecutive_failures + :n >= :threshold THEN now() + make_interval(secs => :base)
+        ELSE probe_at END,
+    paused_at = CASE WHEN paused_at IS NULL AND consecutive_failures + :n >= :threshold THEN now() ELSE paused_at END
+WHERE id = :w
+RETURNING paused_at = now() AS paused_now, consecutive_failures, probe_at
+""")
+
+_ANSWERED = text("""
+UPDATE webhooks w SET failing_since = NULL, consecutive_failures = 0, paused_at = NULL, probe_at = NULL, probes = 0,
+    answered_at = COALESCE(w.answered_at, now())
+FROM (SELECT id, paused_at FROM webhooks WHERE id = :w) AS before
+WHERE w.id = before.id AND (w.failing_since IS NOT NULL OR w.consecutive_failures > 0 OR w.paused_at IS NOT NULL
+                            OR w.answered_at IS NULL)
+RETURNING before.paused_at
+""")
+
+
+def _unsettled(row) -> bool:
+    """Whether an answer changes anything on ROW's endpoint, as it was read before the attempt."""
+    return (row.failing_since is not None or row.consecutive_failures > 0 or row.paused_at is not None
+            or row.answered_at is None)
+
+
+def _failed(connection: Connection, webhook_id: str, failures: int, settings) -> None:
+    row = connection.execute(_FAILED, {"w": webhook_id, "n": failures, "base": settings.webhook_probe_seconds,
+                                       "most": MOST_PROBE_SECONDS,
+                                       "threshold": settings.webhook_pause_after_failures}).one_or_none()
+    if row is not None and row.paused_now:
+        journal.record(connection, "webhook.endpoint_paused",
+                       f"webhook {webhook_id} paused after {row.consecutive_failures} failed attempts in a row; "
+                       f"next probe at {utc_z(row.probe_at)}", level="warning",
+                       details={"webhook_id": webhook_id, "failures": row.consecutive_failures})
+
+
+def _answered(connection: Connection, webhook_id: str) -> None:
+    row = connection.execute(_ANSWERED, {"w": webhook_id}).one_or_none()
+    if row is not None and row.paused_at is not None:
+        journal.record(connection, "webhook.endpoint_resumed", f"webhook {webhook_id} answered a probe: resumed",
+                       details={"webhook_id": webhook_id, "paused_at": utc_z(row.paused_at)})
 
 
 def _disable(connection: Connection, webhook_id: str, reason: str) -> None:

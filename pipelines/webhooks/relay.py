@@ -14,9 +14,11 @@ from sqlalchemy.orm import Session
 from pipelines.core.settings import get_settings
 
 
-def relay(session: Session) -> list[str]:
+def relay(session: Session, per_endpoint: int | None = None) -> list[tuple[str, str, bool]]:
     """Fan new events out to their endpoints and claim every delivery that is due; returns the
-    deliveries to send (after this transaction commits)."""
+    deliveries to send (after this transaction commits): (delivery, endpoint, whether the endpoint
+    is failing lately, so that its deliveries travel apart from everyone else's). PER_ENDPOINT: how
+    many may be in flight to an endpoint that has not answered yet (NEW_ENDPOINT_CONCURRENCY)."""
     session.execute(text(
         "WITH fresh AS (SELECT id, type, job_id FROM webhook_events WHERE dispatched_at IS NULL "
         "               ORDER BY created_at LIMIT 1000 FOR UPDATE SKIP LOCKED), "
@@ -28,10 +30,48 @@ def relay(session: Session) -> list[str]:
         "AND NOT ingot_owner_gone(w.api_key_id) AND ingot_sees_job(w.api_key_id, j.kind, j.api_key_id) "
         "ON CONFLICT DO NOTHING"
     ))
-    return list(session.execute(text(
-        "UPDATE webhook_deliveries SET next_attempt_at = NULL, claimed_until = now() + make_interval(secs => :c) "
-        "WHERE id IN (SELECT id FROM webhook_deliveries WHERE state = 'pending' AND "
-        "             (next_attempt_at <= now() OR (next_attempt_at IS NULL AND claimed_until < now())) "
-        "             ORDER BY next_attempt_at NULLS FIRST LIMIT 5000 FOR UPDATE SKIP LOCKED) "
-        "RETURNING id"
-    ), {"c": get_settings().webhook_claim_seconds}).scalars())
+    return [tuple(row) for row in session.execute(_CLAIM, {"c": get_settings().webhook_claim_seconds,
+                                                            "new_endpoint": per_endpoint or NEW_ENDPOINT_CONCURRENCY})]
+
+
+NEW_ENDPOINT_CONCURRENCY = 2  # in flight to an endpoint that has not answered yet
+
+# Which due deliveries to hand out now, the oldest first. An endpoint that answers gets all of its
+# own; one that has never answered gets `new_endpoint` at a time, one failing a single one, and one
+# paused only its probe, once the probe falls due: a bad endpoint's backlog waits in its own line,
+# behind no one else's. Only those few endpoints' deliveries are ranked; the rest are read as they
+# are, off the index of due deliveries.
+_CLAIM = text("""
+WITH capped AS (
+    SELECT id, CASE WHEN paused_at IS NOT NULL THEN CASE WHEN probe_at <= now() THEN 1 ELSE 0 END
+                    WHEN consecutive_failures > 0 THEN 1
+                    ELSE :new_endpoint END AS most
+    FROM webhooks WHERE paused_at IS NOT NULL OR consecutive_failures > 0 OR answered_at IS NULL
+), free AS (
+    SELECT d.id, d.next_attempt_at FROM webhook_deliveries d
+    WHERE d.state = 'pending'
+      AND (d.next_attempt_at <= now() OR (d.next_attempt_at IS NULL AND d.claimed_until < now()))
+      AND d.webhook_id NOT IN (SELECT id FROM capped)
+    ORDER BY d.next_attempt_at NULLS FIRST LIMIT 5000
+), busy AS (
+    SELECT webhook_id, count(*) AS n FROM webhook_deliveries
+    WHERE webhook_id IN (SELECT id FROM capped) AND state = 'pending' AND next_attempt_at IS NULL
+      AND claimed_until >= now()
+    GROUP BY webhook_id
+), held AS (
+    SELECT ranked.id, ranked.next_attempt_at FROM (
+        SELECT d.id, d.next_attempt_at, c.most, COALESCE(busy.n, 0) AS busy,
+               row_number() OVER (PARTITION BY d.webhook_id ORDER BY d.next_attempt_at NULLS FIRST, d.id) AS place
+        FROM webhook_deliveries d JOIN capped c ON c.id = d.webhook_id LEFT JOIN busy ON busy.webhook_id = d.webhook_id
+        WHERE d.state = 'pending'
+          AND (d.next_attempt_at <= now() OR (d.next_attempt_at IS NULL AND d.claimed_until < now()))
+    ) ranked WHERE ranked.place + ranked.busy <= ranked.most
+), chosen AS (
+    SELECT id FROM free UNION ALL SELECT id FROM held
+)
+UPDATE webhook_deliveries d SET next_attempt_at = NULL, claimed_until = now() + make_interval(secs => :c)
+FROM webhooks w
+WHERE w.id = d.webhook_id
+  AND d.id IN (SELECT id FROM webhook_deliveries WHERE id IN (SELECT id FROM chosen) FOR UPDATE SKIP LOCKED)
+RETURNING d.id, d.webhook_id, w.consecutive_failures > 0 OR w.paused_at IS NOT NULL
+""")

@@ -22,7 +22,7 @@ def _pool() -> httpcore.ConnectionPool:
     with _lock:
         pool = _pools.get(os.getpid())
         if pool is None:
-            pool = _pools[os.getpid()] = delivery.new_pool(get_settings().webhook_concurrency * 2)
+            pool = _pools[os.getpid()] = delivery.new_pool(get_settings().webhook_concurrency * 4)
         return pool
 
 
@@ -30,7 +30,10 @@ def _pool() -> httpcore.ConnectionPool:
 def deliver(delivery_ids: list[str] | str) -> dict[str, str]:
     """One attempt at each delivery of a batch (the relay sends up to INGOT_WEBHOOK_BATCH_SIZE at once)."""
     ids = [delivery_ids] if isinstance(delivery_ids, str) else delivery_ids
-    return delivery.deliver(ids, _pool(), get_settings().webhook_concurrency)
+    settings = get_settings()
+    # A receiver still silent after INGOT_WEBHOOK_HAND_OFF_SECONDS is left to a thread of this process: the next batch
+    # need not wait for it.
+    return delivery.deliver(ids, _pool(), settings.webhook_concurrency, hand_off=settings.webhook_hand_off_seconds)
 
 
 @app.task(name="webhooks.relay", queue=Queues.WEBHOOKS.value, send_events=False)
