@@ -19,6 +19,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout  # every connection busy past pool_timeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from pipelines.auth.quotas import QuotaExceeded
 from pipelines.core.clock import utc_z
 from pipelines.core.pagination import BadCursor
 from pipelines.core.settings import get_settings
@@ -184,6 +185,11 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError):
         return error_response(request, exc.status, exc.message, exc.details, exc.headers, exc.code)
+
+    @app.exception_handler(QuotaExceeded)
+    async def _quota(request: Request, exc: QuotaExceeded):
+        headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after else None
+        return error_response(request, 429, str(exc), exc.details(), headers, code="QUOTA_EXCEEDED")
 
     @app.exception_handler(BadCursor)
     async def _bad_cursor(request: Request, exc: BadCursor):

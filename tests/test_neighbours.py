@@ -259,3 +259,42 @@ def test_bad_receivers_are_cut_off_by_the_clock_paused_and_delay_no_one_else(cli
         trickle.close()
         hang.close()
         refusing.close()
+
+
+# --- no key takes more than its share ----------------------------------------------------------
+
+
+def test_scenario_runs_and_exports_past_a_keys_quota_are_429_quota_exceeded(api_url, configure, no_worker):
+    configure(max_scenario_runs_per_key=3, max_export_bytes_per_key=1000)
+    key, other = make_key(["write"]), make_key(["write"])
+    with get_engine().begin() as conn:
+        conn.execute(text("INSERT INTO curve_index (curve_key, first_asof, last_asof) "
+                          "VALUES ('K', '2026-11-02', '2026-11-02')"))
+    with httpx.Client(base_url=api_url, timeout=30) as http:
+        scenario = http.post("/api/v1/scenarios", headers={"X-API-Key": key}, json={
+            "name": "quota", "base": {"curve_keys": ["K"]}, "shocks": [{"type": "parallel", "value": 1}]})
+        assert scenario.status_code == 201, scenario.text
+        run = f"/api/v1/scenarios/{scenario.json()['data']['scenario_id']}/run"
+        answers = [http.post(run, headers={"X-API-Key": key}) for _ in range(4)]
+        assert [a.status_code for a in answers] == [202, 202, 202, 429]
+        error = answers[-1].json()["error"]
+        assert error["code"] == "QUOTA_EXCEEDED" and error["details"] == {
+            "quota": "scenario runs queued or running", "used": 3, "allowed": 3}
+        assert http.post(run, headers={"X-API-Key": other}).status_code == 202  # another key has its own
+
+        # Export files kept count against their key until they expire.
+        with get_engine().begin() as conn:
+            conn.execute(text(
+                "INSERT INTO jobs (id, kind, state, progress, records_processed, records_failed, params, result, "
+                "sources, attempts, timeout_seconds, checkpoint, api_key_id, finished_at) "
+                "SELECT 'job_' || md5(random()::text), 'export', 'succeeded', 100, 0, 0, '{}', "
+                "jsonb_build_object('file_size', 1200, 'expires_at', now() + interval '1 hour'), '{}', 1, 60, '{}', "
+                "k.id, now() FROM api_keys k WHERE k.key_hash = :h"), {"h": __import__("hashlib").sha256(
+                    key.encode()).hexdigest()})
+        refused = http.post("/api/v1/data/export", json={"format": "csv"}, headers={"X-API-Key": key})
+        assert refused.status_code == 429 and refused.json()["error"]["code"] == "QUOTA_EXCEEDED"
+        assert refused.json()["error"]["details"] == {"quota": "bytes of export files kept", "used": 1200,
+                                                       "allowed": 1000}
+        assert 3000 <= int(refused.headers["Retry-After"]) <= 3600  # frees when the file expires
+        assert http.post("/api/v1/data/export", json={"format": "csv"},
+                         headers={"X-API-Key": other}).status_code == 202

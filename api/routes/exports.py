@@ -63,8 +63,6 @@ def start_export(body: ExportRequest, request: Request, session: SessionDep, key
               "columns": body.columns or export.DEFAULT_COLUMNS}
     try:
         job = admission.start(session, params, key.id, send_job, request.state.request_id)
-    except admission.TooManyExports as exc:
-        raise ApiError(429, str(exc), headers={"Retry-After": "10"}) from None
     except admission.DiskFull as exc:
         raise ApiError(503, str(exc)) from None
     session.commit()

@@ -58,6 +58,8 @@ class Settings(BaseSettings):
     source_test_rate_limit_per_minute: int = 10
     max_webhooks_per_key: int = 25
     max_exports_per_key: int = 3
+    max_export_bytes_per_key: int = 20 * 1024**3  # export files kept (not yet expired), per key
+    max_scenario_runs_per_key: int = 10_000  # queued or running, per key
     export_min_free_bytes: int = 256 * 1024 * 1024
     export_expiry_interval_seconds: float = 3600
     webhook_allow_private: bool = False

@@ -1,37 +1,26 @@
-"""Whether an export may start now (per-key concurrency, free disk), and finding one by id."""
+"""Whether an export may start now (per-key quotas, free disk), and finding one by id."""
 
 from __future__ import annotations
 
 import re
 from typing import Any
 
-from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from pipelines.core import runtime
-from pipelines.core.models import ACTIVE_STATES, Job, JobKind, JobState
+from pipelines.auth import quotas
+from pipelines.core.models import Job, JobKind, JobState
 from pipelines.exports.export import DiskFull, check_space, exports_dir
 from pipelines.jobs.machine import Sender, create_job
 
 _EXPORT_ID = re.compile(r"^job_[0-9a-f]{24}$")
 
-__all__ = ["DiskFull", "TooManyExports", "start", "find", "status"]
-
-
-class TooManyExports(Exception):
-    def __init__(self, running: int, most: int):
-        super().__init__(f"this key already has {running} exports queued or running (at most {most}); "
-                         "wait for one to finish")
+__all__ = ["DiskFull", "start", "find", "status"]
 
 
 def start(session: Session, params: dict[str, Any], api_key_id: str, send: Sender, request_id: str | None) -> Job:
-    """Queue an export for API_KEY_ID: TooManyExports past the key's concurrency, DiskFull when the
-    exports folder's disk is short of space."""
-    running = session.scalar(select(func.count()).where(
-        Job.kind == JobKind.EXPORT, Job.state.in_(ACTIVE_STATES), Job.api_key_id == api_key_id)) or 0
-    most = runtime.value("max_exports_per_key")
-    if running >= most:
-        raise TooManyExports(running, most)
+    """Queue an export for API_KEY_ID: QuotaExceeded past the key's quotas (exports at once, bytes of
+    files kept), DiskFull when the exports folder's disk is short of space."""
+    quotas.check_exports(session, api_key_id)
     check_space(exports_dir())
     return create_job(session, kind=JobKind.EXPORT, params=params, send=send,
                       request_id=request_id, api_key_id=api_key_id)

@@ -24,6 +24,7 @@ from psycopg import sql
 from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
+from pipelines.auth import quotas
 from pipelines.core.db import driver, session_scope
 from pipelines.core.models import Job, JobKind, JobState, ScenarioMetric
 from pipelines.core.pagination import Keyset
@@ -51,7 +52,10 @@ async def start_now(scenario_id: str, send: Sender, request_id: str | None, api_
                     ) -> dict[str, Any] | None:
     """Queue a run of SCENARIO_ID, on the API's event loop in one statement: the new run as a row, or
     None if there is no such scenario. The scenario is share-locked meanwhile: a delete (which locks it
-    exclusively) cannot slip in between, while runs of the same scenario start side by side."""
+    exclusively) cannot slip in between, while runs of the same scenario start side by side.
+    QuotaExceeded past the key's runs queued or running."""
+    if api_key_id is not None:
+        await quotas.check_scenario_runs(api_key_id)
     return await machine.create_job_now(kind=JobKind.SCENARIO_RUN, params={"scenario_id": scenario_id}, send=send,
                                         about=("scenarios", scenario_id), request_id=request_id,
                                         api_key_id=api_key_id)
