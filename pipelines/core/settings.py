@@ -68,7 +68,9 @@ class Settings(BaseSettings):
     webhook_relay_interval_seconds: float = 30.0  # the safety net: the outbox listener relays at once
     webhook_batch_size: int = Field(default=50, ge=1)  # deliveries handed to one task
     webhook_concurrency: int = Field(default=4, ge=1)  # requests in flight at once within one worker process
-    webhook_claim_seconds: float = 120.0  # a delivery handed to a lost task is handed out again after this
+    # A delivery handed to a task that was lost (its host vanished) is handed out again after this; its
+    # advisory lock, not the claim, keeps two tasks from sending it at once.
+    webhook_claim_seconds: float = 30.0
     webhook_disable_after_seconds: float = 5 * 24 * 3600
     # Neighbours: an endpoint that has never answered gets 2 deliveries in flight at once, one failing
     # 1 (its backlog waits in its own line); after webhook_pause_after_failures failed attempts in a row
