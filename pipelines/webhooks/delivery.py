@@ -262,6 +262,9 @@ def _record_later(locks: _Locks, waiting: dict) -> None:
         locks.release()
 
 
+BUSY_RECHECK_SECONDS = 3.0  # a delivery found locked by another task is handed out again after this
+
+
 class _Locks:
     """A connection holding the advisory locks of the deliveries a task is sending, and recording their
     answers; if the database goes away, a new connection takes the locks again to record them."""
@@ -290,6 +293,15 @@ class _Locks:
             "FROM webhook_deliveries d JOIN webhooks w ON w.id = d.webhook_id "
             "JOIN webhook_events e ON e.id = d.event_id WHERE d.id = ANY(:ids) ORDER BY e.created_at"
         ), {"ids": list(self.held)}))
+        busy = sorted(set(ids) - self.held)
+        if busy:
+            # Held by another task still: one that is sending them now, or one whose host vanished, whose
+            # locks go only when the server drops its session. Looked at again in a few seconds rather
+            # than a whole claim from now, so a vanished host's deliveries go out soon after it is dropped.
+            self.connection.execute(text(
+                "UPDATE webhook_deliveries SET claimed_until = least(claimed_until, now() + make_interval(secs => :s)) "
+                "WHERE id = ANY(:ids) AND state = 'pending' AND next_attempt_at IS NULL"
+            ), {"ids": busy, "s": BUSY_RECHECK_SECONDS})
         self.connection.commit()  # read once the locks are held: a record committed before them is seen
         left = min((float(r.claim_left) for r in rows if r.claim_left is not None),
                    default=get_settings().webhook_claim_seconds)
