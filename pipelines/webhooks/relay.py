@@ -2,8 +2,9 @@
 
 A job's end writes an event row in the same transaction (a trigger: see migration 0003). The relay
 turns each new event into one delivery per subscribed endpoint that may see it (an export's events
-only its owner's and admins'; none once the owner's key is revoked or expired), and claims every delivery that is due,
-for the caller to attempt once its transaction commits.
+only its owner's and admins'; none once the owner's key is revoked or expired), and claims the
+deliveries that are due (as many as each endpoint may have in flight: see _CLAIM), for the caller to
+attempt once its transaction commits.
 """
 
 from __future__ import annotations
