@@ -31,11 +31,11 @@ from tests.receiver import Receiver
 
 pytestmark = pytest.mark.worker
 FAULTS = ("none (baseline)", "workers SIGKILLed", "kills at random moments", "Redis lost its data",
-          "PostgreSQL restarted", "PostgreSQL away", "receiver down, slow, up")
+          "PostgreSQL restarted", "PostgreSQL away", "PostgreSQL frozen", "receiver down, slow, up")
 AWAY_SECONDS = float(os.environ.get("INGOT_FAULT_AWAY_SECONDS", "5"))  # `make faults`: 30
 # The session's 3 s claim is for tests that want a lost delivery handed out again at once; here a
 # delivery's claim must outlast a database restart, so an answer kept through it is recorded, not sent
-# twice (production: 120 s).
+# twice (production: 30 s).
 WORKER_ENV = {"INGOT_WEBHOOK_CLAIM_SECONDS": "20"}
 SEED = int(os.environ.get("INGOT_FAULT_SEED", str(random.SystemRandom().randrange(10**6))))
 REPEAT = int(os.environ.get("INGOT_FAULT_REPEAT", "1"))  # `make faults`: every fault several times, bigger load
@@ -156,6 +156,23 @@ def test_no_work_is_lost_or_doubled_whatever_breaks(client, start_worker, write_
         away.update(ready={a for a, _ in answers}, start={b for _, b in answers}, probes=len(answers),
                     ready_after=time.monotonic() - back)
 
+    def postgres_frozen(jobs: list[str]) -> None:
+        """Every PostgreSQL process stopped (SIGSTOP, as a stalled disk or a frozen host looks from
+        outside) for AWAY_SECONDS while jobs run: the workers blocked on it carry on once it thaws, or
+        give their job back to the reaper if their heartbeat went stale meanwhile."""
+        import psutil
+
+        until_running(jobs)
+        postmaster = psutil.Process(int((embedded._postgres.pgdata / "postmaster.pid").read_text().split()[0]))
+        frozen = [postmaster, *postmaster.children(recursive=True)]
+        for process in frozen:
+            process.send_signal(signal.SIGSTOP)
+        try:
+            time.sleep(AWAY_SECONDS)  # the fault's length: nothing to poll while the database is stopped
+        finally:
+            for process in frozen:
+                process.send_signal(signal.SIGCONT)
+
     def receiver_trouble(jobs: list[str]) -> None:
         port = load.receiver.port
         load.receiver.close()  # down while the jobs end
@@ -169,7 +186,7 @@ def test_no_work_is_lost_or_doubled_whatever_breaks(client, start_worker, write_
 
     away: dict = {}
     injections = (nothing, kill_workers, kill_at_random, lose_redis, restart_postgres, postgres_away,
-                  receiver_trouble)
+                  postgres_frozen, receiver_trouble)
     for round_no, (fault, inject) in enumerate(list(zip(FAULTS, injections, strict=True)) * REPEAT):
         run(round_no, fault, inject)
     load.receiver.close()
