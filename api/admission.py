@@ -8,13 +8,15 @@ few dozen connections the process once stopped answering altogether. So the app 
 wait on the event loop, which costs nothing, for up to `INGOT_API_QUEUE_SECONDS`, and are then
 answered 503 with `Retry-After`. A request gives its place back as soon as its answer starts (a
 download streaming out holds none). Liveness (`/health`) is never held: it needs neither a thread
-nor the database. Fewer requests inside at once also means less contention for the interpreter: on
+nor the database; nor are the polled routes (OWN_LANE), which need no thread. Fewer requests
+inside at once also means less contention for the interpreter: on
 two cores, 4 at once served more requests a second than 10 (bench/api.py).
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -22,6 +24,10 @@ from api.bodylimit import refuse
 from api.gate import route_path
 
 EXEMPT = frozenset({"/health"})
+# The routes clients poll (a job, the ingestion status) run on the event loop over the API's own
+# asynchronous connections (pipelines.core.adb, bounded by their pool), never in a thread or a
+# SQLAlchemy session: they have a lane of their own, so a poller never waits behind heavy reads.
+OWN_LANE = re.compile(r"^/api/v1/(jobs/[^/]+|ingestion/status)$")
 
 
 class Admission:
@@ -32,7 +38,8 @@ class Admission:
         self._slots: asyncio.Semaphore | None = None  # made on the server's event loop, at the first request
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or route_path(scope) in EXEMPT:
+        if scope["type"] != "http" or route_path(scope) in EXEMPT or (
+                scope["method"] == "GET" and OWN_LANE.match(route_path(scope))):
             await self.app(scope, receive, send)
             return
         if self._slots is None:

@@ -1,0 +1,137 @@
+"""Heavy readers beside pollers: does one reader's expensive query make everyone else wait?
+
+    .venv/bin/python bench/readers.py [--rows 5000000] [--heavy 8] [--pollers 20] [--seconds 20]
+
+A source of --rows observations; then, for --seconds, --heavy clients send the most expensive queries
+the contract allows (`POST /data/query` sorted by value, a fresh filter each time so no total is
+cached, a page 2,000 deep) while --pollers clients poll `GET /jobs/{id}` and one polls `/health`, all
+against one `ingot api` process as it runs in production. It prints each kind's answers by status
+and their p50/p99 (goals: pollers' p99 under 100 ms, `/health`'s under 50 ms), and fails unless
+every request got an answer (a heavy query past the time limit answers 422 QUERY_TOO_EXPENSIVE).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import subprocess
+import sys
+import time
+from collections import Counter
+
+import httpx
+from harness import ROOT, Bench, free_port, postgres_settings
+
+
+async def clients(url: str, key: str, job_id: str, heavy: int, pollers: int, seconds: float) -> dict:
+    """Every client's answers as (kind, status, seconds) until SECONDS have passed."""
+    results: list[tuple[str, int, float]] = []
+    stop = time.monotonic() + seconds
+    chance = random.Random(7)
+    limits = httpx.Limits(max_connections=heavy + pollers + 1)
+    async with httpx.AsyncClient(base_url=url, headers={"X-API-Key": key}, timeout=60, limits=limits) as http:
+        async def timed(kind: str, request) -> None:
+            began = time.perf_counter()
+            try:
+                status = (await request()).status_code
+            except httpx.HTTPError:
+                status = 0  # no answer at all
+            results.append((kind, status, time.perf_counter() - began))
+
+        async def heavy_client() -> None:
+            while time.monotonic() < stop:
+                body = {"filters": {"value_range": {"min": chance.uniform(0, 50)}},
+                        "sort": {"field": "value", "order": "desc"}, "pagination": {"page": 2000, "limit": 50}}
+                await timed("heavy query", lambda b=body: http.post("/api/v1/data/query", json=b))
+
+        async def poller(path: str, kind: str, pause: float) -> None:
+            while time.monotonic() < stop:
+                await timed(kind, lambda: http.get(path))
+                await asyncio.sleep(pause)
+
+        await asyncio.gather(*(heavy_client() for _ in range(heavy)),
+                             *(poller(f"/api/v1/jobs/{job_id}", "GET /jobs/{id}", 0.05) for _ in range(pollers)),
+                             poller("/health", "GET /health", 0.05))
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=5_000_000)
+    parser.add_argument("--heavy", type=int, default=8)
+    parser.add_argument("--pollers", type=int, default=20)
+    parser.add_argument("--seconds", type=float, default=20)
+    args = parser.parse_args()
+    bench = Bench("", INGOT_LOG_LEVEL="WARNING")
+    port = free_port()
+    api = None
+    try:
+        from sqlalchemy import text
+
+        from pipelines.auth import keys
+        from pipelines.core import embedded, migrate, runtime
+        from pipelines.core.db import autocommit, driver, get_engine, session_scope
+        from pipelines.core.models import Job, JobKind
+        from pipelines.core.settings import get_settings
+        from pipelines.ingestion import partitions
+
+        settings = get_settings()
+        os.environ.update(INGOT_DATABASE_URL=embedded.database_url(settings),
+                          INGOT_REDIS_URL=embedded.redis_url(settings))
+        migrate.upgrade()
+        print(postgres_settings())
+        with session_scope() as session:
+            _row, key = keys.create_key(session, "bench", ["admin"])
+            job = Job(kind=JobKind.INGESTION, params={"sources": []}, timeout_seconds=3600)
+            session.add(job)
+            session.flush()
+            job_id = job.id
+        runtime.update({"rate_limit_per_minute": 10_000_000})
+        began = time.monotonic()
+        with get_engine().begin() as connection:
+            partitions.ensure(driver(connection), "heavy")
+            connection.execute(text(
+                "INSERT INTO observations (source, id, timestamp, value, metadata) "
+                "SELECT 'heavy', 'r' || g, timestamptz '2026-01-01' + g * interval '1 second', "
+                "(g::bigint * 7919 % 100000) / 1000.0, '{}' FROM generate_series(1, :n) g"), {"n": args.rows})
+        with autocommit() as connection:
+            connection.execute(text("VACUUM ANALYZE observations"))
+        print(f"{args.rows:,} rows written in {time.monotonic() - began:.1f} s")
+        api = subprocess.Popen([sys.executable, "-m", "cli.main", "api", "--no-migrate"], cwd=ROOT,
+                               env=dict(os.environ, INGOT_API_PORT=str(port)),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{url}/api/v1/jobs/{job_id}", headers={"X-API-Key": key}).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise SystemExit("the API did not come up")
+            time.sleep(0.2)
+        results = asyncio.run(clients(url, key, job_id, args.heavy, args.pollers, args.seconds))
+    finally:
+        if api is not None:
+            api.terminate()
+            api.wait(30)
+        bench.stop()
+    print(f"{args.heavy} heavy readers and {args.pollers} pollers for {args.seconds:g} s, one API process, "
+          f"{os.cpu_count()} cores shared")
+    unanswered = 0
+    for kind in ("heavy query", "GET /jobs/{id}", "GET /health"):
+        times = sorted(t * 1000 for k, _s, t in results if k == kind)
+        statuses = Counter(s for k, s, _t in results if k == kind)
+        unanswered += statuses.get(0, 0)
+        q = lambda f, t=times: t[min(len(t) - 1, int(f * len(t)))]  # noqa: E731
+        print(f"{kind:15} {len(times):6} requests  p50 {q(0.5):8.1f} ms  p99 {q(0.99):8.1f} ms  "
+              f"answers {dict(sorted(statuses.items()))}")
+    if unanswered:
+        raise SystemExit(f"{unanswered} requests got no answer")
+
+
+if __name__ == "__main__":
+    main()
