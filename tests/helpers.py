@@ -63,6 +63,22 @@ def seed(source: str, job_id: str, batch) -> None:
 
 
 
+def end_jobs(count: int, prefix: str) -> None:
+    """End COUNT jobs at once, as workers would: each end writes its event in the same transaction."""
+    from sqlalchemy import text
+
+    from pipelines.core.db import get_engine
+
+    with get_engine().begin() as conn:
+        conn.execute(text(
+            "INSERT INTO jobs (id, kind, state, progress, records_processed, records_failed, params, result, "
+            "sources, attempts, timeout_seconds, checkpoint) "
+            "SELECT :p || g, 'ingestion', 'running', 0, 0, 0, '{}', '{}', '{}', 1, 60, '{}' "
+            "FROM generate_series(1, :n) g"), {"p": prefix, "n": count})
+        conn.execute(text("UPDATE jobs SET state = 'succeeded', finished_at = now() WHERE id LIKE :p || '%'"),
+                     {"p": prefix})
+
+
 @contextmanager
 def api_processes(count: int, **env: str) -> Iterator[list[str]]:
     """COUNT API processes (`ingot api`) on the tests' database and Redis, as a deployment scales them

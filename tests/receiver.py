@@ -54,3 +54,46 @@ class Receiver:
     def verified(self, event_type: str | None = None) -> list[dict]:
         return [r for r in self.received
                 if r["verified"] and (event_type is None or r["payload"]["type"] == event_type)]
+
+
+class BadReceiver:
+    """A receiver that never answers in time: TRICKLE sends its status line and then a header byte
+    every 0.2 s for ever (each read is quick, the whole never ends); HANG reads the request and says
+    nothing; REFUSE is a port bound and never listening, so every connection is refused (and no one
+    else can be given the port meanwhile)."""
+
+    def __init__(self, mode: str):
+        import socket
+
+        self.mode, self.stop = mode, threading.Event()
+        self.sock = socket.socket() if mode == "refuse" else socket.create_server(("127.0.0.1", 0))
+        if mode == "refuse":
+            self.sock.bind(("127.0.0.1", 0))
+        else:
+            threading.Thread(target=self._accept, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}/hook"
+
+    def _accept(self) -> None:
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn) -> None:
+        with conn:
+            try:
+                conn.recv(65536)
+                if self.mode == "trickle":
+                    conn.sendall(b"HTTP/1.1 200 OK\r\nX-Slow: ")
+                    while not self.stop.wait(0.2):
+                        conn.sendall(b"a")
+                else:
+                    self.stop.wait(600)
+            except OSError:
+                pass  # Ingot hung up, as it should
+
+    def close(self) -> None:
+        self.stop.set()
+        self.sock.close()

@@ -10,7 +10,7 @@ import httpx
 from sqlalchemy import text
 
 from pipelines.core.db import get_engine
-from tests.helpers import api_processes, make_key
+from tests.helpers import api_processes, end_jobs, make_key
 
 
 def test_a_statement_past_the_time_limit_is_422_and_holds_nothing(admin_key):
@@ -135,56 +135,6 @@ def test_an_abandoned_session_refuses_further_work_and_is_closed():
 # --- one slow receiver delays no one else ------------------------------------------------------
 
 
-class _BadReceiver:
-    """A receiver on loopback that never answers in time: TRICKLE sends its status line, then a header
-    byte now and then for ever; HANG reads the request and says nothing."""
-
-    def __init__(self, mode: str):
-        import socket
-
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}/hook"
-        self.mode, self.stop = mode, threading.Event()
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while not self.stop.is_set():
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
-    def _serve(self, conn) -> None:
-        with conn:
-            try:
-                conn.recv(65536)
-                if self.mode == "trickle":
-                    conn.sendall(b"HTTP/1.1 200 OK\r\nX-Slow: ")
-                    while not self.stop.wait(0.2):  # a byte every 0.2 s: each read is quick, the whole never ends
-                        conn.sendall(b"a")
-                else:
-                    self.stop.wait(60)
-            except OSError:
-                pass  # Ingot hung up, as it should
-
-    def close(self) -> None:
-        self.stop.set()
-        self.listener.close()
-
-
-def _end_jobs(count: int, prefix: str) -> None:
-    """COUNT ingestion jobs ending at once: COUNT ingestion.completed events, committed together."""
-    with get_engine().begin() as conn:
-        conn.execute(text(
-            "INSERT INTO jobs (id, kind, state, progress, records_processed, records_failed, params, result, "
-            "sources, attempts, timeout_seconds, checkpoint) "
-            "SELECT :p || g, 'ingestion', 'running', 0, 0, 0, '{}', '{}', '{}', 1, 60, '{}' "
-            "FROM generate_series(1, :n) g"), {"p": prefix, "n": count})
-        conn.execute(text("UPDATE jobs SET state = 'succeeded', finished_at = now() WHERE id LIKE :p || '%'"),
-                     {"p": prefix})
-
-
 def _lags(receivers, count: int) -> list[float]:
     """Seconds from each event's commit to its receipt, over every healthy receiver; each got COUNT
     events, each once, signed."""
@@ -202,10 +152,8 @@ def _lags(receivers, count: int) -> list[float]:
 
 
 def test_bad_receivers_are_cut_off_by_the_clock_paused_and_delay_no_one_else(client, start_worker):
-    import socket
-
     from tests.helpers import wait_for
-    from tests.receiver import Receiver
+    from tests.receiver import BadReceiver, Receiver
 
     events, p99 = 150, {}
     start_worker(env={"INGOT_WEBHOOK_TIMEOUT_SECONDS": "1", "INGOT_WEBHOOK_PAUSE_AFTER_FAILURES": "3",
@@ -221,7 +169,7 @@ def test_bad_receivers_are_cut_off_by_the_clock_paused_and_delay_no_one_else(cli
             hooks.append(hook["data"]["id"])
         bad_hooks = [client.request("POST", "/webhooks", json={"url": url, "events": ["ingestion.completed"]})
                      ["data"]["id"] for url in bad]
-        _end_jobs(events, prefix)
+        end_jobs(events, prefix)
         wait_for(lambda: all(len(r.received) >= events for r in receivers), timeout=120,
                  message="every healthy receiver's events")
         lags = _lags(receivers, events)
@@ -233,12 +181,9 @@ def test_bad_receivers_are_cut_off_by_the_clock_paused_and_delay_no_one_else(cli
 
     _none, lags = healthy_run("job_alone_", [])
     p99["alone"] = lags[int(0.99 * (len(lags) - 1))]
-    trickle, hang = _BadReceiver("trickle"), _BadReceiver("hang")
-    refusing = socket.socket()  # bound and never listening: the port is refused, and no one else's
-    refusing.bind(("127.0.0.1", 0))
+    bad = [BadReceiver("trickle"), BadReceiver("hang"), BadReceiver("refuse")]
     try:
-        bad_hooks, lags = healthy_run("job_crowd_", [trickle.url, hang.url,
-                                                     f"http://127.0.0.1:{refusing.getsockname()[1]}/refused"])
+        bad_hooks, lags = healthy_run("job_crowd_", [b.url for b in bad])
         p99["crowd"] = lags[int(0.99 * (len(lags) - 1))]
         # The healthy endpoints are on time (within twice the time alone, and a second for a busy machine).
         assert p99["crowd"] <= 2 * p99["alone"] + 1.0, p99
@@ -259,9 +204,8 @@ def test_bad_receivers_are_cut_off_by_the_clock_paused_and_delay_no_one_else(cli
                       if line.startswith("ingot_webhook_endpoints_paused "))
         assert float(paused.split()[1]) >= 3
     finally:
-        trickle.close()
-        hang.close()
-        refusing.close()
+        for b in bad:
+            b.close()
 
 
 # --- no key takes more than its share ----------------------------------------------------------

@@ -11,7 +11,7 @@ from standardwebhooks.webhooks import WebhookVerificationError
 
 from pipelines.core.db import get_engine
 from tests.datagen import sources_toml, write_csv
-from tests.helpers import free_port, wait_for
+from tests.helpers import end_jobs, free_port, wait_for
 from tests.receiver import Receiver
 
 
@@ -282,18 +282,6 @@ def test_an_answer_is_never_unpacked_nor_waited_on_past_the_deadline(client, sta
     else:
         assert attempt["status_code"] == 500 and attempt["duration_ms"] < 5000, attempt  # 1 s deadline, one read
         assert 1 <= len(attempt["response_excerpt"]) < 30
-
-
-def end_jobs(count: int, prefix: str) -> None:
-    """End COUNT jobs at once, as workers would: each end writes its event in the same transaction."""
-    with get_engine().begin() as conn:
-        conn.execute(text(
-            "INSERT INTO jobs (id, kind, state, progress, records_processed, records_failed, params, result, "
-            "sources, attempts, timeout_seconds, checkpoint) "
-            "SELECT :p || g, 'ingestion', 'running', 0, 0, 0, '{}', '{}', '{}', 1, 60, '{}' "
-            "FROM generate_series(1, :n) g"), {"p": prefix, "n": count})
-        conn.execute(text("UPDATE jobs SET state = 'succeeded', finished_at = now() WHERE id LIKE :p || '%'"),
-                     {"p": prefix})
 
 
 def claimed() -> list[str]:
