@@ -26,7 +26,7 @@ from pathlib import Path
 from statistics import median
 
 import httpx
-from harness import ROOT, Bench, free_port, postgres_settings
+from harness import ROOT, Bench, free_port, servers_with_a_job
 
 BARE = """
 import uvicorn
@@ -102,24 +102,7 @@ def main() -> None:
     api_port, bare_port = free_port(), free_port()
     procs: list[subprocess.Popen] = []
     try:
-        from pipelines.auth import keys
-        from pipelines.core import embedded, migrate, runtime
-        from pipelines.core.db import session_scope
-        from pipelines.core.models import Job, JobKind
-        from pipelines.core.settings import get_settings
-
-        settings = get_settings()
-        os.environ.update(INGOT_DATABASE_URL=embedded.database_url(settings),
-                          INGOT_REDIS_URL=embedded.redis_url(settings))
-        migrate.upgrade()
-        print(postgres_settings())
-        with session_scope() as session:
-            _row, key = keys.create_key(session, "bench", ["admin"])
-            job = Job(kind=JobKind.INGESTION, params={"sources": []}, timeout_seconds=3600)
-            session.add(job)
-            session.flush()
-            job_id = job.id
-        runtime.update({"rate_limit_per_minute": 10_000_000})
+        key, job_id = servers_with_a_job()
         env = dict(os.environ, INGOT_API_PORT=str(api_port))
         quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
         procs.append(subprocess.Popen([sys.executable, "-m", "cli.main", "api", "--no-migrate"], cwd=ROOT, env=env,

@@ -125,6 +125,30 @@ class Bench:
             shutil.rmtree(self.data, ignore_errors=True)
 
 
+def servers_with_a_job() -> tuple[str, str]:
+    """The embedded servers started and migrated (their settings printed), an admin key whose rate
+    limit is out of the way, and one queued job to poll: (the key, the job's id). For benchmarks that
+    run `ingot api` as a process of its own rather than Bench's in-process server."""
+    from pipelines.auth import keys
+    from pipelines.core import embedded, migrate, runtime
+    from pipelines.core.db import session_scope
+    from pipelines.core.models import Job, JobKind
+    from pipelines.core.settings import get_settings
+
+    settings = get_settings()
+    os.environ.update(INGOT_DATABASE_URL=embedded.database_url(settings), INGOT_REDIS_URL=embedded.redis_url(settings))
+    migrate.upgrade()
+    print(postgres_settings())
+    with session_scope() as session:
+        _row, key = keys.create_key(session, "bench", ["admin"])
+        job = Job(kind=JobKind.INGESTION, params={"sources": []}, timeout_seconds=3600)
+        session.add(job)
+        session.flush()
+        job_id = job.id
+    runtime.update({"rate_limit_per_minute": 10_000_000})
+    return key, job_id
+
+
 def postgres_settings() -> str:
     """The server a benchmark ran on and the settings its figures depend on, for its first line: the
     embedded server runs with `wal_level = minimal`, compose's with PostgreSQL's defaults."""

@@ -22,7 +22,7 @@ import time
 from collections import Counter
 
 import httpx
-from harness import ROOT, Bench, free_port, postgres_settings
+from harness import ROOT, Bench, free_port, servers_with_a_job
 
 
 async def clients(url: str, key: str, job_id: str, heavy: int, pollers: int, seconds: float) -> dict:
@@ -70,25 +70,10 @@ def main() -> None:
     try:
         from sqlalchemy import text
 
-        from pipelines.auth import keys
-        from pipelines.core import embedded, migrate, runtime
-        from pipelines.core.db import autocommit, driver, get_engine, session_scope
-        from pipelines.core.models import Job, JobKind
-        from pipelines.core.settings import get_settings
+        from pipelines.core.db import autocommit, driver, get_engine
         from pipelines.ingestion import partitions
 
-        settings = get_settings()
-        os.environ.update(INGOT_DATABASE_URL=embedded.database_url(settings),
-                          INGOT_REDIS_URL=embedded.redis_url(settings))
-        migrate.upgrade()
-        print(postgres_settings())
-        with session_scope() as session:
-            _row, key = keys.create_key(session, "bench", ["admin"])
-            job = Job(kind=JobKind.INGESTION, params={"sources": []}, timeout_seconds=3600)
-            session.add(job)
-            session.flush()
-            job_id = job.id
-        runtime.update({"rate_limit_per_minute": 10_000_000})
+        key, job_id = servers_with_a_job()
         began = time.monotonic()
         with get_engine().begin() as connection:
             partitions.ensure(driver(connection), "heavy")
