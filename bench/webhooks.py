@@ -30,6 +30,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from harness import Bench, free_port
 
+from tests.receiver import BadReceiver
+
 
 def receive(port: int, log_path: str, ready) -> None:
     log = open(log_path, "a", buffering=1)
@@ -125,51 +127,6 @@ def wait_for(log_path: str, count: int, seconds: float = 300, path: str = "/hook
         time.sleep(0.1)
 
 
-class Bad:
-    """A receiver that never answers in time: TRICKLE sends its status line and then a header byte
-    every 0.2 s for ever; HANG reads the request and says nothing; REFUSE is a port bound and never
-    listening, so every connection is refused."""
-
-    def __init__(self, mode: str):
-        import socket
-        import threading
-
-        self.mode, self.stop = mode, threading.Event()
-        self.sock = socket.socket() if mode == "refuse" else socket.create_server(("127.0.0.1", 0))
-        if mode == "refuse":
-            self.sock.bind(("127.0.0.1", 0))
-        else:
-            threading.Thread(target=self._accept, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}/bad"
-
-    def _accept(self) -> None:
-        import threading
-
-        while not self.stop.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
-    def _serve(self, conn) -> None:
-        with conn:
-            try:
-                conn.recv(65536)
-                if self.mode == "trickle":
-                    conn.sendall(b"HTTP/1.1 200 OK\r\nX-Slow: ")
-                    while not self.stop.wait(0.2):
-                        conn.sendall(b"a")
-                else:
-                    self.stop.wait(600)
-            except OSError:
-                pass
-
-    def close(self) -> None:
-        self.stop.set()
-        self.sock.close()
-
-
 HEALTHY = [f"/n{i}" for i in range(7)]
 
 
@@ -187,9 +144,10 @@ def neighbours(client, port: int, log_path: str, events: int, rate: float, first
              for path in HEALTHY]
     hooks += [client.request("POST", "/webhooks", json={"url": url, "events": ["ingestion.completed"]})["data"]["id"]
               for url in bad]
+    before = {path: len(received(log_path, path)) for path in HEALTHY}  # what earlier rounds sent there
     fire(events, rate, first=first)
     for path in HEALTHY:
-        wait_for(log_path, events, seconds=600, path=path)
+        wait_for(log_path, before[path] + events, seconds=600, path=path)
     with get_engine().connect() as conn:
         committed = {i: t.timestamp() for i, t in conn.execute(text(
             "SELECT e.id, e.created_at FROM webhook_events e JOIN jobs j ON j.id = e.job_id "
@@ -268,7 +226,7 @@ def main() -> None:
                 first += warm
                 hooked["alone"], _ = neighbours(client, port, log_path, args.neighbours, args.neighbour_rate,
                                                 first, [])
-                bad = [Bad("trickle"), Bad("hang"), Bad("refuse")]
+                bad = [BadReceiver("trickle"), BadReceiver("hang"), BadReceiver("refuse")]
                 try:
                     hooked["beside 3 bad endpoints"], paused = neighbours(
                         client, port, log_path, args.neighbours, args.neighbour_rate, first + args.neighbours,
