@@ -115,7 +115,9 @@ def test_retries_until_the_receiver_answers_with_a_stable_id(client, worker, wri
     receiver.secret = hook["secret"]
     try:
         wait_for(lambda: receiver.verified(), timeout=30, message="the delivery once the receiver is up")
-        log = deliveries(client, hook["id"])[0]
+        # The answer is recorded a moment after the receiver has it: wait for the record, not the receipt.
+        log = wait_for(lambda: (d := deliveries(client, hook["id"])[0])["state"] != "pending" and d, timeout=10,
+                       message="the answer to be recorded")
         assert log["state"] == "succeeded" and log["attempt_log"][-1]["status_code"] == 200
         assert all("ConnectError" in a["error"] for a in log["attempt_log"][:-1])
         assert receiver.received[0]["headers"]["webhook-id"] == log["event_id"]
