@@ -205,6 +205,10 @@ class Observation(Base):
         # column sorts and searches much more slowly than one led by the id.
         PrimaryKeyConstraint("id", "source"),
         Index("ix_observations_time", "timestamp", "source", "id"),
+        # The query's other sorts (`pipelines.exports.query`): every order the contract offers is an
+        # index scan in either direction, however deep the page.
+        Index("ix_observations_value", "value", "source", "id"),
+        Index("ix_observations_ingested", "ingested_at", "source", "id"),
         # One partition per source (pipelines/ingestion/partitions.py), created by ingestion.
         {"postgresql_partition_by": "LIST (source)"},
     )

@@ -2,7 +2,8 @@
 
 Everything reaches SQL as bound parameters; sort fields come from a fixed list. Keyset cursors are
 stable under concurrent inserts: a page starts strictly after the last row of the previous one in
-(sort field, source, id) order, with rows lacking the sort value last.
+(sort field, source, id) order, with rows lacking the sort value last. Every sort is served by an
+index (migration 0017), in either direction.
 """
 
 from __future__ import annotations
@@ -10,11 +11,11 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Callable
 from dataclasses import astuple, dataclass
 from datetime import datetime
-from typing import Any
 
-from sqlalchemy import ColumnElement, UnaryExpression, and_, or_, select, tuple_
+from sqlalchemy import select, text, tuple_
 from sqlalchemy.orm import Session
 
 from pipelines.core import cache, pagination
@@ -72,20 +73,6 @@ def conditions(q: Query) -> list:
     return conditions
 
 
-def _after(q: Query, cursor: list) -> ColumnElement[bool]:
-    """Rows strictly after CURSOR (sort value, source, id) in the query's order."""
-    value, source, row_id = cursor
-    column = SORT_FIELDS[q.sort]
-    if q.sort in ("timestamp", "ingested_at") and value is not None:
-        value = datetime.fromisoformat(value)
-    keys = tuple_(column, Observation.source, Observation.id)
-    rest = tuple_(Observation.source, Observation.id)
-    if value is None:  # already among the rows without a value, which come last
-        return and_(column.is_(None), rest < (source, row_id) if q.descending else rest > (source, row_id))
-    past = keys < (value, source, row_id) if q.descending else keys > (value, source, row_id)
-    return or_(past, column.is_(None))
-
-
 def _encode(q: Query, row: Observation) -> str:
     value = getattr(row, q.sort)
     if isinstance(value, datetime):
@@ -105,21 +92,67 @@ def _total(session: Session, q: Query, where: list) -> pagination.Total:
     return pagination.Total(int(count), bool(exact))
 
 
-def run(session: Session, q: Query) -> tuple[list[Observation], dict]:
-    """One page of rows and the pagination facts (page, limit, total, pages, next_cursor)."""
+@dataclass(frozen=True)
+class _Part:
+    """A stretch of the query's order that one index scan gives: the rows matching WHERE, in ORDER."""
+    where: tuple
+    order: tuple
+    key: Callable[[list], list]  # a cursor (sort value, source, id) of a row in this part -> its ORDER values
+    source: str | None = None  # the one source of a part of a sort by source
+
+
+def _parts(session: Session, q: Query) -> list[_Part]:
+    """The query's order as parts, each served by an index in either direction.
+
+    A sort by a value some rows lack: the rows that have it, by (value, source, id), then the rows
+    without it, by (source, id), whichever the direction (one statement ordered `DESC NULLS LAST` could
+    use no index). A sort by source: one part per source, by id (each source is a partition; ordering
+    by source across partitions would sort them)."""
     column = SORT_FIELDS[q.sort]
-    conditions_ = conditions(q)
-    total = _total(session, q, conditions_)
-    order: list[UnaryExpression[Any]] = [column.desc().nulls_last() if q.descending else column.asc().nulls_last()]
-    order += [tie.desc() if q.descending else tie.asc() for tie in (Observation.source, Observation.id)]
-    statement = select(Observation).where(*conditions_).order_by(*order).limit(q.limit + 1)
-    page = None
-    if q.cursor:
-        statement = statement.where(_after(q, pagination.decode(q.cursor, 3)))
-    else:
-        page = q.page or 1
-        statement = statement.offset((page - 1) * q.limit)
-    rows, more = pagination.split(list(session.scalars(statement)), q.limit)
+    if q.sort == "source":
+        sources = [q.source] if q.source is not None else sorted(
+            session.scalars(text("SELECT ingot_sources()")), reverse=q.descending)
+        return [_Part((Observation.source == source,), (Observation.id,), lambda c: c[2:], source)
+                for source in sources]
+    if q.sort == "id":
+        return [_Part((), (Observation.id, Observation.source), lambda c: c[:2])]
+    valued = _Part((column.is_not(None),), (column, Observation.source, Observation.id), lambda c: c)
+    if not Observation.__table__.c[column.key].nullable:
+        return [valued]
+    return [valued, _Part((column.is_(None),), (Observation.source, Observation.id), lambda c: c[1:])]
+
+
+def run(session: Session, q: Query) -> tuple[list[Observation], dict]:
+    """One page of rows and the pagination facts (page, limit, total, pages, next_cursor).
+
+    The page is read part by part (`_parts`): each part's statement is an index scan, however deep
+    the page; a numbered page skips whole parts by counting their rows, never more than the offset."""
+    where = conditions(q)
+    total = _total(session, q, where)
+    cursor = pagination.decode(q.cursor, 3) if q.cursor else None
+    if cursor is not None and q.sort in ("timestamp", "ingested_at") and cursor[0] is not None:
+        cursor[0] = datetime.fromisoformat(cursor[0])
+    page = None if q.cursor else q.page or 1
+    skip = 0 if page is None else (page - 1) * q.limit
+    wanted = q.limit + 1
+    rows: list[Observation] = []
+    parts = _parts(session, q)
+    within = False
+    if cursor is not None:  # start in the part that holds the cursor's row, just past it
+        index, within = _cursor_part(q, parts, cursor)
+        parts = parts[index:]
+    for n, part in enumerate(parts):
+        if len(rows) >= wanted:
+            break
+        after = part.key(cursor) if within and cursor is not None and n == 0 else None
+        found = _fetch(session, q, part, where, after, skip, wanted - len(rows))
+        if skip and not found:  # the page starts past this part: how far past?
+            skip -= pagination.capped_count(session, select(Observation.id).where(*where, *part.where),
+                                            cap=skip).count
+        else:
+            skip = 0
+        rows += found
+    rows, more = pagination.split(rows, q.limit)
     return rows, {
         "page": page,
         "limit": q.limit,
@@ -128,3 +161,29 @@ def run(session: Session, q: Query) -> tuple[list[Observation], dict]:
         "pages": math.ceil(total.count / q.limit) if total.count else 0,
         "next_cursor": _encode(q, rows[-1]) if more and rows else None,
     }
+
+
+def _cursor_part(q: Query, parts: list[_Part], cursor: list) -> tuple[int, bool]:
+    """The index of the part holding the row CURSOR names (True), or of the first part after it (False)."""
+    if q.sort == "source":
+        value = cursor[0]
+        if not isinstance(value, str):
+            raise pagination.BadCursor("cursor is not valid")
+        for i, part in enumerate(parts):
+            if part.source == value:
+                return i, True
+            if (part.source < value) if q.descending else (part.source > value):  # type: ignore[operator]
+                return i, False
+        return len(parts), False
+    return (1, True) if len(parts) == 2 and cursor[0] is None else (0, True)
+
+
+def _fetch(session: Session, q: Query, part: _Part, where: list, after: tuple | list | None, skip: int,
+           limit: int) -> list[Observation]:
+    """Up to LIMIT rows of PART in the query's direction, past the row values AFTER or SKIP rows in."""
+    statement = select(Observation).where(*where, *part.where)
+    if after is not None:
+        keys = tuple_(*part.order)
+        statement = statement.where(keys < tuple(after) if q.descending else keys > tuple(after))
+    statement = statement.order_by(*(c.desc() if q.descending else c.asc() for c in part.order))
+    return list(session.scalars(statement.offset(skip).limit(limit)))

@@ -27,6 +27,8 @@ from psycopg import sql
 from pipelines.core.db import driver, get_engine
 
 PARENT = "observations"
+# The query's sort indexes, each (column, source, id), by the suffix of its name.
+SORTED_BY = {"time": "timestamp", "value": "value", "ingested": "ingested_at"}
 # Session memory for one index build; the sort stays in memory up to a few million rows.
 _BUILD_MEMORY = "256MB"
 
@@ -43,7 +45,7 @@ PARTITION_LOCKS = "ingot.partition"
 
 def partition_name(source: str) -> str:
     """The table that holds SOURCE's rows: readable, unique (a hash tells `a-b` from `a_b`), and short
-    enough (54 bytes) that its index names (`_key`, `_time`, `_pkey`) stay within PostgreSQL's 63:
+    enough (54 bytes) that its index names (`_key`, `_ingested`, `_pkey`, ...) stay within PostgreSQL's 63:
     longer ones are cut, and two cut alike would be one index."""
     slug = re.sub(r"[^a-z0-9_]", "_", source.lower())[:32]
     return f"{PARENT}_{slug}_{hashlib.sha1(source.encode()).hexdigest()[:8]}"
@@ -111,14 +113,15 @@ def _index_statements(source: str) -> list[sql.Composed]:
     return [
         sql.SQL("CREATE UNIQUE INDEX IF NOT EXISTS {i} ON {t} (id, source)").format(
             i=sql.Identifier(f"{name}_key"), t=table),
-        sql.SQL("CREATE INDEX IF NOT EXISTS {i} ON {t} (timestamp, source, id)").format(
-            i=sql.Identifier(f"{name}_time"), t=table),
+        *(sql.SQL("CREATE INDEX IF NOT EXISTS {i} ON {t} ({c}, source, id)").format(
+            i=sql.Identifier(f"{name}_{suffix}"), t=table, c=sql.Identifier(column))
+          for suffix, column in SORTED_BY.items()),
     ]
 
 
 def _build_indexes(conn: psycopg.Connection, source: str) -> None:
     """Build whatever index SOURCE's table lacks, removing stale copies of keys first if need be."""
-    key, time = _index_statements(source)
+    key, *sorts = _index_statements(source)
     _index_build_settings(conn)
     try:
         with conn.transaction():
@@ -126,7 +129,8 @@ def _build_indexes(conn: psycopg.Connection, source: str) -> None:
     except psycopg.errors.UniqueViolation:
         _dedupe(conn, source)
         conn.execute(key)
-    conn.execute(time)
+    for statement in sorts:
+        conn.execute(statement)
 
 
 def _index_build_settings(conn: psycopg.Connection) -> None:
