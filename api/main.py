@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -66,7 +67,8 @@ def create_app() -> FastAPI:
     app.add_middleware(Gate)  # inside admission: identifying a caller may need the database
     # Inside the access layer: a request turned away at capacity is still logged and counted.
     app.add_middleware(Admission, limit=min(settings.api_concurrency, settings.db_pool_size),
-                       queue_seconds=settings.api_queue_seconds)
+                       queue_seconds=settings.api_queue_seconds,
+                       heavy_limit=settings.api_heavy_concurrency or max(1, (os.cpu_count() or 2) // 2))
     app.add_middleware(Deadline, seconds=settings.api_request_timeout_seconds)  # the wait for a slot counts
     app.add_middleware(Access)
     metrics.install(app)

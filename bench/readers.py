@@ -6,8 +6,9 @@ A source of --rows observations; then, for --seconds, --heavy clients send the m
 the contract allows (`POST /data/query` sorted by value, a fresh filter each time so no total is
 cached, a page 2,000 deep) while --pollers clients poll `GET /jobs/{id}` and one polls `/health`, all
 against one `ingot api` process as it runs in production. It prints each kind's answers by status
-and their p50/p99 (goals: pollers' p99 under 100 ms, `/health`'s under 50 ms), and fails unless
-every request got an answer (a heavy query past the time limit answers 422 QUERY_TOO_EXPENSIVE).
+and their p50/p99 (goals: pollers' p99 under 100 ms, `/health`'s under 50 ms), beside the same
+pollers alone first (the baseline, same run), and fails unless every request got an answer (a heavy
+query past the time limit answers 422 QUERY_TOO_EXPENSIVE).
 """
 
 from __future__ import annotations
@@ -98,22 +99,27 @@ def main() -> None:
             if time.monotonic() > deadline:
                 raise SystemExit("the API did not come up")
             time.sleep(0.2)
-        results = asyncio.run(clients(url, key, job_id, args.heavy, args.pollers, args.seconds))
+        # The baseline first, in the same run: the pollers alone, on the same machine and server.
+        alone = asyncio.run(clients(url, key, job_id, 0, args.pollers, args.seconds))
+        beside = asyncio.run(clients(url, key, job_id, args.heavy, args.pollers, args.seconds))
     finally:
         if api is not None:
             api.terminate()
             api.wait(30)
         bench.stop()
-    print(f"{args.heavy} heavy readers and {args.pollers} pollers for {args.seconds:g} s, one API process, "
-          f"{os.cpu_count()} cores shared")
+    print(f"{args.pollers} pollers alone, then beside {args.heavy} heavy readers, {args.seconds:g} s each; "
+          f"one API process, {os.cpu_count()} cores shared")
     unanswered = 0
-    for kind in ("heavy query", "GET /jobs/{id}", "GET /health"):
-        times = sorted(t * 1000 for k, _s, t in results if k == kind)
-        statuses = Counter(s for k, s, _t in results if k == kind)
-        unanswered += statuses.get(0, 0)
-        q = lambda f, t=times: t[min(len(t) - 1, int(f * len(t)))]  # noqa: E731
-        print(f"{kind:15} {len(times):6} requests  p50 {q(0.5):8.1f} ms  p99 {q(0.99):8.1f} ms  "
-              f"answers {dict(sorted(statuses.items()))}")
+    for label, results in (("alone", alone), ("beside heavy", beside)):
+        for kind in ("heavy query", "GET /jobs/{id}", "GET /health"):
+            times = sorted(t * 1000 for k, _s, t in results if k == kind)
+            if not times:
+                continue
+            statuses = Counter(s for k, s, _t in results if k == kind)
+            unanswered += statuses.get(0, 0)
+            q = lambda f, t=times: t[min(len(t) - 1, int(f * len(t)))]  # noqa: E731
+            print(f"{label:13} {kind:15} {len(times):6} requests  p50 {q(0.5):8.1f} ms  p99 {q(0.99):8.1f} ms  "
+                  f"answers {dict(sorted(statuses.items()))}")
     if unanswered:
         raise SystemExit(f"{unanswered} requests got no answer")
 

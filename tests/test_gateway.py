@@ -59,10 +59,33 @@ def test_at_capacity_the_api_answers_503_at_once_and_health_never_waits(small_ap
             assert stuck.result(30).status_code == 200
 
 
-def _waiting_on_lock() -> bool:
+def test_heavy_reads_wait_in_their_own_lane_and_leave_the_other_places_free(configure):
+    """Two places, one of them for heavy reads: a data query stuck in the database holds the heavy lane,
+    a second one waits for it and is turned away, and a listing still goes through at once."""
+    configure(api_concurrency=2, api_heavy_concurrency=1, api_queue_seconds=0.3)
+    url, server = _serve(create_app())
+    configure.undo()
+    headers = {"X-API-Key": make_key(["read"])}
+    try:
+        with psycopg.connect(_libpq()) as locker, ThreadPoolExecutor(1) as pool:
+            locker.execute("LOCK TABLE observations IN ACCESS EXCLUSIVE MODE")
+            stuck = pool.submit(httpx.post, f"{url}/api/v1/data/query", json={}, headers=headers, timeout=60)
+            wait_for(lambda: _waiting_on_lock("observations"), message="a data query waiting on the lock")
+            second = httpx.post(f"{url}/api/v1/data/query", json={}, headers=headers, timeout=10)
+            assert second.status_code == 503 and second.json()["error"]["code"] == "SERVICE_UNAVAILABLE"
+            began = time.monotonic()
+            assert httpx.get(f"{url}/api/v1/jobs", headers=headers, timeout=10).status_code == 200
+            assert time.monotonic() - began < 1
+            locker.rollback()
+            assert stuck.result(30).status_code == 200
+    finally:
+        server.should_exit = True
+
+
+def _waiting_on_lock(table: str = "jobs") -> bool:
     with psycopg.connect(_libpq()) as conn:  # a fresh connection: pg_stat_activity is a per-transaction snapshot
         return bool(conn.execute("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-                                 "AND query LIKE '%FROM jobs%'").fetchone()[0])
+                                 "AND query LIKE %s", (f"%FROM {table}%",)).fetchone()[0])
 
 
 def test_a_stale_runtime_read_never_waits_for_another_thread():

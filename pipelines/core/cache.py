@@ -4,6 +4,7 @@ transaction commits; a TTL bounds how long a missed drop (Redis unreachable then
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from collections.abc import Callable
@@ -20,7 +21,14 @@ TTL_SECONDS = 300
 
 
 def _client() -> redis.Redis:
-    return redis.Redis.from_url(embedded.redis_url(get_settings()), socket_timeout=2)
+    return _client_for(embedded.redis_url(get_settings()))
+
+
+@functools.lru_cache(maxsize=4)
+def _client_for(url: str) -> redis.Redis:
+    """One client (and its pool of connections) per Redis, not a new connection for every read: under
+    load, connecting was a fifth of the data query's time in the API (py-spy, bench/readers.py)."""
+    return redis.Redis.from_url(url, socket_timeout=2)
 
 
 def cached(key: str, compute: Callable[[], Any], ttl: int = TTL_SECONDS) -> Any:

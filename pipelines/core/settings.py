@@ -41,6 +41,9 @@ class Settings(BaseSettings):
     db_server_keepalives: bool = True
     api_concurrency: int = Field(default=4, ge=1)
     api_queue_seconds: float = 5.0
+    # Of those, the heavy reads (data query, curves, scenario outputs) at once (api.admission.HEAVY);
+    # none: half the cores, at least one.
+    api_heavy_concurrency: int | None = Field(default=None, ge=1)
     # Every statement a request runs is cut off after this long: the caller gets QUERY_TOO_EXPENSIVE
     # (422) and the connection goes back to the pool, instead of one reader holding a slot.
     api_statement_timeout_ms: int = Field(default=5000, ge=100)
