@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: up test test-fast lint fuzz faults scale soak bench clean
+.PHONY: up test test-fast lint fuzz faults scale soak bench clean browser
 
 $(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -12,10 +12,25 @@ $(STAMP): pyproject.toml requirements.lock
 	$(BIN)/pip install --quiet -c requirements.lock -e '.[dev]'
 	touch $(STAMP)
 
+# What some tests use beyond the project's own packages, installed once: a client generator from
+# PyPI in a venv of its own (its pins clash with the project's typer), and headless Chromium from
+# Debian's packages (only as root; elsewhere the browser tests skip and say why).
+TOOLS := $(VENV)/tools/.installed
+$(TOOLS): | $(STAMP)
+	$(PYTHON) -m venv $(VENV)/tools
+	$(VENV)/tools/bin/pip install --quiet openapi-python-client==0.29.1 \
+		&& touch $(TOOLS) || echo "make: could not install openapi-python-client; the generated-client test will skip"
+
+browser:
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+		&& echo "make: installing Chromium (Debian's package) for the browser tests, once" \
+		&& apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
+		|| echo "make: Chromium is missing and cannot be installed here; the browser tests will skip"
+
 up: $(STAMP)
 	$(BIN)/ingot up
 
-test: $(STAMP)
+test: $(STAMP) $(TOOLS) browser
 	$(BIN)/pytest
 
 # The tests that start no worker process: a quick check while working.

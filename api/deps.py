@@ -11,7 +11,8 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Request, Security
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
@@ -70,10 +71,22 @@ def _current_key(who: Principal) -> ApiKey:
                                   headers={"WWW-Authenticate": "Bearer"})
 
 
+# The two credentials, as the OpenAPI document declares them (Swagger's Authorize, generated clients):
+# every operation that needs a scope lists both, either one sufficing. Reading them here checks
+# nothing: `api.gate` identified the caller before the request was routed.
+API_KEY = APIKeyHeader(name="X-API-Key", scheme_name="ApiKey", auto_error=False,
+                       description="An API key (`ingot keys create`, or `POST /api/v1/keys` by an admin).")
+BEARER = HTTPBearer(scheme_name="BearerToken", bearerFormat="JWT", auto_error=False,
+                    description="A token from `POST /api/v1/auth/login`, or from the configured OpenID Connect "
+                                "issuer.")
+KeyHeader = Annotated[str | None, Security(API_KEY)]
+BearerHeader = Annotated[HTTPAuthorizationCredentials | None, Security(BEARER)]
+
+
 def require(scope: str):
     """A dependency that lets the request through only with a key holding SCOPE."""
 
-    async def check(request: Request) -> ApiKey:
+    async def check(request: Request, _key: KeyHeader = None, _token: BearerHeader = None) -> ApiKey:
         key = _current_key(principal(request))
         if not keys.grants(key, scope):
             raise ApiError(403, f"this API key lacks the '{scope}' scope")

@@ -80,6 +80,21 @@ def test_the_matrix_covers_every_operation(api_url):
         ("POST", "/api/v1/scenarios/runs/{run_id}/state")}
 
 
+def test_the_document_declares_both_credentials_and_which_operations_need_one(api_url):
+    """Swagger's Authorize and generated clients know only what the document declares: both schemes,
+    and on each operation either one (a list of alternatives), or nothing on the open routes."""
+    document = httpx.get(f"{api_url}/openapi.json").json()
+    schemes = document["components"]["securitySchemes"]
+    assert schemes["ApiKey"] == {**schemes["ApiKey"], "type": "apiKey", "in": "header", "name": "X-API-Key"}
+    assert schemes["BearerToken"]["type"] == "http" and schemes["BearerToken"]["scheme"] == "bearer"
+    for method, path in operations(api_url):
+        declared = document["paths"][path][method.lower()].get("security")
+        if required_scope(method, path) is None:
+            assert not declared, f"{method} {path} is open but declares {declared}"
+        else:
+            assert declared == [{"ApiKey": []}, {"BearerToken": []}], f"{method} {path}: {declared}"
+
+
 @pytest.mark.parametrize("who", ["none", "read", "write", "admin", "revoked key", "expired key", "expired token",
                                  "tampered token"])
 def test_every_operation_answers_each_credential_as_the_contract_says(api_url, credentials, who):

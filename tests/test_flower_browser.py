@@ -1,4 +1,4 @@
-"""Flower in a real browser: headless Chromium (Debian's `chromium`, installed here where it is missing)
+"""Flower in a real browser: headless Chromium (Debian's `chromium`; `make test` installs it where missing)
 logs in with Flower's basic auth, opens the tasks page while jobs run and again once they are done,
 and finds ingestion, export, scenario and webhook tasks there by name and state. It saves a
 screenshot of the page (`INGOT_SCREENSHOT_DIR`, else the test's scratch folder; the README shows one).
@@ -9,7 +9,6 @@ from __future__ import annotations
 import datetime as dt
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +18,7 @@ import pytest
 
 from pipelines.curves import synthetic
 from pipelines.curves.synthetic import DEMO
+from tests.browser import chromium
 from tests.datagen import write_csv
 from tests.helpers import ROOT, free_port, wait_for
 from tests.receiver import Receiver
@@ -27,19 +27,6 @@ from tests.test_curves import CURVES_SOURCE, write_curves
 pytestmark = pytest.mark.worker
 USER, PASSWORD = "watcher", "s3cret-pass"
 NAMES = ("ingest.run", "export.run", "scenarios.run", "webhooks.deliver")
-
-
-def chromium() -> str:
-    """Chromium's path, installing Debian's package first where it is missing and we may."""
-    found = shutil.which("chromium") or shutil.which("chromium-browser")
-    if not found and os.geteuid() == 0 and shutil.which("apt-get"):
-        subprocess.run(["apt-get", "update", "-qq"], capture_output=True, timeout=600)
-        subprocess.run(["apt-get", "install", "-y", "-qq", "chromium"], capture_output=True, timeout=1200,
-                       env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
-        found = shutil.which("chromium")
-    if not found:
-        pytest.skip("Chromium is not installed and could not be installed here (as root: apt-get install chromium)")
-    return found
 
 
 def browse(browser: str, url: str, *how: str) -> str:

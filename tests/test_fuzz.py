@@ -94,5 +94,8 @@ def test_the_api_survives_schemathesis(fuzz_api):
     assert first.returncode == 0, first.stdout[-6000:]
     generated = re.search(r"(\d+) generated", first.stdout)
     assert generated and int(generated.group(1)) >= 40 * EXAMPLES, first.stdout[-3000:]  # ~50 operations ran
-    last = schemathesis(url, key, "--include-path-regex", "^/api/v1/(keys/|config)")
+    # Here the fuzzer may set the rate limit to 1 a minute itself, after which a request without
+    # credentials is 429 before it is 401 (limits count first); tests/test_auth_matrix.py checks these
+    # operations without credentials.
+    last = schemathesis(url, key, "--include-path-regex", "^/api/v1/(keys/|config)", "--exclude-checks", "ignored_auth")
     assert last.returncode == 0, last.stdout[-6000:]
