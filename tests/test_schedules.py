@@ -101,13 +101,13 @@ def test_the_api_answers_with_a_broken_sources_file(client, write_sources):
     assert "sources file cannot be read" in caught.value.message and "not valid TOML" in caught.value.message
 
 
-def test_a_source_every_2s_runs_repeatedly_and_never_overlaps(client, start_worker, write_sources, api):
+def test_a_source_every_second_runs_repeatedly_and_never_overlaps(client, start_worker, write_sources, api):
     def slow(q, h):
-        time.sleep(2.5)  # each run outlasts the 2 s period, so some ticks find it still running
+        time.sleep(1.3)  # each run outlasts the 1 s period, so some ticks find it still running
         return as_json({"response": {"data": records(0, 5)}})
 
     api.routes["/slow"] = slow
-    source = http_source("prices", f"{api.url}/slow", 'schedule = "every 2s"')
+    source = http_source("prices", f"{api.url}/slow", 'schedule = "every 1s"')
     write_sources(source.replace("timeout = 2", "timeout = 10"))
     start_worker(concurrency=2)  # two pool processes: overlap would be possible if the guard failed
 
