@@ -20,6 +20,12 @@ from tests.datagen import sources_toml, write_csv
 from tests.helpers import wait_for
 from tests.receiver import Receiver
 
+
+@pytest.fixture
+def worker(shared_worker):
+    """This module's tests share one worker (tests/conftest.py)."""
+    return shared_worker
+
 # Path parameters that name an owned object, and which object they name.
 JOB_PARAMETERS = ("job_id", "export_id", "run_id")
 WEBHOOK_PARAMETERS = ("webhook_id",)

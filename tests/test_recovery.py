@@ -9,6 +9,12 @@ from tests.helpers import broker
 from worker.dispatch import queue_depth
 
 
+@pytest.fixture
+def worker(shared_worker):
+    """This module's tests share one worker (tests/conftest.py)."""
+    return shared_worker
+
+
 def test_a_queued_job_whose_message_vanished_is_sent_again(client, start_worker, write_sources, data_dir):
     good, bad = write_csv(data_dir / "a.csv", 500, bad_every=50)
     write_sources(sources_toml("prices"))
@@ -84,9 +90,12 @@ def test_logs_and_json_metrics(client, worker, write_sources, data_dir, api_url)
     assert summary["queues"]["ingest"] == 0
 
 
-def test_runtime_config_is_admin_only_validated_and_applies_live(client, api_url, worker, write_sources, data_dir):
+def test_runtime_config_is_admin_only_validated_and_applies_live(client, api_url, start_worker, write_sources,
+                                                                 data_dir):
     from cli.client import Client, IngotError
     from tests.helpers import make_key
+
+    start_worker()  # its own: a worker that read the settings before keeps them a few seconds more
 
     shown = client.request("GET", "/config")["data"]
     assert shown["config"]["batch_size"] == 50_000 and "reaper_interval_seconds" in shown["restart_required"]

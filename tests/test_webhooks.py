@@ -16,6 +16,12 @@ from tests.receiver import Receiver
 
 
 @pytest.fixture
+def worker(shared_worker):
+    """This module's tests share one worker (tests/conftest.py)."""
+    return shared_worker
+
+
+@pytest.fixture
 def receiver():
     r = Receiver()
     yield r
