@@ -132,6 +132,7 @@ class SyncStats(BaseModel):
     total_records_exact: bool = True
     successful: int
     failed: int
+    skipped: int = 0  # scheduled ticks that found a run of the source still active
     last_error: str | None
     last_sync: UTCDateTime | None
 
@@ -140,6 +141,8 @@ class SourceDetail(SourceSummary):
     config: dict[str, Any]
     validation: dict[str, Any]
     schedule: str | None
+    next_run_at: UTCDateTime | None = None  # when the schedule fires next (beat's own rule); None unscheduled
+    last_scheduled_at: UTCDateTime | None = None  # when it last fired, a run queued or skipped
     sync_stats: SyncStats
     error: str | None = None
 

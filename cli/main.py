@@ -375,6 +375,26 @@ def jobs_cancel(ctx: typer.Context, job_id: str, url: UrlOpt = DEFAULT_URL, api_
     err.print(f"{job['id']} is {job['state']}")
 
 
+@app.command("sources")
+def sources_list(
+    url: UrlOpt = DEFAULT_URL,
+    api_key: KeyOpt = None,
+) -> None:
+    """The declared sources: status, last sync, and for a schedule when it fires next (beat's own rule),
+    when it last fired and how many ticks were skipped because a run was still active."""
+    with client_for(url, api_key) as client:
+        try:
+            details = [client.source(s["id"]) for s in client.sources()]
+        except IngotError as exc:
+            fail(exc)
+    table = Table("source", "type", "status", "last sync", "schedule", "next run", "last fired", "skipped")
+    for d in details:
+        table.add_row(d["id"], d["type"] or "", d["status"], d["last_sync"] or "", d["schedule"] or "",
+                      d.get("next_run_at") or "", d.get("last_scheduled_at") or "",
+                      str(d["sync_stats"].get("skipped", 0)) if d["schedule"] else "")
+    out.print(table)
+
+
 @app.command("quarantine")
 def quarantine_list(
     source: Annotated[str | None, typer.Argument(help="only this source")] = None,

@@ -67,6 +67,19 @@ def test_ingest_wait_follows_the_job_and_reports_by_exit_code(api_url, admin_key
     assert "0 resolved row(s)" in ingot("quarantine", "--state", "resolved", **env).stderr
 
 
+def test_sources_shows_each_schedule_and_when_it_fires_next(api_url, admin_key, write_sources, data_dir):
+    write_csv(data_dir / "a.csv", 5)
+    write_sources(sources_toml("prices", "a.csv") + sources_toml("nightly", "a.csv").replace(
+        'primary_key', 'schedule = "0 2 * * *"\nprimary_key'))
+    listed = ingot("sources", COLUMNS="250", INGOT_URL=api_url, INGOT_API_KEY=admin_key)
+    assert listed.returncode == 0, listed.stderr
+    nightly = next(line for line in listed.stdout.splitlines() if "nightly" in line)
+    prices = next(line for line in listed.stdout.splitlines() if "prices" in line)
+    next_run = nightly.split("│")[6].strip()
+    assert "0 2 * * *" in nightly and next_run.endswith("02:00:00Z"), nightly
+    assert "never_run" in prices and "Z" not in prices.split("│")[6]  # unscheduled: no next run
+
+
 def test_db_upgrade_is_idempotent():
     first, second = ingot("db", "upgrade"), ingot("db", "upgrade")
     assert first.returncode == 0 and second.returncode == 0 and "up to date" in second.stderr

@@ -12,7 +12,7 @@ from sqlalchemy import text
 from pipelines.core.db import get_engine
 from pipelines.core.settings import get_settings
 from pipelines.ingestion.sources.registry import load_registry
-from pipelines.jobs.schedules import parse
+from pipelines.jobs.schedules import next_run, parse
 from tests.fakeapi import as_json, http_source, records
 from tests.helpers import ROOT, wait_for
 from worker.schedule import beat_schedule, cron
@@ -55,6 +55,22 @@ def test_cron_next_runs_follow_the_standard_field_order(spec, after, expected):
     assert due
     not_yet = cron(spec, nowfun=lambda: utc(expected) - timedelta(seconds=1)).is_due(utc(after))
     assert not_yet == (False, 1.0)
+
+
+NOW = utc("2026-11-27T12:00:30")
+
+
+@pytest.mark.parametrize(("spec", "last_fired", "expected"), [
+    ("every 60s", "2026-11-27T12:00:00", "2026-11-27T12:01:00"),   # an interval from beat's last tick
+    ("every 10s", "2026-11-27T11:00:00", "2026-11-27T12:00:30"),   # late: beat fires it at once
+    ("every 10s", None, "2026-11-27T12:00:30"),                    # never fired: due as beat starts
+    ("*/15 * * * *", "2026-11-27T12:00:00", "2026-11-27T12:15:00"),
+    ("*/15 * * * *", None, "2026-11-27T12:15:00"),                  # never fired: the next match
+    ("0 9 * * 1-5", "2026-11-20T09:00:00", "2026-11-27T12:00:30"),  # missed ticks: one, now
+    ("99 99 * * *", None, None),                                     # beat leaves it out
+])
+def test_next_run_is_when_beat_would_fire(spec, last_fired, expected):
+    assert next_run(spec, utc(last_fired) if last_fired else None, NOW) == (utc(expected) if expected else None)
 
 
 @pytest.mark.parametrize("spec", ["99 99 * * *", "hourly-ish", "* * * *", "0 0 32 * *", "0 0 * 13 *", "* * * * * *"])
@@ -127,3 +143,8 @@ def test_a_source_every_second_runs_repeatedly_and_never_overlaps(client, start_
     assert skipped >= 1  # a tick that found the source running was skipped, not queued
     status = client.request("GET", "/status")["data"]["ingestion"]
     assert status["cycles_completed"] >= 3
+    shown = client.request("GET", "/sources/prices")["data"]
+    fired, upcoming = (datetime.fromisoformat(shown[f]) for f in ("last_scheduled_at", "next_run_at"))
+    assert fired >= runs[-1].started_at - timedelta(seconds=2) and upcoming >= fired + timedelta(seconds=1)
+    assert upcoming <= datetime.now(UTC) + timedelta(seconds=2)  # every second: never far off
+    assert shown["sync_stats"]["skipped"] >= skipped

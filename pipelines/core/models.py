@@ -246,6 +246,7 @@ class SourceState(Base):
     cursor_ids: Mapped[list[str]] = mapped_column(JSONB, default=list, server_default="[]")
     skipped: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     last_skipped_at: Mapped[datetime | None]
+    last_scheduled_at: Mapped[datetime | None]  # beat's last tick for the source, queued or skipped
 
 
 class Event(Base):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from datetime import UTC, datetime
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from sqlalchemy import select
@@ -11,6 +12,7 @@ from sqlalchemy.orm import Session
 from pipelines.core.models import Observation, SourceState
 from pipelines.core.pagination import capped_count
 from pipelines.ingestion.sources.registry import Registry
+from pipelines.jobs import schedules
 from pipelines.jobs.control import active_sources
 
 _REFERENCE = re.compile(r"^\$\{[A-Za-z_][A-Za-z0-9_]*\}$")
@@ -79,16 +81,26 @@ def detail(session: Session, registry: Registry, source_id: str) -> dict:
         "config": body,
         "validation": config.validation.model_dump() | {"primary_key": config.primary_key} if config else {},
         "schedule": config.schedule if config else None,
+        "next_run_at": _next_run(config, state),
+        "last_scheduled_at": state.last_scheduled_at if state else None,
         "error": registry.errors.get(source_id),
         "sync_stats": {
             "total_records": total.count,  # at least this many when total_records_exact is false
             "total_records_exact": total.exact,
             "successful": state.successful if state else 0,
             "failed": state.failed if state else 0,
+            "skipped": state.skipped if state else 0,  # scheduled ticks that found a run still active
             "last_error": registry.errors.get(source_id) or (state.last_error if state else None),
             "last_sync": state.last_sync if state else None,
         },
     }
+
+
+def _next_run(config, state: SourceState | None) -> datetime | None:
+    """When the source's schedule fires next, as beat decides it; None unscheduled or disabled."""
+    if config is None or not config.schedule or not config.enabled:
+        return None
+    return schedules.next_run(config.schedule, state.last_scheduled_at if state else None, datetime.now(UTC))
 
 
 class UnknownSources(LookupError):

@@ -58,22 +58,36 @@ def parse(spec: str) -> Schedule:
     return Schedule(cron=" ".join(fields))
 
 
+def next_run(spec: str, last_fired: datetime | None, now: datetime) -> datetime | None:
+    """When beat next fires SPEC, having last fired it at LAST_FIRED: as beat decides it (an interval
+    from its last tick, `worker.schedule`'s cron from the last tick), and now when that is past (beat
+    fires a late tick at once). None for a schedule that cannot be read (beat leaves it out)."""
+    try:
+        schedule = parse(spec)
+    except ValueError:
+        return None
+    if last_fired is None:
+        return now if schedule.every_seconds is not None else schedule.next_after(now)
+    return max(schedule.next_after(last_fired), now)
+
+
+_FIRED = ("INSERT INTO source_state (source, status, successful, failed, skipped, last_skipped_at, last_scheduled_at) "
+          "VALUES (:s, :status, 0, 0, :skipped, CASE WHEN :skipped = 1 THEN now() END, now()) "
+          "ON CONFLICT (source) DO UPDATE SET last_scheduled_at = now(), "
+          "skipped = source_state.skipped + :skipped, "
+          "last_skipped_at = CASE WHEN :skipped = 1 THEN now() ELSE source_state.last_skipped_at END")
+
+
 def start_scheduled(session: Session, source_id: str, send: machine.Sender) -> str | None:
     """Queue a scheduled incremental run of SOURCE_ID, or record it skipped if one is already active."""
     try:
         job = control.start_ingestion(session, [source_id], {"mode": "incremental"}, send, request_id="schedule")
     except control.SourcesBusy:
-        session.execute(
-            text(
-                "INSERT INTO source_state (source, status, successful, failed, skipped, last_skipped_at) "
-                "VALUES (:s, 'running', 0, 0, 1, now()) ON CONFLICT (source) DO UPDATE SET "
-                "skipped = source_state.skipped + 1, last_skipped_at = now()"
-            ),
-            {"s": source_id},
-        )
+        session.execute(text(_FIRED), {"s": source_id, "status": "running", "skipped": 1})
         journal.record(session, "ingestion.skipped", f"scheduled run of {source_id} skipped: a run is still active",
                        source=source_id)
         return None
+    session.execute(text(_FIRED), {"s": source_id, "status": "never_run", "skipped": 0})
     journal.record(session, "ingestion.scheduled", f"scheduled run of {source_id} queued as {job.id}",
                    source=source_id, job_id=job.id)
     return job.id
