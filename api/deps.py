@@ -95,6 +95,19 @@ def require(scope: str):
     return Depends(check)
 
 
+def bearer_token(request: Request, _token: BearerHeader = None) -> str:
+    """The bearer token from /auth/login this request carries, for the routes that act on the token
+    itself (refresh, logout): the document declares only BearerToken for them, and a key, or a token
+    that is no longer valid, is 401."""
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if request.headers.get("x-api-key") or scheme.lower() != "bearer" or not token or token.startswith("ingot_"):
+        raise ApiError(401, "this route takes the bearer token from /auth/login, alone (a key is revoked with "
+                            "DELETE /api/v1/keys/{key_id})", headers={"WWW-Authenticate": "Bearer"})
+    _current_key(principal(request))
+    return token
+
+
+BearerToken = Annotated[str, Depends(bearer_token)]
 ReadKey = Annotated[ApiKey, require("read")]
 WriteKey = Annotated[ApiKey, require("write")]
 AdminKey = Annotated[ApiKey, require("admin")]

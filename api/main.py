@@ -32,6 +32,7 @@ from api.routes import (
     keys,
     scenarios,
     sources,
+    users,
     webhooks,
 )
 from pipelines import __version__
@@ -77,7 +78,7 @@ def create_app() -> FastAPI:
     # Each router is included in the app itself (a request is matched again at each level of routers it
     # goes through), and they are matched in order: those polled most (a job, the ingestion status) first.
     for router in (jobs.router, ingestion.router, health.router, *(module.router for module in (
-            auth, keys, sources, data, exports, curves, scenarios, webhooks, admin))):
+            auth, keys, users, sources, data, exports, curves, scenarios, webhooks, admin))):
         app.include_router(router, prefix=PREFIX)
     _document_no_nul(app)
     origins = [o.strip() for o in settings.cors_origins.split(",") if o.strip()]

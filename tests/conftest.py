@@ -124,7 +124,7 @@ def _stop_embedded_postgres(pgdata: Path, timeout: float = 30) -> None:
 TABLES = ("jobs, quarantine_sightings, quarantine, observations, source_state, api_keys, users, config_overrides, "
           "curves, curve_index, scenarios, scenario_outputs, scenario_metrics, "
           "events, webhooks, webhook_events, webhook_deliveries, webhook_attempts, retired_totals, job_queue_marks, "
-          "source_files")
+          "source_files, revoked_tokens")
 
 
 @pytest.fixture(autouse=True)

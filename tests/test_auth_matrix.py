@@ -20,12 +20,15 @@ OPEN = {("GET", "/api/v1/health"), ("POST", "/api/v1/auth/login")}
 
 
 def required_scope(method: str, path: str) -> str | None:
-    """api.md: read for GET and POST /data/query; write for starting and stopping work; admin for
-    config, keys, logs and setting a scenario run's state. None for the open routes."""
+    """api.md: read for GET and POST /data/query; a valid bearer token for refreshing or ending it; write for starting
+    and stopping work; admin for config, keys, users, logs and setting a scenario run's state. None for
+    the open routes."""
     if (method, path) in OPEN:
         return None
-    if path.startswith(("/api/v1/keys", "/api/v1/config", "/api/v1/logs")) or path.endswith("/state"):
+    if path.startswith(("/api/v1/keys", "/api/v1/users", "/api/v1/config", "/api/v1/logs")) or path.endswith("/state"):
         return "admin"
+    if path in ("/api/v1/auth/refresh", "/api/v1/auth/logout"):
+        return "bearer"  # a valid token from login, alone: none of the credentials here is one
     if method == "GET" or path == "/api/v1/data/query":
         return "read"
     return "write"
@@ -91,6 +94,8 @@ def test_the_document_declares_both_credentials_and_which_operations_need_one(ap
         declared = document["paths"][path][method.lower()].get("security")
         if required_scope(method, path) is None:
             assert not declared, f"{method} {path} is open but declares {declared}"
+        elif required_scope(method, path) == "bearer":
+            assert declared == [{"BearerToken": []}], f"{method} {path}: {declared}"
         else:
             assert declared == [{"ApiKey": []}, {"BearerToken": []}], f"{method} {path}: {declared}"
 
@@ -107,6 +112,8 @@ def test_every_operation_answers_each_credential_as_the_contract_says(api_url, c
             needed = required_scope(method, path)
             if needed is None:
                 expected_ok = status not in (401, 403)
+            elif needed == "bearer":
+                expected_ok = status == 401
             elif who in RANK:
                 expected_ok = status == 403 if RANK[who] < RANK[needed] else status not in (401, 403)
             else:  # no credentials, or credentials that are no longer (or never were) good

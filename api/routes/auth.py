@@ -11,7 +11,7 @@ from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from api import limits
-from api.deps import ReadKey, limit
+from api.deps import BearerToken, ReadKey, limit
 from api.envelope import ApiError, Envelope, ok
 from pipelines.auth import users
 from pipelines.auth.limits import Account
@@ -83,3 +83,32 @@ async def me(request: Request, key: ReadKey) -> dict:
     """Who the credentials of this request name: a key or a logged-in user, and its scopes."""
     kind = "user" if key.id.startswith("usr_") else "key"
     return ok(request, {"id": key.id, "kind": kind, "name": key.name, "scopes": list(key.scopes)})
+
+
+class LoggedOut(BaseModel):
+    logged_out: bool
+
+
+@router.post("/refresh", response_model=Envelope[Token])
+async def refresh(request: Request, token: BearerToken) -> dict:
+    """A fresh token for the valid one this request carries: a new lifetime, the user's scopes as they
+    are now. The old one stays valid until it expires (log it out to end it sooner)."""
+    issued = await run_in_threadpool(_in_session, users.refresh, token)
+    if issued is None:
+        raise ApiError(401, "the bearer token is not valid or has expired", headers={"WWW-Authenticate": "Bearer"})
+    token, lifetime = issued
+    return ok(request, {"access_token": token, "token_type": "bearer", "expires_in": lifetime})
+
+
+@router.post("/logout", response_model=Envelope[LoggedOut])
+async def logout(request: Request, token: BearerToken) -> dict:
+    """End the bearer token this request carries: every API process refuses it from now until it would
+    have expired."""
+    if not await run_in_threadpool(_in_session, users.logout, token):
+        raise ApiError(401, "the bearer token is not valid or has expired", headers={"WWW-Authenticate": "Bearer"})
+    return ok(request, {"logged_out": True})
+
+
+def _in_session(act, token: str):
+    with session_scope() as session:
+        return act(session, token)

@@ -7,14 +7,16 @@ import hashlib
 import hmac
 import secrets
 import time
+from datetime import UTC, datetime
 from functools import lru_cache
 
 import jwt
-from sqlalchemy import select
+from sqlalchemy import delete, func, select
+from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
 from pipelines.auth.keys import SCOPES
-from pipelines.core.models import User
+from pipelines.core.models import RevokedToken, User
 from pipelines.core.settings import get_settings
 
 _N, _R, _P = 2**15, 8, 1  # scrypt cost: about 50 ms and 32 MiB a check
@@ -65,19 +67,78 @@ def login(session: Session, username: str, password: str) -> tuple[str, int] | N
         return None
     if not check_password(password, user.password_hash):
         return None
+    return _issue(user)
+
+
+def _issue(user: User) -> tuple[str, int]:
     settings = get_settings()
     now = int(time.time())
     claims = {"sub": user.id, "name": user.username, "scopes": user.scopes, "iat": now,
-              "exp": now + settings.jwt_expiry_seconds, "iss": "ingot"}
+              "exp": now + settings.jwt_expiry_seconds, "iss": "ingot", "jti": secrets.token_urlsafe(16)}
     return jwt.encode(claims, settings.jwt_key(), algorithm="HS256"), settings.jwt_expiry_seconds
 
 
-def verify(session: Session, token: str) -> User | None:
-    """The user a valid, unexpired token names (and who is still enabled), else None."""
+def _claims(token: str) -> dict | None:
     try:
-        claims = jwt.decode(token, get_settings().jwt_key(), algorithms=["HS256"], issuer="ingot",
-                            options={"require": ["exp", "sub", "iss"]})
+        return jwt.decode(token, get_settings().jwt_key(), algorithms=["HS256"], issuer="ingot",
+                          options={"require": ["exp", "sub", "iss"]})
     except jwt.PyJWTError:
+        return None
+
+
+def _token_id(token: str, claims: dict) -> str:
+    """The id a logout records: the token's own `jti`, or (tokens issued before it had one) its hash."""
+    return str(claims.get("jti") or hashlib.sha256(token.encode()).hexdigest())
+
+
+def verify(session: Session, token: str) -> User | None:
+    """The user a valid, unexpired, not logged-out token names (and who is still enabled), else None."""
+    claims = _claims(token)
+    if claims is None or session.get(RevokedToken, _token_id(token, claims)) is not None:
         return None
     user = session.get(User, claims["sub"])
     return user if user is not None and user.disabled_at is None else None
+
+
+def refresh(session: Session, token: str) -> tuple[str, int] | None:
+    """A fresh token (a new lifetime, the user's scopes as they are now) for a valid one, else None."""
+    user = verify(session, token)
+    return None if user is None else _issue(user)
+
+
+def logout(session: Session, token: str) -> bool:
+    """Refuse TOKEN from now until it would have expired, in every API process (the check is in the
+    database each request already reads). False for a token that is not valid anyway."""
+    if verify(session, token) is None:
+        return False
+    claims = _claims(token)
+    assert claims is not None
+    session.execute(insert(RevokedToken).values(jti=_token_id(token, claims),
+                                                expires_at=datetime.fromtimestamp(claims["exp"], UTC))
+                    .on_conflict_do_nothing())
+    # Entries past their token's expiry guard nothing: each logout clears those.
+    session.execute(delete(RevokedToken).where(RevokedToken.expires_at < func.now()))
+    return True
+
+
+def exists(session: Session, username: str) -> bool:
+    return session.scalar(select(User.id).where(User.username == username)) is not None
+
+
+def list_users(session: Session) -> list[User]:
+    return list(session.scalars(select(User).order_by(User.created_at, User.id)))
+
+
+class UnknownUser(LookupError):
+    pass
+
+
+def disable(session: Session, user_id: str) -> User:
+    """Disable USER_ID: its tokens are refused from its next request on (each request reads the user)."""
+    user = session.get(User, user_id)
+    if user is None:
+        raise UnknownUser(f"no user '{user_id}'")
+    if user.disabled_at is None:
+        user.disabled_at = datetime.now(UTC)
+        session.flush()
+    return user

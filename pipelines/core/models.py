@@ -136,6 +136,15 @@ class User(Base):
     disabled_at: Mapped[datetime | None]
 
 
+class RevokedToken(Base):
+    """A bearer token logged out before it expired: refused by every API process until it would have."""
+
+    __tablename__ = "revoked_tokens"
+
+    jti: Mapped[str] = mapped_column(Text, primary_key=True)
+    expires_at: Mapped[datetime]
+
+
 class ConfigOverride(Base):
     """A runtime setting changed through PUT /api/v1/config, overriding the environment's value."""
 
