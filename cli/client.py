@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx
+from httpx_sse import EventSource, SSEError
 
 from pipelines.core.retry import retry_after
 
@@ -142,6 +143,30 @@ class Client:
         self.http.headers["Authorization"] = f"Bearer {token['access_token']}"
         return token
 
+    def refresh(self) -> dict:
+        """A fresh token for the one this client sends; the client sends the fresh one from now on."""
+        token = self._data("POST", "/auth/refresh")
+        self.http.headers["Authorization"] = f"Bearer {token['access_token']}"
+        return token
+
+    def logout(self) -> dict:
+        """End the token this client sends, in every API process; the client forgets it."""
+        answer = self._data("POST", "/auth/logout")
+        self.http.headers.pop("Authorization", None)
+        return answer
+
+    # -- users (admin) -----------------------------------------------------------------------------
+
+    def create_user(self, username: str, password: str, scopes: list[str]) -> dict:
+        return self._data("POST", "/users", json={"username": username, "password": password, "scopes": scopes})
+
+    def users(self) -> list[dict]:
+        return self._data("GET", "/users")["users"]
+
+    def disable_user(self, user_id: str) -> dict:
+        """Disable a user: its tokens are refused from their next request."""
+        return self._data("POST", f"/users/{user_id}/disable")
+
     # -- keys (admin) ------------------------------------------------------------------------------
 
     def create_key(self, name: str, scopes: list[str], *, expires_at: str | None = None,
@@ -210,10 +235,34 @@ class Client:
     def cancel(self, job_id: str) -> dict:
         return self._data("POST", f"/jobs/{job_id}/cancel")
 
+    def watch(self, job_id: str, *, timeout: float | None = None) -> Iterator[dict]:
+        """JOB_ID as it changes, from its event stream (`GET /jobs/{id}/events`): each state, progress
+        and counts, the last one final. No polling: the server says when something changed."""
+        read_timeout = httpx.Timeout(self.http.timeout.connect, read=timeout or 60.0)
+        response = self.send("GET", f"/jobs/{job_id}/events", stream=True, timeout=read_timeout,
+                             headers={"Accept": "text/event-stream"})
+        try:
+            for event in EventSource(response).iter_sse():
+                if event.event == "job":
+                    yield event.json()
+        finally:
+            response.close()
+
     def wait(self, job_id: str, *, poll: float = 0.5, timeout: float | None = None,
              on_update: Callable[[dict], None] | None = None) -> dict:
-        """Poll JOB_ID until it ends (or TIMEOUT seconds pass: TimeoutError); return the job."""
+        """Follow JOB_ID until it ends (or TIMEOUT seconds pass: TimeoutError); return the job. It listens
+        to the job's event stream, and polls every POLL seconds only where the stream breaks off."""
         deadline = time.monotonic() + timeout if timeout else None
+        try:
+            for change in self.watch(job_id, timeout=timeout):
+                if on_update:
+                    on_update(change)
+                if change["state"] in FINAL_STATES:
+                    return self.job(job_id)
+                if deadline and time.monotonic() > deadline:
+                    raise TimeoutError(f"job {job_id} still {change['state']} after {timeout} s")
+        except (httpx.TransportError, SSEError):
+            pass  # a proxy that cuts streams, a restart: polling finishes the wait
         while True:
             job = self.job(job_id)
             if on_update:

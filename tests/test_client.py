@@ -81,6 +81,9 @@ def test_the_client_reaches_every_operation_of_the_api(api_url):
         client.webhooks, lambda: client.webhook("wh_x"), lambda: client.delete_webhook("wh_x"),
         lambda: client.deliveries("wh_x"), lambda: client.redeliver("wh_x", "dlv_x"), client.config,
         lambda: client.update_config({}), client.logs, client.metrics,
+        lambda: client.create_user("u", "short", ["read"]), client.users, lambda: client.disable_user("usr_x"),
+        lambda: list(client.watch("job_x")),
+        client.refresh, client.logout,  # last: they act on a token, which this client (a key) has not
     ]
     for call in calls:
         try:

@@ -5,7 +5,9 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
+from fastapi.responses import StreamingResponse
 
+from api import watch
 from api.deps import ReadKey, SessionDep, WriteKey
 from api.envelope import ApiError, Cursor, Envelope, found, ok
 from api.schemas import JobList, JobOut
@@ -37,6 +39,18 @@ def list_jobs(
 async def get_job(job_id: str, request: Request, key: ReadKey) -> dict:
     job = await listing.fetch_job(job_id, keys.owner_filter(key))
     return ok(request, JobOut.model_validate(found(job, f"no job '{job_id}'")))
+
+
+@router.get("/{job_id}/events", response_class=StreamingResponse,
+            responses={200: {"content": {"text/event-stream": {}},
+                             "description": "`job` events (the job's state, progress and counts) as it changes, "
+                                            "then `end`; the stream closes when the job has ended"}})
+async def job_events(job_id: str, key: ReadKey) -> StreamingResponse:
+    """Watch a job without polling: server-sent events until it ends. Every open stream is served by
+    the API process's one reader (`api/watch.py`), not by a database connection of its own."""
+    job = found(await listing.fetch_job(job_id, keys.owner_filter(key)), f"no job '{job_id}'")
+    return StreamingResponse(watch.event_stream(job), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
 def _job(session, job_id: str) -> Job:

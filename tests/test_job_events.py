@@ -1,0 +1,84 @@
+"""Watching a job without polling: `GET /api/v1/jobs/{id}/events`, read with a standard SSE client
+(httpx-sse). The stream tells each state, progress and counts, then `end`, and closes; three hundred
+streams at once are served by the API process's one reader, not by a database connection each."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import pytest
+from httpx_sse import aconnect_sse, connect_sse
+from sqlalchemy import text
+
+from pipelines.core.db import get_engine
+from tests.datagen import sources_toml, write_csv
+from tests.helpers import make_key
+
+pytestmark = pytest.mark.worker
+
+
+def test_a_jobs_stream_tells_each_change_then_ends_and_closes(client, api_url, admin_key, worker, write_sources,
+                                                             data_dir):
+    write_csv(data_dir / "a.csv", 3000)
+    write_sources(sources_toml("prices", "a.csv"))
+    job_id = client.start_ingestion(["prices"], batch_size=500)["job_id"]
+    with httpx.Client(base_url=api_url, headers={"X-API-Key": admin_key}, timeout=60) as http, \
+            connect_sse(http, "GET", f"/api/v1/jobs/{job_id}/events") as source:
+        assert source.response.headers["content-type"].startswith("text/event-stream")
+        events = list(source.iter_sse())  # until the server closes the stream
+    changes = [e.json() for e in events if e.event == "job"]
+    assert [e.event for e in events][-2:] == ["job", "end"]
+    assert changes[0]["state"] in ("queued", "running") and changes[-1]["state"] == "succeeded"
+    assert changes[-1]["records_processed"] == 3000 and changes[-1]["progress"] == 100
+    assert all(a != b for a, b in zip(changes, changes[1:], strict=False))  # each event a change
+    progress = [c["progress"] for c in changes]
+    assert progress == sorted(progress)
+    assert [int(e.id) for e in events if e.event == "job"] == list(range(1, len(changes) + 1))
+    assert httpx.get(f"{api_url}/api/v1/jobs/{job_id}/events",
+                     headers={"X-API-Key": make_key(["write"])}).status_code == 200  # any reader may watch
+    assert httpx.get(f"{api_url}/api/v1/jobs/job_missing/events",
+                     headers={"X-API-Key": admin_key}).status_code == 404
+
+
+def _connections() -> int:
+    with get_engine().connect() as conn:
+        return conn.execute(text("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()")
+                            ).scalar_one()
+
+
+def test_three_hundred_open_streams_cost_no_connection_each(client, api_url, admin_key, no_worker, write_sources,
+                                                            data_dir):
+    write_csv(data_dir / "a.csv", 10)
+    write_sources(sources_toml("prices", "a.csv"))
+    job_id = client.start_ingestion(["prices"])["job_id"]  # queued: no worker takes it
+    before = _connections()
+
+    async def watch_all() -> tuple[list[list[str]], int]:
+        opened = asyncio.Event()
+        first_events = 0
+        limits = httpx.Limits(max_connections=400, max_keepalive_connections=0)
+        async with httpx.AsyncClient(base_url=api_url, headers={"X-API-Key": admin_key}, timeout=60,
+                                     limits=limits) as http:
+            async def one() -> list[str]:
+                nonlocal first_events
+                states = []
+                async with aconnect_sse(http, "GET", f"/api/v1/jobs/{job_id}/events") as source:
+                    async for event in source.aiter_sse():
+                        if event.event == "job":
+                            states.append(event.json()["state"])
+                            if len(states) == 1:
+                                first_events += 1
+                                if first_events == 300:
+                                    opened.set()
+                return states
+
+            streams = [asyncio.create_task(one()) for _ in range(300)]
+            await asyncio.wait_for(opened.wait(), 60)
+            during = await asyncio.to_thread(_connections)
+            await asyncio.to_thread(client.cancel, job_id)  # the job ends: every stream hears it and closes
+            return await asyncio.wait_for(asyncio.gather(*streams), 60), during
+
+    states, during = asyncio.run(watch_all())
+    assert during - before < 10, (before, during)  # the API's pool at most, not one per stream
+    assert all(s[0] == "queued" and s[-1] == "cancelled" for s in states), states[:3]
