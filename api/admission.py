@@ -33,7 +33,7 @@ EXEMPT = frozenset({"/health"})
 # asynchronous connections (pipelines.core.adb, bounded by their pool), never in a thread or a
 # SQLAlchemy session: they have a lane of their own, so a poller never waits behind heavy reads.
 OWN_LANE = re.compile(r"^/api/v1/(jobs/[^/]+|ingestion/status)$")
-HEAVY = re.compile(r"^/api/v1/(data/query|curves|curves/diff|scenarios/[^/]+/outputs)$")
+HEAVY = re.compile(r"^(/api)?/v1/(data/query|curves|curves/diff|scenarios/[^/]+/outputs)$")
 
 
 class Admission:

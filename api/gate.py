@@ -19,6 +19,9 @@ from api.envelope import ApiError, error_response
 from api.identity import Principal, identify
 
 PREFIX = "/api/v1"
+# Seed 000's own paths for the curves and scenarios routes (`/v1/curves`, ...): the same routes,
+# gated the same way (README, Compatibility).
+COMPAT_PREFIX = "/v1"
 
 
 class Gate:
@@ -39,9 +42,10 @@ class Gate:
 
 
 def gated(scope: Scope) -> bool:
-    """Whether SCOPE is a request to /api/v1 (behind a proxy's root path too)."""
+    """Whether SCOPE is a request to /api/v1 or to seed 000's /v1 (behind a proxy's root path too)."""
     path = route_path(scope) if scope["type"] == "http" else ""
-    return path.startswith(PREFIX) and path[len(PREFIX):len(PREFIX) + 1] in ("", "/")
+    return any(path.startswith(prefix) and path[len(prefix):len(prefix) + 1] in ("", "/")
+               for prefix in (PREFIX, COMPAT_PREFIX))
 
 
 def route_path(scope: Scope) -> str:

@@ -19,7 +19,7 @@ from api.access import Access
 from api.admission import Admission
 from api.bodylimit import BodyLimit
 from api.deadline import Deadline
-from api.gate import PREFIX, Gate
+from api.gate import COMPAT_PREFIX, PREFIX, Gate
 from api.routes import (
     admin,
     auth,
@@ -41,6 +41,7 @@ from pipelines.core.logs import configure
 from pipelines.core.settings import get_settings
 
 log = logging.getLogger("ingot.api")
+COMPAT_TAG = "seed 000 (Aurum) paths"
 
 
 @asynccontextmanager
@@ -80,6 +81,10 @@ def create_app() -> FastAPI:
     for router in (jobs.router, ingestion.router, health.router, *(module.router for module in (
             auth, keys, users, sources, data, exports, curves, scenarios, webhooks, admin))):
         app.include_router(router, prefix=PREFIX)
+    # Seed 000's surface (README, Compatibility): the curves and scenarios routes again at /v1, the
+    # same route table and handlers, listed under a tag of their own.
+    for router in (curves.router, scenarios.router):
+        app.include_router(router, prefix=COMPAT_PREFIX, tags=[COMPAT_TAG])
     _document_no_nul(app)
     origins = [o.strip() for o in settings.cors_origins.split(",") if o.strip()]
     if origins:  # none by default: browsers on other origins may not call the API
@@ -103,16 +108,19 @@ SERVER_OPTIONS: dict[str, Any] = {"proxy_headers": False, "server_header": False
 
 def _document_no_nul(app: FastAPI) -> None:
     """Say in the OpenAPI document what api.bodylimit enforces: no text field or parameter may hold a
-    NUL character (PostgreSQL cannot store one). Clients and fuzzers read it as a pattern."""
+    NUL character (PostgreSQL cannot store one). Clients and fuzzers read it as a pattern. (And list
+    seed 000's paths under their own tag only.)"""
     generate = app.openapi
 
     def openapi() -> dict:
         if app.openapi_schema is None:
             document = generate()
-            for path in document.get("paths", {}).values():
+            for route, path in document.get("paths", {}).items():
                 for operation in path.values():
                     for parameter in operation.get("parameters", []):
                         _no_nul(parameter.get("schema", {}))
+                    if route.startswith(COMPAT_PREFIX + "/"):  # seed 000's paths: under their tag alone
+                        operation["tags"] = [COMPAT_TAG]
             for schema in document.get("components", {}).get("schemas", {}).values():
                 _no_nul(schema)
             app.openapi_schema = document

@@ -176,7 +176,7 @@ class Client:
         return self._data("POST", "/keys", json=body)
 
     def keys(self) -> list[dict]:
-        return self._data("GET", "/keys")
+        return self._data("GET", "/keys")["keys"]
 
     def revoke_key(self, key_id: str) -> dict:
         return self._data("DELETE", f"/keys/{key_id}")
@@ -348,7 +348,7 @@ class Client:
 
     def scenarios(self, *, limit: int = 50, cursor: str | None = None) -> tuple[list[dict], str | None]:
         body = self.request("GET", "/scenarios", params=_present(limit=limit, cursor=cursor))
-        return body["data"], body.get("meta", {}).get("next_cursor")
+        return body["data"]["scenarios"], body.get("meta", {}).get("next_cursor")
 
     def scenario(self, scenario_id: str) -> dict:
         return self._data("GET", f"/scenarios/{scenario_id}")
@@ -363,7 +363,7 @@ class Client:
     def scenario_runs(self, scenario_id: str, *, limit: int = 50, cursor: str | None = None
                       ) -> tuple[list[dict], str | None]:
         body = self.request("GET", f"/scenarios/{scenario_id}/runs", params=_present(limit=limit, cursor=cursor))
-        return body["data"], body.get("meta", {}).get("next_cursor")
+        return body["data"]["runs"], body.get("meta", {}).get("next_cursor")
 
     def scenario_run(self, scenario_id: str, run_id: str) -> dict:
         return self._data("GET", f"/scenarios/{scenario_id}/runs/{run_id}")
@@ -383,6 +383,20 @@ class Client:
 
     def scenario_metrics(self, scenario_id: str) -> dict:
         return self._data("GET", f"/scenarios/{scenario_id}/metrics/latest")
+
+    # -- seed 000's names for the same calls (README, Compatibility): an Aurum script runs as it is ----
+
+    get_curves = curves
+    compare_curves = curve_diff
+    get_dimensions = dimensions
+    get_locations = locations
+    get_location = location
+    list_scenarios = scenarios
+    get_scenario = scenario
+    list_scenario_runs = scenario_runs
+    get_scenario_run = scenario_run
+    get_scenario_outputs = scenario_outputs
+    get_scenario_metrics = scenario_metrics
 
     # -- webhooks ------------------------------------------------------------------------------------
 

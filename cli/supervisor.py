@@ -193,7 +193,7 @@ class Supervisor:
             with Client(url, api_key) as client:
                 if client.wait(ingestion_id, timeout=600)["state"] != "succeeded":
                     return
-                if client.request("GET", "/scenarios", params={"limit": 1})["data"]:
+                if client.scenarios(limit=1)[0]:  # a scenario exists already: the demo has run
                     return
                 scenario = client.create_scenario(DEMO_SCENARIO)
                 run = client.wait(client.run_scenario(scenario["scenario_id"])["run_id"], timeout=600)

@@ -25,7 +25,7 @@ def test_create_list_revoke(api_url, admin):
     key = made.json()["data"]
     assert key["key"].startswith("ingot_") and key["prefix"] == key["key"][:12]
     assert works(api_url, key["key"]) == 200
-    listed = admin.get("/keys").json()["data"]
+    listed = admin.get("/keys").json()["data"]["keys"]
     assert key["id"] in [k["id"] for k in listed] and all("key" not in k for k in listed)
     assert key["key"] not in admin.get("/keys").text  # never shown again
     assert admin.delete(f"/keys/{key['id']}").json()["data"]["revoked_at"]
@@ -94,7 +94,7 @@ def test_the_cli_manages_keys_through_the_api_when_given_an_admin_key(api_url, a
     assert made.returncode == 0, made.stderr
     secret = made.stdout.strip()
     assert works(api_url, secret) == 200
-    listed = admin.get("/keys").json()["data"]
+    listed = admin.get("/keys").json()["data"]["keys"]
     mine = next(k for k in listed if k["name"] == "over-http")
     assert mine["rate_limit_per_minute"] == 50
     assert "over-http" in ingot("list").stdout

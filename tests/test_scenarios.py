@@ -188,8 +188,10 @@ def test_run_states_follow_the_contract(client, queued_run):
     assert client.http.post(f"/api/v1/scenarios/runs/{run_id}/cancel").status_code == 409
     assert move("queued").json()["data"]["state"] == "queued"
     assert move("cancelled").json()["data"]["state"] == "cancelled"
-    assert move("succeeded").status_code == 422  # not a state anyone may set
-    runs = client.request("GET", f"/scenarios/{scenario_id}/runs")["data"]
+    for never in ("succeeded", "running", "cancelling"):  # states no one may set: 409, as the contract says
+        assert move(never).status_code == 409 and move(never).json()["error"]["code"] == "CONFLICT"
+    assert move("sideways").status_code == 422  # not a state at all
+    runs = client.request("GET", f"/scenarios/{scenario_id}/runs")["data"]["runs"]
     assert [r["run_id"] for r in runs] == [run_id]
     assert client.http.get(f"/api/v1/scenarios/{scenario_id}/outputs").status_code == 404  # none succeeded
     assert client.http.delete(f"/api/v1/scenarios/{scenario_id}").status_code == 200

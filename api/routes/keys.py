@@ -67,9 +67,13 @@ def create(body: KeyIn, request: Request, session: SessionDep, _admin: AdminKey)
               message="store the key now: it is not shown again")
 
 
-@router.get("", response_model=Envelope[list[KeyOut]])
+class KeyList(BaseModel):
+    keys: list[KeyOut]
+
+
+@router.get("", response_model=Envelope[KeyList])
 def list_keys(request: Request, session: SessionDep, _admin: AdminKey) -> dict:
-    return ok(request, [KeyOut.of(k) for k in keys.list_keys(session)], next_cursor=None)
+    return ok(request, {"keys": [KeyOut.of(k) for k in keys.list_keys(session)]}, next_cursor=None)
 
 
 @router.delete("/{key_id}", response_model=Envelope[KeyOut])

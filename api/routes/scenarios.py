@@ -51,7 +51,8 @@ class RunOut(JobOut):
 class StateChange(BaseModel):
     model_config = {"extra": "forbid"}
 
-    state: Literal["cancelled", "failed", "queued"]
+    # Any job state may be asked for; only the moves the contract lists are made (409 otherwise).
+    state: JobState
     reason: str | None = Field(default=None, max_length=1000)
 
 
@@ -107,11 +108,19 @@ def create(body: ScenarioIn, request: Request, session: SessionDep, key: WriteKe
     return ok(request, ScenarioOut.of(scenario), message="scenario created")
 
 
-@router.get("", response_model=Envelope[list[ScenarioOut]])
+class ScenarioList(BaseModel):
+    scenarios: list[ScenarioOut]
+
+
+class RunList(BaseModel):
+    runs: list[RunOut]
+
+
+@router.get("", response_model=Envelope[ScenarioList])
 def list_scenarios(request: Request, session: SessionDep, _key: ReadKey,
                    limit: Annotated[int, Query(ge=1, le=500)] = 50, cursor: Cursor = None) -> dict:
     rows, next_cursor = definitions.page(session, cursor, limit)
-    return ok(request, [ScenarioOut.of(s) for s in rows], next_cursor=next_cursor)
+    return ok(request, {"scenarios": [ScenarioOut.of(s) for s in rows]}, next_cursor=next_cursor)
 
 
 @router.get("/{scenario_id}", response_model=Envelope[ScenarioOut])
@@ -141,12 +150,12 @@ async def run(scenario_id: str, request: Request, key: WriteKey) -> dict:
               message="scenario run queued")
 
 
-@router.get("/{scenario_id}/runs", response_model=Envelope[list[RunOut]])
+@router.get("/{scenario_id}/runs", response_model=Envelope[RunList])
 def list_runs(scenario_id: str, request: Request, session: SessionDep, _key: ReadKey,
               limit: Annotated[int, Query(ge=1, le=500)] = 50, cursor: Cursor = None) -> dict:
     _scenario(session, scenario_id)
     rows, next_cursor = runs.page(session, scenario_id, cursor, limit)
-    return ok(request, [RunOut.of(j) for j in rows], next_cursor=next_cursor)
+    return ok(request, {"runs": [RunOut.of(j) for j in rows]}, next_cursor=next_cursor)
 
 
 @router.get("/{scenario_id}/runs/{run_id}", response_model=Envelope[RunOut])

@@ -42,10 +42,12 @@ def points(session: Session, where: CurveFilter, cursor: str | None, limit: int)
         query = query.where(Curve.asof_date == CurveIndex.last_asof)
     else:
         query = query.where(Curve.asof_date == where.asof_date)
-    for column, value in ((CurveIndex.curve_key, where.curve_key), (CurveIndex.asset_class, where.asset_class),
-                          (CurveIndex.iso, where.iso), (CurveIndex.location, where.location)):
-        if value is not None:
-            query = query.where(column == value)
+    if where.curve_key is not None:
+        query = query.where(CurveIndex.curve_key == where.curve_key)
+    for column, value in ((CurveIndex.asset_class, where.asset_class), (CurveIndex.iso, where.iso),
+                          (CurveIndex.location, where.location)):
+        if value is not None:  # whatever the letter case: NATURAL_GAS finds natural_gas (seed 000's clients)
+            query = query.where(func.lower(column) == value.lower())
     return BY_KEY.page(session, query, cursor, limit)
 
 
@@ -82,13 +84,17 @@ def _diff_row(r) -> dict:
 
 
 def dimensions(session: Session, include_counts: bool) -> dict:
-    """The values of each dimension, sorted; with counts, how many distinct curves have each."""
+    """The values of each dimension, sorted; with counts, how many distinct curves have each. A value
+    stored in several letter cases is one value (filters match whatever the case), shown once, as
+    most of its curves spell it."""
     values: dict[str, list] = {}
     counts: dict[str, list] = {}
     for name in DIMENSIONS:
         column = getattr(CurveIndex, name)
-        rows = session.execute(select(column, func.count()).where(column.is_not(None))
-                               .group_by(column).order_by(column)).all()
+        folded = column if name == "curve_key" else func.lower(column)
+        spelled = func.mode().within_group(column)
+        rows = session.execute(select(spelled, func.count()).where(column.is_not(None))
+                               .group_by(folded).order_by(spelled)).all()
         values[name] = [v for v, _ in rows]
         counts[name] = [{"value": v, "count": n} for v, n in rows]
     return {"data": values, "counts": counts} if include_counts else {"data": values}
@@ -110,7 +116,7 @@ def locations(session: Session, iso: str | None = None) -> list[dict]:
              .where(and_(CurveIndex.iso.is_not(None), CurveIndex.location.is_not(None)))
              .group_by(CurveIndex.iso, CurveIndex.location).order_by(CurveIndex.iso, CurveIndex.location))
     if iso is not None:
-        query = query.where(func.upper(CurveIndex.iso) == iso.upper())
+        query = query.where(func.lower(CurveIndex.iso) == iso.lower())
     return [{"location_id": location_id(r.iso, r.location), "iso": r.iso, "location": r.location,
              "curve_keys": sorted(r.curve_keys), "asset_classes": sorted(a for a in r.asset_classes if a),
              "first_asof": r.first_asof, "last_asof": r.last_asof} for r in session.execute(query)]
