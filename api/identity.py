@@ -23,7 +23,7 @@ from starlette.concurrency import run_in_threadpool
 from api import limits
 from api.envelope import ApiError
 from pipelines.auth import keys, users
-from pipelines.auth.limits import Window
+from pipelines.auth.limits import Bucket
 from pipelines.core.db import session_scope
 from pipelines.core.models import ApiKey
 from pipelines.core.settings import get_settings
@@ -92,7 +92,8 @@ async def identify(request: Request) -> Principal:
 async def _key_principal(request: Request, supplied: str) -> Principal:
     digest = keys.hash_key(supplied)
     entry = _cache.get(digest)
-    counter = Window.now("default", limits.caller(request, entry.key if entry else None))
+    counter = Bucket.of("default", limits.caller(request, entry.key if entry else None),
+                        limits.default_limit(entry.key if entry else None))
     try:
         # Most requests: the key is known, counted in the same round trip.
         generation, *counted = await limits.pipe().call(("GET", keys.GENERATION),
@@ -121,7 +122,7 @@ async def _key_principal(request: Request, supplied: str) -> Principal:
     if who.key is not None:
         request.state.api_key_id = who.key.id
     if counted:
-        limits.apply(request, counter.verdict(counted[0], limits.default_limit(who.key)))
+        limits.apply(request, counter.verdict(counted[0]))
     return who
 
 

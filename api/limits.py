@@ -6,14 +6,13 @@ trip); tighter limits per route are `api.deps.limit(...)`. Everything here runs 
 
 from __future__ import annotations
 
-import time
-
 import redis
 from fastapi import Request
 
 from api.envelope import ApiError
 from api.redispipe import Pipe
-from pipelines.auth.limits import Verdict, Window
+from pipelines.auth import limits
+from pipelines.auth.limits import Bucket, Rate, Verdict
 from pipelines.core import embedded, runtime
 from pipelines.core.loops import PerLoop
 from pipelines.core.models import ApiKey
@@ -34,11 +33,11 @@ def close() -> None:
         found.close()
 
 
-async def hit(bucket: str, who: str, limit: int) -> Verdict:
-    """Count one request of WHO against BUCKET's LIMIT a minute."""
-    counter = Window.now(bucket, who)
-    count, _ = await pipe().call(*counter.commands())
-    return counter.verdict(count, limit)
+async def hit(bucket: str, who: str, rate: Rate) -> Verdict:
+    """Take one token from WHO's bucket of BUCKET."""
+    taker = Bucket.of(bucket, who, rate)
+    (reply,) = await pipe().call(*taker.commands())
+    return taker.verdict(reply)
 
 
 def address(request: Request) -> str:
@@ -51,9 +50,23 @@ def caller(request: Request, key: ApiKey | None) -> str:
     return f"principal:{key.id}" if key is not None else address(request)
 
 
-def default_limit(key: ApiKey | None) -> int:
-    own = key.rate_limit_per_minute if key is not None else None  # a key's tier, set at its creation
-    return own or runtime.current("rate_limit_per_minute")
+def tiers() -> dict[str, Rate]:
+    """The tiers as they are now (the basic rate may be changed live: PUT /config)."""
+    settings = get_settings()
+    return limits.tiers(runtime.current("rate_limit_per_minute"), settings.rate_limit_burst,
+                        settings.rate_limit_tiers)
+
+
+def default_limit(key: ApiKey | None) -> Rate:
+    """KEY's rate: its own limit if it was given one, else its tier's; with no valid key, the
+    unauthenticated rate (per address)."""
+    if key is None:
+        rate = get_settings().unauthenticated_rate_limit_per_minute
+        return Rate(rate, rate)
+    if key.rate_limit_per_minute:
+        return Rate(key.rate_limit_per_minute, key.rate_limit_per_minute)
+    known = tiers()
+    return known.get(key.tier or "basic", known["basic"])
 
 
 def apply(request: Request, verdict: Verdict) -> None:
@@ -63,15 +76,16 @@ def apply(request: Request, verdict: Verdict) -> None:
     if shown is None or int(shown["X-RateLimit-Remaining"]) > verdict.remaining:
         request.state.rate_limit_headers = verdict.headers()
     if not verdict.allowed:
-        retry = max(1, verdict.reset - int(time.time()))
+        retry = verdict.retry_after
         raise ApiError(429, f"rate limit of {verdict.limit} requests per minute exceeded; retry in {retry} s",
                        headers={**verdict.headers(), "Retry-After": str(retry)})
 
 
-async def count(request: Request, bucket: str, who: str, limit: int) -> None:
-    """Count one request of WHO against BUCKET's LIMIT a minute; 429 past it."""
+async def count(request: Request, bucket: str, who: str, limit: int | Rate) -> None:
+    """Count one request of WHO against BUCKET's LIMIT (a minute's worth at once, then that rate); 429
+    past it."""
     try:
-        verdict = await hit(bucket, who, limit)
+        verdict = await hit(bucket, who, limit if isinstance(limit, Rate) else Rate(limit, limit))
     except redis.RedisError:
         return  # a limiter that cannot count lets requests through rather than taking the API down
     apply(request, verdict)

@@ -170,9 +170,10 @@ class Client:
     # -- keys (admin) ------------------------------------------------------------------------------
 
     def create_key(self, name: str, scopes: list[str], *, expires_at: str | None = None,
-                   rate_limit_per_minute: int | None = None) -> dict:
+                   rate_limit_per_minute: int | None = None, tier: str | None = None) -> dict:
         """A new key; its secret (`key`) is in this answer only."""
-        body = _present(name=name, scopes=scopes, expires_at=expires_at, rate_limit_per_minute=rate_limit_per_minute)
+        body = _present(name=name, scopes=scopes, expires_at=expires_at, rate_limit_per_minute=rate_limit_per_minute,
+                        tier=tier)
         return self._data("POST", "/keys", json=body)
 
     def keys(self) -> list[dict]:

@@ -149,6 +149,8 @@ def keys_create(
     name: Annotated[str, typer.Option(help="who or what the key is for")],
     scopes: Annotated[str, typer.Option(help="comma-separated: read,write,admin")] = "read",
     expires: Annotated[str | None, typer.Option(help="ISO 8601 time the key stops working")] = None,
+    tier: Annotated[str, typer.Option(help="rate-limit tier: basic, premium, unlimited, or as configured")
+                    ] = "basic",
     rate_limit: Annotated[int | None, typer.Option(help="this key's own requests per minute")] = None,
     url: UrlOpt = DEFAULT_URL,
     api_key: KeyOpt = None,
@@ -156,7 +158,7 @@ def keys_create(
     """Create a key and print it, alone, on standard output (it is shown only this once)."""
     if api_key:
         made = through(url, api_key, lambda client: client.create_key(name, _scopes(scopes), expires_at=expires,
-                                                                       rate_limit_per_minute=rate_limit))
+                                                                       rate_limit_per_minute=rate_limit, tier=tier))
         key_id, shown_scopes, key = made["id"], made["scopes"], made["key"]
     else:
         from datetime import datetime
@@ -169,7 +171,7 @@ def keys_create(
         try:
             expiry = datetime.fromisoformat(expires) if expires else None
             with session_scope() as session:
-                row, key = keys.create_key(session, name, _scopes(scopes), expiry, rate_limit)
+                row, key = keys.create_key(session, name, _scopes(scopes), expiry, rate_limit, tier)
                 key_id, shown_scopes = row.id, row.scopes
         except ValueError as exc:
             err.print(f"[red]{exc}[/red]")

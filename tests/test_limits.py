@@ -58,17 +58,10 @@ def test_a_chunked_body_within_the_limit_is_read(api_url):
     assert answer.status_code == 401  # read and judged, not refused for being chunked
 
 
-def _fresh_window() -> None:
-    """Start where a fixed one-minute window has room for the test: its few requests take well under a
-    second, so five seconds before the minute turns is room enough (polling the clock, bounded)."""
-    wait_for(lambda: time.time() % 60 < 55, timeout=10, interval=0.2, message="a fresh rate-limit window")
-
-
 def test_a_key_has_one_bucket_however_it_is_spelled(api_url, configure):
     configure(rate_limit_per_minute=6)
     key = make_key(["read"])
     spellings = [{"X-API-Key": key}, {"Authorization": f"Bearer {key}"}, {"authorization": f"bearer {key}"}]
-    _fresh_window()
     with httpx.Client(base_url=api_url) as http:
         answers = [http.get("/api/v1/jobs", headers=spellings[i % 3]) for i in range(7)]
     assert [a.status_code for a in answers] == [200] * 6 + [429]
@@ -76,8 +69,7 @@ def test_a_key_has_one_bucket_however_it_is_spelled(api_url, configure):
 
 
 def test_invented_keys_share_their_address_bucket(api_url, configure):
-    configure(rate_limit_per_minute=5)
-    _fresh_window()
+    configure(unauthenticated_rate_limit_per_minute=5)
     with httpx.Client(base_url=api_url) as http:
         answers = [http.get("/api/v1/jobs", headers={"X-API-Key": f"ingot_{secrets.token_hex(16)}"})
                    for _ in range(6)]
@@ -86,7 +78,6 @@ def test_invented_keys_share_their_address_bucket(api_url, configure):
 
 def test_login_is_limited_per_address_whatever_key_header_comes_with_it(api_url, configure):
     configure(login_rate_limit_per_minute=3)
-    _fresh_window()
     with httpx.Client(base_url=api_url) as http:
         answers = [http.post("/api/v1/auth/login", json={"username": "u", "password": "p"},
                              headers={"X-API-Key": f"ingot_{secrets.token_hex(16)}"}) for _ in range(4)]
@@ -286,3 +277,45 @@ def test_authentication_cannot_be_disabled_on_a_public_address():
     run = subprocess.run([sys.executable, "-m", "cli.main", "api", "--no-migrate"], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=60)
     assert run.returncode != 0 and "INGOT_AUTH_DISABLED" in run.stderr
+
+
+def test_tiers_are_token_buckets_chosen_when_a_key_is_made(api_url, configure):
+    """Each tier a rate and a burst: a key spends its burst at once, then gets tokens back at its rate;
+    `premium` holds more than `basic`; `--tier` and `"tier"` choose, and the key shows its tier."""
+    from pipelines.auth import keys
+    from pipelines.core.db import session_scope
+
+    configure(rate_limit_per_minute=120, rate_limit_burst=2, rate_limit_tiers="premium=600/5")
+    with session_scope() as session:  # the admin making the keys is not what is limited here
+        admin = {"X-API-Key": keys.create_key(session, "admin", ["admin"], tier="unlimited")[1]}
+    made = {tier: httpx.post(f"{api_url}/api/v1/keys", headers=admin,
+                             json={"name": tier, "scopes": ["read"], "tier": tier}).json()["data"]
+            for tier in ("basic", "premium", "unlimited")}
+    assert [made[t]["tier"] for t in made] == ["basic", "premium", "unlimited"]
+    bad = httpx.post(f"{api_url}/api/v1/keys", headers=admin, json={"name": "x", "scopes": ["read"], "tier": "gold"})
+    assert bad.status_code == 422 and "tier must be among" in bad.text
+    with httpx.Client(base_url=api_url) as http:
+        def burst(tier: str, n: int) -> list[int]:
+            return [http.get("/api/v1/jobs", headers={"X-API-Key": made[tier]["key"]}).status_code for _ in range(n)]
+
+        assert burst("basic", 3) == [200, 200, 429]
+        refused = http.get("/api/v1/jobs", headers={"X-API-Key": made["basic"]["key"]})
+        assert refused.status_code == 429 and refused.headers["retry-after"] == "1"  # 2 tokens a second
+        wait_for(lambda: burst("basic", 1) == [200], timeout=5, interval=0.2, message="a token back")
+        assert burst("premium", 6) == [200] * 5 + [429]
+        answer = http.get("/api/v1/jobs", headers={"X-API-Key": made["unlimited"]["key"]})
+        assert answer.status_code == 200 and int(answer.headers["X-RateLimit-Limit"]) >= 10_000_000
+    listed = ingot_cli("keys", "create", "--name", "cli-premium", "--scopes", "read", "--tier", "premium")
+    assert listed.returncode == 0, listed.stderr
+    shown = httpx.get(f"{api_url}/api/v1/keys", headers=admin).json()["data"]["keys"]
+    assert {k["name"]: k["tier"] for k in shown}["cli-premium"] == "premium"
+
+
+def ingot_cli(*args: str):
+    import subprocess
+    import sys
+
+    from tests.helpers import ROOT
+
+    return subprocess.run([sys.executable, "-m", "cli.main", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)

@@ -23,7 +23,9 @@ class KeyIn(BaseModel):
     name: str = Field(min_length=1, max_length=200)
     scopes: list[Literal["read", "write", "admin"]] = Field(min_length=1)
     expires_at: IsoDateTime | None = None
-    # This key's own requests a minute (its tier); without one, the default limit.
+    # Its rate limit's tier (`basic`, `premium`, `unlimited`, or as configured), or its own requests a
+    # minute (over the tier's).
+    tier: str = Field(default="basic", min_length=1, max_length=50)
     rate_limit_per_minute: Annotated[int, Field(ge=1, le=10_000_000), JSON_INTEGER] | None = None
 
 
@@ -43,6 +45,7 @@ class KeyOut(BaseModel):
     last_used_at: UTCDateTime | None
     revoked_at: UTCDateTime | None
     previous_valid_until: UTCDateTime | None
+    tier: str
     rate_limit_per_minute: int | None
 
     @classmethod
@@ -59,7 +62,7 @@ def create(body: KeyIn, request: Request, session: SessionDep, _admin: AdminKey)
     """A new key; its secret is in this answer only."""
     try:
         row, secret = keys.create_key(session, body.name, list(body.scopes), body.expires_at,
-                                      body.rate_limit_per_minute)
+                                      body.rate_limit_per_minute, body.tier)
     except ValueError as exc:
         raise ApiError(422, str(exc)) from None
     session.commit()

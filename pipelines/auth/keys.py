@@ -17,6 +17,7 @@ import redis
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
+from pipelines.auth import limits
 from pipelines.core import adb, embedded
 from pipelines.core.db import affected, on_commit
 from pipelines.core.models import ApiKey
@@ -41,9 +42,14 @@ def _secret() -> str:
 
 
 def create_key(session: Session, name: str, scopes: list[str], expires_at: datetime | None = None,
-               rate_limit_per_minute: int | None = None) -> tuple[ApiKey, str]:
-    """A new key (and its secret, to be shown once), limited to RATE_LIMIT_PER_MINUTE requests when
-    given instead of the default limit; ValueError for unknown scopes, a past expiry or a limit below 1."""
+               rate_limit_per_minute: int | None = None, tier: str = "basic") -> tuple[ApiKey, str]:
+    """A new key (and its secret, to be shown once) in TIER's rate limit, or limited to
+    RATE_LIMIT_PER_MINUTE requests when given; ValueError for unknown scopes or tier, a past expiry or
+    a limit below 1."""
+    settings = get_settings()
+    known = limits.tiers(settings.rate_limit_per_minute, settings.rate_limit_burst, settings.rate_limit_tiers)
+    if tier not in known:
+        raise ValueError(f"tier must be among {', '.join(sorted(known))}; got {tier!r}")
     unknown = sorted(set(scopes) - set(SCOPES))
     if unknown or not scopes:
         raise ValueError(f"scopes must be among {', '.join(SCOPES)}; got {', '.join(scopes) or 'none'}")
@@ -53,14 +59,14 @@ def create_key(session: Session, name: str, scopes: list[str], expires_at: datet
         raise ValueError("rate_limit_per_minute must be at least 1")
     key = _secret()
     row = ApiKey(name=name, prefix=key[:12], key_hash=hash_key(key), scopes=sorted(set(scopes)),
-                 expires_at=expires_at, rate_limit_per_minute=rate_limit_per_minute)
+                 expires_at=expires_at, rate_limit_per_minute=rate_limit_per_minute, tier=tier)
     session.add(row)
     session.flush()
     return row, key
 
 
 _LOOKUP = (
-    "SELECT id, name, prefix, scopes, created_at, last_used_at, expires_at, rate_limit_per_minute, "
+    "SELECT id, name, prefix, scopes, created_at, last_used_at, expires_at, rate_limit_per_minute, tier, "
     "CASE WHEN key_hash = %(digest)s THEN expires_at ELSE LEAST(expires_at, previous_valid_until) END AS valid_until "
     "FROM api_keys WHERE (key_hash = %(digest)s OR (previous_hash = %(digest)s AND previous_valid_until > now())) "
     "AND revoked_at IS NULL AND (expires_at IS NULL OR expires_at > now())"

@@ -1,20 +1,23 @@
-"""Rate limits kept in Redis: a fixed window per caller and bucket, shared by every API process."""
+"""Rate limits kept in Redis: a token bucket per caller and limit, shared by every API process.
+
+A bucket holds up to its burst and refills at its rate, continuously: a client may send a burst at
+once, then as fast as the rate allows; no window boundary lets it send twice its allowance.
+"""
 
 from __future__ import annotations
 
 import hashlib
-import time
+import math
 from dataclasses import dataclass
-
-import redis
 
 
 @dataclass
 class Verdict:
     allowed: bool
-    limit: int
-    remaining: int
-    reset: int  # epoch seconds when the window ends
+    limit: int  # requests a minute
+    remaining: int  # requests that may be made at once now
+    reset: int  # epoch seconds when the bucket is full again
+    retry_after: int = 0  # seconds until the next request may be made, when this one was refused
 
     def headers(self) -> dict[str, str]:
         return {"X-RateLimit-Limit": str(self.limit), "X-RateLimit-Remaining": str(self.remaining),
@@ -22,34 +25,76 @@ class Verdict:
 
 
 @dataclass(frozen=True)
-class Window:
-    """The counter of one caller in one bucket for the current window."""
+class Rate:
+    """A token bucket's shape: refilled at PER_MINUTE tokens a minute, holding BURST at most."""
 
-    key: str
-    start: int
-    seconds: int
+    per_minute: int
+    burst: int
 
     @classmethod
-    def now(cls, bucket: str, caller: str, seconds: int = 60) -> Window:
-        start = int(time.time() // seconds) * seconds
-        return cls(f"ingot:ratelimit:{bucket}:{caller}:{start}", start, seconds)
+    def parse(cls, text: str) -> Rate:
+        """`1000/200`: 1000 a minute, 200 at once (`1000` alone: a burst of a minute's worth)."""
+        rate, _, burst = text.strip().partition("/")
+        parsed = cls(int(rate), int(burst or rate))
+        if parsed.per_minute < 1 or parsed.burst < 1:
+            raise ValueError(f"a rate must be at least 1/1, not {text!r}")
+        return parsed
+
+
+UNLIMITED = Rate(10_000_000, 10_000_000)  # counted (its figures are shown) but never reached
+
+
+def tiers(basic_per_minute: int, basic_burst: int | None, others: str) -> dict[str, Rate]:
+    """The tiers a key may have: `basic` (BASIC_PER_MINUTE, a burst of BASIC_BURST or a minute's
+    worth), `unlimited`, and OTHERS (`name=rate/burst,...`, as INGOT_RATE_LIMIT_TIERS says)."""
+    named = {"basic": Rate(basic_per_minute, basic_burst or basic_per_minute), "unlimited": UNLIMITED}
+    for entry in filter(None, (e.strip() for e in others.split(","))):
+        name, _, rate = entry.partition("=")
+        named[name.strip()] = Rate.parse(rate)
+    return named
+
+# Take one token from a bucket, refilled by the time elapsed on Redis's own clock (every API process
+# agrees on it): one round trip, atomic. Replies [allowed, tokens left, now], numbers as text.
+_TAKE = """
+local rate, burst = tonumber(ARGV[1]), tonumber(ARGV[2])
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
+local held = redis.call('HMGET', KEYS[1], 'tokens', 'at')
+local tokens = tonumber(held[1]) or burst
+local at = tonumber(held[2]) or now
+tokens = math.min(burst, tokens + math.max(0, now - at) * rate)
+local allowed = 0
+if tokens >= 1 then
+    tokens = tokens - 1
+    allowed = 1
+end
+redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'at', tostring(now))
+redis.call('EXPIRE', KEYS[1], math.ceil(burst / rate) + 1)
+return {allowed, tostring(tokens), tostring(now)}
+"""
+
+
+@dataclass(frozen=True)
+class Bucket:
+    """One caller's token bucket for one limit, shared by every API process."""
+
+    key: str
+    rate: Rate
+
+    @classmethod
+    def of(cls, bucket: str, caller: str, rate: Rate) -> Bucket:
+        return cls(f"ingot:ratelimit:{bucket}:{caller}", rate)
 
     def commands(self) -> list[tuple]:
-        """The Redis commands that count one request: two replies, the count first."""
-        return [("INCR", self.key), ("EXPIRE", self.key, self.seconds + 5)]
+        """The Redis command that takes one token: one reply."""
+        return [("EVAL", _TAKE, 1, self.key, self.rate.per_minute / 60, self.rate.burst)]
 
-    def verdict(self, count: int, limit: int) -> Verdict:
-        return Verdict(count <= limit, limit, max(limit - count, 0), self.start + self.seconds)
-
-
-def hit(client: redis.Redis, bucket: str, caller: str, limit: int, window: int = 60) -> Verdict:
-    """Count one request of CALLER against BUCKET's LIMIT per WINDOW seconds."""
-    counter = Window.now(bucket, caller, window)
-    with client.pipeline(transaction=False) as pipe:
-        for command in counter.commands():
-            pipe.execute_command(*command)
-        count, _ = pipe.execute()
-    return counter.verdict(count, limit)
+    def verdict(self, reply: list) -> Verdict:
+        allowed, tokens, now = int(reply[0]), float(reply[1]), float(reply[2])
+        per_second = self.rate.per_minute / 60
+        full = now + (self.rate.burst - tokens) / per_second
+        wait = 0 if allowed else max(1, math.ceil((1 - tokens) / per_second))
+        return Verdict(bool(allowed), self.rate.per_minute, int(tokens), math.ceil(full), wait)
 
 
 # --- logging in: a growing delay per account after failures -------------------------------------

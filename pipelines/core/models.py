@@ -120,7 +120,8 @@ class ApiKey(Base):
     # After a rotation, the replaced secret's hash, accepted until previous_valid_until.
     previous_hash: Mapped[str | None] = mapped_column(Text)
     previous_valid_until: Mapped[datetime | None]
-    rate_limit_per_minute: Mapped[int | None] = mapped_column(Integer)  # this key's own limit (its tier)
+    rate_limit_per_minute: Mapped[int | None] = mapped_column(Integer)  # this key's own limit, over its tier's
+    tier: Mapped[str] = mapped_column(Text, default="basic", server_default="basic")  # its rate limit's tier
 
 
 class User(Base):

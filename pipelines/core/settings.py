@@ -30,7 +30,11 @@ class Settings(BaseSettings):
     jwt_expiry_seconds: int = 3600
     login_rate_limit_per_minute: int = 10
     auth_disabled: bool = False
-    rate_limit_per_minute: int = 1000
+    rate_limit_per_minute: int = 1000  # the `basic` tier's rate: every key's unless it has another
+    rate_limit_burst: int | None = Field(default=None, ge=1)  # the basic tier's burst; none: a minute's worth
+    # The other tiers a key may have, `name=rate/burst` each (`unlimited` is always there).
+    rate_limit_tiers: str = "premium=10000/2000"
+    unauthenticated_rate_limit_per_minute: int = Field(default=100, ge=1)  # per address, without a valid key
     max_body_bytes: int = 1024 * 1024
     # Database connections per process (and as many more on demand). The API lets in at most
     # api_concurrency requests at once (capped at the pool size); the rest wait up to api_queue_seconds
