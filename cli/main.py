@@ -190,12 +190,13 @@ def keys_list(url: UrlOpt = DEFAULT_URL, api_key: KeyOpt = None) -> None:
         from pipelines.core.db import session_scope
 
         with session_scope() as session:
-            rows = [{"id": k.id, "name": k.name, "prefix": k.prefix, "scopes": k.scopes, "created_at": k.created_at,
-                     "last_used_at": k.last_used_at, "expires_at": k.expires_at, "revoked_at": k.revoked_at}
+            rows = [{"id": k.id, "name": k.name, "prefix": k.prefix, "scopes": k.scopes, "tier": k.tier,
+                     "created_at": k.created_at, "last_used_at": k.last_used_at, "expires_at": k.expires_at,
+                     "revoked_at": k.revoked_at}
                     for k in keys.list_keys(session)]
-    table = Table("id", "name", "prefix", "scopes", "created", "last used", "expires", "revoked")
+    table = Table("id", "name", "prefix", "scopes", "tier", "created", "last used", "expires", "revoked")
     for k in rows:
-        table.add_row(k["id"], k["name"], k["prefix"] + "…", ",".join(k["scopes"]),
+        table.add_row(k["id"], k["name"], k["prefix"] + "…", ",".join(k["scopes"]), k["tier"],
                       *(str(k[f] or "")[:19] for f in ("created_at", "last_used_at", "expires_at", "revoked_at")))
     out.print(table)
 
