@@ -96,7 +96,7 @@ async def _key_principal(request: Request, supplied: str) -> Principal:
                         limits.default_limit(entry.key if entry else None))
     try:
         # Most requests: the key is known, counted in the same round trip.
-        generation, *counted = await limits.pipe().call(("GET", keys.GENERATION),
+        generation, *counted = await limits.call(("GET", keys.GENERATION),
                                                         *(counter.commands() if entry is not None else ()))
         generation = generation or b"-"  # none yet (or Redis lost it): cached under that, until one is set
     except redis.RedisError:

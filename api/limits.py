@@ -12,7 +12,7 @@ from fastapi import Request
 from api.envelope import ApiError
 from api.redispipe import Pipe
 from pipelines.auth import limits
-from pipelines.auth.limits import Bucket, Rate, Verdict
+from pipelines.auth.limits import Bucket, Rate, Verdict, with_scripts
 from pipelines.core import embedded, runtime
 from pipelines.core.loops import PerLoop
 from pipelines.core.models import ApiKey
@@ -33,10 +33,21 @@ def close() -> None:
         found.close()
 
 
+async def call(*commands: tuple) -> list:
+    """COMMANDS' replies in one round trip; a rate-limit script Redis does not know yet is sent whole
+    and the whole call made again (once after each Redis restart)."""
+    try:
+        return await pipe().call(*commands)
+    except redis.ResponseError as exc:
+        if not str(exc).startswith("NOSCRIPT"):
+            raise
+        return await pipe().call(*with_scripts(list(commands)))
+
+
 async def hit(bucket: str, who: str, rate: Rate) -> Verdict:
     """Take one token from WHO's bucket of BUCKET."""
     taker = Bucket.of(bucket, who, rate)
-    (reply,) = await pipe().call(*taker.commands())
+    (reply,) = await call(*taker.commands())
     return taker.verdict(reply)
 
 

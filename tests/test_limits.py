@@ -319,3 +319,18 @@ def ingot_cli(*args: str):
 
     return subprocess.run([sys.executable, "-m", "cli.main", *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=120)
+
+
+def test_a_redis_that_forgot_the_limit_script_is_sent_it_again(api_url, configure):
+    """The bucket script goes to Redis by its SHA-1; a Redis restarted or flushed answers NOSCRIPT, and
+    the request is counted all the same (the script sent whole once)."""
+    from tests.helpers import broker
+
+    configure(rate_limit_per_minute=5)
+    key = make_key(["read"])
+    with httpx.Client(base_url=api_url, headers={"X-API-Key": key}) as http:
+        first = http.get("/api/v1/jobs")
+        broker().script_flush()
+        second = http.get("/api/v1/jobs")
+    assert first.status_code == second.status_code == 200
+    assert [first.headers["X-RateLimit-Remaining"], second.headers["X-RateLimit-Remaining"]] == ["4", "3"]

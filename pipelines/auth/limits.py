@@ -6,6 +6,7 @@ once, then as fast as the rate allows; no window boundary lets it send twice its
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 from dataclasses import dataclass
@@ -44,6 +45,7 @@ class Rate:
 UNLIMITED = Rate(10_000_000, 10_000_000)  # counted (its figures are shown) but never reached
 
 
+@functools.lru_cache(maxsize=8)
 def tiers(basic_per_minute: int, basic_burst: int | None, others: str) -> dict[str, Rate]:
     """The tiers a key may have: `basic` (BASIC_PER_MINUTE, a burst of BASIC_BURST or a minute's
     worth), `unlimited`, and OTHERS (`name=rate/burst,...`, as INGOT_RATE_LIMIT_TIERS says)."""
@@ -72,6 +74,14 @@ redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'at', tostring(now))
 redis.call('EXPIRE', KEYS[1], math.ceil(burst / rate) + 1)
 return {allowed, tostring(tokens), tostring(now)}
 """
+_TAKE_SHA = hashlib.sha1(_TAKE.encode()).hexdigest()  # noqa: S324  (Redis names scripts by their SHA-1)
+
+
+def with_scripts(commands: list[tuple]) -> list[tuple]:
+    """COMMANDS with each script sent whole (EVAL), for a Redis that does not know it yet (NOSCRIPT:
+    restarted, or flushed); once run, it is known by its SHA-1 again."""
+    return [("EVAL", _TAKE, *command[2:]) if command[:2] == ("EVALSHA", _TAKE_SHA) else command
+            for command in commands]
 
 
 @dataclass(frozen=True)
@@ -86,8 +96,9 @@ class Bucket:
         return cls(f"ingot:ratelimit:{bucket}:{caller}", rate)
 
     def commands(self) -> list[tuple]:
-        """The Redis command that takes one token: one reply."""
-        return [("EVAL", _TAKE, 1, self.key, self.rate.per_minute / 60, self.rate.burst)]
+        """The Redis command that takes one token: one reply. The script goes by its SHA-1 (a NOSCRIPT
+        answer: send `with_scripts(...)` instead)."""
+        return [("EVALSHA", _TAKE_SHA, 1, self.key, self.rate.per_minute / 60, self.rate.burst)]
 
     def verdict(self, reply: list) -> Verdict:
         allowed, tokens, now = int(reply[0]), float(reply[1]), float(reply[2])
