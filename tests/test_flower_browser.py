@@ -99,6 +99,17 @@ def test_flower_shows_every_kind_of_task_in_a_real_browser(client, worker, flowe
         for job_id in (ingestion, export, run):
             assert client.job(job_id)["celery_task_id"] in dom  # each job's own task, by its id
         assert re.search(r"webhooks\.deliver.*?SUCCESS", dom, re.S)
+        # Each task's arguments say what it is about: its page shows them, and the list's search finds
+        # "the prices ingestion" by them (the request the search box makes).
+        base = f"http://{USER}:{PASSWORD}@127.0.0.1:{flower}"
+        for job_id, words in ((ingestion, "ingestion of prices, curves"), (export, "export of csv"),
+                              (run, f"scenario_run of {scenario['scenario_id']}")):
+            task_page = browse(browser, f"{base}/task/{client.job(job_id)['celery_task_id']}", "--dump-dom")
+            assert f"{job_id}&#39;, {words}" in task_page or f"{job_id}', {words}" in task_page, words
+        found = httpx.get(f"http://127.0.0.1:{flower}/tasks/datatable", auth=(USER, PASSWORD), params={
+            "draw": 1, "start": 0, "length": 50, "search[value]": "args:prices", "order[0][column]": 0,
+            "columns[0][data]": "received", "order[0][dir]": "desc"}).json()["data"]
+        assert [t["uuid"] for t in found] == [client.job(ingestion)["celery_task_id"]]
         shots = Path(os.environ.get("INGOT_SCREENSHOT_DIR", tmp_path))
         shot = shots / "flower-tasks.png"
         browse(browser, page, "--window-size=1500,900", f"--screenshot={shot}")

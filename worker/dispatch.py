@@ -19,7 +19,10 @@ def send_job(message: Message) -> None:
     nothing: the reaper re-sends queued jobs whose message never arrived."""
     task, queue = JOB_TASKS[message.kind]
     try:
-        app.send_task(task, args=[message.id], queue=queue.value, task_id=message.task_id)
+        # Flower lists a task's arguments as `argsrepr` says: the job, and what it is about in words, so
+        # that "the prices_csv ingestion" can be found there (the task itself takes the id alone).
+        shown = f"{message.id!r}, {message.kind} of {message.about}" if message.about else repr(message.id)
+        app.send_task(task, args=[message.id], queue=queue.value, task_id=message.task_id, argsrepr=shown)
     except Exception:
         log.exception("could not send job %s; the reaper will re-send it", message.id)
 

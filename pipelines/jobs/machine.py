@@ -58,6 +58,13 @@ class Message:
     id: str
     kind: str
     task_id: str
+    about: str = ""  # in words, for people watching the broker (Flower): the sources, scenario or format
+
+
+def described(sources: list[str] | None, params: dict | None) -> str:
+    """What a job is about, in a few words: its sources, else its scenario or its export's format."""
+    params = params or {}
+    return ", ".join(sources or ()) or str(params.get("scenario_id") or params.get("format") or "")
 
 
 Sender = Callable[[Message], None]
@@ -94,11 +101,11 @@ def _next_send(kind: Any) -> Any:
 
 _NEW_MESSAGE = {"celery_task_id": func.gen_random_uuid().cast(Job.celery_task_id.type),
                 "send_seq": _next_send(Job.kind), "sent_at": func.now()}
-_SENT = (Job.id, Job.kind, Job.celery_task_id)
+_SENT = (Job.id, Job.kind, Job.celery_task_id, Job.sources, Job.params)
 
 
 def _send_after_commit(session: Session, send: Sender, rows: Any) -> list[str]:
-    messages = [Message(row.id, row.kind, row.celery_task_id) for row in rows]
+    messages = [Message(row.id, row.kind, row.celery_task_id, described(row.sources, row.params)) for row in rows]
 
     def send_all() -> None:
         for message in messages:
@@ -143,7 +150,7 @@ def create_job(session: Session, *, kind: JobKind, params: dict[str, Any], send:
                           timeout_seconds=timeout_seconds)
     job = session.scalars(insert(Job).values(**first, sent_at=func.now(), send_seq=_next_send(kind))
                           .returning(Job)).one()
-    message = Message(job.id, job.kind, job.celery_task_id)  # type: ignore[arg-type]
+    message = Message(job.id, job.kind, job.celery_task_id, described(job.sources, job.params))  # type: ignore[arg-type]
     on_commit(session, lambda: send(message))
     return job
 
@@ -185,7 +192,7 @@ async def create_job_now(*, kind: JobKind, params: dict[str, Any], send: Sender,
               for column, value in first.items()}
     row = await adb.write(_LOCKABLE[table], {**values, "about": about_id, "sequence": SEND_SEQUENCES[kind]})
     if row is not None:
-        send(Message(row["id"], row["kind"], row["celery_task_id"]))
+        send(Message(row["id"], row["kind"], row["celery_task_id"], described(row["sources"], row["params"])))
     return row
 
 
