@@ -80,13 +80,16 @@ def default_limit(key: ApiKey | None) -> Rate:
     return known.get(key.tier or "basic", known["basic"])
 
 
-def apply(request: Request, verdict: Verdict) -> None:
+def apply(request: Request, verdict: Verdict, bucket: str = "default") -> None:
     """Show VERDICT's figures on the answer (the tightest limit on the route is the one shown, on
     whatever answer it gets: see api.access); 429 past the limit."""
     shown = getattr(request.state, "rate_limit_headers", None)
     if shown is None or int(shown["X-RateLimit-Remaining"]) > verdict.remaining:
         request.state.rate_limit_headers = verdict.headers()
     if not verdict.allowed:
+        from api.metrics import RATE_LIMITED
+
+        RATE_LIMITED.labels(bucket).inc()
         retry = verdict.retry_after
         raise ApiError(429, f"rate limit of {verdict.limit} requests per minute exceeded; retry in {retry} s",
                        headers={**verdict.headers(), "Retry-After": str(retry)})
@@ -99,7 +102,7 @@ async def count(request: Request, bucket: str, who: str, limit: int | Rate) -> N
         verdict = await hit(bucket, who, limit if isinstance(limit, Rate) else Rate(limit, limit))
     except redis.RedisError:
         return  # a limiter that cannot count lets requests through rather than taking the API down
-    apply(request, verdict)
+    apply(request, verdict, bucket)
 
 
 async def count_default(request: Request, key: ApiKey | None) -> None:

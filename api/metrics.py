@@ -9,7 +9,14 @@ from functools import lru_cache
 from typing import Any
 
 from fastapi import FastAPI, Response
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from starlette.types import Scope
 
@@ -18,8 +25,12 @@ from pipelines.jobs import status
 
 REGISTRY = CollectorRegistry()
 REQUESTS = Counter("ingot_http_requests_total", "HTTP requests", ["method", "route", "status"], registry=REGISTRY)
-LATENCY = Histogram("ingot_http_request_duration_seconds", "HTTP request latency", ["method", "route"],
+LATENCY = Histogram("ingot_http_request_duration_seconds", "HTTP request latency", ["method", "route", "status"],
                     registry=REGISTRY)
+RATE_LIMITED = Counter("ingot_http_rate_limited_total", "Requests refused past a rate limit, by limit",
+                       ["limit"], registry=REGISTRY)
+STARTED = time.time()
+ProcessCollector(registry=REGISTRY)  # process_cpu_seconds_total, process_resident_memory_bytes, ...
 
 
 class DatabaseCollector:
@@ -82,10 +93,54 @@ class QueueCollector:
             for queue, depth in queue_depths().items():
                 family.add_metric([queue], depth)
         yield family
+        oldest = GaugeMetricFamily("ingot_queue_oldest_job_age_seconds",
+                                   "How long the oldest queued job of each queue has waited (0: none waits): "
+                                   "how far behind the workers are", labels=["queue"])
+        for queue, age in sorted(status.oldest_queued().items()):
+            oldest.add_metric([queue], age)
+        yield oldest
+
+
+class ProcessHealthCollector:
+    """What this API process holds and reaches: database connections in use, Redis, its uptime."""
+
+    def collect(self):
+        from pipelines.core import adb
+        from pipelines.core.db import get_engine
+
+        pool = GaugeMetricFamily("ingot_db_pool_connections", "This process's database connections, by pool and state",
+                                 labels=["pool", "state"])
+        for name, limited in (("requests", True), ("other", False)):
+            engine_pool = get_engine(limited=limited).pool
+            pool.add_metric([name, "in_use"], engine_pool.checkedout())
+            pool.add_metric([name, "idle"], engine_pool.checkedin())
+        busy, idle = adb.in_use()
+        pool.add_metric(["async", "in_use"], busy)
+        pool.add_metric(["async", "idle"], idle)
+        yield pool
+        redis_up = GaugeMetricFamily("ingot_redis_up", "1 if Redis answered a PING at this scrape, else 0")
+        redis_up.add_metric([], 1 if _redis_answers() else 0)
+        yield redis_up
+        uptime = GaugeMetricFamily("ingot_process_uptime_seconds", "Seconds since this API process started")
+        uptime.add_metric([], time.time() - STARTED)
+        yield uptime
+
+
+def _redis_answers() -> bool:
+    import redis
+
+    from pipelines.core import embedded
+
+    try:
+        return bool(redis.Redis.from_url(embedded.redis_url(get_settings()), socket_timeout=1,
+                                         socket_connect_timeout=1).ping())
+    except redis.RedisError:
+        return False
 
 
 REGISTRY.register(DatabaseCollector())
 REGISTRY.register(QueueCollector())
+REGISTRY.register(ProcessHealthCollector())
 
 
 def route_template(scope: Scope) -> str:
@@ -118,7 +173,7 @@ def _requests_by_key() -> Counter:
 @lru_cache(maxsize=4096)
 def _series(method: str, route: str, status: int) -> tuple[Any, Any]:
     """The latency and count series of one method, route and status (labels() looked up once each)."""
-    return LATENCY.labels(method, route), REQUESTS.labels(method, route, str(status))
+    return LATENCY.labels(method, route, str(status)), REQUESTS.labels(method, route, str(status))
 
 
 def observe(method: str, route: str, status: int, seconds: float, key_id: str | None) -> None:

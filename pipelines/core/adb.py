@@ -44,6 +44,7 @@ class Pool:
         # Only the API uses these connections: every statement is time-limited as its requests' are.
         self.kwargs = {**dead_peer_args(url, get_settings().api_statement_timeout_ms),
                        "connect_timeout": CONNECT_TIMEOUT}
+        self.size = size
         self.slots = asyncio.Semaphore(size)
         self.wait = wait
         self.idle: list[psycopg.AsyncConnection[DictRow]] = []
@@ -102,6 +103,13 @@ def conninfo() -> str:
 
 
 _pools = PerLoop(lambda: Pool(conninfo(), get_settings().db_pool_size))
+
+
+def in_use() -> tuple[int, int]:
+    """(connections in use, connections idle) over every event loop's pool of this process."""
+    pools = _pools.made()
+    return (sum(p.size - p.slots._value for p in pools),  # noqa: SLF001  (a read, for metrics)
+            sum(len(p.idle) for p in pools))
 
 
 def pool() -> Pool:

@@ -28,6 +28,10 @@ class PerLoop(Generic[T]):
             found = self._made[loop] = self.make()
         return found
 
+    def made(self) -> list[T]:
+        """Every loop's own, as they are now (for reporting, from any thread)."""
+        return [found for loop, found in list(self._made.items()) if not loop.is_closed()]
+
     def pop(self) -> T | None:
         """The running loop's own, forgotten (its loop is closing it)."""
         return self._made.pop(asyncio.get_running_loop(), None)

@@ -151,3 +151,18 @@ def counts() -> Counts:
     durations = {kind: Histogram({b: buckets.get(kind, {}).get(b, 0) for b in DURATION_BUCKETS}, n, float(t))
                  for kind, (n, t) in totals.items()}
     return Counts(jobs, durations, sources, attempts, deleted, paused)
+
+
+def oldest_queued() -> dict[str, float]:
+    """Per queue, the seconds the oldest queued job has waited since it was created (0 when none waits):
+    one indexed read of each kind's first waiting job (`ix_jobs_waiting`)."""
+    from worker.queues import JOB_TASKS
+
+    ages = {queue.value: 0.0 for _task, queue in JOB_TASKS.values()}
+    with get_engine().connect() as conn:
+        for kind, (_task, queue) in JOB_TASKS.items():
+            age = conn.execute(text(
+                "SELECT EXTRACT(EPOCH FROM now() - created_at) FROM jobs WHERE kind = :kind AND state = 'queued' "
+                "ORDER BY send_seq LIMIT 1"), {"kind": str(kind)}).scalar()
+            ages[queue.value] = max(ages[queue.value], float(age or 0))
+    return ages
