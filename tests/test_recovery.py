@@ -79,6 +79,8 @@ def test_logs_and_json_metrics(client, worker, write_sources, data_dir, api_url)
     assert [e["event"] for e in entries] == ["source.ingested"] and entries[0]["details"]["records"] == 6
     errors = client.request("GET", "/logs", params={"level": "error"})["data"]["logs"]
     assert [e["job_id"] for e in errors] == [bad["id"]] and "missing required column" in errors[0]["message"]
+    assert client.request("GET", "/logs", params={"level": "ERROR"})["data"]["logs"] == errors  # any letter case
+    assert client.request("GET", "/logs", params={"level": "Critical"})["data"]["logs"] == []  # a level that exists
     page = client.request("GET", "/logs", params={"limit": 1})
     assert len(page["data"]["logs"]) == 1 and page["meta"]["next_cursor"]
     with Client(api_url, make_key(["read", "write"])) as writer, pytest.raises(IngotError) as info:
@@ -88,6 +90,10 @@ def test_logs_and_json_metrics(client, worker, write_sources, data_dir, api_url)
     assert summary["ingestion"]["records_per_second"] > 0 and summary["ingestion"]["active_jobs"] == 0
     assert summary["ingestion"]["error_rate"] == round(2 / 8, 4)
     assert summary["queues"]["ingest"] == 0
+    host = summary["system"]
+    assert 0 <= host["cpu_percent"] <= 100 and host["cpu_count"] >= 1 and len(host["load_average"]) == 3
+    assert host["memory"]["total_bytes"] > host["memory"]["available_bytes"] > 0
+    assert host["disk"]["total_bytes"] > 0 and host["disk"]["path"] == "INGOT_HOME"  # no server path shown
 
 
 def test_runtime_config_is_admin_only_validated_and_applies_live(client, api_url, start_worker, write_sources,

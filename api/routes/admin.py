@@ -6,7 +6,7 @@ import dataclasses
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query, Request
-from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictStr, create_model
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictFloat, StrictStr, create_model
 
 from api.broker import broker_status, queue_depths
 from api.deps import AdminKey, ReadKey, SessionDep
@@ -37,7 +37,8 @@ def logs(
     request: Request,
     session: SessionDep,
     _key: AdminKey,
-    level: Literal["debug", "info", "warning", "error"] | None = None,
+    level: Annotated[Literal["debug", "info", "warning", "error", "critical"] | None,
+                     BeforeValidator(lambda v: v.lower() if isinstance(v, str) else v)] = None,
     source: str | None = None,
     job_id: str | None = None,
     start_time: IsoDateTime | None = None,
@@ -59,7 +60,7 @@ def metrics(request: Request, session: SessionDep, _key: ReadKey) -> dict:
     rates = status.throughput(session)
     connected = broker_status()
     return ok(request, {
-        "system": {"version": request.app.version},
+        "system": {"version": request.app.version, **status.host_stats()},
         "ingestion": dataclasses.asdict(rates),
         "database": status.database_stats(session),
         "queues": queue_depths() if connected else {},

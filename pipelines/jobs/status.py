@@ -166,3 +166,17 @@ def oldest_queued() -> dict[str, float]:
                 "ORDER BY send_seq LIMIT 1"), {"kind": str(kind)}).scalar()
             ages[queue.value] = max(ages[queue.value], float(age or 0))
     return ages
+
+
+def host_stats() -> dict:
+    """This API host's CPU (percent of all cores since the last call, and load), memory and disk under
+    INGOT_HOME, for GET /api/v1/metrics."""
+    import psutil
+
+    memory = psutil.virtual_memory()
+    disk = shutil.disk_usage(get_settings().home)
+    return {"cpu_percent": psutil.cpu_percent(interval=None), "cpu_count": psutil.cpu_count(),
+            "load_average": list(psutil.getloadavg()),
+            "memory": {"total_bytes": memory.total, "available_bytes": memory.available, "percent": memory.percent},
+            "disk": {"path": "INGOT_HOME", "total_bytes": disk.total, "free_bytes": disk.free,
+                     "percent": round(100 * disk.used / disk.total, 1) if disk.total else 0.0}}
