@@ -22,7 +22,7 @@ from starlette.concurrency import run_in_threadpool
 
 from api import limits
 from api.envelope import ApiError
-from pipelines.auth import keys, users
+from pipelines.auth import keys, oidc, users
 from pipelines.auth.limits import Bucket
 from pipelines.core.db import session_scope
 from pipelines.core.models import ApiKey
@@ -127,7 +127,14 @@ async def _key_principal(request: Request, supplied: str) -> Principal:
 
 
 def _token_principal(token: str) -> Principal:
-    """A logged-in user, standing in the place of a key with the user's scopes."""
+    """A logged-in user, standing in the place of a key with the user's scopes; or, when an OpenID
+    Connect issuer is configured and the token is signed as it signs, the person it names."""
+    if oidc.configured() and oidc.is_theirs(token):
+        person = oidc.verify(token)
+        if person is None:
+            return Principal(None, _invalid_token())
+        return Principal(ApiKey(id=f"oidc:{person.subject}", name=person.name, prefix="", key_hash="",
+                                scopes=person.scopes), None)
     with session_scope() as session:
         user = users.verify(session, token)
         if user is None:

@@ -81,7 +81,7 @@ class Me(BaseModel):
 @router.get("/me", response_model=Envelope[Me])
 async def me(request: Request, key: ReadKey) -> dict:
     """Who the credentials of this request name: a key or a logged-in user, and its scopes."""
-    kind = "user" if key.id.startswith("usr_") else "key"
+    kind = "user" if key.id.startswith(("usr_", "oidc:")) else "key"  # a person, logged in here or at the issuer
     return ok(request, {"id": key.id, "kind": kind, "name": key.name, "scopes": list(key.scopes)})
 
 

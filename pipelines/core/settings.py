@@ -30,6 +30,11 @@ class Settings(BaseSettings):
     jwt_expiry_seconds: int = 3600
     login_rate_limit_per_minute: int = 10
     auth_disabled: bool = False
+    # Bearer tokens from an OpenID Connect issuer (pipelines.auth.oidc); none by default.
+    oidc_issuer: str = ""
+    oidc_audience: str = ""
+    oidc_scopes_claim: str = "scope"  # a dotted path: `realm_access.roles` for Keycloak's realm roles
+    oidc_jwks_cooldown_seconds: float = Field(default=10.0, ge=0)  # at most one refetch for unknown key ids
     rate_limit_per_minute: int = 1000  # the `basic` tier's rate: every key's unless it has another
     rate_limit_burst: int | None = Field(default=None, ge=1)  # the basic tier's burst; none: a minute's worth
     # The other tiers a key may have, `name=rate/burst` each (`unlimited` is always there).
