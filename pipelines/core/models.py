@@ -146,16 +146,6 @@ class RevokedToken(Base):
     expires_at: Mapped[datetime]
 
 
-class ConfigOverride(Base):
-    """A runtime setting changed through PUT /api/v1/config, overriding the environment's value."""
-
-    __tablename__ = "config_overrides"
-
-    name: Mapped[str] = mapped_column(Text, primary_key=True)
-    value: Mapped[Any] = mapped_column(JSONB)
-    updated_at: Mapped[datetime] = mapped_column(server_default=func.now())
-
-
 class QuarantineRow(Base):
     __tablename__ = "quarantine"
 
