@@ -258,8 +258,8 @@ def main() -> None:
     processes.start("housekeeping", ["worker", "--queues", "default", "--concurrency", "1"])
 
     from cli.client import Client
-    from tests.faults.load import SOURCES_PER_ROUND, Load, Row, table
-    from tests.receiver import Receiver
+    from testkit.faultload import SOURCES_PER_ROUND, Load, Row, table
+    from testkit.receiver import Receiver
 
     client = Client(f"http://127.0.0.1:{env['INGOT_API_PORT']}", key)
     wait(lambda: _answers(client), 60, "the API to answer")

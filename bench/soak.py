@@ -32,7 +32,7 @@ TABLES = ("observations", "jobs", "events", "webhook_events", "webhook_deliverie
 
 
 def declarations() -> str:
-    from tests.test_curves import CURVES_SOURCE
+    from testkit.curves import CURVES_SOURCE
 
     parts = [CURVES_SOURCE.format(glob="curves/*.csv")]
     for i in range(SOURCES):
@@ -70,8 +70,8 @@ def main() -> None:
     args = parser.parse_args()
 
     from pipelines.curves import synthetic
-    from tests.receiver import Receiver
-    from tests.test_curves import write_curves
+    from testkit.curves import write_curves
+    from testkit.receiver import Receiver
 
     bench = Bench(declarations(), worker_args=["--concurrency", "2", "--beat", "--queues",
                                                "ingest,export,scenarios,default"],

@@ -30,7 +30,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from harness import Bench, free_port
 
-from tests.receiver import BadReceiver
+from testkit.receiver import BadReceiver
 
 
 def receive(port: int, log_path: str, ready) -> None:

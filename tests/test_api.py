@@ -3,7 +3,7 @@
 import httpx
 import pytest
 
-from tests.datagen import sources_toml, write_csv
+from testkit.datagen import sources_toml, write_csv
 from tests.helpers import make_key
 
 

@@ -5,7 +5,7 @@ import time
 from sqlalchemy import text
 
 from pipelines.core.db import get_engine
-from tests.datagen import sources_toml, write_csv
+from testkit.datagen import sources_toml, write_csv
 from tests.helpers import wait_for
 
 

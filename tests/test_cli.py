@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from tests.datagen import sources_toml, write_csv
+from testkit.datagen import sources_toml, write_csv
 from tests.helpers import ROOT
 
 
@@ -101,7 +101,7 @@ def test_export_downloads_and_verifies_the_file(api_url, admin_key, worker, writ
 
 
 def test_curves_and_scenarios_from_the_command_line(api_url, admin_key, worker, write_sources, data_dir, tmp_path):
-    from tests.test_curves import CURVES_SOURCE, write_curves
+    from testkit.curves import CURVES_SOURCE, write_curves
 
     def row(asof, month, value):
         return ("K", asof, month, month, value, "USD", "USD/MWh", "power", "PJM", "West Hub")

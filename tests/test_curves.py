@@ -1,7 +1,6 @@
 """Forward curves through a real source, API and worker: load, re-load, list, diff, dimensions (and
 their cache), locations, and the indexes the queries stand on."""
 
-import csv
 import datetime as dt
 
 import pytest
@@ -9,31 +8,14 @@ from sqlalchemy import text
 
 from pipelines.core.db import get_engine
 from pipelines.curves import queries, synthetic
-from pipelines.curves.synthetic import COLUMNS, DEMO
+from pipelines.curves.synthetic import DEMO
+from testkit.curves import CURVES_SOURCE, write_curves
 
 
 @pytest.fixture
 def worker(shared_worker):
     """This module's tests share one worker (tests/conftest.py)."""
     return shared_worker
-
-CURVES_SOURCE = """
-[sources.curves]
-type = "file"
-format = "csv"
-path = "data/{glob}"
-dataset = "curves"
-[sources.curves.validation]
-required_columns = ["curve_key", "asof_date", "contract_month", "value"]
-data_types = {{ asof_date = "date", contract_month = "month", value = "float" }}
-"""
-
-
-def write_curves(path, rows) -> None:
-    with path.open("w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(COLUMNS)
-        writer.writerows(rows)
 
 
 def ingest(client) -> dict:

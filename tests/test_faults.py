@@ -7,7 +7,7 @@ import pytest
 from sqlalchemy import text
 
 from pipelines.core.db import get_engine
-from tests.datagen import sources_toml, write_csv
+from testkit.datagen import sources_toml, write_csv
 from tests.helpers import wait_for
 
 ROWS, BAD_EVERY, BATCH = 150_000, 1000, 1500

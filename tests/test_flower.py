@@ -6,7 +6,7 @@ import sys
 
 import httpx
 
-from tests.datagen import sources_toml, write_csv
+from testkit.datagen import sources_toml, write_csv
 from tests.helpers import ROOT, free_port, wait_for
 
 

@@ -18,11 +18,11 @@ import pytest
 
 from pipelines.curves import synthetic
 from pipelines.curves.synthetic import DEMO
+from testkit.curves import CURVES_SOURCE, write_curves
+from testkit.datagen import write_csv
+from testkit.receiver import Receiver
 from tests.browser import chromium
-from tests.datagen import write_csv
 from tests.helpers import ROOT, free_port, wait_for
-from tests.receiver import Receiver
-from tests.test_curves import CURVES_SOURCE, write_curves
 
 pytestmark = pytest.mark.worker
 USER, PASSWORD = "watcher", "s3cret-pass"

@@ -7,7 +7,7 @@ import pytest
 from sqlalchemy import text
 
 from pipelines.core.db import get_engine
-from tests.datagen import incremental_toml, sources_toml, write_csv, write_series
+from testkit.datagen import incremental_toml, sources_toml, write_csv, write_series
 from tests.helpers import wait_for
 
 

@@ -12,7 +12,7 @@ from httpx_sse import aconnect_sse, connect_sse
 from sqlalchemy import text
 
 from pipelines.core.db import get_engine
-from tests.datagen import sources_toml, write_csv
+from testkit.datagen import sources_toml, write_csv
 from tests.helpers import make_key
 
 pytestmark = pytest.mark.worker

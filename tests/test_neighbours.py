@@ -152,8 +152,8 @@ def _lags(receivers, count: int) -> list[float]:
 
 
 def test_bad_receivers_are_cut_off_by_the_clock_paused_and_delay_no_one_else(client, start_worker):
+    from testkit.receiver import BadReceiver, Receiver
     from tests.helpers import wait_for
-    from tests.receiver import BadReceiver, Receiver
 
     events, p99 = 150, {}
     start_worker(env={"INGOT_WEBHOOK_TIMEOUT_SECONDS": "1", "INGOT_WEBHOOK_PAUSE_AFTER_FAILURES": "3",

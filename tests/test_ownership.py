@@ -16,9 +16,9 @@ import pytest
 from sqlalchemy import text
 
 from pipelines.core.db import get_engine, session_scope
-from tests.datagen import sources_toml, write_csv
+from testkit.datagen import sources_toml, write_csv
+from testkit.receiver import Receiver
 from tests.helpers import wait_for
-from tests.receiver import Receiver
 
 
 @pytest.fixture

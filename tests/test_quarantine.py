@@ -5,7 +5,7 @@ from sqlalchemy import text
 
 from pipelines.core import migrate
 from pipelines.core.db import get_engine
-from tests.datagen import sources_toml, write_csv
+from testkit.datagen import sources_toml, write_csv
 
 
 def entries(client, **filters) -> list[dict]:

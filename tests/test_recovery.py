@@ -4,7 +4,7 @@ import pytest
 from sqlalchemy import text
 
 from pipelines.core.db import get_engine
-from tests.datagen import sources_toml, write_csv
+from testkit.datagen import sources_toml, write_csv
 from tests.helpers import broker
 from worker.dispatch import queue_depth
 

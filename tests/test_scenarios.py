@@ -14,8 +14,8 @@ from pipelines.core.db import get_engine, session_scope
 from pipelines.curves import synthetic
 from pipelines.curves.synthetic import DEMO
 from pipelines.scenarios import runs
+from testkit.curves import CURVES_SOURCE, write_curves
 from tests.helpers import make_key
-from tests.test_curves import CURVES_SOURCE, write_curves
 
 
 @pytest.fixture

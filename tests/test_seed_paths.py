@@ -8,8 +8,8 @@ import datetime as dt
 import httpx
 import pytest
 
+from testkit.curves import CURVES_SOURCE
 from tests.helpers import make_key
-from tests.test_curves import CURVES_SOURCE
 
 pytestmark = pytest.mark.worker
 

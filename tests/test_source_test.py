@@ -5,7 +5,7 @@ import pyarrow.parquet as pq
 from sqlalchemy import text
 
 from pipelines.core.db import get_engine
-from tests.datagen import sources_toml, write_csv
+from testkit.datagen import sources_toml, write_csv
 from tests.fakeapi import as_json, http_source, records
 
 

@@ -10,9 +10,9 @@ from standardwebhooks import Webhook as Verifier
 from standardwebhooks.webhooks import WebhookVerificationError
 
 from pipelines.core.db import get_engine
-from tests.datagen import sources_toml, write_csv
+from testkit.datagen import sources_toml, write_csv
+from testkit.receiver import Receiver
 from tests.helpers import end_jobs, free_port, wait_for
-from tests.receiver import Receiver
 
 
 @pytest.fixture

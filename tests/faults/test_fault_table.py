@@ -1,6 +1,6 @@
 """The fault suite, short form (`make test`): the real API, two worker processes with beat, the
 session's PostgreSQL and Redis, and a webhook receiver, under a mixed load of ingestion, export,
-scenario and webhook work; one round of it per fault, counted against the ledger (tests.faults.load).
+scenario and webhook work; one round of it per fault, counted against the ledger (testkit.faultload).
 
 Faults: worker pool processes and a whole worker SIGKILLed mid-job (a new worker started); three
 more kills at random moments (a seed printed, INGOT_FAULT_SEED to replay it); Redis killed and
@@ -25,9 +25,9 @@ from sqlalchemy import text
 
 from pipelines.core import embedded
 from pipelines.core.db import get_engine
-from tests.faults.load import Load, Row, table
+from testkit.faultload import Load, Row, table
+from testkit.receiver import Receiver
 from tests.helpers import wait_for
-from tests.receiver import Receiver
 
 pytestmark = pytest.mark.worker
 FAULTS = ("none (baseline)", "workers SIGKILLed", "kills at random moments", "Redis lost its data",

@@ -27,10 +27,10 @@ from cli.client import Client
 from pipelines.core.db import get_engine
 from pipelines.curves import synthetic
 from pipelines.curves.synthetic import DEMO
-from tests.datagen import SOURCES, write_csv
-from tests.helpers import wait_for
-from tests.receiver import Receiver
-from tests.test_curves import CURVES_SOURCE, write_curves
+from testkit.curves import CURVES_SOURCE, write_curves
+from testkit.datagen import SOURCES, write_csv
+from testkit.receiver import Receiver
+from testkit.waiting import wait_for
 
 EVENTS = {"ingestion": "ingestion.completed", "export": "export.completed", "scenario_run": "scenario.run.completed"}
 SOURCES_PER_ROUND, BAD_EVERY, BATCH = 3, 500, 1000
