@@ -1,4 +1,4 @@
-"""The Celery app: Redis broker, late acknowledgement, one queue per kind, events for Flower.
+"""The Celery app: Redis broker (or RabbitMQ), late acknowledgement, one queue per kind, events for Flower.
 
 Importing this module does no work: the configuration (and with it the broker's address, which may
 mean starting the embedded Redis) is read the first time Celery needs it, and the beat schedule is
@@ -19,21 +19,31 @@ TASK_MODULES = ["worker.tasks.ingest", "worker.tasks.export", "worker.tasks.scen
                 "worker.tasks.housekeeping"]
 
 
+def rabbitmq(url: str) -> bool:
+    return url.startswith(("amqp://", "amqps://", "pyamqp://"))
+
+
 def _config() -> dict:
     settings = get_settings()
+    broker = settings.broker_url or embedded.celery_broker_url(embedded.redis_url(settings))
+    # RabbitMQ: quorum queues (replicated, and kept through a broker crash) and publisher confirms (a
+    # publish returns once the broker has the message). Redis: a visibility timeout longer than any job.
+    amqp = rabbitmq(broker)
+    queue_arguments = {"x-queue-type": "quorum"} if amqp else None
+    transport = {"confirm_publish": True} if amqp else {"visibility_timeout": settings.visibility_timeout}
     return dict(
-        broker_url=embedded.celery_broker_url(embedded.redis_url(settings)),
+        broker_url=broker,
         broker_connection_retry_on_startup=True,
         # The job row in PostgreSQL is the truth; Celery needs no result backend.
         task_ignore_result=True,
-        task_queues=[Queue(q.value) for q in Queues],
+        task_queues=[Queue(q.value, queue_arguments=queue_arguments) for q in Queues],
         task_default_queue=Queues.DEFAULT.value,
         # At-least-once: acknowledge after the work, give the message back if the worker dies.
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
-        # Longer than the longest job: the reaper, not this timeout, recovers work from dead workers.
-        broker_transport_options={"visibility_timeout": settings.visibility_timeout},
+        # Redis: longer than the longest job: the reaper, not this timeout, recovers work from dead workers.
+        broker_transport_options=transport,
         # Flower lists every task with its state from the workers' events (received, started, ended).
         # No "sent" event: it doubled the cost of every publish (1.19 against 0.62 ms of CPU, measured),
         # and a backlog of queued jobs is the jobs table's to show (GET /jobs?state=queued), not Flower's.

@@ -18,6 +18,10 @@ class Settings(BaseSettings):
     home: Path = Path(".ingot")
     database_url: str | None = None
     redis_url: str | None = None
+    # The Celery broker when it is not Redis: `amqp://user:password@host:5672/vhost` for RabbitMQ (quorum
+    # queues, publisher confirms). None: the Redis above carries the work too. Redis stays for rate
+    # limits, caches and login counts either way.
+    broker_url: str | None = None
     sources_file: Path = Path("sources.toml")
     data_roots: str = ""
 
