@@ -1,5 +1,6 @@
-"""The Grafana dashboard (deploy/grafana, mounted by compose's `monitoring` profile) is built only from
-metrics the API serves: every metric a panel queries appears in /metrics, with the labels it groups by."""
+"""What deploy/ and compose.yaml promise: the Grafana dashboard (mounted by compose's `monitoring`
+profile) is built only from metrics the API serves (every metric a panel queries appears in /metrics,
+with the labels it groups by), and the rabbitmq profile's broker reaches every Ingot service."""
 
 from __future__ import annotations
 
@@ -53,3 +54,9 @@ def test_compose_mounts_the_dashboard_in_its_monitoring_profile():
     assert "./deploy/grafana/dashboards:/var/lib/grafana/dashboards:ro" in grafana["volumes"]
     scrape = yaml.safe_load((ROOT / "deploy" / "prometheus.yml").read_text())
     assert scrape["scrape_configs"][0]["static_configs"][0]["targets"] == ["api:8000"]
+
+
+def test_compose_offers_rabbitmq_in_a_profile_and_passes_the_broker_url_on():
+    compose = yaml.safe_load((ROOT / "compose.yaml").read_text())
+    assert compose["services"]["rabbitmq"]["profiles"] == ["rabbitmq"]
+    assert compose["services"]["worker"]["environment"]["INGOT_BROKER_URL"] == "${INGOT_BROKER_URL:-}"
