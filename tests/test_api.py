@@ -182,3 +182,10 @@ def test_totals_are_counted_to_a_cap(session):
     assert (over.count, over.exact) == (3, False)
     exact = capped_count(session, select(Job.id).where(Job.kind == "scenario_run"), cap=10)
     assert (exact.count, exact.exact) == (5, True)
+
+
+def test_a_logs_cursor_past_any_event_id_is_a_clear_422(api_url, admin_key):
+    """Event ids are bigints: a larger cursor is refused as invalid input, not passed on to fail in SQL."""
+    answer = httpx.get(f"{api_url}/api/v1/logs", params={"cursor": 1997705422888300922177255899136},
+                       headers={"X-API-Key": admin_key})
+    assert answer.status_code == 422 and answer.json()["error"]["code"] == "VALIDATION_ERROR"

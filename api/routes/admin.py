@@ -44,7 +44,8 @@ def logs(
     start_time: IsoDateTime | None = None,
     end_time: IsoDateTime | None = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    cursor: Annotated[int | None, Query(ge=1, description="the id of the last entry seen")] = None,
+    # An event id is a bigint: a larger number names no entry (and PostgreSQL would refuse it).
+    cursor: Annotated[int | None, Query(ge=1, le=2**63 - 1, description="the id of the last entry seen")] = None,
 ) -> dict:
     """Structured job and system events recorded in the database, newest first."""
     where = journal.Filter(level=level, source=source, job_id=job_id, start=start_time, end=end_time)
