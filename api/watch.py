@@ -13,9 +13,11 @@ import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator
+from datetime import datetime
 from typing import Any
 
 from pipelines.core import adb
+from pipelines.core.clock import utc_z
 from pipelines.core.models import FINAL_STATES
 
 log = logging.getLogger(__name__)
@@ -76,7 +78,7 @@ class Watcher:
 
 
 def _shown(row: dict[str, Any]) -> dict[str, Any]:
-    return {name: (value.isoformat().replace("+00:00", "Z") if hasattr(value, "isoformat") else value)
+    return {name: (utc_z(value) if isinstance(value, datetime) else value)
             for name, value in row.items() if name in FIELDS}
 
 

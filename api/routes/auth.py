@@ -48,7 +48,7 @@ async def login(body: Login, request: Request) -> dict:
     if left:
         raise ApiError(429, f"too many failed logins for this account; try again in {left} s",
                        headers={"Retry-After": str(left)})
-    issued = await run_in_threadpool(_login, body.username, body.password)
+    issued = await run_in_threadpool(_in_session, users.login, body.username, body.password)
     try:
         await limits.pipe().call(*(account.succeeded() if issued else account.failed(time.time())))
     except redis.RedisError:
@@ -57,11 +57,6 @@ async def login(body: Login, request: Request) -> dict:
         raise ApiError(401, "wrong username or password")
     token, lifetime = issued
     return ok(request, {"access_token": token, "token_type": "bearer", "expires_in": lifetime})
-
-
-def _login(username: str, password: str) -> tuple[str, int] | None:
-    with session_scope() as session:
-        return users.login(session, username, password)
 
 
 def _uncounted() -> ApiError:
@@ -109,6 +104,7 @@ async def logout(request: Request, token: BearerToken) -> dict:
     return ok(request, {"logged_out": True})
 
 
-def _in_session(act, token: str):
+def _in_session(act, *args):
+    """ACT(session, *ARGS) in a session of its own, committed when it returns (run in a thread)."""
     with session_scope() as session:
-        return act(session, token)
+        return act(session, *args)
