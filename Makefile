@@ -49,7 +49,7 @@ fuzz: $(STAMP)
 # scenario runs behind each round's jobs instead of 20), PostgreSQL away for 30 s instead of 5, its
 # table printed.
 faults: $(STAMP)
-	INGOT_FAULT_REPEAT=5 INGOT_FAULT_ROWS=60000 INGOT_FAULT_BACKLOG=300 INGOT_FAULT_AWAY_SECONDS=30 $(BIN)/pytest tests/faults -s --timeout=3600
+	INGOT_FAULT_REPEAT=5 INGOT_FAULT_EVERY_ROW=1 INGOT_FAULT_ROWS=60000 INGOT_FAULT_BACKLOG=300 INGOT_FAULT_AWAY_SECONDS=30 $(BIN)/pytest tests/faults -s --timeout=3600
 
 # Workers on three simulated hosts (network namespaces; needs root): jobs/s with 1, 2 and 3 hosts,
 # then one host cut off mid-job.

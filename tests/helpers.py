@@ -109,19 +109,27 @@ class WorkerProcess:
         self.process = subprocess.Popen(argv, cwd=ROOT, env={**os.environ, **(env or {})}, start_new_session=True,
                                         stdout=self.log, stderr=subprocess.STDOUT)
         self.name = None
+        self.broker_url = (env or {}).get("INGOT_BROKER_URL")  # another broker than the session's Redis
+
+    def _control_app(self, fresh: bool = False):
+        from worker.app import app, create_app
+
+        if not fresh and not self.broker_url:
+            return app
+        app = create_app()
+        if self.broker_url:
+            app.conf.broker_url = self.broker_url
+        return app
 
     def wait_ready(self, timeout: float = 60) -> WorkerProcess:
-        from worker.app import app
-
+        app = self._control_app()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             assert self.process.poll() is None, self.output()
             try:
                 replies = app.control.ping(timeout=0.25) or []
             except Exception:  # the broker restarted under this app's pooled connections: use a new app
-                from worker.app import create_app
-
-                app = create_app()
+                app = self._control_app(fresh=True)
                 continue
             for reply in replies:
                 for name in reply:

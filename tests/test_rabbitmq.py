@@ -1,7 +1,7 @@
 """RabbitMQ as the broker (INGOT_BROKER_URL=amqp://...): an API process and a worker on it run an
 ingestion end to end over quorum queues with publisher confirms, while Redis keeps only the rate
 limits and caches. Uses the RabbitMQ on 127.0.0.1:5672 (guest/guest) and skips, saying so, when there
-is none. (The fault suite's rows against RabbitMQ are not written yet: see README.)"""
+is none. The fault suite runs its rounds over RabbitMQ too (tests/faults)."""
 
 from __future__ import annotations
 

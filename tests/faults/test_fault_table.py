@@ -10,6 +10,10 @@ answer 503 meanwhile); the webhook receiver down, then slow, then up. It prints 
 (jobs submitted, succeeded, lost, effects doubled, time to recover) and fails unless every row has
 zero lost and zero doubled. (An embedded server killed under `ingot up` is
 tests/test_up.py's.)
+
+The same rounds run with RabbitMQ as the broker (INGOT_BROKER_URL=amqp://...) on a node of the test's
+own, which is crashed (SIGKILL) and shut down cleanly mid-round and started again: `make test` runs the
+two broker rows, `make faults` every row (the worker and PostgreSQL faults too).
 """
 
 from __future__ import annotations
@@ -19,19 +23,20 @@ import random
 import shutil
 import signal
 import time
+from collections.abc import Callable
 
 import pytest
 from sqlalchemy import text
 
+from cli.client import Client
 from pipelines.core import embedded
 from pipelines.core.db import get_engine
 from testkit.faultload import Load, Row, table
 from testkit.receiver import Receiver
-from tests.helpers import wait_for
+from tests import rabbit
+from tests.helpers import api_processes, wait_for
 
 pytestmark = pytest.mark.worker
-FAULTS = ("none (baseline)", "workers SIGKILLed", "kills at random moments", "Redis lost its data",
-          "PostgreSQL restarted", "PostgreSQL away", "PostgreSQL frozen", "receiver down, slow, up")
 AWAY_SECONDS = float(os.environ.get("INGOT_FAULT_AWAY_SECONDS", "5"))  # `make faults`: 30
 # The session's 3 s claim is for tests that want a lost delivery handed out again at once; here a
 # delivery's claim must outlast the database being away, so an answer kept through it is recorded, not
@@ -41,128 +46,135 @@ SEED = int(os.environ.get("INGOT_FAULT_SEED", str(random.SystemRandom().randrang
 REPEAT = int(os.environ.get("INGOT_FAULT_REPEAT", "1"))  # `make faults`: every fault several times, bigger load
 
 
-def _running(job_id: str) -> dict | None:
-    with get_engine().connect() as conn:
-        row = conn.execute(text("SELECT state, lease_owner FROM jobs WHERE id = :id"), {"id": job_id}).mappings().one()
-    return dict(row) if row["state"] == "running" and row["lease_owner"] else None
+class Faults:
+    """One fault table: the load, two workers (supervised as `ingot up` and compose supervise them),
+    and each fault as a method that takes the round's job ids while they are queued or running."""
 
+    def __init__(self, client: Client, start_worker, data_dir, write_sources, rounds: int, env: dict):
+        self.client, self.start_worker, self.env = client, start_worker, {**WORKER_ENV, **env}
+        client.update_config({"webhook_retry_schedule": "0,1,1,2,2,3,5,5,5,5"})  # a receiver may be away ~30 s
+        self.load = Load(client, data_dir, write_sources, rounds=rounds)
+        self.workers = [self._worker(0), self._worker(1)]
+        self.load.prepare()
+        self.rows: list[Row] = []
+        self.restarted: list[str] = []
+        self.away: dict = {}
+        self.chance = random.Random(SEED)
 
-def test_no_work_is_lost_or_doubled_whatever_breaks(client, start_worker, write_sources, data_dir,
-                                                    embedded_redis, capsys):
-    if embedded._postgres is None:
-        pytest.skip("INGOT_TEST_DATABASE_URL is set: the tests do not own that PostgreSQL, so cannot restart it")
-    client.update_config({"webhook_retry_schedule": "0,1,1,2,2,3,5,5,5,5"})  # a receiver may be away ~30 s
-    load = Load(client, data_dir, write_sources, rounds=len(FAULTS) * REPEAT)
-    workers = [start_worker(concurrency=2, env=WORKER_ENV), start_worker(concurrency=1, beat=False, env=WORKER_ENV)]
-    load.prepare()
-    rows: list[Row] = []
+    def _worker(self, i: int):
+        return self.start_worker(concurrency=2 if i == 0 else 1, beat=i == 0, env=self.env)
 
-    restarted: list[str] = []
-
-    def supervise() -> None:
-        """What `ingot up` and compose (`restart: unless-stopped`) do: a worker that exited is started
-        again. Kombu 5.7 can end a worker that holds a message when Redis vanishes (an AttributeError
-        while closing its channel); the table says when that happened."""
-        for i, worker in enumerate(workers):
+    def supervise(self) -> None:
+        """A worker that exited is started again. Kombu 5.7 can end a worker that holds a message when
+        Redis vanishes (an AttributeError while closing its channel); the table says when that happened."""
+        for i, worker in enumerate(self.workers):
             if worker.process.poll() is not None:
-                restarted.append(f"worker {i} exited ({worker.process.returncode})")
-                workers[i] = start_worker(concurrency=2 if i == 0 else 1, beat=i == 0, env=WORKER_ENV)
+                self.restarted.append(f"worker {i} exited ({worker.process.returncode})")
+                self.workers[i] = self._worker(i)
 
-    def running(jobs: list[str]) -> bool:
+    def running(self, jobs: list[str]) -> bool:
         """Is one of JOBS running, or have all of them ended already (the workers supervised
         meanwhile)? A round that ends before a look finds it running takes its fault between jobs."""
-        supervise()
+        self.supervise()
         return any(_running(j) for j in jobs) or _ended(jobs)
 
-    def until_running(jobs: list[str]) -> None:
+    def until_running(self, jobs: list[str]) -> None:
         try:
-            wait_for(lambda: running(jobs), timeout=60, interval=0.02, message="a job to run")
+            wait_for(lambda: self.running(jobs), timeout=60, interval=0.02, message="a job to run")
         except AssertionError:
             with get_engine().connect() as conn:
                 states = conn.execute(text("SELECT kind, state, attempts FROM jobs WHERE id = ANY(:ids)"),
                                       {"ids": jobs}).all()
-            alive = [w.process.poll() is None for w in workers]
+            alive = [w.process.poll() is None for w in self.workers]
             raise AssertionError(f"no job of the round ran within 60 s: {states}; workers alive: {alive}") from None
 
-    def run(round_no: int, fault: str, inject) -> None:
-        supervise()
-        jobs = load.submit(round_no)
-        inject(jobs)
-        over = time.monotonic()
-        load.settle(jobs, tend=supervise)
-        load.wait_for_events(jobs)
-        rows.append(load.ledger(fault, jobs, time.monotonic() - over))  # from the fault's end: all done, all told
+    def run(self, faults: list[tuple[str, Callable[[list[str]], None]]]) -> str:
+        """Each of FAULTS in a round of its own (REPEAT times over); the table, printed and returned."""
+        for round_no, (fault, inject) in enumerate(faults * REPEAT):
+            self.supervise()
+            jobs = self.load.submit(round_no)
+            inject(jobs)
+            over = time.monotonic()
+            self.load.settle(jobs, tend=self.supervise)
+            self.load.wait_for_events(jobs)
+            self.rows.append(self.load.ledger(fault, jobs, time.monotonic() - over))  # all done, all told
+        self.load.receiver.close()
+        for worker in self.workers:
+            worker.stop()
+        notes = [f"random moments: seed {SEED}"]
+        if self.away:
+            notes.append(f"PostgreSQL away {AWAY_SECONDS:g} s: /ready answered {sorted(self.away['ready'])} and job "
+                         f"starts {sorted(self.away['start'])} over {self.away['probes']} probes, /ready 200 again "
+                         f"{self.away['ready_after']:.1f} s after it started")
+        if self.restarted:
+            notes.append(f"started again as a supervisor would: {', '.join(self.restarted)}")
+        return table(self.rows) + f"\n({'; '.join(notes)})"
 
-    def nothing(_jobs: list[str]) -> None:
+    def ok(self) -> bool:
+        return all(r.lost == 0 and r.doubled == 0 and r.succeeded == r.submitted for r in self.rows)
+
+    # --- the faults ------------------------------------------------------------------------------
+
+    def nothing(self, _jobs: list[str]) -> None:
         pass
 
-    def kill_workers(jobs: list[str]) -> None:
+    def kill_workers(self, jobs: list[str]) -> None:
         owner = wait_for(lambda: _running(jobs[0]), timeout=60, interval=0.02, message="the ingestion to run")
         os.kill(int(owner["lease_owner"].rpartition(":")[2]), signal.SIGKILL)  # a pool process, mid-job
-        wait_for(lambda: running(jobs), timeout=60, interval=0.05, message="a job running again")
-        workers[0].kill()  # then a whole worker, with its beat
-        workers[0] = start_worker(concurrency=2, env=WORKER_ENV)
+        wait_for(lambda: self.running(jobs), timeout=60, interval=0.05, message="a job running again")
+        self.workers[0].kill()  # then a whole worker, with its beat
+        self.workers[0] = self._worker(0)
 
-    def lose_redis(jobs: list[str]) -> None:
-        os.killpg(embedded_redis.process.pid, signal.SIGKILL)
-        embedded_redis.process.wait()
-        shutil.rmtree(embedded_redis.dir / "appendonlydir", ignore_errors=True)
-        for leftover in embedded_redis.dir.glob("*.aof"):
-            leftover.unlink()
-        embedded_redis.process = None
-        embedded_redis.start()  # empty: every queued message and every binding gone
-
-    def restart_postgres(jobs: list[str]) -> None:
-        from pgserver import pg_ctl  # type: ignore[attr-defined]
-
-        until_running(jobs)
-        server = embedded._postgres
-        pg_ctl(["-w", "-m", "fast", "restart"], pgdata=server.pgdata, user=server.system_user)
-
-    chance = random.Random(SEED)
-
-    def kill_at_random(jobs: list[str]) -> None:
+    def kill_at_random(self, jobs: list[str]) -> None:
         """Three kills, each at a random moment of the round (queued, starting, mid-batch, finishing,
         delivering its webhook), each of a random pool process or a whole worker (started again)."""
         for _ in range(3):
-            time.sleep(chance.uniform(0.0, 1.5))  # a random moment: the fault's timing is the point
-            if chance.random() < 0.5:
-                pids = [pid for w in workers for pid in w.pool_pids()]
+            time.sleep(self.chance.uniform(0.0, 1.5))  # a random moment: the fault's timing is the point
+            if self.chance.random() < 0.5:
+                pids = [pid for w in self.workers for pid in w.pool_pids()]
                 if pids:
-                    os.kill(chance.choice(pids), signal.SIGKILL)
+                    os.kill(self.chance.choice(pids), signal.SIGKILL)
                     continue
-            which = chance.randrange(len(workers))
-            workers[which].kill()
-            workers[which] = start_worker(concurrency=2 if which == 0 else 1, beat=which == 0, env=WORKER_ENV)
+            which = self.chance.randrange(len(self.workers))
+            self.workers[which].kill()
+            self.workers[which] = self._worker(which)
 
-    def postgres_away(jobs: list[str]) -> None:
+    def restart_postgres(self, jobs: list[str]) -> None:
+        from pgserver import pg_ctl  # type: ignore[attr-defined]
+
+        self.until_running(jobs)
+        server = embedded._postgres
+        pg_ctl(["-w", "-m", "fast", "restart"], pgdata=server.pgdata, user=server.system_user)
+
+    def postgres_away(self, jobs: list[str]) -> None:
         """PostgreSQL stopped for AWAY_SECONDS while jobs run: /ready says 503 meanwhile and the API
         answers 503 (never a 500, never silence); then it starts again and nobody lifts a finger."""
         from pgserver import pg_ctl  # type: ignore[attr-defined]
 
-        until_running(jobs)
+        self.until_running(jobs)
         server = embedded._postgres
         pg_ctl(["-w", "-m", "fast", "stop"], pgdata=server.pgdata, user=server.system_user)
         answers: list[tuple[int, int]] = []  # (/ready, a job start) while it is away
         began = time.monotonic()
+        http = self.client.http
         while time.monotonic() - began < AWAY_SECONDS:
-            answers.append((client.http.get("/ready").status_code,
-                            client.http.post("/api/v1/ingestion/start", json={"sources": ["s0_0"]}).status_code))
+            answers.append((http.get("/ready").status_code,
+                            http.post("/api/v1/ingestion/start", json={"sources": ["s0_0"]}).status_code))
             time.sleep(0.5)  # a probe's period, as a load balancer would ask
         server.ensure_postgres_running()  # as pgserver starts it: its socket, no TCP
         back = time.monotonic()
-        wait_for(lambda: client.http.get("/ready").status_code == 200, timeout=60, interval=0.1,
+        wait_for(lambda: http.get("/ready").status_code == 200, timeout=60, interval=0.1,
                  message="/ready to answer 200 again")
-        away.update(ready={a for a, _ in answers}, start={b for _, b in answers}, probes=len(answers),
-                    ready_after=time.monotonic() - back)
+        self.away.update(ready={a for a, _ in answers}, start={b for _, b in answers}, probes=len(answers),
+                         ready_after=time.monotonic() - back)
 
-    def postgres_frozen(jobs: list[str]) -> None:
+    def postgres_frozen(self, jobs: list[str]) -> None:
         """Every PostgreSQL process stopped (SIGSTOP, as a stalled disk or a frozen host looks from
         outside) for AWAY_SECONDS while jobs run: the workers blocked on it carry on once it thaws, or
         give their job back to the reaper if their heartbeat went stale meanwhile."""
         import psutil
 
-        until_running(jobs)
+        self.until_running(jobs)
         postmaster = psutil.Process(int((embedded._postgres.pgdata / "postmaster.pid").read_text().split()[0]))
         frozen = [postmaster, *postmaster.children(recursive=True)]
         for process in frozen:
@@ -173,34 +185,91 @@ def test_no_work_is_lost_or_doubled_whatever_breaks(client, start_worker, write_
             for process in frozen:
                 process.send_signal(signal.SIGCONT)
 
-    def receiver_trouble(jobs: list[str]) -> None:
-        port = load.receiver.port
-        load.receiver.close()  # down while the jobs end
-        wait_for(lambda: _delivery_failed_once(), timeout=60, interval=0.1, message="a delivery to fail")
+    def receiver_trouble(self, jobs: list[str]) -> None:
+        port = self.load.receiver.port
+        self.load.receiver.close()  # down while the jobs end
+        wait_for(_delivery_failed_once, timeout=60, interval=0.1, message="a delivery to fail")
         slow = Receiver(port)
-        slow.secret, slow.delay = load.webhook_secret, 1.5
-        slow.received = load.receiver.received  # one ledger of what arrived
-        load.receiver = slow
+        slow.secret, slow.delay = self.load.webhook_secret, 1.5
+        slow.received = self.load.receiver.received  # one ledger of what arrived
+        self.load.receiver = slow
         time.sleep(3)  # slow for a while (the receiver's behaviour, not a wait for a condition)
         slow.delay = 0.0
 
-    away: dict = {}
-    injections = (nothing, kill_workers, kill_at_random, lose_redis, restart_postgres, postgres_away,
-                  postgres_frozen, receiver_trouble)
-    for round_no, (fault, inject) in enumerate(list(zip(FAULTS, injections, strict=True)) * REPEAT):
-        run(round_no, fault, inject)
-    load.receiver.close()
-    for worker in workers:
-        worker.stop()
-    report = table(rows) + (f"\n(random moments: seed {SEED}; PostgreSQL away {AWAY_SECONDS:g} s: /ready answered "
-                             f"{sorted(away['ready'])} and job starts {sorted(away['start'])} over {away['probes']} "
-                             f"probes, /ready 200 again {away['ready_after']:.1f} s after it started"
-                             + (f"; started again as a supervisor would: {', '.join(restarted)}" if restarted else "")
-                             + ")")
+    def postgres_rows(self) -> list[tuple[str, Callable[[list[str]], None]]]:
+        return [("PostgreSQL restarted", self.restart_postgres), ("PostgreSQL away", self.postgres_away),
+                ("PostgreSQL frozen", self.postgres_frozen), ("receiver down, slow, up", self.receiver_trouble)]
+
+
+def test_no_work_is_lost_or_doubled_whatever_breaks(client, start_worker, write_sources, data_dir,
+                                                    embedded_redis, capsys):
+    if embedded._postgres is None:
+        pytest.skip("INGOT_TEST_DATABASE_URL is set: the tests do not own that PostgreSQL, so cannot restart it")
+
+    def lose_redis(_jobs: list[str]) -> None:
+        os.killpg(embedded_redis.process.pid, signal.SIGKILL)
+        embedded_redis.process.wait()
+        shutil.rmtree(embedded_redis.dir / "appendonlydir", ignore_errors=True)
+        for leftover in embedded_redis.dir.glob("*.aof"):
+            leftover.unlink()
+        embedded_redis.process = None
+        embedded_redis.start()  # empty: every queued message and every binding gone
+
+    faults = Faults(client, start_worker, data_dir, write_sources, rounds=8 * REPEAT, env={})
+    report = faults.run([("none (baseline)", faults.nothing), ("workers SIGKILLed", faults.kill_workers),
+                         ("kills at random moments", faults.kill_at_random), ("Redis lost its data", lose_redis),
+                         *faults.postgres_rows()])
     with capsys.disabled():
         print("\n" + report)
-    assert away["ready"] == {503} and away["start"] == {503}, report
-    assert all(r.lost == 0 and r.doubled == 0 and r.succeeded == r.submitted for r in rows), report
+    assert faults.away["ready"] == {503} and faults.away["start"] == {503}, report
+    assert faults.ok(), report
+
+
+@pytest.fixture
+def rabbit_node():
+    why = rabbit.available()
+    if why:
+        pytest.skip(f"the RabbitMQ rows need a node of their own: {why}")
+    node = rabbit.RabbitNode().start()
+    yield node
+    node.close()
+
+
+def test_no_work_is_lost_or_doubled_over_rabbitmq(rabbit_node, admin_key, start_worker, write_sources, data_dir,
+                                                  capsys):
+    """The work on RabbitMQ's quorum queues: the broker crashed (SIGKILL) and shut down cleanly while
+    jobs are queued and running, then started again on its data; nothing is lost or done twice."""
+    every_row = os.environ.get("INGOT_FAULT_EVERY_ROW") == "1" and embedded._postgres is not None  # `make faults`
+
+    def broker_crashed(jobs: list[str]) -> None:
+        faults.until_running(jobs)
+        rabbit_node.kill()
+        time.sleep(1)  # down a moment: the API's publishes and the workers' consumers meet a dead broker
+        rabbit_node.start()
+
+    def broker_restarted(jobs: list[str]) -> None:
+        faults.until_running(jobs)
+        rabbit_node.stop()
+        rabbit_node.start()
+
+    env = {"INGOT_BROKER_URL": rabbit_node.url}
+    with api_processes(1, **env) as (url,), Client(url, admin_key) as client:
+        faults = Faults(client, start_worker, data_dir, write_sources, rounds=9 * REPEAT, env=env)
+        rows = [("RabbitMQ crashed (SIGKILL)", broker_crashed), ("RabbitMQ shut down and started", broker_restarted)]
+        if every_row:
+            rows = [("none (baseline)", faults.nothing), ("workers SIGKILLed", faults.kill_workers),
+                    ("kills at random moments", faults.kill_at_random), *rows, *faults.postgres_rows()]
+        report = faults.run(rows)
+    with capsys.disabled():
+        print("\nover RabbitMQ:\n" + report)
+    assert not faults.away or (faults.away["ready"] == {503} and faults.away["start"] == {503}), report
+    assert faults.ok(), report
+
+
+def _running(job_id: str) -> dict | None:
+    with get_engine().connect() as conn:
+        row = conn.execute(text("SELECT state, lease_owner FROM jobs WHERE id = :id"), {"id": job_id}).mappings().one()
+    return dict(row) if row["state"] == "running" and row["lease_owner"] else None
 
 
 def _ended(job_ids: list[str]) -> bool:
