@@ -56,7 +56,9 @@ def _end(session: Session, commit: bool) -> None:
         session.close()
 
 
-SessionDep = Annotated[Session, Depends(get_session)]
+# Ended when the route returns, before its answer is sent: what the answer reports has been committed
+# (a client may ask for the job it was given at once), and a failed commit is the answer.
+SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 
 
 def principal(request: Request) -> Principal:

@@ -19,9 +19,8 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout  # every connection busy past pool_timeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from pipelines.auth.quotas import QuotaExceeded
+from pipelines.core import errors
 from pipelines.core.clock import utc_z
-from pipelines.core.pagination import BadCursor
 from pipelines.core.settings import get_settings
 
 log = logging.getLogger("ingot.api")
@@ -120,6 +119,22 @@ class ApiError(Exception):
         self.headers = headers
 
 
+# Each kind of refusal the domain raises (pipelines.core.errors), as the contract answers it.
+_REFUSALS: list[tuple[type[errors.DomainError], int, str | None]] = [
+    (errors.NotFound, 404, None), (errors.Conflict, 409, None), (errors.Invalid, 422, None),
+    (errors.Busy, 503, None), (errors.OverQuota, 429, "QUOTA_EXCEEDED"),
+    (errors.TooExpensive, 422, "QUERY_TOO_EXPENSIVE"),
+]
+
+
+def refusal(exc: errors.DomainError) -> tuple[int, str]:
+    """The status and code of the contract for EXC's kind."""
+    for kind, status, code in _REFUSALS:
+        if isinstance(exc, kind):
+            return status, code or _CODES[status]
+    return 500, _CODES[500]
+
+
 def found(value: T | None, missing: str) -> T:
     """VALUE, or a 404 saying what is MISSING."""
     if value is None:
@@ -186,14 +201,11 @@ def install(app: FastAPI) -> None:
     async def _api_error(request: Request, exc: ApiError):
         return error_response(request, exc.status, exc.message, exc.details, exc.headers, exc.code)
 
-    @app.exception_handler(QuotaExceeded)
-    async def _quota(request: Request, exc: QuotaExceeded):
+    @app.exception_handler(errors.DomainError)
+    async def _refused(request: Request, exc: errors.DomainError):
+        status, code = refusal(exc)
         headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after else None
-        return error_response(request, 429, str(exc), exc.details(), headers, code="QUOTA_EXCEEDED")
-
-    @app.exception_handler(BadCursor)
-    async def _bad_cursor(request: Request, exc: BadCursor):
-        return error_response(request, 422, "cursor is not valid")
+        return error_response(request, status, str(exc), exc.details, headers, code)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
@@ -225,8 +237,9 @@ def install(app: FastAPI) -> None:
     async def _database_unavailable(request: Request, exc: Exception):
         if isinstance(getattr(exc, "orig", exc), psycopg.errors.QueryCanceled):
             limit = get_settings().api_statement_timeout_ms
-            return error_response(request, 422, f"the query ran past the API's time limit ({limit} ms); narrow "
-                                  "the filters, or use an export for large reads", code="QUERY_TOO_EXPENSIVE")
+            return await _refused(request, errors.TooExpensive(
+                f"the query ran past the API's time limit ({limit} ms); narrow the filters, or use an export "
+                "for large reads"))
         # The database is down or restarting: say so, and when to try again; the pool reconnects by itself.
         log.warning("database unavailable: %s", type(exc).__name__)
         return error_response(request, 503, "the database is unavailable; try again shortly",

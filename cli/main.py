@@ -12,6 +12,7 @@ from rich.table import Table
 from cli.client import IngotError
 from cli.common import DEFAULT_URL, KeyOpt, UrlOpt, client_for, err, fail, follow, group_client, out, through
 from cli.markets import curves_app, scenarios_app
+from pipelines.core.errors import DomainError
 
 app = typer.Typer(help="Ingot: ingestion and job workers for market data.", no_args_is_help=True)
 db_app = typer.Typer(help="Database maintenance.")
@@ -266,7 +267,7 @@ def users_create(
     try:
         with session_scope() as session:
             user = users.create_user(session, name, password, [s.strip() for s in scopes.split(",") if s.strip()])
-    except ValueError as exc:
+    except DomainError as exc:  # a short password, unknown scopes, a name taken
         err.print(f"[red]{exc}[/red]")
         raise typer.Exit(2) from None
     err.print(f"created user {user.username} ({user.id}), scopes {','.join(user.scopes)}")

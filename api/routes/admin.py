@@ -10,7 +10,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictFloat,
 
 from api.broker import broker_status, queue_depths
 from api.deps import AdminKey, ReadKey, SessionDep
-from api.envelope import JSON_INTEGER, ApiError, Envelope, IsoDateTime, UTCDateTime, ok
+from api.envelope import JSON_INTEGER, Envelope, IsoDateTime, UTCDateTime, ok
 from pipelines.core import runtime
 from pipelines.jobs import journal, status
 
@@ -97,9 +97,6 @@ def get_config(request: Request, _key: AdminKey) -> dict:
 @router.put("/config", response_model=Envelope[ConfigView])
 def put_config(body: ConfigUpdate, request: Request, _key: AdminKey) -> dict:  # type: ignore[valid-type]
     """Change runtime settings (all or none); the answer names those that apply only after a restart."""
-    try:
-        restart = runtime.update(body.model_dump(exclude_unset=True))  # type: ignore[attr-defined]
-    except ValueError as exc:
-        raise ApiError(422, str(exc)) from None
+    restart = runtime.update(body.model_dump(exclude_unset=True))  # type: ignore[attr-defined]
     return ok(request, {"config": runtime.snapshot(), "restart_required": restart},
               message="restart beat for: " + ", ".join(restart) if restart else "applied")

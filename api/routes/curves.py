@@ -9,7 +9,7 @@ from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel
 
 from api.deps import ReadKey, SessionDep
-from api.envelope import ApiError, Cursor, Envelope, IsoDate, found, ok
+from api.envelope import Cursor, Envelope, IsoDate, found, ok
 from pipelines.core import cache
 from pipelines.curves import queries
 
@@ -77,10 +77,7 @@ def diff(request: Request, session: SessionDep, _key: ReadKey, curve_key: str, a
          asof_b: IsoDate) -> dict:
     """Per contract month: both values, `diff_abs = value_b - value_a`, `diff_pct = 100 * diff_abs /
     |value_a|` (null for a month on one date only, and `diff_pct` null where `value_a` is 0)."""
-    try:
-        return ok(request, queries.diff(session, curve_key, asof_a, asof_b))
-    except queries.NoCurve as exc:
-        raise ApiError(404, str(exc)) from None
+    return ok(request, queries.diff(session, curve_key, asof_a, asof_b))
 
 
 @router.get("/metadata/dimensions", response_model=Dimensions, response_model_exclude_none=True)

@@ -8,8 +8,7 @@ from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, model_validator
 
 from api.deps import ReadKey, SessionDep
-from api.envelope import CURSOR_PATTERN, ApiError, Envelope, IsoDateTime, UTCDateTime, ok
-from pipelines.core import pagination
+from api.envelope import CURSOR_PATTERN, Envelope, IsoDateTime, UTCDateTime, ok
 from pipelines.exports import query
 
 router = APIRouter(prefix="/data", tags=["data"])
@@ -93,10 +92,7 @@ def query_data(body: QueryRequest, request: Request, response: Response, session
         max_value=f.value_range.max, sort=body.sort.field, descending=body.sort.order == "desc",
         limit=p.limit, page=p.page, cursor=p.cursor,
     )
-    try:
-        rows, info = query.run(session, q)
-    except (pagination.BadCursor, ValueError, TypeError):
-        raise ApiError(422, "cursor is not valid for this query") from None
+    rows, info = query.run(session, q)
     for name in ("page", "limit", "total", "pages"):
         if info[name] is not None:
             response.headers[f"X-Pagination-{name.title()}"] = str(info[name])

@@ -10,7 +10,7 @@ from fastapi.responses import FileResponse
 from pydantic import BaseModel, Field
 
 from api.deps import ReadKey, SessionDep, WriteKey, limit
-from api.envelope import ApiError, Envelope, found, iso, ok
+from api.envelope import Envelope, found, iso, ok
 from api.routes.data import Filters
 from pipelines.auth import keys
 from pipelines.core.models import ApiKey, Job
@@ -61,11 +61,7 @@ def _export_job(session, export_id: str, key: ApiKey) -> Job:
 def start_export(body: ExportRequest, request: Request, session: SessionDep, key: WriteKey) -> dict:
     params = {"format": body.format, "filters": body.filters.model_dump(mode="json", exclude_none=True),
               "columns": body.columns or export.DEFAULT_COLUMNS}
-    try:
-        job = admission.start(session, params, key.id, send_job, request.state.request_id)
-    except admission.DiskFull as exc:
-        raise ApiError(503, str(exc)) from None
-    session.commit()
+    job = admission.start(session, params, key.id, send_job, request.state.request_id)
     return ok(request, {"export_id": job.id, "status": job.state, "download_url": _download_url(request, job.id)},
               message="export queued")
 
@@ -92,13 +88,6 @@ def _parsed(value: str | None) -> datetime | None:
 def download(export_id: str, session: SessionDep, key: ReadKey) -> FileResponse:
     """The file, streamed; `Range` requests resume large downloads. 409 before it is ready, 404 once
     it has expired."""
-    job = _export_job(session, export_id, key)
-    if job.state != "succeeded":
-        raise ApiError(409, f"export {job.id} is {job.state}, not ready to download")
-    fmt = job.params["format"]
-    path = export.final_path(job.id, fmt)  # built from the job row, never from the request
-    if "expired_at" in job.result or not path.is_file():
-        raise ApiError(404, f"export {job.id} has expired")
-    media_type, extension = export.FORMATS[fmt]
-    return FileResponse(path, media_type=media_type, filename=f"ingot-export-{job.id}.{extension}",
-                        headers={"X-Checksum-SHA256": job.result["checksum"].removeprefix("sha256:")})
+    file = admission.download(_export_job(session, export_id, key))
+    return FileResponse(file.path, media_type=file.media_type, filename=file.filename,
+                        headers={"X-Checksum-SHA256": file.checksum})

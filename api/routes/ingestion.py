@@ -8,7 +8,7 @@ from typing import Annotated
 from fastapi import APIRouter, Body, Query, Request
 
 from api.deps import ReadKey, SessionDep, WriteKey
-from api.envelope import ApiError, Cursor, Envelope, ok
+from api.envelope import Cursor, Envelope, ok
 from api.registry import registry_or_error
 from api.schemas import (
     IngestionStarted,
@@ -33,27 +33,16 @@ def start(
     body: Annotated[StartIngestion | None, Body()] = None,
 ) -> dict:
     body = body or StartIngestion()
-    try:
-        requested = catalog.resolve(registry_or_error(), body.sources)
-    except catalog.UnknownSources as exc:
-        raise ApiError(404, str(exc), {"sources": exc.sources}) from None
-    except catalog.InvalidSources as exc:
-        raise ApiError(422, str(exc), {"sources": exc.errors}) from None
-    except catalog.NoEnabledSource as exc:  # nothing to start in what is declared now: the server's state
-        raise ApiError(409, str(exc)) from None
-    try:
-        job = control.start_ingestion(
-            session,
-            requested,
-            body.options.model_dump(exclude_none=True),
-            send=send_job,
-            request_id=request.state.request_id,
-            api_key_id=key.id,
-            timeout_seconds=body.options.timeout,
-        )
-    except control.SourcesBusy as exc:
-        raise ApiError(409, str(exc), {"sources": exc.sources}) from None
-    session.commit()  # before answering: the client may ask for the job at once; the message goes now
+    requested = catalog.resolve(registry_or_error(), body.sources)
+    job = control.start_ingestion(
+        session,
+        requested,
+        body.options.model_dump(exclude_none=True),
+        send=send_job,
+        request_id=request.state.request_id,
+        api_key_id=key.id,
+        timeout_seconds=body.options.timeout,
+    )
     return ok(request, {"job_id": job.id, "status": job.state, "sources": requested},
               message="ingestion job queued")
 
@@ -67,14 +56,8 @@ def stop(
 ) -> dict:
     """Stop one ingestion job, or every queued and running one when no job_id is given."""
     body = body or StopIngestion()
-    try:
-        targets = control.stop_ingestion(session, body.job_id, request.state.request_id, revoke=revoke,
-                                         relay=relay_webhooks)
-    except control.NoSuchJob:
-        raise ApiError(404, f"no ingestion job '{body.job_id}'") from None
-    except control.NotCancellable as exc:
-        raise ApiError(409, str(exc)) from None
-    session.commit()
+    targets = control.stop_ingestion(session, body.job_id, request.state.request_id, revoke=revoke,
+                                     relay=relay_webhooks)
     return ok(request, {"status": "stopped", "stopped_at": datetime.now(UTC), "jobs": targets})
 
 

@@ -9,7 +9,7 @@ from fastapi.responses import StreamingResponse
 
 from api import watch
 from api.deps import ReadKey, SessionDep, WriteKey
-from api.envelope import ApiError, Cursor, Envelope, found, ok
+from api.envelope import Cursor, Envelope, found, ok
 from api.schemas import JobList, JobOut
 from pipelines.auth import keys
 from pipelines.core.models import Job, JobKind, JobState
@@ -61,12 +61,6 @@ def _job(session, job_id: str) -> Job:
 def cancel(job_id: str, request: Request, session: SessionDep, key: WriteKey) -> dict:
     """Cancel a job: a queued job at once, a running one at its next batch boundary (committed
     batches stay). Cancelling a job that has ended is 409."""
-    try:
-        state = control.request_cancel(session, job_id, request.state.request_id, revoke=revoke,
-                                       relay=relay_webhooks, owner=keys.owner_filter(key))
-    except control.NoSuchJob:
-        raise ApiError(404, f"no job '{job_id}'") from None
-    except control.NotCancellable as exc:
-        raise ApiError(409, str(exc)) from None
-    session.commit()
+    state = control.request_cancel(session, job_id, request.state.request_id, revoke=revoke,
+                                   relay=relay_webhooks, owner=keys.owner_filter(key))
     return ok(request, JobOut.of(_job(session, job_id)), message=f"job {state}")

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field, StrictFloat
 
 from api.deps import AdminKey, SessionDep
-from api.envelope import JSON_INTEGER, ApiError, Envelope, IsoDateTime, UTCDateTime, found, ok
+from api.envelope import JSON_INTEGER, Envelope, IsoDateTime, UTCDateTime, found, ok
 from pipelines.auth import keys
 from pipelines.core.models import ApiKey
 
@@ -60,12 +60,8 @@ class KeyCreated(KeyOut):
 @router.post("", status_code=201, response_model=Envelope[KeyCreated])
 def create(body: KeyIn, request: Request, session: SessionDep, _admin: AdminKey) -> dict:
     """A new key; its secret is in this answer only."""
-    try:
-        row, secret = keys.create_key(session, body.name, list(body.scopes), body.expires_at,
-                                      body.rate_limit_per_minute, body.tier)
-    except ValueError as exc:
-        raise ApiError(422, str(exc)) from None
-    session.commit()
+    row, secret = keys.create_key(session, body.name, list(body.scopes), body.expires_at,
+                                  body.rate_limit_per_minute, body.tier)
     return ok(request, {**KeyOut.of(row).model_dump(), "key": secret},
               message="store the key now: it is not shown again")
 
@@ -84,7 +80,6 @@ def revoke(key_id: str, request: Request, session: SessionDep, _admin: AdminKey)
     """Revoke a key: its next request is refused."""
     found(keys.get(session, key_id), f"no key '{key_id}'")
     keys.revoke(session, key_id)
-    session.commit()
     return ok(request, KeyOut.of(found(keys.get(session, key_id), f"no key '{key_id}'")), message="key revoked")
 
 
@@ -93,6 +88,5 @@ def rotate(key_id: str, request: Request, session: SessionDep, _admin: AdminKey,
     """A new secret for the key; the old one keeps working for the grace period (24 h by default)."""
     rotated = keys.rotate(session, key_id, timedelta(hours=(body or Rotate()).grace_hours))
     row, secret = found(rotated, f"no live key '{key_id}'")
-    session.commit()
     return ok(request, {**KeyOut.of(row).model_dump(), "key": secret},
               message="store the new key now: it is not shown again")

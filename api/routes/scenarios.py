@@ -13,7 +13,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 
 from api.deps import AdminKey, ReadKey, SessionDep, WriteKey
-from api.envelope import ApiError, Cursor, Envelope, UTCDateTime, found, ok
+from api.envelope import Cursor, Envelope, UTCDateTime, found, ok
 from api.schemas import JobOut
 from pipelines.core.models import JobState, Scenario
 from pipelines.jobs import control
@@ -100,11 +100,7 @@ def _latest_run(session, scenario_id: str) -> str:
 def create(body: ScenarioIn, request: Request, session: SessionDep, key: WriteKey) -> dict:
     """Declare a scenario: base curves (and as-of date, or each curve's latest at run time) and shocks,
     applied in the order given."""
-    try:
-        scenario = definitions.create(session, body, key.id)
-    except definitions.UnknownCurves as exc:
-        raise ApiError(422, str(exc), {"curve_keys": exc.keys}) from None
-    session.commit()
+    scenario = definitions.create(session, body, key.id)
     return ok(request, ScenarioOut.of(scenario), message="scenario created")
 
 
@@ -133,11 +129,7 @@ def delete_scenario(scenario_id: str, request: Request, session: SessionDep, _ke
     """Delete the scenario and its runs' outputs; 409 while a run is queued or running."""
     scenario = _scenario(session, scenario_id)
     shown = ScenarioOut.of(scenario)
-    try:
-        definitions.remove(session, scenario)
-    except definitions.ScenarioBusy as exc:
-        raise ApiError(409, str(exc)) from None
-    session.commit()
+    definitions.remove(session, scenario)
     return ok(request, shown, message="scenario deleted")
 
 
@@ -175,25 +167,13 @@ def set_state(run_id: str, body: StateChange, request: Request, session: Session
     `queued` (run it again) from failed or cancelled; anything else 409."""
     if body.state == JobState.CANCELLED:
         return _cancel(run_id, request, session)
-    found(runs.get(session, run_id), f"no run '{run_id}'")
-    try:
-        runs.set_state(session, run_id, body.state, body.reason, send_job)
-    except runs.StateNotAllowed as exc:
-        raise ApiError(409, str(exc)) from None
-    session.commit()
-    if body.state == JobState.FAILED:
-        relay_webhooks()  # its scenario.run.failed event is ready to go
+    runs.set_state(session, run_id, body.state, body.reason, send_job, relay=relay_webhooks)
     return ok(request, RunOut.of(runs.get(session, run_id)), message=f"run {body.state}")
 
 
 def _cancel(run_id: str, request: Request, session) -> dict:
     found(runs.get(session, run_id), f"no run '{run_id}'")
-    try:
-        state = control.request_cancel(session, run_id, request.state.request_id, revoke=revoke,
-                                       relay=relay_webhooks)
-    except control.NotCancellable as exc:
-        raise ApiError(409, str(exc)) from None
-    session.commit()
+    state = control.request_cancel(session, run_id, request.state.request_id, revoke=revoke, relay=relay_webhooks)
     return ok(request, RunOut.of(runs.get(session, run_id)), message=f"run {state}")
 
 

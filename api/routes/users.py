@@ -9,7 +9,7 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
 
 from api.deps import AdminKey, SessionDep
-from api.envelope import ApiError, Envelope, UTCDateTime, ok
+from api.envelope import Envelope, UTCDateTime, ok
 from pipelines.auth import users
 from pipelines.core.models import User
 
@@ -42,13 +42,7 @@ class UserList(BaseModel):
 
 @router.post("", status_code=201, response_model=Envelope[UserOut])
 def create(body: UserIn, request: Request, session: SessionDep, _admin: AdminKey) -> dict:
-    if users.exists(session, body.username):
-        raise ApiError(409, f"user {body.username!r} already exists")
-    try:
-        user = users.create_user(session, body.username, body.password, list(body.scopes))
-    except ValueError as exc:
-        raise ApiError(422, str(exc)) from None
-    return ok(request, UserOut.of(user))
+    return ok(request, UserOut.of(users.create_user(session, body.username, body.password, list(body.scopes))))
 
 
 @router.get("", response_model=Envelope[UserList])
@@ -59,7 +53,4 @@ def list_users(request: Request, session: SessionDep, _admin: AdminKey) -> dict:
 @router.post("/{user_id}/disable", response_model=Envelope[UserOut])
 def disable(user_id: str, request: Request, session: SessionDep, _admin: AdminKey) -> dict:
     """Disable a user: its tokens are refused from their next request, and it cannot log in."""
-    try:
-        return ok(request, UserOut.of(users.disable(session, user_id)))
-    except users.UnknownUser as exc:
-        raise ApiError(404, str(exc)) from None
+    return ok(request, UserOut.of(users.disable(session, user_id)))

@@ -8,10 +8,8 @@ from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from api.deps import ReadKey, SessionDep, WriteKey
-from api.envelope import ApiError, Cursor, Envelope, UTCDateTime, found, ok
+from api.envelope import Cursor, Envelope, UTCDateTime, found, ok
 from pipelines.auth import keys
-from pipelines.core import netguard
-from pipelines.core.db import on_commit
 from pipelines.core.models import ApiKey, Webhook
 from pipelines.webhooks import endpoints
 from worker.dispatch import relay_webhooks
@@ -100,13 +98,7 @@ def _hook(session, webhook_id: str, key: ApiKey) -> Webhook:
 @router.post("", status_code=201, response_model=Envelope[WebhookCreated])
 def create(body: WebhookIn, request: Request, session: SessionDep, key: WriteKey) -> dict:
     """Register an endpoint. The secret (generated when none is given) is shown only in this answer."""
-    try:
-        hook, secret = endpoints.create(session, body.url, body.events, body.secret, key.id)
-    except (netguard.UnsafeUrl, ValueError) as exc:
-        raise ApiError(422, str(exc)) from None
-    except endpoints.TooManyWebhooks as exc:
-        raise ApiError(409, str(exc)) from None
-    session.commit()
+    hook, secret = endpoints.create(session, body.url, body.events, body.secret, key.id)
     return ok(request, {**_view(hook), "secret": secret}, message="store the secret now: it is not shown again")
 
 
@@ -125,7 +117,6 @@ def get_webhook(webhook_id: str, request: Request, session: SessionDep, key: Rea
 def delete_webhook(webhook_id: str, request: Request, session: SessionDep, key: WriteKey) -> dict:
     hook = _hook(session, webhook_id, key)
     endpoints.delete(session, hook)
-    session.commit()
     return ok(request, _view(hook), message="webhook deleted")
 
 
@@ -149,11 +140,5 @@ def deliveries(
              response_model=Envelope[dict])
 def redeliver(webhook_id: str, delivery_id: str, request: Request, session: SessionDep, key: WriteKey) -> dict:
     """Send a delivery again (same `webhook-id`), from the start of the retry schedule."""
-    hook = _hook(session, webhook_id, key)
-    if not hook.enabled:
-        raise ApiError(409, f"webhook {hook.id} is disabled: {hook.disabled_reason}")
-    if not endpoints.redeliver(session, webhook_id, delivery_id):
-        raise ApiError(404, f"no delivery '{delivery_id}' for webhook {webhook_id}")
-    on_commit(session, relay_webhooks)
-    session.commit()
+    endpoints.redeliver(session, _hook(session, webhook_id, key), delivery_id, relay_webhooks)
     return ok(request, {"delivery_id": delivery_id, "status": "pending"}, message="redelivery queued")

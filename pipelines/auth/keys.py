@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session
 from pipelines.auth import limits
 from pipelines.core import adb, embedded
 from pipelines.core.db import affected, on_commit
+from pipelines.core.errors import Invalid
 from pipelines.core.models import ApiKey
 from pipelines.core.settings import get_settings
 from pipelines.webhooks import endpoints
@@ -44,19 +45,19 @@ def _secret() -> str:
 def create_key(session: Session, name: str, scopes: list[str], expires_at: datetime | None = None,
                rate_limit_per_minute: int | None = None, tier: str = "basic") -> tuple[ApiKey, str]:
     """A new key (and its secret, to be shown once) in TIER's rate limit, or limited to
-    RATE_LIMIT_PER_MINUTE requests when given; ValueError for unknown scopes or tier, a past expiry or
-    a limit below 1."""
+    RATE_LIMIT_PER_MINUTE requests when given: refused for unknown scopes or tier, a past expiry or
+    a limit below 1 (Invalid)."""
     settings = get_settings()
     known = limits.tiers(settings.rate_limit_per_minute, settings.rate_limit_burst, settings.rate_limit_tiers)
     if tier not in known:
-        raise ValueError(f"tier must be among {', '.join(sorted(known))}; got {tier!r}")
+        raise Invalid(f"tier must be among {', '.join(sorted(known))}; got {tier!r}")
     unknown = sorted(set(scopes) - set(SCOPES))
     if unknown or not scopes:
-        raise ValueError(f"scopes must be among {', '.join(SCOPES)}; got {', '.join(scopes) or 'none'}")
+        raise Invalid(f"scopes must be among {', '.join(SCOPES)}; got {', '.join(scopes) or 'none'}")
     if expires_at is not None and expires_at <= datetime.now(UTC):
-        raise ValueError("expires_at must be in the future")
+        raise Invalid("expires_at must be in the future")
     if rate_limit_per_minute is not None and rate_limit_per_minute < 1:
-        raise ValueError("rate_limit_per_minute must be at least 1")
+        raise Invalid("rate_limit_per_minute must be at least 1")
     key = _secret()
     row = ApiKey(name=name, prefix=key[:12], key_hash=hash_key(key), scopes=sorted(set(scopes)),
                  expires_at=expires_at, rate_limit_per_minute=rate_limit_per_minute, tier=tier)
@@ -100,7 +101,7 @@ def new_generation() -> None:
 
 
 def get(session: Session, key_id: str) -> ApiKey | None:
-    return session.get(ApiKey, key_id)
+    return session.get(ApiKey, key_id, populate_existing=True)  # as this transaction left it
 
 
 def rotate(session: Session, key_id: str, grace: timedelta) -> tuple[ApiKey, str] | None:

@@ -14,28 +14,21 @@ only once it comes within a tenth of the quota (or the second is up).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 from pipelines.core import runtime
+from pipelines.core.errors import OverQuota
 from pipelines.core.models import ACTIVE_STATES
 from pipelines.core.settings import get_settings
 
 
-@dataclass
-class QuotaExceeded(Exception):
-    what: str
-    used: int
-    allowed: int
-    retry_after: int | None = None  # seconds until it frees by itself, when known
-
-    def __str__(self) -> str:
-        return f"this key's quota of {self.what} is used up ({self.used:,} of {self.allowed:,})"
-
-    def details(self) -> dict:
-        return {"quota": self.what, "used": self.used, "allowed": self.allowed}
+class QuotaExceeded(OverQuota):
+    def __init__(self, what: str, used: int, allowed: int, retry_after: int | None = None):
+        super().__init__(f"this key's quota of {what} is used up ({used:,} of {allowed:,})",
+                         {"quota": what, "used": used, "allowed": allowed}, retry_after)
+        self.what, self.used, self.allowed = what, used, allowed
 
 
 _ACTIVE = [str(s) for s in ACTIVE_STATES]

@@ -16,6 +16,7 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
 from pipelines.auth.keys import SCOPES
+from pipelines.core.errors import Conflict, Invalid, NotFound
 from pipelines.core.models import RevokedToken, User
 from pipelines.core.settings import get_settings
 
@@ -46,12 +47,12 @@ def _dummy_hash() -> str:
 
 def create_user(session: Session, username: str, password: str, scopes: list[str]) -> User:
     if len(password) < 12:
-        raise ValueError("the password must have at least 12 characters")
+        raise Invalid("the password must have at least 12 characters")
     unknown = sorted(set(scopes) - set(SCOPES))
     if unknown or not scopes:
-        raise ValueError(f"scopes must be among {', '.join(SCOPES)}")
+        raise Invalid(f"scopes must be among {', '.join(SCOPES)}")
     if session.scalar(select(User.id).where(User.username == username)):
-        raise ValueError(f"user {username!r} already exists")
+        raise Conflict(f"user {username!r} already exists")
     user = User(username=username, password_hash=hash_password(password), scopes=sorted(set(scopes)))
     session.add(user)
     session.flush()
@@ -121,15 +122,11 @@ def logout(session: Session, token: str) -> bool:
     return True
 
 
-def exists(session: Session, username: str) -> bool:
-    return session.scalar(select(User.id).where(User.username == username)) is not None
-
-
 def list_users(session: Session) -> list[User]:
     return list(session.scalars(select(User).order_by(User.created_at, User.id)))
 
 
-class UnknownUser(LookupError):
+class UnknownUser(NotFound):
     pass
 
 

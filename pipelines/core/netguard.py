@@ -12,6 +12,8 @@ import logging
 import socket
 from urllib.parse import urlsplit
 
+from pipelines.core.errors import Invalid
+
 log = logging.getLogger(__name__)
 
 _CGNAT = ipaddress.ip_network("100.64.0.0/10")
@@ -19,7 +21,7 @@ _EXTRA = [ipaddress.ip_network(n) for n in ("0.0.0.0/8", "192.0.0.0/24", "198.18
                                             "64:ff9b:1::/48", "2001::/23", "fc00::/7", "fec0::/10")]
 
 
-class UnsafeUrl(ValueError):
+class UnsafeUrl(Invalid):
     """The URL may not receive webhooks."""
 
 

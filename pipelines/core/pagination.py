@@ -20,8 +20,10 @@ from typing import Any
 from sqlalchemy import Select, func, select, tuple_
 from sqlalchemy.orm import InstrumentedAttribute, Session
 
+from pipelines.core.errors import Invalid
 
-class BadCursor(ValueError):
+
+class BadCursor(Invalid):
     """A cursor that this server did not hand out (or for another listing)."""
 
 

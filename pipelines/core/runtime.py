@@ -17,6 +17,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
 
 from pipelines.core.db import get_engine
+from pipelines.core.errors import Invalid
 from pipelines.core.settings import get_settings
 
 
@@ -32,12 +33,12 @@ class Knob:
         if self.kind is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         if not isinstance(value, self.kind) or isinstance(value, bool):
-            raise ValueError(f"{name} must be {self.kind.__name__}")
+            raise Invalid(f"{name} must be {self.kind.__name__}")
         if self.kind is str:
             return value
         number = cast(float, value)
         if (self.low is not None and number < self.low) or (self.high is not None and number > self.high):
-            raise ValueError(f"{name} must be between {self.low:g} and {self.high:g}")
+            raise Invalid(f"{name} must be between {self.low:g} and {self.high:g}")
         return value
 
 
@@ -122,9 +123,9 @@ def _steps(schedule: str) -> list[float]:
     try:
         steps = [float(x) for x in schedule.split(",") if x.strip()]
     except ValueError:
-        raise ValueError("webhook_retry_schedule must be comma-separated seconds") from None
+        raise Invalid("webhook_retry_schedule must be comma-separated seconds") from None
     if not steps or any(s < 0 for s in steps):
-        raise ValueError("webhook_retry_schedule must be comma-separated seconds")
+        raise Invalid("webhook_retry_schedule must be comma-separated seconds")
     return steps
 
 
@@ -136,7 +137,7 @@ def update(changes: dict) -> list[str]:
     """Validate and store CHANGES (all or none); returns the names that need a restart to apply."""
     unknown = sorted(set(changes) - set(KNOBS))
     if unknown:
-        raise ValueError(f"not runtime settings: {unknown}; these are: {sorted(KNOBS)}")
+        raise Invalid(f"not runtime settings: {unknown}; these are: {sorted(KNOBS)}")
     checked = {name: KNOBS[name].check(name, v) for name, v in changes.items()}
     if "webhook_retry_schedule" in checked:
         _steps(checked["webhook_retry_schedule"])

@@ -14,6 +14,7 @@ from datetime import date
 from sqlalchemy import and_, func, select
 from sqlalchemy.orm import Session
 
+from pipelines.core.errors import NotFound
 from pipelines.core.models import Curve, CurveIndex
 from pipelines.core.pagination import Keyset
 
@@ -22,7 +23,7 @@ DIMENSIONS = ("asset_class", "iso", "location", "curve_key")
 CACHE_GROUP = "curves:"  # cache entries built from the curves, dropped when a curves ingestion commits
 
 
-class NoCurve(LookupError):
+class NoCurve(NotFound):
     """No curve has that key, or it has no points on that as-of date."""
 
 

@@ -31,6 +31,7 @@ from sqlalchemy import text
 
 from pipelines.core import runtime
 from pipelines.core.db import driver, get_engine
+from pipelines.core.errors import Busy
 from pipelines.core.prefetch import prefetch
 from pipelines.core.settings import get_settings
 from pipelines.exports import query
@@ -218,7 +219,7 @@ class _ParquetWriter:
         self.sink.close()
 
 
-class DiskFull(OSError):
+class DiskFull(Busy):
     """Less free space under the exports folder than `INGOT_EXPORT_MIN_FREE_BYTES`."""
 
 

@@ -129,9 +129,7 @@ def run(session: Session, q: Query) -> tuple[list[Observation], dict]:
     the page; a numbered page skips whole parts by counting their rows, never more than the offset."""
     where = conditions(q)
     total = _total(session, q, where)
-    cursor = pagination.decode(q.cursor, 3) if q.cursor else None
-    if cursor is not None and q.sort in ("timestamp", "ingested_at") and cursor[0] is not None:
-        cursor[0] = datetime.fromisoformat(cursor[0])
+    cursor = _cursor(q)
     page = None if q.cursor else q.page or 1
     skip = 0 if page is None else (page - 1) * q.limit
     wanted = q.limit + 1
@@ -161,6 +159,27 @@ def run(session: Session, q: Query) -> tuple[list[Observation], dict]:
         "pages": math.ceil(total.count / q.limit) if total.count else 0,
         "next_cursor": _encode(q, rows[-1]) if more and rows else None,
     }
+
+
+def _cursor(q: Query) -> list | None:
+    """Q's cursor as (sort value, source, id), each of the type its column holds; BadCursor for one
+    this listing did not hand out (another sort's, or made up)."""
+    if not q.cursor:
+        return None
+    value, source, key = pagination.decode(q.cursor, 3)
+    try:
+        if not isinstance(source, str) or not isinstance(key, str):
+            raise TypeError
+        if value is not None:
+            if q.sort in ("timestamp", "ingested_at"):
+                value = datetime.fromisoformat(value)
+            elif q.sort == "value" and (isinstance(value, bool) or not isinstance(value, int | float)):
+                raise TypeError
+            elif q.sort in ("id", "source") and not isinstance(value, str):
+                raise TypeError
+    except (TypeError, ValueError):
+        raise pagination.BadCursor("cursor is not valid for this query") from None
+    return [value, source, key]
 
 
 def _cursor_part(q: Query, parts: list[_Part], cursor: list) -> tuple[int, bool]:

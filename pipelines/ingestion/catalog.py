@@ -9,6 +9,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from pipelines.core.errors import Conflict, Invalid, NotFound
 from pipelines.core.models import Observation, SourceState
 from pipelines.core.pagination import capped_count
 from pipelines.ingestion.sources.registry import Registry
@@ -103,19 +104,19 @@ def _next_run(config, state: SourceState | None) -> datetime | None:
     return schedules.next_run(config.schedule, state.last_scheduled_at if state else None, datetime.now(UTC))
 
 
-class UnknownSources(LookupError):
+class UnknownSources(NotFound):
     def __init__(self, sources: list[str]):
-        super().__init__(f"unknown source(s): {', '.join(sources)}")
+        super().__init__(f"unknown source(s): {', '.join(sources)}", {"sources": sources})
         self.sources = sources
 
 
-class InvalidSources(ValueError):
+class InvalidSources(Invalid):
     def __init__(self, errors: dict[str, str]):
-        super().__init__("source declaration(s) are invalid")
+        super().__init__("source declaration(s) are invalid", {"sources": errors})
         self.errors = errors
 
 
-class NoEnabledSource(ValueError):
+class NoEnabledSource(Conflict):  # nothing to start in what is declared now: the server's state
     def __init__(self) -> None:
         super().__init__("no enabled source is declared")
 

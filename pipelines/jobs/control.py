@@ -12,6 +12,7 @@ from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
 from pipelines.core.db import on_commit
+from pipelines.core.errors import Conflict, NotFound
 from pipelines.core.models import ACTIVE_STATES, Job, JobKind, JobState
 from pipelines.jobs import journal, listing
 from pipelines.jobs.machine import NotCancellable, Sender, cancel, create_job
@@ -23,8 +24,9 @@ __all__ = ["NotCancellable", "SourcesBusy", "NoSuchJob", "start_ingestion", "req
            "active_sources"]
 
 
-class NoSuchJob(LookupError):
-    pass
+class NoSuchJob(NotFound):
+    def __init__(self, job_id: str | None, what: str = "job"):
+        super().__init__(f"no {what} '{job_id}'")
 
 
 def lock_sources(session: Session) -> None:
@@ -42,9 +44,10 @@ def active_sources(session: Session, among: list[str] | None = None) -> set[str]
     return active if among is None else active & set(among)
 
 
-class SourcesBusy(Exception):
+class SourcesBusy(Conflict):
     def __init__(self, sources: list[str]):
-        super().__init__(f"source(s) already have an ingestion job queued or running: {', '.join(sources)}")
+        super().__init__(f"source(s) already have an ingestion job queued or running: {', '.join(sources)}",
+                         {"sources": sources})
         self.sources = sources
 
 
@@ -84,7 +87,7 @@ def stop_ingestion(session: Session, job_id: str | None, request_id: str | None,
     NoSuchJob if JOB_ID is not an ingestion job."""
     if job_id:
         if session.scalar(select(Job.kind).where(Job.id == job_id)) != JobKind.INGESTION:
-            raise NoSuchJob(job_id)
+            raise NoSuchJob(job_id, "ingestion job")
         targets = [job_id]
     else:
         targets = list(session.scalars(select(Job.id).where(

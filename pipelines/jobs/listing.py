@@ -22,7 +22,7 @@ def visible(kind: str, job_owner: str | None, owner: str | None) -> bool:
 
 def get(session: Session, job_id: str, kind: JobKind | None = None, owner: str | None = None) -> Job | None:
     """The job JOB_ID (of KIND, when given), or None; None too for another's export when OWNER is given."""
-    job = session.get(Job, job_id)
+    job = session.get(Job, job_id, populate_existing=True)  # as this transaction left it
     if job is None or (kind is not None and job.kind != kind) or not visible(job.kind, job.api_key_id, owner):
         return None
     return job

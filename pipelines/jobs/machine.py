@@ -28,6 +28,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
 from pipelines.core.db import autocommit, on_commit
+from pipelines.core.errors import Conflict
 from pipelines.core.models import Job, JobKind, JobState, new_id
 from pipelines.core.settings import get_settings
 
@@ -74,7 +75,7 @@ class InvalidTransition(ValueError):
     pass
 
 
-class NotCancellable(Exception):
+class NotCancellable(Conflict):
     """The job has already ended."""
 
 

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from sqlalchemy import delete, exists, select
 from sqlalchemy.orm import Session
 
+from pipelines.core.errors import Conflict, Invalid
 from pipelines.core.models import ACTIVE_STATES, Job, JobKind, Scenario, ScenarioMetric, ScenarioOutput
 from pipelines.core.pagination import Keyset
 from pipelines.curves.queries import known_keys
@@ -84,13 +85,13 @@ class ScenarioIn(_Strict):
     shocks: list[Shock] = Field(min_length=1, max_length=100)
 
 
-class UnknownCurves(ValueError):
+class UnknownCurves(Invalid):
     def __init__(self, keys: list[str]):
-        super().__init__(f"unknown curve key(s): {', '.join(keys)}")
+        super().__init__(f"unknown curve key(s): {', '.join(keys)}", {"curve_keys": keys})
         self.keys = keys
 
 
-class ScenarioBusy(Exception):
+class ScenarioBusy(Conflict):
     """A run of the scenario is queued or running."""
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import io
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -25,7 +25,8 @@ from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
 from pipelines.auth import quotas
-from pipelines.core.db import driver, session_scope
+from pipelines.core.db import driver, on_commit, session_scope
+from pipelines.core.errors import Conflict, NotFound
 from pipelines.core.models import Job, JobKind, JobState, ScenarioMetric
 from pipelines.core.pagination import Keyset
 from pipelines.ingestion.load import Payload, copy_payload
@@ -40,11 +41,12 @@ NEWEST_FIRST = Keyset((Job.created_at, Job.id), descending=True)
 OUTPUT_COLUMNS = ("curve_key", "contract_month", "tenor_label", "base", "shocked", "change")
 
 
-class NoSuchRun(LookupError):
-    pass
+class NoSuchRun(NotFound):
+    def __init__(self, run_id: str):
+        super().__init__(f"no run '{run_id}'")
 
 
-class StateNotAllowed(Exception):
+class StateNotAllowed(Conflict):
     """The run cannot move to the asked state from the one it is in."""
 
 
@@ -66,16 +68,17 @@ def page(session: Session, scenario_id: str, cursor: str | None, limit: int) -> 
 
 
 def get(session: Session, run_id: str, scenario_id: str | None = None) -> Job | None:
-    job = session.get(Job, run_id)
+    job = session.get(Job, run_id, populate_existing=True)  # as this transaction left it
     if job is None or job.kind != JobKind.SCENARIO_RUN:
         return None
     return job if scenario_id is None or job.params.get("scenario_id") == scenario_id else None
 
 
-def set_state(session: Session, run_id: str, state: str, reason: str | None, send: Sender) -> str:
+def set_state(session: Session, run_id: str, state: str, reason: str | None, send: Sender,
+              relay: Callable[[], object]) -> str:
     """An admin's move of a run: `failed` (with REASON) from queued or running, `queued` (run it
-    again) from failed or cancelled. NoSuchRun, StateNotAllowed. (`cancelled` goes through
-    `pipelines.jobs.control.request_cancel`.)"""
+    again) from failed or cancelled; once it commits, a failed run's event is relayed. NoSuchRun,
+    StateNotAllowed. (`cancelled` goes through `pipelines.jobs.control.request_cancel`.)"""
     if get(session, run_id) is None:
         raise NoSuchRun(run_id)
     if state == JobState.FAILED:
@@ -87,6 +90,8 @@ def set_state(session: Session, run_id: str, state: str, reason: str | None, sen
     if not moved:
         current = session.scalar(select(Job.state).where(Job.id == run_id))
         raise StateNotAllowed(f"run {run_id} is {current}: it cannot become {state}")
+    if state == JobState.FAILED:
+        on_commit(session, relay)  # its scenario.run.failed event is ready to go
     return state
 
 

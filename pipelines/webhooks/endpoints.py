@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import secrets
+from collections.abc import Callable
 from functools import lru_cache
 
 from cryptography.fernet import Fernet
@@ -13,7 +14,8 @@ from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
 from pipelines.core import netguard
-from pipelines.core.db import affected
+from pipelines.core.db import affected, on_commit
+from pipelines.core.errors import Conflict, Invalid, NotFound
 from pipelines.core.models import DeliveryAttempt, Webhook, WebhookDelivery, WebhookEvent
 from pipelines.core.pagination import Keyset
 from pipelines.core.settings import get_settings
@@ -23,7 +25,7 @@ EVENTS = ("ingestion.completed", "ingestion.failed", "export.completed", "export
 NEWEST_FIRST = Keyset((WebhookDelivery.created_at, WebhookDelivery.id), descending=True)
 
 
-class TooManyWebhooks(Exception):
+class TooManyWebhooks(Conflict):
     pass
 
 
@@ -61,9 +63,9 @@ def check_secret(secret: str) -> str:
     try:
         raw = base64.b64decode(body + "=" * (-len(body) % 4), validate=True)
     except ValueError:
-        raise ValueError("secret must be 'whsec_' followed by base64") from None
+        raise Invalid("secret must be 'whsec_' followed by base64") from None
     if len(raw) < 24:
-        raise ValueError("secret must hold at least 24 random bytes")
+        raise Invalid("secret must hold at least 24 random bytes")
     return secret if secret.startswith("whsec_") else "whsec_" + body
 
 
@@ -152,9 +154,15 @@ def deliveries(session: Session, webhook_id: str, *, state: str | None, cursor: 
     } for r in rows], next_cursor
 
 
-def redeliver(session: Session, webhook_id: str, delivery_id: str) -> bool:
-    """Send DELIVERY_ID again from its first retry step (history kept); False if there is no such one."""
-    return bool(affected(session.execute(text(
+def redeliver(session: Session, hook: Webhook, delivery_id: str, relay: Callable[[], object]) -> None:
+    """Send DELIVERY_ID of HOOK again from its first retry step (history kept), relayed once this
+    commits. Conflict while the endpoint is disabled (nothing would be sent); NotFound if it has no
+    such delivery."""
+    if not hook.enabled:
+        raise Conflict(f"webhook {hook.id} is disabled: {hook.disabled_reason}")
+    if not affected(session.execute(text(
         "UPDATE webhook_deliveries SET state = 'pending', attempts = 0, next_attempt_at = now(), "
         "claimed_until = NULL, completed_at = NULL WHERE id = :d AND webhook_id = :w"
-    ), {"d": delivery_id, "w": webhook_id})))
+    ), {"d": delivery_id, "w": hook.id})):
+        raise NotFound(f"no delivery '{delivery_id}' for webhook {hook.id}")
+    on_commit(session, relay)
