@@ -18,11 +18,10 @@ from starlette.concurrency import run_in_threadpool
 
 from api import limits
 from api.envelope import ApiError
-from api.identity import Principal
-from pipelines.auth import keys
+from api.identity import Identity
+from pipelines.auth.principal import Principal
 from pipelines.core import runtime
 from pipelines.core.db import abandon, new_session
-from pipelines.core.models import ApiKey
 
 
 async def get_session() -> AsyncIterator[Session]:
@@ -61,14 +60,15 @@ def _end(session: Session, commit: bool) -> None:
 SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 
 
-def principal(request: Request) -> Principal:
+def identity(request: Request) -> Identity:
     """Who is calling, as `api.gate` found when it let the request in."""
-    return request.state.principal
+    return request.state.identity
 
 
-def _current_key(who: Principal) -> ApiKey:
-    if who.key is not None:
-        return who.key
+def _caller(request: Request) -> Principal:
+    who = identity(request)
+    if who.principal is not None:
+        return who.principal
     raise who.problem or ApiError(401, "an API key (X-API-Key) or a bearer token is required",
                                   headers={"WWW-Authenticate": "Bearer"})
 
@@ -86,13 +86,13 @@ BearerHeader = Annotated[HTTPAuthorizationCredentials | None, Security(BEARER)]
 
 
 def require(scope: str):
-    """A dependency that lets the request through only with a key holding SCOPE."""
+    """A dependency that lets the request through only with a caller holding SCOPE: the caller."""
 
-    async def check(request: Request, _key: KeyHeader = None, _token: BearerHeader = None) -> ApiKey:
-        key = _current_key(principal(request))
-        if not keys.grants(key, scope):
-            raise ApiError(403, f"this API key lacks the '{scope}' scope")
-        return key
+    async def check(request: Request, _key: KeyHeader = None, _token: BearerHeader = None) -> Principal:
+        caller = _caller(request)
+        if not caller.grants(scope):
+            raise ApiError(403, f"this {'API key' if caller.kind == 'key' else 'user'} lacks the '{scope}' scope")
+        return caller
 
     return Depends(check)
 
@@ -105,14 +105,14 @@ def bearer_token(request: Request, _token: BearerHeader = None) -> str:
     if request.headers.get("x-api-key") or scheme.lower() != "bearer" or not token or token.startswith("ingot_"):
         raise ApiError(401, "this route takes the bearer token from /auth/login, alone (a key is revoked with "
                             "DELETE /api/v1/keys/{key_id})", headers={"WWW-Authenticate": "Bearer"})
-    _current_key(principal(request))
+    _caller(request)
     return token
 
 
 BearerToken = Annotated[str, Depends(bearer_token)]
-ReadKey = Annotated[ApiKey, require("read")]
-WriteKey = Annotated[ApiKey, require("write")]
-AdminKey = Annotated[ApiKey, require("admin")]
+Reader = Annotated[Principal, require("read")]
+Writer = Annotated[Principal, require("write")]
+Admin = Annotated[Principal, require("admin")]
 
 
 def limit(bucket: str, knob: str, by_address: bool = False):
@@ -120,7 +120,7 @@ def limit(bucket: str, knob: str, by_address: bool = False):
     KNOB says (per client address alone with BY_ADDRESS: for logging in, where there is no principal)."""
 
     async def check(request: Request) -> None:
-        who = limits.address(request) if by_address else limits.caller(request, principal(request).key)
+        who = limits.address(request) if by_address else limits.caller(request, identity(request).principal)
         await limits.count(request, bucket, who, runtime.current(knob))
 
     return Depends(check)

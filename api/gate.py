@@ -1,7 +1,7 @@
 """The gate of /api/v1: every request to it is identified and counted against the default rate limit
 here, before it is routed, so none can pass uncounted (a path or method with no route included).
 
-The caller is left in `request.state.principal` for the routes' scope checks (`api.deps`). Done as
+The caller is left in `request.state.identity` for the routes' scope checks (`api.deps`). Done as
 a chain of FastAPI dependencies, as it once was, the same work cost a polled route 6% more
 instructions, spent in FastAPI's dependency machinery. Past the limit, the request is answered 429
 here.
@@ -16,7 +16,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from api import limits
 from api.envelope import ApiError, error_response
-from api.identity import Principal, identify
+from api.identity import Identity, identify
 
 PREFIX = "/api/v1"
 # Seed 000's own paths for the curves and scenarios routes (`/v1/curves`, ...): the same routes,
@@ -34,7 +34,7 @@ class Gate:
             return
         request = Request(scope, receive)
         try:
-            request.state.principal = await _principal(request)
+            request.state.identity = await _identity(request)
         except ApiError as exc:  # past the rate limit
             await error_response(request, exc.status, exc.message, exc.details, exc.headers)(scope, receive, send)
             return
@@ -54,11 +54,11 @@ def route_path(scope: Scope) -> str:
     return path[len(root):] if root and path.startswith(root) else path
 
 
-async def _principal(request: Request) -> Principal:
+async def _identity(request: Request) -> Identity:
     try:
         return await identify(request)
     except (psycopg.OperationalError, OperationalError):
         # The database is away: routes that need a caller answer 503, the rest go on.
         await limits.count_default(request, None)
-        return Principal(None, ApiError(503, "the database is unavailable; try again shortly",
+        return Identity(None, ApiError(503, "the database is unavailable; try again shortly",
                                         headers={"Retry-After": "5"}))

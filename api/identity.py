@@ -24,8 +24,8 @@ from api import limits
 from api.envelope import ApiError
 from pipelines.auth import keys, oidc, users
 from pipelines.auth.limits import Bucket
+from pipelines.auth.principal import AUTH_DISABLED, Principal
 from pipelines.core.db import session_scope
-from pipelines.core.models import ApiKey
 from pipelines.core.settings import get_settings
 
 CACHE_SECONDS = 30.0
@@ -33,17 +33,17 @@ _MAX_ENTRIES = 10_000
 
 
 @dataclass(frozen=True)
-class Principal:
+class Identity:
     """Who the credentials of a request name, checked once per request (the rate limiter and the
-    route share it): KEY when they are valid, else why not."""
+    route share it): the PRINCIPAL when they are valid, else why not."""
 
-    key: ApiKey | None
-    problem: ApiError | None  # None with no key: no credentials were given
+    principal: Principal | None
+    problem: ApiError | None  # None with no principal: no credentials were given
 
 
 @dataclass(frozen=True)
 class _Entry:
-    key: ApiKey
+    principal: Principal
     valid_until: datetime | None  # the key's expiry, or the end of a rotation's grace period
     generation: bytes
     checked_at: float
@@ -65,35 +65,34 @@ def _invalid_token() -> ApiError:
     return ApiError(401, "the bearer token is not valid or has expired", headers={"WWW-Authenticate": "Bearer"})
 
 
-async def identify(request: Request) -> Principal:
+async def identify(request: Request) -> Identity:
     """The caller of REQUEST, counted against the default limit (429 past it)."""
     if get_settings().auth_disabled:
-        who = Principal(ApiKey(id="key_auth_disabled", name="auth disabled", prefix="", key_hash="",
-                               scopes=["admin"]), None)
-        await limits.count_default(request, who.key)
+        who = Identity(AUTH_DISABLED, None)
+        await limits.count_default(request, who.principal)
         return who
     supplied = request.headers.get("x-api-key")
     if not supplied:
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() == "bearer" and token and not token.startswith("ingot_"):
-            who = await run_in_threadpool(_token_principal, token)
-            if who.key is not None:
-                request.state.api_key_id = who.key.id  # the user, in the access line
-            await limits.count_default(request, who.key)
+            who = await run_in_threadpool(_token_identity, token)
+            if who.principal is not None:
+                request.state.api_key_id = who.principal.id  # the user, in the access line
+            await limits.count_default(request, who.principal)
             return who
         supplied = token if scheme.lower() == "bearer" else None
     if not supplied:
-        who = Principal(None, None)
-        await limits.count_default(request, who.key)
+        who = Identity(None, None)
+        await limits.count_default(request, who.principal)
         return who
-    return await _key_principal(request, supplied)
+    return await _key_identity(request, supplied)
 
 
-async def _key_principal(request: Request, supplied: str) -> Principal:
+async def _key_identity(request: Request, supplied: str) -> Identity:
     digest = keys.hash_key(supplied)
     entry = _cache.get(digest)
-    counter = Bucket.of("default", limits.caller(request, entry.key if entry else None),
-                        limits.default_limit(entry.key if entry else None))
+    counter = Bucket.of("default", limits.caller(request, entry.principal if entry else None),
+                        limits.default_limit(entry.principal if entry else None))
     try:
         # Most requests: the key is known, counted in the same round trip.
         generation, *counted = await limits.call(("GET", keys.GENERATION),
@@ -103,40 +102,37 @@ async def _key_principal(request: Request, supplied: str) -> Principal:
         generation, counted = None, []
         _cache.clear()  # changes made meanwhile could not be announced
     if entry is not None and entry.usable(generation):
-        who = Principal(entry.key, None)
+        who = Identity(entry.principal, None)
     else:
         _cache.pop(digest, None)
         checked = await keys.authenticate(supplied)
         if checked is None:
-            who = Principal(None, _invalid_key())
+            who = Identity(None, _invalid_key())
         else:
             key, valid_until = checked
-            who = Principal(key, None)
+            who = Identity(Principal.of_key(key), None)
             if generation is not None:
                 if len(_cache) >= _MAX_ENTRIES:
                     _cache.clear()
-                _cache[digest] = _Entry(key, valid_until, generation, time.monotonic())
-        if not counted or who.key is None or who.key.id != entry.key.id:  # type: ignore[union-attr]
-            await limits.count_default(request, who.key)
+                _cache[digest] = _Entry(who.principal, valid_until, generation, time.monotonic())
+        if not counted or who.principal is None or who.principal.id != entry.principal.id:  # type: ignore[union-attr]
+            await limits.count_default(request, who.principal)
             counted = []
-    if who.key is not None:
-        request.state.api_key_id = who.key.id
+    if who.principal is not None:
+        request.state.api_key_id = who.principal.id
     if counted:
         limits.apply(request, counter.verdict(counted[0]))
     return who
 
 
-def _token_principal(token: str) -> Principal:
-    """A logged-in user, standing in the place of a key with the user's scopes; or, when an OpenID
-    Connect issuer is configured and the token is signed as it signs, the person it names."""
+def _token_identity(token: str) -> Identity:
+    """A user logged in here; or, when an OpenID Connect issuer is configured and the token is signed as
+    it signs, the person it names."""
     if oidc.configured() and oidc.is_theirs(token):
         person = oidc.verify(token)
         if person is None:
-            return Principal(None, _invalid_token())
-        return Principal(ApiKey(id=f"oidc:{person.subject}", name=person.name, prefix="", key_hash="",
-                                scopes=person.scopes), None)
+            return Identity(None, _invalid_token())
+        return Identity(Principal.of_person(person.subject, person.name, person.scopes), None)
     with session_scope() as session:
         user = users.verify(session, token)
-        if user is None:
-            return Principal(None, _invalid_token())
-        return Principal(ApiKey(id=user.id, name=user.username, prefix="", key_hash="", scopes=user.scopes), None)
+        return Identity(None, _invalid_token()) if user is None else Identity(Principal.of_user(user), None)

@@ -13,9 +13,9 @@ from api.envelope import ApiError
 from api.redispipe import Pipe
 from pipelines.auth import limits
 from pipelines.auth.limits import Bucket, Rate, Verdict, with_scripts
+from pipelines.auth.principal import Principal
 from pipelines.core import embedded, runtime
 from pipelines.core.loops import PerLoop
-from pipelines.core.models import ApiKey
 from pipelines.core.settings import get_settings
 
 _pipes = PerLoop(lambda: Pipe(embedded.redis_url(get_settings())))
@@ -55,10 +55,10 @@ def address(request: Request) -> str:
     return "ip:" + (request.client.host if request.client else "unknown")
 
 
-def caller(request: Request, key: ApiKey | None) -> str:
+def caller(request: Request, who: Principal | None) -> str:
     """The authenticated principal, whatever header or spelling carried its credentials; else (none
     given, or not valid) the client address alone, so invented keys share one bucket."""
-    return f"principal:{key.id}" if key is not None else address(request)
+    return f"principal:{who.id}" if who is not None else address(request)
 
 
 def tiers() -> dict[str, Rate]:
@@ -68,16 +68,16 @@ def tiers() -> dict[str, Rate]:
                         settings.rate_limit_tiers)
 
 
-def default_limit(key: ApiKey | None) -> Rate:
-    """KEY's rate: its own limit if it was given one, else its tier's; with no valid key, the
+def default_limit(who: Principal | None) -> Rate:
+    """WHO's rate: its own limit if it was given one, else its tier's; with no valid credentials, the
     unauthenticated rate (per address)."""
-    if key is None:
+    if who is None:
         rate = get_settings().unauthenticated_rate_limit_per_minute
         return Rate(rate, rate)
-    if key.rate_limit_per_minute:
-        return Rate(key.rate_limit_per_minute, key.rate_limit_per_minute)
+    if who.rate_limit_per_minute:
+        return Rate(who.rate_limit_per_minute, who.rate_limit_per_minute)
     known = tiers()
-    return known.get(key.tier or "basic", known["basic"])
+    return known.get(who.tier, known["basic"])
 
 
 def apply(request: Request, verdict: Verdict, bucket: str = "default") -> None:
@@ -105,10 +105,10 @@ async def count(request: Request, bucket: str, who: str, limit: int | Rate) -> N
     apply(request, verdict, bucket)
 
 
-async def count_default(request: Request, key: ApiKey | None) -> None:
-    """Count one request against the default limit: KEY's (its own tier, or the default), or with no
-    valid key, the client address's."""
-    await count(request, "default", caller(request, key), default_limit(key))
+async def count_default(request: Request, who: Principal | None) -> None:
+    """Count one request against the default limit: WHO's (its own tier, or the default), or with no
+    valid credentials, the client address's."""
+    await count(request, "default", caller(request, who), default_limit(who))
 
 
 async def address_headers(request: Request) -> dict[str, str]:

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictFloat, StrictStr, create_model
 
 from api.broker import broker_status, queue_depths
-from api.deps import AdminKey, ReadKey, SessionDep
+from api.deps import Admin, Reader, SessionDep
 from api.envelope import JSON_INTEGER, Envelope, IsoDateTime, UTCDateTime, ok
 from pipelines.core import runtime
 from pipelines.jobs import journal, status
@@ -36,7 +36,7 @@ class LogList(BaseModel):
 def logs(
     request: Request,
     session: SessionDep,
-    _key: AdminKey,
+    _caller: Admin,
     level: Annotated[Literal["debug", "info", "warning", "error", "critical"] | None,
                      BeforeValidator(lambda v: v.lower() if isinstance(v, str) else v)] = None,
     source: str | None = None,
@@ -56,7 +56,7 @@ def logs(
 
 
 @router.get("/metrics", response_model=Envelope[dict[str, Any]])
-def metrics(request: Request, session: SessionDep, _key: ReadKey) -> dict:
+def metrics(request: Request, session: SessionDep, _caller: Reader) -> dict:
     """Throughput over the last hour, job and database facts, and queue depths."""
     rates = status.throughput(session)
     connected = broker_status()
@@ -88,14 +88,14 @@ class ConfigView(BaseModel):
 
 
 @router.get("/config", response_model=Envelope[ConfigView])
-def get_config(request: Request, _key: AdminKey) -> dict:
+def get_config(request: Request, _caller: Admin) -> dict:
     """The runtime settings an admin may change (never a secret), and which of them need a restart."""
     restart = sorted(name for name, knob in runtime.KNOBS.items() if knob.restart)
     return ok(request, {"config": runtime.snapshot(), "restart_required": restart})
 
 
 @router.put("/config", response_model=Envelope[ConfigView])
-def put_config(body: ConfigUpdate, request: Request, _key: AdminKey) -> dict:  # type: ignore[valid-type]
+def put_config(body: ConfigUpdate, request: Request, _caller: Admin) -> dict:  # type: ignore[valid-type]
     """Change runtime settings (all or none); the answer names those that apply only after a restart."""
     restart = runtime.update(body.model_dump(exclude_unset=True))  # type: ignore[attr-defined]
     return ok(request, {"config": runtime.snapshot(), "restart_required": restart},

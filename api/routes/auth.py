@@ -11,7 +11,7 @@ from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from api import limits
-from api.deps import BearerToken, ReadKey, limit
+from api.deps import BearerToken, Reader, limit
 from api.envelope import ApiError, Envelope, ok
 from pipelines.auth import users
 from pipelines.auth.limits import Account
@@ -74,10 +74,9 @@ class Me(BaseModel):
 
 
 @router.get("/me", response_model=Envelope[Me])
-async def me(request: Request, key: ReadKey) -> dict:
+async def me(request: Request, caller: Reader) -> dict:
     """Who the credentials of this request name: a key or a logged-in user, and its scopes."""
-    kind = "user" if key.id.startswith(("usr_", "oidc:")) else "key"  # a person, logged in here or at the issuer
-    return ok(request, {"id": key.id, "kind": kind, "name": key.name, "scopes": list(key.scopes)})
+    return ok(request, {"id": caller.id, "kind": caller.kind, "name": caller.name, "scopes": list(caller.scopes)})
 
 
 class LoggedOut(BaseModel):

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel
 
-from api.deps import ReadKey, SessionDep
+from api.deps import Reader, SessionDep
 from api.envelope import Cursor, Envelope, IsoDate, found, ok
 from pipelines.core import cache
 from pipelines.curves import queries
@@ -56,7 +56,7 @@ class Dimensions(Envelope[dict[str, list[Any]]]):
 def list_curves(
     request: Request,
     session: SessionDep,
-    _key: ReadKey,
+    _caller: Reader,
     asof_date: IsoDate | None = None,
     curve_key: str | None = None,
     asset_class: str | None = None,
@@ -73,7 +73,7 @@ def list_curves(
 
 
 @router.get("/curves/diff", response_model=Envelope[list[DiffRow]])
-def diff(request: Request, session: SessionDep, _key: ReadKey, curve_key: str, asof_a: IsoDate,
+def diff(request: Request, session: SessionDep, _caller: Reader, curve_key: str, asof_a: IsoDate,
          asof_b: IsoDate) -> dict:
     """Per contract month: both values, `diff_abs = value_b - value_a`, `diff_pct = 100 * diff_abs /
     |value_a|` (null for a month on one date only, and `diff_pct` null where `value_a` is 0)."""
@@ -81,7 +81,7 @@ def diff(request: Request, session: SessionDep, _key: ReadKey, curve_key: str, a
 
 
 @router.get("/metadata/dimensions", response_model=Dimensions, response_model_exclude_none=True)
-def dimensions(request: Request, session: SessionDep, _key: ReadKey, include_counts: bool = False) -> dict:
+def dimensions(request: Request, session: SessionDep, _caller: Reader, include_counts: bool = False) -> dict:
     """The asset classes, ISOs, locations and curve keys the curves cover; with counts of distinct
     curves. Cached, and refreshed whenever a curves ingestion commits."""
     answer = cache.cached(f"{queries.CACHE_GROUP}dimensions:{include_counts}",
@@ -93,11 +93,11 @@ def dimensions(request: Request, session: SessionDep, _key: ReadKey, include_cou
 
 
 @router.get("/locations/iso", response_model=Envelope[list[Location]])
-def locations(request: Request, session: SessionDep, _key: ReadKey, iso: str | None = None) -> dict:
+def locations(request: Request, session: SessionDep, _caller: Reader, iso: str | None = None) -> dict:
     """The (ISO, location) pairs the curves are priced at, each with a stable `location_id`."""
     return ok(request, queries.locations(session, iso))
 
 
 @router.get("/locations/iso/{location_id}", response_model=Envelope[Location])
-def location(location_id: str, request: Request, session: SessionDep, _key: ReadKey) -> dict:
+def location(location_id: str, request: Request, session: SessionDep, _caller: Reader) -> dict:
     return ok(request, found(queries.location(session, location_id), f"no location '{location_id}'"))

@@ -7,7 +7,7 @@ from typing import Any, Literal
 from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, model_validator
 
-from api.deps import ReadKey, SessionDep
+from api.deps import Reader, SessionDep
 from api.envelope import CURSOR_PATTERN, Envelope, IsoDateTime, UTCDateTime, ok
 from pipelines.exports import query
 
@@ -85,7 +85,7 @@ class QueryResult(BaseModel):
 
 
 @router.post("/query", response_model=Envelope[QueryResult])
-def query_data(body: QueryRequest, request: Request, response: Response, session: SessionDep, _key: ReadKey) -> dict:
+def query_data(body: QueryRequest, request: Request, response: Response, session: SessionDep, _caller: Reader) -> dict:
     f, p = body.filters, body.pagination
     q = query.Query(
         source=f.source, start=f.date_range.start, end=f.date_range.end, min_value=f.value_range.min,

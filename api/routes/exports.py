@@ -9,11 +9,11 @@ from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse
 from pydantic import BaseModel, Field
 
-from api.deps import ReadKey, SessionDep, WriteKey, limit
+from api.deps import Reader, SessionDep, Writer, limit
 from api.envelope import Envelope, found, iso, ok
 from api.routes.data import Filters
-from pipelines.auth import keys
-from pipelines.core.models import ApiKey, Job
+from pipelines.auth.principal import Principal
+from pipelines.core.models import Job
 from pipelines.exports import admission, export
 from worker.dispatch import send_job
 
@@ -52,23 +52,23 @@ def _download_url(request: Request, job_id: str) -> str:
     return str(request.url_for("download_export", export_id=job_id))
 
 
-def _export_job(session, export_id: str, key: ApiKey) -> Job:
-    return found(admission.find(session, export_id, keys.owner_filter(key)), f"no export '{export_id}'")
+def _export_job(session, export_id: str, caller: Principal) -> Job:
+    return found(admission.find(session, export_id, caller.owner), f"no export '{export_id}'")
 
 
 @router.post("", status_code=202, response_model=Envelope[ExportStarted],
              dependencies=[limit("export", "export_rate_limit_per_minute")])
-def start_export(body: ExportRequest, request: Request, session: SessionDep, key: WriteKey) -> dict:
+def start_export(body: ExportRequest, request: Request, session: SessionDep, caller: Writer) -> dict:
     params = {"format": body.format, "filters": body.filters.model_dump(mode="json", exclude_none=True),
               "columns": body.columns or export.DEFAULT_COLUMNS}
-    job = admission.start(session, params, key.id, send_job, request.state.request_id)
+    job = admission.start(session, params, caller.id, send_job, request.state.request_id)
     return ok(request, {"export_id": job.id, "status": job.state, "download_url": _download_url(request, job.id)},
               message="export queued")
 
 
 @router.get("/{export_id}", response_model=Envelope[ExportStatus])
-def export_status(export_id: str, request: Request, session: SessionDep, key: ReadKey) -> dict:
-    job = _export_job(session, export_id, key)
+def export_status(export_id: str, request: Request, session: SessionDep, caller: Reader) -> dict:
+    job = _export_job(session, export_id, caller)
     result = job.result or {}
     return ok(request, {
         "export_id": job.id, "status": admission.status(job), "progress": job.progress,
@@ -85,9 +85,9 @@ def _parsed(value: str | None) -> datetime | None:
 
 @router.get("/{export_id}/download", name="download_export",
             responses={200: {"content": {t: {} for t, _ in export.FORMATS.values()}}})
-def download(export_id: str, session: SessionDep, key: ReadKey) -> FileResponse:
+def download(export_id: str, session: SessionDep, caller: Reader) -> FileResponse:
     """The file, streamed; `Range` requests resume large downloads. 409 before it is ready, 404 once
     it has expired."""
-    file = admission.download(_export_job(session, export_id, key))
+    file = admission.download(_export_job(session, export_id, caller))
     return FileResponse(file.path, media_type=file.media_type, filename=file.filename,
                         headers={"X-Checksum-SHA256": file.checksum})

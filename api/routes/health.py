@@ -9,10 +9,9 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from api.broker import broker_status, queue_depths, workers_online
-from api.deps import ReadKey, SessionDep
+from api.deps import Reader, SessionDep
 from api.envelope import Envelope, iso, ok
 from pipelines import __version__
-from pipelines.auth import keys
 from pipelines.jobs import status
 
 STARTED = time.monotonic()
@@ -45,7 +44,7 @@ async def api_health(request: Request) -> dict:
 
 
 @router.get("/status", response_model=Envelope[dict[str, Any]])
-def overview(request: Request, session: SessionDep, key: ReadKey) -> dict:
+def overview(request: Request, session: SessionDep, caller: Reader) -> dict:
     cycles = status.ingestion_cycles(session)
     cycles["last_cycle"] = iso(cycles["last_cycle"])
     connected = broker_status()
@@ -56,6 +55,6 @@ def overview(request: Request, session: SessionDep, key: ReadKey) -> dict:
             "database": status.database_stats(session),
             "broker": {"connected": connected, "queues": queue_depths() if connected else {}},
             "workers": {"online": workers_online() if connected else 0},
-            "storage": status.storage(session, admin=keys.grants(key, "admin")),
+            "storage": status.storage(session, admin=caller.grants("admin")),
         },
     )

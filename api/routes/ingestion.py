@@ -7,7 +7,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Body, Query, Request
 
-from api.deps import ReadKey, SessionDep, WriteKey
+from api.deps import Reader, SessionDep, Writer
 from api.envelope import Cursor, Envelope, ok
 from api.registry import registry_or_error
 from api.schemas import (
@@ -29,7 +29,7 @@ router = APIRouter(prefix="/ingestion", tags=["ingestion"])
 def start(
     request: Request,
     session: SessionDep,
-    key: WriteKey,
+    caller: Writer,
     body: Annotated[StartIngestion | None, Body()] = None,
 ) -> dict:
     body = body or StartIngestion()
@@ -40,7 +40,7 @@ def start(
         body.options.model_dump(exclude_none=True),
         send=send_job,
         request_id=request.state.request_id,
-        api_key_id=key.id,
+        api_key_id=caller.id,
         timeout_seconds=body.options.timeout,
     )
     return ok(request, {"job_id": job.id, "status": job.state, "sources": requested},
@@ -51,7 +51,7 @@ def start(
 def stop(
     request: Request,
     session: SessionDep,
-    _key: WriteKey,
+    _caller: Writer,
     body: Annotated[StopIngestion | None, Body()] = None,
 ) -> dict:
     """Stop one ingestion job, or every queued and running one when no job_id is given."""
@@ -62,7 +62,7 @@ def stop(
 
 
 @router.get("/status", response_model=Envelope[IngestionStatus])
-async def ingestion_status(request: Request, _key: ReadKey) -> dict:
+async def ingestion_status(request: Request, _caller: Reader) -> dict:
     overview = await listing.fetch_ingestion_overview()
     current, last = overview["current"], overview["last"]
     return ok(
@@ -92,7 +92,7 @@ async def ingestion_status(request: Request, _key: ReadKey) -> dict:
 def list_quarantine(
     request: Request,
     session: SessionDep,
-    _key: ReadKey,
+    _caller: Reader,
     source: str | None = None,
     job_id: str | None = None,
     state: quarantine.State = "unresolved",

@@ -9,7 +9,7 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field, StrictFloat
 
-from api.deps import AdminKey, SessionDep
+from api.deps import Admin, SessionDep
 from api.envelope import JSON_INTEGER, Envelope, IsoDateTime, UTCDateTime, found, ok
 from pipelines.auth import keys
 from pipelines.core.models import ApiKey
@@ -58,7 +58,7 @@ class KeyCreated(KeyOut):
 
 
 @router.post("", status_code=201, response_model=Envelope[KeyCreated])
-def create(body: KeyIn, request: Request, session: SessionDep, _admin: AdminKey) -> dict:
+def create(body: KeyIn, request: Request, session: SessionDep, _admin: Admin) -> dict:
     """A new key; its secret is in this answer only."""
     row, secret = keys.create_key(session, body.name, list(body.scopes), body.expires_at,
                                   body.rate_limit_per_minute, body.tier)
@@ -71,12 +71,12 @@ class KeyList(BaseModel):
 
 
 @router.get("", response_model=Envelope[KeyList])
-def list_keys(request: Request, session: SessionDep, _admin: AdminKey) -> dict:
+def list_keys(request: Request, session: SessionDep, _admin: Admin) -> dict:
     return ok(request, {"keys": [KeyOut.of(k) for k in keys.list_keys(session)]}, next_cursor=None)
 
 
 @router.delete("/{key_id}", response_model=Envelope[KeyOut])
-def revoke(key_id: str, request: Request, session: SessionDep, _admin: AdminKey) -> dict:
+def revoke(key_id: str, request: Request, session: SessionDep, _admin: Admin) -> dict:
     """Revoke a key: its next request is refused."""
     found(keys.get(session, key_id), f"no key '{key_id}'")
     keys.revoke(session, key_id)
@@ -84,7 +84,7 @@ def revoke(key_id: str, request: Request, session: SessionDep, _admin: AdminKey)
 
 
 @router.post("/{key_id}/rotate", response_model=Envelope[KeyCreated])
-def rotate(key_id: str, request: Request, session: SessionDep, _admin: AdminKey, body: Rotate | None = None) -> dict:
+def rotate(key_id: str, request: Request, session: SessionDep, _admin: Admin, body: Rotate | None = None) -> dict:
     """A new secret for the key; the old one keeps working for the grace period (24 h by default)."""
     rotated = keys.rotate(session, key_id, timedelta(hours=(body or Rotate()).grace_hours))
     row, secret = found(rotated, f"no live key '{key_id}'")

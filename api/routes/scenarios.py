@@ -12,7 +12,7 @@ from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 
-from api.deps import AdminKey, ReadKey, SessionDep, WriteKey
+from api.deps import Admin, Reader, SessionDep, Writer
 from api.envelope import Cursor, Envelope, UTCDateTime, found, ok
 from api.schemas import JobOut
 from pipelines.core.models import JobState, Scenario
@@ -97,10 +97,10 @@ def _latest_run(session, scenario_id: str) -> str:
 
 
 @router.post("", status_code=201, response_model=Envelope[ScenarioOut])
-def create(body: ScenarioIn, request: Request, session: SessionDep, key: WriteKey) -> dict:
+def create(body: ScenarioIn, request: Request, session: SessionDep, caller: Writer) -> dict:
     """Declare a scenario: base curves (and as-of date, or each curve's latest at run time) and shocks,
     applied in the order given."""
-    scenario = definitions.create(session, body, key.id)
+    scenario = definitions.create(session, body, caller.id)
     return ok(request, ScenarioOut.of(scenario), message="scenario created")
 
 
@@ -113,19 +113,19 @@ class RunList(BaseModel):
 
 
 @router.get("", response_model=Envelope[ScenarioList])
-def list_scenarios(request: Request, session: SessionDep, _key: ReadKey,
+def list_scenarios(request: Request, session: SessionDep, _caller: Reader,
                    limit: Annotated[int, Query(ge=1, le=500)] = 50, cursor: Cursor = None) -> dict:
     rows, next_cursor = definitions.page(session, cursor, limit)
     return ok(request, {"scenarios": [ScenarioOut.of(s) for s in rows]}, next_cursor=next_cursor)
 
 
 @router.get("/{scenario_id}", response_model=Envelope[ScenarioOut])
-def get_scenario(scenario_id: str, request: Request, session: SessionDep, _key: ReadKey) -> dict:
+def get_scenario(scenario_id: str, request: Request, session: SessionDep, _caller: Reader) -> dict:
     return ok(request, ScenarioOut.of(_scenario(session, scenario_id)))
 
 
 @router.delete("/{scenario_id}", response_model=Envelope[ScenarioOut])
-def delete_scenario(scenario_id: str, request: Request, session: SessionDep, _key: WriteKey) -> dict:
+def delete_scenario(scenario_id: str, request: Request, session: SessionDep, _caller: Writer) -> dict:
     """Delete the scenario and its runs' outputs; 409 while a run is queued or running."""
     scenario = _scenario(session, scenario_id)
     shown = ScenarioOut.of(scenario)
@@ -134,16 +134,16 @@ def delete_scenario(scenario_id: str, request: Request, session: SessionDep, _ke
 
 
 @router.post("/{scenario_id}/run", status_code=202, response_model=Envelope[RunOut])
-async def run(scenario_id: str, request: Request, key: WriteKey) -> dict:
+async def run(scenario_id: str, request: Request, caller: Writer) -> dict:
     """Queue a run on the `scenarios` queue; `run_id` is its job id."""
-    job = found(await runs.start_now(scenario_id, send_job_soon, request.state.request_id, key.id),
+    job = found(await runs.start_now(scenario_id, send_job_soon, request.state.request_id, caller.id),
                 f"no scenario '{scenario_id}'")
     return ok(request, RunOut.model_validate({**job, "run_id": job["id"], "scenario_id": scenario_id}),
               message="scenario run queued")
 
 
 @router.get("/{scenario_id}/runs", response_model=Envelope[RunList])
-def list_runs(scenario_id: str, request: Request, session: SessionDep, _key: ReadKey,
+def list_runs(scenario_id: str, request: Request, session: SessionDep, _caller: Reader,
               limit: Annotated[int, Query(ge=1, le=500)] = 50, cursor: Cursor = None) -> dict:
     _scenario(session, scenario_id)
     rows, next_cursor = runs.page(session, scenario_id, cursor, limit)
@@ -151,18 +151,18 @@ def list_runs(scenario_id: str, request: Request, session: SessionDep, _key: Rea
 
 
 @router.get("/{scenario_id}/runs/{run_id}", response_model=Envelope[RunOut])
-def get_run(scenario_id: str, run_id: str, request: Request, session: SessionDep, _key: ReadKey) -> dict:
+def get_run(scenario_id: str, run_id: str, request: Request, session: SessionDep, _caller: Reader) -> dict:
     return ok(request, RunOut.of(found(runs.get(session, run_id, scenario_id), f"no run '{run_id}'")))
 
 
 @router.post("/runs/{run_id}/cancel", status_code=202, response_model=Envelope[RunOut])
-def cancel_run(run_id: str, request: Request, session: SessionDep, _key: WriteKey) -> dict:
+def cancel_run(run_id: str, request: Request, session: SessionDep, _caller: Writer) -> dict:
     """Cancel a run: a queued one at once, a running one at its next check. 409 once it has ended."""
     return _cancel(run_id, request, session)
 
 
 @router.post("/runs/{run_id}/state", response_model=Envelope[RunOut])
-def set_state(run_id: str, body: StateChange, request: Request, session: SessionDep, _key: AdminKey) -> dict:
+def set_state(run_id: str, body: StateChange, request: Request, session: SessionDep, _caller: Admin) -> dict:
     """Move a run by hand (admin): `cancelled` or `failed` (with a reason) from queued or running,
     `queued` (run it again) from failed or cancelled; anything else 409."""
     if body.state == JobState.CANCELLED:
@@ -179,7 +179,7 @@ def _cancel(run_id: str, request: Request, session) -> dict:
 
 @router.get("/{scenario_id}/outputs", response_model=Envelope[Outputs],
             responses={200: {"content": {"text/csv": {}, "image/png": {}}}})
-def outputs(scenario_id: str, request: Request, session: SessionDep, _key: ReadKey,
+def outputs(scenario_id: str, request: Request, session: SessionDep, _caller: Reader,
             format: Literal["json", "csv", "png"] = "json") -> Any:
     """The latest succeeded run's outputs: JSON, CSV (a header, streamed) or a PNG chart with one
     panel per curve. 404 when no run has succeeded."""
@@ -208,7 +208,7 @@ def _csv(rows: Iterator) -> Iterator[str]:
 
 
 @router.get("/{scenario_id}/metrics/latest", response_model=Envelope[Metrics])
-def latest_metrics(scenario_id: str, request: Request, session: SessionDep, _key: ReadKey) -> dict:
+def latest_metrics(scenario_id: str, request: Request, session: SessionDep, _caller: Reader) -> dict:
     """Per curve and over all curves: mean change, largest absolute change, mean percent change
     (months with a base of 0 left out) and the value-weighted change, of the latest succeeded run."""
     return ok(request, runs.metrics_of(session, _latest_run(session, scenario_id)))

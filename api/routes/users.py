@@ -8,7 +8,7 @@ from typing import Literal
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
 
-from api.deps import AdminKey, SessionDep
+from api.deps import Admin, SessionDep
 from api.envelope import Envelope, UTCDateTime, ok
 from pipelines.auth import users
 from pipelines.core.models import User
@@ -41,16 +41,16 @@ class UserList(BaseModel):
 
 
 @router.post("", status_code=201, response_model=Envelope[UserOut])
-def create(body: UserIn, request: Request, session: SessionDep, _admin: AdminKey) -> dict:
+def create(body: UserIn, request: Request, session: SessionDep, _admin: Admin) -> dict:
     return ok(request, UserOut.of(users.create_user(session, body.username, body.password, list(body.scopes))))
 
 
 @router.get("", response_model=Envelope[UserList])
-def list_users(request: Request, session: SessionDep, _admin: AdminKey) -> dict:
+def list_users(request: Request, session: SessionDep, _admin: Admin) -> dict:
     return ok(request, {"users": [UserOut.of(u) for u in users.list_users(session)]}, next_cursor=None)
 
 
 @router.post("/{user_id}/disable", response_model=Envelope[UserOut])
-def disable(user_id: str, request: Request, session: SessionDep, _admin: AdminKey) -> dict:
+def disable(user_id: str, request: Request, session: SessionDep, _admin: Admin) -> dict:
     """Disable a user: its tokens are refused from their next request, and it cannot log in."""
     return ok(request, UserOut.of(users.disable(session, user_id)))

@@ -7,10 +7,10 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from api.deps import ReadKey, SessionDep, WriteKey
+from api.deps import Reader, SessionDep, Writer
 from api.envelope import Cursor, Envelope, UTCDateTime, found, ok
-from pipelines.auth import keys
-from pipelines.core.models import ApiKey, Webhook
+from pipelines.auth.principal import Principal
+from pipelines.core.models import Webhook
 from pipelines.webhooks import endpoints
 from worker.dispatch import relay_webhooks
 
@@ -91,31 +91,31 @@ def _view(hook: Webhook) -> dict:
     return {**shown, "paused": hook.paused_at is not None, "next_probe_at": hook.probe_at}
 
 
-def _hook(session, webhook_id: str, key: ApiKey) -> Webhook:
-    return found(endpoints.get(session, webhook_id, keys.owner_filter(key)), f"no webhook '{webhook_id}'")
+def _hook(session, webhook_id: str, caller: Principal) -> Webhook:
+    return found(endpoints.get(session, webhook_id, caller.owner), f"no webhook '{webhook_id}'")
 
 
 @router.post("", status_code=201, response_model=Envelope[WebhookCreated])
-def create(body: WebhookIn, request: Request, session: SessionDep, key: WriteKey) -> dict:
+def create(body: WebhookIn, request: Request, session: SessionDep, caller: Writer) -> dict:
     """Register an endpoint. The secret (generated when none is given) is shown only in this answer."""
-    hook, secret = endpoints.create(session, body.url, body.events, body.secret, key.id)
+    hook, secret = endpoints.create(session, body.url, body.events, body.secret, caller.id)
     return ok(request, {**_view(hook), "secret": secret}, message="store the secret now: it is not shown again")
 
 
 @router.get("", response_model=Envelope[WebhookList])
-def list_webhooks(request: Request, session: SessionDep, key: ReadKey) -> dict:
-    return ok(request, {"webhooks": [_view(h) for h in endpoints.listing(session, keys.owner_filter(key))]},
+def list_webhooks(request: Request, session: SessionDep, caller: Reader) -> dict:
+    return ok(request, {"webhooks": [_view(h) for h in endpoints.listing(session, caller.owner)]},
               next_cursor=None)
 
 
 @router.get("/{webhook_id}", response_model=Envelope[WebhookOut])
-def get_webhook(webhook_id: str, request: Request, session: SessionDep, key: ReadKey) -> dict:
-    return ok(request, _view(_hook(session, webhook_id, key)))
+def get_webhook(webhook_id: str, request: Request, session: SessionDep, caller: Reader) -> dict:
+    return ok(request, _view(_hook(session, webhook_id, caller)))
 
 
 @router.delete("/{webhook_id}", response_model=Envelope[WebhookOut])
-def delete_webhook(webhook_id: str, request: Request, session: SessionDep, key: WriteKey) -> dict:
-    hook = _hook(session, webhook_id, key)
+def delete_webhook(webhook_id: str, request: Request, session: SessionDep, caller: Writer) -> dict:
+    hook = _hook(session, webhook_id, caller)
     endpoints.delete(session, hook)
     return ok(request, _view(hook), message="webhook deleted")
 
@@ -125,20 +125,20 @@ def deliveries(
     webhook_id: str,
     request: Request,
     session: SessionDep,
-    key: ReadKey,
+    caller: Reader,
     state: str | None = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     cursor: Cursor = None,
 ) -> dict:
     """Every delivery to this endpoint, newest first, each with every attempt."""
-    _hook(session, webhook_id, key)
+    _hook(session, webhook_id, caller)
     data, next_cursor = endpoints.deliveries(session, webhook_id, state=state, cursor=cursor, limit=limit)
     return ok(request, {"deliveries": data}, next_cursor=next_cursor)
 
 
 @router.post("/{webhook_id}/deliveries/{delivery_id}/redeliver", status_code=202,
              response_model=Envelope[dict])
-def redeliver(webhook_id: str, delivery_id: str, request: Request, session: SessionDep, key: WriteKey) -> dict:
+def redeliver(webhook_id: str, delivery_id: str, request: Request, session: SessionDep, caller: Writer) -> dict:
     """Send a delivery again (same `webhook-id`), from the start of the retry schedule."""
-    endpoints.redeliver(session, _hook(session, webhook_id, key), delivery_id, relay_webhooks)
+    endpoints.redeliver(session, _hook(session, webhook_id, caller), delivery_id, relay_webhooks)
     return ok(request, {"delivery_id": delivery_id, "status": "pending"}, message="redelivery queued")

@@ -18,6 +18,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from pipelines.auth import limits
+from pipelines.auth.principal import SCOPES
 from pipelines.core import adb, embedded
 from pipelines.core.db import affected, on_commit
 from pipelines.core.errors import Invalid
@@ -28,10 +29,7 @@ from pipelines.webhooks import endpoints
 log = logging.getLogger(__name__)
 GENERATION = "ingot:keys:generation"
 
-SCOPES = ("read", "write", "admin")
 LAST_USED_RESOLUTION = timedelta(minutes=1)
-# Each scope includes the ones below it: admin can write, write can read.
-_IMPLIED = {"admin": {"admin", "write", "read"}, "write": {"write", "read"}, "read": {"read"}}
 
 
 def hash_key(key: str) -> str:
@@ -115,15 +113,6 @@ def rotate(session: Session, key_id: str, grace: timedelta) -> tuple[ApiKey, str
     session.flush()
     _changed(session)
     return row, key
-
-
-def owner_filter(key: ApiKey) -> str | None:
-    """Whose objects (webhooks, exports) KEY may see: its own, or everyone's (None) for an admin."""
-    return None if grants(key, "admin") else key.id
-
-
-def grants(key: ApiKey, scope: str) -> bool:
-    return any(scope in _IMPLIED.get(held, set()) for held in key.scopes)
 
 
 def list_keys(session: Session) -> list[ApiKey]:

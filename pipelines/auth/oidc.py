@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import jwt
 
-from pipelines.auth.keys import SCOPES
+from pipelines.auth.principal import SCOPES
 from pipelines.core.settings import get_settings
 
 log = logging.getLogger(__name__)

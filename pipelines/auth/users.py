@@ -15,7 +15,7 @@ from sqlalchemy import delete, func, select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
-from pipelines.auth.keys import SCOPES
+from pipelines.auth.principal import SCOPES
 from pipelines.core.errors import Conflict, Invalid, NotFound
 from pipelines.core.models import RevokedToken, User
 from pipelines.core.settings import get_settings
