@@ -389,6 +389,32 @@ def _attempt(row, pool: httpcore.ConnectionPool) -> Outcome:
     return outcome
 
 
+def decide(attempt: int, status: int | None, error: str | None, asked_delay: float | None, enabled: bool,
+           failing_since: datetime | None, now: datetime, schedule: list[float], disable_after: float,
+           jitter=random.uniform) -> tuple[str, float | None, str | None]:
+    """The retry and disable policy for one attempt (ATTEMPT of a delivery, 0 the first): the delivery's
+    next state (succeeded, pending or failed), seconds until its next attempt when pending, and why its
+    endpoint is disabled now, if it is.
+
+    - An answer of 2xx delivers it. 410 Gone fails it and disables the endpoint; so does failing ever
+      since FAILING_SINCE for longer than DISABLE_AFTER seconds. A disabled endpoint's delivery fails.
+    - Otherwise it is tried again after SCHEDULE[attempt] seconds, give or take a fifth (retries of many
+      events spread out), or after the receiver's Retry-After (ASKED_DELAY) when it sent one; past the
+      end of the schedule it has failed."""
+    if error is None:
+        return "succeeded", None, None
+    if status == 410:
+        return "failed", None, "the endpoint answered 410 Gone"
+    if not enabled:
+        return "failed", None, None
+    since = failing_since or now
+    disable = (f"every delivery failed since {utc_z(since)}"
+               if (now - since).total_seconds() > disable_after else None)
+    if attempt >= len(schedule):
+        return "failed", None, disable
+    return "pending", asked_delay if asked_delay is not None else schedule[attempt] * jitter(0.8, 1.2), disable
+
+
 def _record(connection: Connection, rows: list, outcomes: list[Outcome]) -> dict[str, str]:
     """Record each attempt and decide what follows: delivered, retried later, failed, or the endpoint
     disabled. Written in three statements however many; each endpoint touched is updated once, in id
@@ -402,25 +428,10 @@ def _record(connection: Connection, rows: list, outcomes: list[Outcome]) -> dict
     failures: dict[str, int] = {}  # webhook id -> failed attempts in this batch
     for row, outcome in zip(rows, outcomes, strict=True):
         attempt, status, error = outcome.attempt, outcome.status, outcome.error
-        next_at, disable = None, None
-        if error is None:
-            state = "succeeded"
-        elif status == 410 or not row.enabled:
-            state = "failed"
-            if status == 410:
-                disable = "the endpoint answered 410 Gone"
-        elif attempt < len(schedule):
-            state = "pending"
-            delay = retry_after(outcome.response, RETRY_AFTER_CAP)
-            if delay is None:
-                delay = schedule[attempt] * random.uniform(0.8, 1.2)  # jitter: retries from many events spread out
-            next_at = now + timedelta(seconds=delay)
-        else:
-            state = "failed"
-        if error is not None and row.enabled and status != 410:
-            since = row.failing_since or now
-            if (now - since).total_seconds() > settings.webhook_disable_after_seconds:
-                disable = f"every delivery failed since {utc_z(since)}"
+        state, delay, disable = decide(attempt, status, error, retry_after(outcome.response, RETRY_AFTER_CAP),
+                                       row.enabled, row.failing_since, now, schedule,
+                                       settings.webhook_disable_after_seconds)
+        next_at = None if delay is None else now + timedelta(seconds=delay)
         if row.enabled:
             before = endpoints.get(row.webhook_id, (True, None))
             # One success in the batch says the endpoint answers: it is not failing.
