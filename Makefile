@@ -30,12 +30,16 @@ browser:
 up: $(STAMP)
 	$(BIN)/ingot up
 
-test: $(STAMP) $(TOOLS) browser
-	$(BIN)/pytest
+# Two pytest processes (pytest-xdist), each with its own PostgreSQL, Redis and folders, each given
+# whole test files (`--dist loadfile`: a file's shared worker and fixtures stay in one process).
+TEST_PROCESSES ?= 2
 
-# The tests that start no worker process: a quick check while working.
+test: $(STAMP) $(TOOLS) browser
+	$(BIN)/pytest -n $(TEST_PROCESSES) --dist loadfile
+
+# The tests that start no worker process, fuzzing left to `make fuzz`: a quick check while working.
 test-fast: $(STAMP)
-	$(BIN)/pytest -m "not worker"
+	$(BIN)/pytest -n $(TEST_PROCESSES) --dist loadfile -m "not worker and not fuzz"
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -44,7 +44,7 @@ def credentials(api_url) -> dict[str, dict[str, str]]:
     from pipelines.core.settings import get_settings
 
     with session_scope() as session:
-        expires = datetime.now(UTC) + timedelta(seconds=1)
+        expires = datetime.now(UTC) + timedelta(seconds=0.3)  # expired by the time the test begins
         _row, expiring = keys.create_key(session, "expiring", ["admin"], expires)
         revoked_row, revoked = keys.create_key(session, "revoked", ["admin"])
         keys.revoke(session, revoked_row.id)

@@ -21,6 +21,7 @@ import pytest
 
 from tests.helpers import ROOT, free_port, wait_for, with_database
 
+pytestmark = pytest.mark.fuzz
 EXAMPLES = int(os.environ.get("INGOT_FUZZ_EXAMPLES", "8"))
 # The API, with host names left unresolved: only loopback and address literals get through.
 NO_DNS = """

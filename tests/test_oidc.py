@@ -50,7 +50,7 @@ class Issuer:
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/realms/ingot"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
 
     def add_key(self, kid: str, alg: str, publish: bool = True) -> None:
         private = rsa.generate_private_key(public_exponent=65537, key_size=2048) if alg == "RS256" \
