@@ -110,11 +110,12 @@ async def _key_identity(request: Request, supplied: str) -> Identity:
             who = Identity(None, _invalid_key())
         else:
             key, valid_until = checked
-            who = Identity(Principal.of_key(key), None)
+            principal = Principal.of_key(key)
+            who = Identity(principal, None)
             if generation is not None:
                 if len(_cache) >= _MAX_ENTRIES:
                     _cache.clear()
-                _cache[digest] = _Entry(who.principal, valid_until, generation, time.monotonic())
+                _cache[digest] = _Entry(principal, valid_until, generation, time.monotonic())
         if not counted or who.principal is None or who.principal.id != entry.principal.id:  # type: ignore[union-attr]
             await limits.count_default(request, who.principal)
             counted = []
