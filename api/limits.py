@@ -14,7 +14,7 @@ from api.redispipe import Pipe
 from pipelines.auth import limits
 from pipelines.auth.limits import Bucket, Rate, Verdict, with_scripts
 from pipelines.auth.principal import Principal
-from pipelines.core import embedded, runtime
+from pipelines.core import embedded
 from pipelines.core.loops import PerLoop
 from pipelines.core.settings import get_settings
 
@@ -61,13 +61,6 @@ def caller(request: Request, who: Principal | None) -> str:
     return f"principal:{who.id}" if who is not None else address(request)
 
 
-def tiers() -> dict[str, Rate]:
-    """The tiers as they are now (the basic rate may be changed live: PUT /config)."""
-    settings = get_settings()
-    return limits.tiers(runtime.current("rate_limit_per_minute"), settings.rate_limit_burst,
-                        settings.rate_limit_tiers)
-
-
 def default_limit(who: Principal | None) -> Rate:
     """WHO's rate: its own limit if it was given one, else its tier's; with no valid credentials, the
     unauthenticated rate (per address)."""
@@ -76,7 +69,7 @@ def default_limit(who: Principal | None) -> Rate:
         return Rate(rate, rate)
     if who.rate_limit_per_minute:
         return Rate(who.rate_limit_per_minute, who.rate_limit_per_minute)
-    known = tiers()
+    known = limits.configured()
     return known.get(who.tier, known["basic"])
 
 

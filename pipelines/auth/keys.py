@@ -45,8 +45,7 @@ def create_key(session: Session, name: str, scopes: list[str], expires_at: datet
     """A new key (and its secret, to be shown once) in TIER's rate limit, or limited to
     RATE_LIMIT_PER_MINUTE requests when given: refused for unknown scopes or tier, a past expiry or
     a limit below 1 (Invalid)."""
-    settings = get_settings()
-    known = limits.tiers(settings.rate_limit_per_minute, settings.rate_limit_burst, settings.rate_limit_tiers)
+    known = limits.configured()
     if tier not in known:
         raise Invalid(f"tier must be among {', '.join(sorted(known))}; got {tier!r}")
     unknown = sorted(set(scopes) - set(SCOPES))

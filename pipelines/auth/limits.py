@@ -11,6 +11,9 @@ import hashlib
 import math
 from dataclasses import dataclass
 
+from pipelines.core import runtime
+from pipelines.core.settings import get_settings
+
 
 @dataclass
 class Verdict:
@@ -54,6 +57,13 @@ def tiers(basic_per_minute: int, basic_burst: int | None, others: str) -> dict[s
         name, _, rate = entry.partition("=")
         named[name.strip()] = Rate.parse(rate)
     return named
+
+
+def configured() -> dict[str, Rate]:
+    """The tiers as they are now, for every process: `basic` at the runtime rate (an admin may change it
+    live: PUT /config) with `INGOT_RATE_LIMIT_BURST`, and those `INGOT_RATE_LIMIT_TIERS` names."""
+    settings = get_settings()
+    return tiers(runtime.current("rate_limit_per_minute"), settings.rate_limit_burst, settings.rate_limit_tiers)
 
 # Take one token from a bucket, refilled by the time elapsed on Redis's own clock (every API process
 # agrees on it): one round trip, atomic. Replies [allowed, tokens left, now], numbers as text.
