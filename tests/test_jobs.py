@@ -5,7 +5,7 @@ import socket
 import pytest
 from sqlalchemy import text
 
-from pipelines.core.db import get_engine, session_scope
+from pipelines.core.db import driver, get_engine, session_scope
 from pipelines.core.models import Job, JobState
 from pipelines.jobs import attempt, machine, reaper
 from pipelines.jobs.machine import ALLOWED
@@ -130,6 +130,31 @@ def test_an_unplanned_error_names_its_kind_never_its_text():
     error = state(job_id).error
     assert error.startswith("internal error (RuntimeError)") and job_id in error
     assert "SELECT" not in error and "secret-value" not in error
+
+
+def test_an_attempt_ends_on_its_own_connection_and_on_a_fresh_one_if_that_died():
+    """The end's transaction reuses the connection the attempt was claimed on (one checkout a job);
+    if the database dropped it meanwhile, the end is recorded on a fresh one all the same."""
+    quiet, _ = new_job()
+    pids = set()
+
+    def note(run):
+        pids.add(driver(run.connection).info.backend_pid)
+        return {"ok": 1}
+
+    assert attempt.execute(quiet, note) == "succeeded"
+    assert state(quiet).result == {"ok": 1} and len(pids) == 1
+
+    dropped, _ = new_job()
+
+    def lose_connection(run):
+        own = driver(run.connection).info.backend_pid
+        sql("SELECT pg_terminate_backend(:pid)", pid=own)  # as a database restart would
+        return {"ok": 2}
+
+    assert attempt.execute(dropped, lose_connection) == "succeeded"
+    job = state(dropped)
+    assert (job.state, job.result, job.attempts) == ("succeeded", {"ok": 2}, 1)
 
 
 def tick(waiting: dict[str, int]) -> tuple[dict, list]:

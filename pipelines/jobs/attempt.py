@@ -14,9 +14,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+import psycopg
 import structlog
 from sqlalchemy import text
 from sqlalchemy.engine import Connection
+from sqlalchemy.exc import OperationalError
 
 from pipelines.core.db import autocommit, driver, get_engine
 from pipelines.core.loops import ProcessThread
@@ -34,6 +36,10 @@ class Outcome(enum.StrEnum):
     FAILED = "failed"
     STOPPED = "stopped"  # cancelled or taken over while it ran
     SKIPPED = "skipped"  # another attempt holds the job, or it has ended
+
+
+class _NoConnection(Exception):
+    """The attempt has no connection of its own to end on."""
 
 
 class JobStopped(Exception):
@@ -105,12 +111,29 @@ def claim(job_id: str, owner: str, connection: Connection | None = None) -> JobR
 def finish(run: JobRun, state: JobState, *, result: dict | None = None, error: str | None = None) -> bool:
     """End RUN's job in STATE if this attempt still holds it (a cancelling job can only be cancelled).
 
-    A success also makes RUN's `final_writes`, in the same transaction: both commit, or neither."""
-    with get_engine().begin() as connection:
+    A success also makes RUN's `final_writes`, in the same transaction: both commit, or neither. The
+    transaction runs on the connection the attempt was claimed on (no second checkout, no second
+    pre-ping); if that connection has died meanwhile (the database restarted), on a fresh one from the
+    pool. Trying again is safe: the end is guarded by the lease, so a first try that did commit makes
+    the second a no-op."""
+    def end(connection: Connection) -> Any:
         ended = machine.end(connection, run.id, run.lease, state, result=result or {}, error=error,
                             processed=run.processed)
         if ended is not None and ended.state == JobState.SUCCEEDED and run.final_writes is not None:
             run.final_writes(driver(connection))
+        return ended
+
+    own = run.connection
+    try:
+        if own is None or own.invalidated:
+            raise _NoConnection
+        with driver(own).transaction():  # BEGIN on the attempt's autocommit connection
+            ended = end(own)
+    except (_NoConnection, psycopg.OperationalError, OperationalError):
+        if own is not None and not own.invalidated:
+            own.invalidate()  # not given back to the pool as it is
+        with get_engine().begin() as connection:
+            ended = end(connection)
     if ended is not None:
         machine.log_end(run.kind, run.id, ended, error)
     return ended is not None
