@@ -18,7 +18,7 @@ import psycopg
 import structlog
 from sqlalchemy import text
 from sqlalchemy.engine import Connection
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DBAPIError
 
 from pipelines.core.db import autocommit, driver, get_engine
 from pipelines.core.loops import ProcessThread
@@ -113,9 +113,9 @@ def finish(run: JobRun, state: JobState, *, result: dict | None = None, error: s
 
     A success also makes RUN's `final_writes`, in the same transaction: both commit, or neither. The
     transaction runs on the connection the attempt was claimed on (no second checkout, no second
-    pre-ping); if that connection has died meanwhile (the database restarted), on a fresh one from the
-    pool. Trying again is safe: the end is guarded by the lease, so a first try that did commit makes
-    the second a no-op."""
+    pre-ping); if that connection has died meanwhile (the database restarted) or the work left it
+    unusable, on a fresh one from the pool. Trying again is safe: the end is guarded by the lease, so
+    a first try that did commit makes the second a no-op."""
     def end(connection: Connection) -> Any:
         ended = machine.end(connection, run.id, run.lease, state, result=result or {}, error=error,
                             processed=run.processed)
@@ -129,7 +129,7 @@ def finish(run: JobRun, state: JobState, *, result: dict | None = None, error: s
             raise _NoConnection
         with driver(own).transaction():  # BEGIN on the attempt's autocommit connection
             ended = end(own)
-    except (_NoConnection, psycopg.OperationalError, OperationalError):
+    except (_NoConnection, psycopg.Error, DBAPIError):  # dropped, or left mid-statement by the work
         if own is not None and not own.invalidated:
             own.invalidate()  # not given back to the pool as it is
         with get_engine().begin() as connection:
