@@ -38,10 +38,6 @@ class Outcome(enum.StrEnum):
     SKIPPED = "skipped"  # another attempt holds the job, or it has ended
 
 
-class _NoConnection(Exception):
-    """The attempt has no connection of its own to end on."""
-
-
 class JobStopped(Exception):
     """The attempt no longer holds the job: it was cancelled, timed out, or taken over."""
 
@@ -124,16 +120,21 @@ def finish(run: JobRun, state: JobState, *, result: dict | None = None, error: s
         return ended
 
     own = run.connection
-    try:
-        if own is None or own.invalidated:
-            raise _NoConnection
-        with driver(own).transaction():  # BEGIN on the attempt's autocommit connection
-            ended = end(own)
-    except (_NoConnection, psycopg.Error, DBAPIError):  # dropped, or left mid-statement by the work
-        if own is not None and not own.invalidated:
+    if own is not None and not own.invalidated:
+        try:
+            with driver(own).transaction():  # BEGIN on the attempt's autocommit connection
+                ended = end(own)
+        except (psycopg.Error, DBAPIError):  # dropped, or left mid-statement by the work
             own.invalidate()  # not given back to the pool as it is
-        with get_engine().begin() as connection:
-            ended = end(connection)
+        else:
+            return _logged(run, ended, error)
+    with get_engine().begin() as connection:
+        ended = end(connection)
+    return _logged(run, ended, error)
+
+
+def _logged(run: JobRun, ended: Any, error: str | None) -> bool:
+    """Whether the attempt ended its job (ENDED: the row as it ended, or None), logged once committed."""
     if ended is not None:
         machine.log_end(run.kind, run.id, ended, error)
     return ended is not None
