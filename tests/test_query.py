@@ -8,8 +8,9 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from pipelines.core.pagination import encode
 from pipelines.ingestion.validate import ValidBatch
-from tests.helpers import seed, wait_for
+from tests.helpers import explain, seed, statements_run, wait_for
 
 T0 = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
 
@@ -128,32 +129,25 @@ def test_every_sort_the_contract_offers_is_served_by_an_index(rows, field, order
     """The statements `query.run` builds, explained with sorting priced out: an index must give the order,
     and nothing is sorted but the page's own rows (a page 2,000 deep must not sort every row the filters
     match)."""
-    from sqlalchemy import event, text
+    from sqlalchemy import text
 
     from pipelines.core.db import new_session
     from pipelines.exports import query as data_query
 
-    statements = []
     with new_session() as session:
         connection = session.connection()
-        event.listen(connection, "before_cursor_execute",
-                     lambda conn, cursor, statement, parameters, context, many: statements.append(
-                         (statement, parameters)))
         first, info = data_query.run(session, data_query.Query(sort=field, descending=order == "desc", limit=3))
-        if mode == "cursor":
-            statements.clear()
-            data_query.run(session, data_query.Query(sort=field, descending=order == "desc", limit=3,
-                                                     cursor=info["next_cursor"]))
-        else:
-            statements.clear()
-            data_query.run(session, data_query.Query(sort=field, descending=order == "desc", limit=3, page=3))
+        with statements_run(connection) as statements:
+            if mode == "cursor":
+                data_query.run(session, data_query.Query(sort=field, descending=order == "desc", limit=3,
+                                                         cursor=info["next_cursor"]))
+            else:
+                data_query.run(session, data_query.Query(sort=field, descending=order == "desc", limit=3, page=3))
         session.execute(text("SET LOCAL enable_sort = off"))
         pages = [(s, p) for s, p in statements if "ORDER BY" in s]
         assert pages, statements
-        cursor = connection.connection.driver_connection.cursor()
         for statement, parameters in pages:
-            cursor.execute("EXPLAIN " + statement, parameters)
-            plan = "\n".join(r[0] for r in cursor.fetchall())
+            plan = explain(connection, statement, parameters)
             sorted_rows = [int(n) for n in re.findall(r"Sort  \(cost=\S+ rows=(\d+)", plan)]
             assert all(n <= 4 for n in sorted_rows), plan  # nothing sorted but the page itself (limit 3)
 
@@ -168,6 +162,12 @@ def test_every_sort_the_contract_offers_is_served_by_an_index(rows, field, order
     {"pagination": {"page": 1, "cursor": "abc"}},
     {"pagination": {"cursor": "not-a-cursor"}},
     {"pagination": {"cursor": "WzEsMiwzXQ"}},
+    # Cursors of the right shape whose values the sort's column cannot hold:
+    {"sort": {"field": "id"}, "pagination": {"cursor": encode([None, "alpha", "a1"])}},
+    {"sort": {"field": "source"}, "pagination": {"cursor": encode([None, "alpha", "a1"])}},
+    {"sort": {"field": "value"}, "pagination": {"cursor": encode(["high", "alpha", "a1"])}},
+    {"sort": {"field": "timestamp"}, "pagination": {"cursor": encode(["yesterday", "alpha", "a1"])}},
+    {"sort": {"field": "timestamp"}, "pagination": {"cursor": encode(["2026-01-01T00:00:00+00:00", "alpha", 7])}},
     {"filters": {"date_range": {"start": "yesterday"}}},
     {"filters": {"value_range": {"min": "1 OR 1=1"}}},
     {"filters": {"colour": "red"}},

@@ -117,7 +117,7 @@ def _parts(session: Session, q: Query) -> list[_Part]:
     if q.sort == "id":
         return [_Part((), (Observation.id, Observation.source), lambda c: c[:2])]
     valued = _Part((column.is_not(None),), (column, Observation.source, Observation.id), lambda c: c)
-    if not Observation.__table__.c[column.key].nullable:
+    if not _nullable(column):
         return [valued]
     return [valued, _Part((column.is_(None),), (Observation.source, Observation.id), lambda c: c[1:])]
 
@@ -161,15 +161,22 @@ def run(session: Session, q: Query) -> tuple[list[Observation], dict]:
     }
 
 
+def _nullable(column) -> bool:
+    return Observation.__table__.c[column.key].nullable
+
+
 def _cursor(q: Query) -> list | None:
     """Q's cursor as (sort value, source, id), each of the type its column holds; BadCursor for one
     this listing did not hand out (another sort's, or made up)."""
     if not q.cursor:
         return None
     value, source, key = pagination.decode(q.cursor, 3)
+    column = SORT_FIELDS[q.sort]
     try:
         if not isinstance(source, str) or not isinstance(key, str):
             raise TypeError
+        if value is None and not _nullable(column):
+            raise TypeError  # no row has none: a made-up cursor
         if value is not None:
             if q.sort in ("timestamp", "ingested_at"):
                 value = datetime.fromisoformat(value)
@@ -185,13 +192,11 @@ def _cursor(q: Query) -> list | None:
 def _cursor_part(q: Query, parts: list[_Part], cursor: list) -> tuple[int, bool]:
     """The index of the part holding the row CURSOR names (True), or of the first part after it (False)."""
     if q.sort == "source":
-        value = cursor[0]
-        if not isinstance(value, str):
-            raise pagination.BadCursor("cursor is not valid")
+        value = cursor[0]  # a source's name (`_cursor` checked it)
         for i, part in enumerate(parts):
             if part.source == value:
                 return i, True
-            if (part.source < value) if q.descending else (part.source > value):  # type: ignore[operator]
+            if (part.source < value) if q.descending else (part.source > value):
                 return i, False
         return len(parts), False
     return (1, True) if len(parts) == 2 and cursor[0] is None else (0, True)
