@@ -28,7 +28,6 @@ class QuotaExceeded(OverQuota):
     def __init__(self, what: str, used: int, allowed: int, retry_after: int | None = None):
         super().__init__(f"this key's quota of {what} is used up ({used:,} of {allowed:,})",
                          {"quota": what, "used": used, "allowed": allowed}, retry_after)
-        self.what, self.used, self.allowed = what, used, allowed
 
 
 _ACTIVE = [str(s) for s in ACTIVE_STATES]
