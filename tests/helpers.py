@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from testkit.waiting import wait_for  # noqa: F401  (tests take it from here)
 
@@ -186,3 +187,28 @@ def broker():
     import redis
 
     return redis.Redis.from_url(os.environ["INGOT_REDIS_URL"])
+
+
+@contextmanager
+def statements_run(connection) -> Iterator[list[tuple[str, Any]]]:
+    """The statements run on CONNECTION (SQLAlchemy's) inside the block, with their parameters, as the
+    driver got them: for tests that explain what the code builds rather than SQL copied into them."""
+    from sqlalchemy import event
+
+    seen: list[tuple[str, Any]] = []
+
+    def note(conn, cursor, statement, parameters, context, many) -> None:
+        seen.append((statement, parameters))
+
+    event.listen(connection, "before_cursor_execute", note)
+    try:
+        yield seen
+    finally:
+        event.remove(connection, "before_cursor_execute", note)
+
+
+def explain(connection, statement: str, parameters: Any) -> str:
+    """The plan PostgreSQL gives STATEMENT on CONNECTION, under that connection's settings."""
+    cursor = connection.connection.driver_connection.cursor()
+    cursor.execute("EXPLAIN " + statement, parameters)
+    return "\n".join(r[0] for r in cursor.fetchall())

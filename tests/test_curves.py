@@ -10,6 +10,7 @@ from pipelines.core.db import get_engine
 from pipelines.curves import queries, synthetic
 from pipelines.curves.synthetic import DEMO
 from testkit.curves import CURVES_SOURCE, write_curves
+from tests.helpers import explain, statements_run
 
 
 @pytest.fixture
@@ -142,28 +143,17 @@ def test_locations_have_stable_ids(client, worker, demo):
 def _plans(call) -> list[str]:
     """The plans of the statements CALL(session) runs, explained with sequential scans priced out (the
     test's tables are tiny: this asks what the plan could stand on, not what it would pick)."""
-    from sqlalchemy import event
-
     from pipelines.core.db import new_session
 
-    statements: list[tuple[str, dict]] = []
     with new_session() as session:
         connection = session.connection()
-        event.listen(connection, "before_cursor_execute",
-                     lambda conn, cursor, statement, parameters, context, many: statements.append(
-                         (statement, parameters)))
-        try:
-            call(session)
-        except queries.NoCurve:  # no curves stored: the statement was built and run all the same
-            pass
-        reads = [(s, p) for s, p in statements if s.lstrip().upper().startswith(("SELECT", "WITH"))]
+        with statements_run(connection) as statements:
+            try:
+                call(session)
+            except queries.NoCurve:  # no curves stored: the statement was built and run all the same
+                pass
         session.execute(text("SET LOCAL enable_seqscan = off"))
-        cursor = connection.connection.driver_connection.cursor()
-        plans = []
-        for statement, parameters in reads:
-            cursor.execute("EXPLAIN " + statement, parameters)
-            plans.append("\n".join(r[0] for r in cursor.fetchall()))
-        return plans
+        return [explain(connection, statement, parameters) for statement, parameters in statements]
 
 
 LATEST, ASOF = queries.CurveFilter(), dt.date(2026, 11, 2)
