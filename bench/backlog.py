@@ -34,7 +34,7 @@ import threading
 import time
 from pathlib import Path
 
-from harness import ROOT, Bench, free_port, postgres_settings
+from harness import ROOT, Bench, LeanClient, free_port, postgres_settings
 from scenarios import SOURCE as CURVES  # a curves source over data/*.csv
 
 SHOCKS = [{"type": "parallel", "value": 0.5}, {"type": "percent", "value": 2}]
@@ -141,41 +141,6 @@ def bare_celery(n: int, concurrency: int, broker: str, counter_url: str, env: di
     return {"seconds": took, "published": published, "rate": n / took, "cpu": cpu}
 
 
-class LeanClient:
-    """One keep-alive HTTP/1.1 connection on asyncio streams: a POST and its answer, nothing more. The
-    clients share the machine with what they measure, and httpx spends about 3 ms of CPU a request
-    here; this spends a tenth of that, so the figures are the server's."""
-
-    def __init__(self, host: str, port: int, headers: dict[str, str]):
-        self.host, self.port = host, port
-        self.head = "".join(f"{k}: {v}\r\n" for k, v in {"Host": f"{host}:{port}", **headers}.items())
-        self.reader: asyncio.StreamReader | None = None
-        self.writer: asyncio.StreamWriter | None = None
-
-    async def post(self, path: str) -> tuple[int, bytes]:
-        if self.writer is None:
-            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
-        assert self.reader is not None
-        self.writer.write(f"POST {path} HTTP/1.1\r\n{self.head}Content-Length: 0\r\n\r\n".encode())
-        status_line = await self.reader.readline()
-        length, closing = 0, False
-        while (line := await self.reader.readline()) not in (b"\r\n", b""):
-            name, _, value = line.decode("latin-1").partition(":")
-            if name.lower() == "content-length":
-                length = int(value)
-            elif name.lower() == "connection" and value.strip().lower() == "close":
-                closing = True
-        body = await self.reader.readexactly(length)
-        if closing:
-            self.close()
-        return int(status_line.split()[1]), body
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-        self.reader = self.writer = None
-
-
 async def post_runs(port: int, key: str, scenario_id: str, n: int, clients: int
                     ) -> tuple[list[str], list[float], float]:
     """N run starts from CLIENTS concurrent clients: (job ids, each start's seconds, the whole time)."""
@@ -192,7 +157,7 @@ async def post_runs(port: int, key: str, scenario_id: str, n: int, clients: int
             for _ in remaining:
                 for attempt in range(20):
                     began = time.perf_counter()
-                    status, body = await client.post(path)
+                    status, body = await client.request("POST", path)
                     if status == 202:
                         latencies.append(time.perf_counter() - began)
                         ids.append(json.loads(body)["data"]["run_id"])

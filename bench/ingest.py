@@ -56,7 +56,7 @@ def main() -> None:
         shutil.copyfileobj(plain, packed, 1 << 20)
     megabytes = path.stat().st_size / 1e6
     gz_megabytes = path.with_suffix(".csv.gz").stat().st_size / 1e6
-    copies, runs, peaks, gz_runs = [], [], [], []
+    copies, runs, peaks, privates, gz_runs = [], [], [], [], []
     try:
         bench.start()
         resting, shared = resting_pool_memory(bench)
@@ -69,6 +69,7 @@ def main() -> None:
             assert job["records_processed"] == args.rows, job
             runs.append(seconds)
             peaks.append(peak)
+            privates.append(bench.private_peak)
             bench.quiesce()
             gz_job, gz_seconds, _peak = bench.ingest([gzipped[len(runs) - 1]], batch_size=args.batch_size)
             assert gz_job["records_processed"] == args.rows, gz_job
@@ -101,7 +102,8 @@ def main() -> None:
           f"  ({gz_megabytes:.0f} MB)")
     print(f"worker peak RSS: {max(peaks) / 2**20:.0f} MB (at rest before the first job: {resting / 2**20:.0f} MB, "
           f"{shared / 2**20:.0f} MB of it shared with the worker's main process; the run added "
-          f"{(max(peaks) - resting) / 2**20:.0f} MB)")
+          f"{(max(peaks) - resting) / 2**20:.0f} MB); its own memory, shared with no other process, "
+          f"{max(privates) / 2**20:.0f} MB at most (sampled every 0.25 s)")
     print(f"re-ingest, file unchanged (skipped): {again:.2f} s, {again / seconds:.2f}x the first load (goal 0.2x)")
     print(f"re-ingest, file unchanged, forced:   {forced:.2f} s, {forced / seconds:.2f}x")
     print(f"re-ingest, 1% of rows changed:       {changed:.2f} s, {changed / seconds:.2f}x (goal 0.5x)")
