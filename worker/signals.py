@@ -5,6 +5,7 @@ import logging
 
 from celery.signals import setup_logging, worker_init, worker_process_init, worker_ready, worker_shutdown
 
+from pipelines.core import memory
 from pipelines.core.db import dispose_engine
 from pipelines.core.logs import configure
 from pipelines.core.settings import get_settings
@@ -41,6 +42,9 @@ def _preload(**_kwargs) -> None:
     # pyarrow converts to NumPy through pandas, imported on first use: import it once here, before
     # the pool forks, rather than inside every new pool process's first job.
     import pandas  # noqa: F401
+
+    if get_settings().worker_flat_memory:
+        memory.keep_flat()  # before the fork, so every pool process inherits it
 
 
 @worker_process_init.connect

@@ -105,6 +105,7 @@ class Settings(BaseSettings):
     batch_size: int = 50_000
     max_line_bytes: int = 1024 * 1024  # a longer line in a file is quarantined with an excerpt
     read_chunk_bytes: int = 4 * 1024 * 1024  # how much of a file is read at a time
+    worker_flat_memory: bool = False  # allocators that hand freed memory back (see pipelines.core.memory)
     http_max_response_bytes: int = 64 * 1024 * 1024
     heartbeat_seconds: float = 2.0
     heartbeat_stale_seconds: float = 20.0

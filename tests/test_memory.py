@@ -1,0 +1,47 @@
+"""`INGOT_WORKER_FLAT_MEMORY`'s allocators (pipelines.core.memory): a large block freed goes back to
+the system, so the next one is fresh pages (counted as page faults), where by default glibc keeps it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers import ROOT
+
+CYCLES = 20
+BLOCK = 2 << 20  # above the flat threshold (1 MiB), below glibc's dynamic ceiling (32 MiB)
+
+PROBE = f"""
+import json, resource, sys
+from pipelines.core import memory
+flat = sys.argv[1] == "flat"
+applied = memory.keep_flat() if flat else None
+import pyarrow as pa
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range({CYCLES}):
+    block = bytearray({BLOCK})  # zeroed, so every page is touched
+    del block
+faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+print(json.dumps({{"applied": applied, "faults": faults, "arrow": pa.default_memory_pool().backend_name}}))
+"""
+
+
+def probe(mode: str) -> dict:
+    done = subprocess.run([sys.executable, "-c", PROBE, mode], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc is what is set")
+def test_flat_memory_hands_every_large_block_back_and_arrow_uses_the_system_allocator():
+    default, flat = probe("default"), probe("flat")
+    pages = BLOCK // 4096
+    assert flat["applied"] is True and flat["arrow"] == "system"
+    assert default["arrow"] != "system"
+    # Flat: each block is mapped afresh and unmapped when freed. Default: after the first block is
+    # freed, the threshold rises above it and the heap keeps and reuses the pages.
+    assert flat["faults"] >= CYCLES * pages * 0.9, flat
+    assert default["faults"] < 3 * pages, default
