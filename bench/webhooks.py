@@ -213,6 +213,12 @@ def main() -> None:
         steady = [(event_id, at) for event_id, at in received(log_path) if event_id in committed
                   and event_id not in burst_ids]
         latencies = sorted((at - committed[event_id]) * 1000 for event_id, at in steady)
+        # Where the steady phase's time went: commit to the relay's delivery row, then to the receipt.
+        with get_engine().connect() as conn:
+            relayed = {i: t.timestamp() for i, t in conn.execute(text(
+                "SELECT event_id, min(created_at) FROM webhook_deliveries GROUP BY event_id"))}
+        to_relay = sorted((relayed[e] - committed[e]) * 1000 for e, _at in steady if e in relayed)
+        to_receipt = sorted((at - relayed[e]) * 1000 for e, at in steady if e in relayed)
         once(received(log_path), set(committed))
         hooked = {}
         if args.neighbours:
@@ -243,6 +249,9 @@ def main() -> None:
     print(f"steady, {args.events:,} events at {args.rate:g}/s: delivered {len(latencies):,}; latency from commit "
           f"to receipt p50 {p(0.5):.1f} ms, p99 {p(0.99):.1f} ms, max {latencies[-1]:.1f} ms, "
           f"mean {statistics.mean(latencies):.1f} ms")
+    for stage, times in (("commit to relay (delivery row)", to_relay), ("relay to receipt", to_receipt)):
+        q = lambda f, t=times: t[min(len(t) - 1, int(f * len(t)))]  # noqa: E731
+        print(f"  of which {stage}: p50 {q(0.5):.1f} ms, p99 {q(0.99):.1f} ms, max {times[-1]:.1f} ms")
     for name, times in hooked.items():
         q = lambda f, t=times: t[min(len(t) - 1, int(f * len(t)))]  # noqa: E731
         print(f"neighbours, {args.neighbours:,} events at {args.neighbour_rate:g}/s to 7 healthy endpoints, {name}: "
