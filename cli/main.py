@@ -77,8 +77,10 @@ def worker(
 
     settings = get_settings()
     # No mingle and no gossip: a worker needs nothing from the others (a job's row says whether it may
-    # run, revoked or not), and it starts a second sooner without waiting for their replies.
-    argv = ["worker", "-Q", queues, "-E", "--loglevel", settings.log_level,
+    # run, revoked or not), and it starts a second sooner without waiting for their replies. Task events
+    # (-E) feed Flower; off, a worker sends them once a monitor asks (Flower does every 5 s).
+    events = ["-E"] if settings.worker_task_events else []
+    argv = ["worker", "-Q", queues, *events, "--loglevel", settings.log_level,
             "--concurrency", str(concurrency or settings.worker_concurrency), "-n", f"ingot-{os.getpid()}@%h",
             "--pool", pool, "--without-mingle", "--without-gossip"]
     if beat:

@@ -106,6 +106,7 @@ class Settings(BaseSettings):
     max_line_bytes: int = 1024 * 1024  # a longer line in a file is quarantined with an excerpt
     read_chunk_bytes: int = 4 * 1024 * 1024  # how much of a file is read at a time
     worker_flat_memory: bool = False  # allocators that hand freed memory back (see pipelines.core.memory)
+    worker_task_events: bool = True  # task events from the start (Flower turns them on itself when it runs)
     http_max_response_bytes: int = 64 * 1024 * 1024
     heartbeat_seconds: float = 2.0
     heartbeat_stale_seconds: float = 20.0
