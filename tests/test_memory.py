@@ -6,10 +6,12 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from tests.helpers import ROOT
+from testkit.datagen import sources_toml, write_csv
+from tests.helpers import ROOT, wait_for
 
 CYCLES = 20
 BLOCK = 2 << 20  # above the flat threshold (1 MiB), below glibc's dynamic ceiling (32 MiB)
@@ -45,3 +47,17 @@ def test_flat_memory_hands_every_large_block_back_and_arrow_uses_the_system_allo
     # freed, the threshold rises above it and the heap keeps and reuses the pages.
     assert flat["faults"] >= CYCLES * pages * 0.9, flat
     assert default["faults"] < 3 * pages, default
+
+
+@pytest.mark.worker
+def test_a_worker_told_to_keep_memory_flat_sets_its_allocators_before_the_fork_and_ingests(
+        client, start_worker, write_sources, data_dir):
+    write_csv(data_dir / "prices.csv", 5_000)
+    write_sources(sources_toml("prices", "prices.csv"))
+    worker = start_worker(env={"INGOT_WORKER_FLAT_MEMORY": "true", "INGOT_LOG_LEVEL": "INFO"})
+    log = Path(worker.log.name)
+    # Each pool process says what it inherited from the worker that forked it.
+    wait_for(lambda: "pool process memory kept flat" in log.read_text(), timeout=30, message="the pool's note")
+    assert "Arrow's pool system, malloc's mmap threshold fixed" in log.read_text()
+    job = client.wait(client.start_ingestion(["prices"])["job_id"], timeout=60)
+    assert job["state"] == "succeeded" and job["records_processed"] == 5_000, job

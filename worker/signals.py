@@ -43,14 +43,20 @@ def _preload(**_kwargs) -> None:
     # the pool forks, rather than inside every new pool process's first job.
     import pandas  # noqa: F401
 
-    if get_settings().worker_flat_memory:
-        memory.keep_flat()  # before the fork, so every pool process inherits it
+    if get_settings().worker_flat_memory:  # before the fork, so every pool process inherits it
+        memory.keep_flat()
 
 
 @worker_process_init.connect
 def _fresh_engine(**_kwargs) -> None:
     # Connections inherited through fork must never be used by the child.
     dispose_engine()
+    if get_settings().worker_flat_memory:  # as this pool process inherited them
+        import pyarrow as pa
+
+        logging.getLogger(__name__).info("pool process memory kept flat: Arrow's pool %s, malloc's mmap threshold %s",
+                                         pa.default_memory_pool().backend_name,
+                                         "fixed" if memory.threshold_fixed else "as glibc sets it")
 
 
 @worker_ready.connect

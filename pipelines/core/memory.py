@@ -24,15 +24,19 @@ _M_MMAP_THRESHOLD = -3  # mallopt's parameter number (malloc.h)
 MMAP_THRESHOLD = 1 << 20
 
 
+threshold_fixed = False  # whether keep_flat fixed malloc's threshold in this process (or before its fork)
+
+
 def keep_flat() -> bool:
     """Set both allocators for this process and for the processes it forks after this call. False
     where malloc is not glibc's (its own defaults stand; Arrow's pool is set all the same)."""
+    global threshold_fixed
     import pyarrow as pa
 
     pa.set_memory_pool(pa.system_memory_pool())
     name = ctypes.util.find_library("c")
     try:
-        return bool(name and ctypes.CDLL(name).mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+        threshold_fixed = bool(name and ctypes.CDLL(name).mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD))
     except (OSError, AttributeError):
         log.debug("malloc's mmap threshold left as it is: not glibc")
-        return False
+    return threshold_fixed
