@@ -24,7 +24,7 @@ import time
 from collections import Counter
 
 import httpx
-from harness import ROOT, Bench, LeanClient, free_port, servers_with_a_job
+from harness import ROOT, Bench, LeanClient, free_port, rank, servers_with_a_job
 
 
 async def clients(port: int, key: str, job_id: str, heavy: int, pollers: int, seconds: float) -> list:
@@ -124,8 +124,8 @@ def main() -> None:
                 continue
             statuses = Counter(s for k, s, _t in results if k == kind)
             unanswered += statuses.get(0, 0)
-            q = lambda f, t=times: t[min(len(t) - 1, int(f * len(t)))]  # noqa: E731
-            print(f"{label:13} {kind:15} {len(times):6} requests  p50 {q(0.5):8.1f} ms  p99 {q(0.99):8.1f} ms  "
+            print(f"{label:13} {kind:15} {len(times):6} requests  p50 {rank(times, 0.5):8.1f} ms  "
+                  f"p99 {rank(times, 0.99):8.1f} ms  "
                   f"answers {dict(sorted(statuses.items()))}")
     if unanswered:
         raise SystemExit(f"{unanswered} requests got no answer")

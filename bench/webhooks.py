@@ -28,7 +28,7 @@ import time
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from harness import Bench, free_port
+from harness import Bench, free_port, rank
 
 from testkit.receiver import BadReceiver
 
@@ -243,21 +243,21 @@ def main() -> None:
     finally:
         bench.stop()
         server.terminate()
-    p = lambda q: latencies[min(len(latencies) - 1, int(q * len(latencies)))]  # noqa: E731
+    p = lambda q: rank(latencies, q)  # noqa: E731
     print(f"capacity, {args.burst:,} events at once: Ingot delivered {capacity:8,.0f}/s; an async httpx "
           f"client with {IN_FLIGHT} in flight {plain:8,.0f}/s; ratio {capacity / plain:.2f} (goal: 0.5)")
     print(f"steady, {args.events:,} events at {args.rate:g}/s: delivered {len(latencies):,}; latency from commit "
           f"to receipt p50 {p(0.5):.1f} ms, p99 {p(0.99):.1f} ms, max {latencies[-1]:.1f} ms, "
           f"mean {statistics.mean(latencies):.1f} ms")
     for stage, times in (("commit to relay (delivery row)", to_relay), ("relay to receipt", to_receipt)):
-        q = lambda f, t=times: t[min(len(t) - 1, int(f * len(t)))]  # noqa: E731
-        print(f"  of which {stage}: p50 {q(0.5):.1f} ms, p99 {q(0.99):.1f} ms, max {times[-1]:.1f} ms")
+        print(f"  of which {stage}: p50 {rank(times, 0.5):.1f} ms, p99 {rank(times, 0.99):.1f} ms, "
+              f"max {times[-1]:.1f} ms")
     for name, times in hooked.items():
-        q = lambda f, t=times: t[min(len(t) - 1, int(f * len(t)))]  # noqa: E731
         print(f"neighbours, {args.neighbours:,} events at {args.neighbour_rate:g}/s to 7 healthy endpoints, {name}: "
-              f"every one delivered once; p50 {q(0.5):.1f} ms, p99 {q(0.99):.1f} ms, max {times[-1]:.1f} ms")
+              f"every one delivered once; p50 {rank(times, 0.5):.1f} ms, p99 {rank(times, 0.99):.1f} ms, "
+              f"max {times[-1]:.1f} ms")
     if len(hooked) == 2:
-        alone, crowd = (hooked[k][min(len(hooked[k]) - 1, int(0.99 * len(hooked[k])))] for k in hooked)
+        alone, crowd = (rank(hooked[k], 0.99) for k in hooked)
         print(f"the healthy endpoints' p99 beside the bad ones: {crowd / alone:.2f}x alone (goal: at most 2x); "
               f"bad endpoints paused at the end: {paused} of 3")
 
