@@ -51,7 +51,11 @@ def _preload(**_kwargs) -> None:
 def _fresh_engine(**_kwargs) -> None:
     # Connections inherited through fork must never be used by the child.
     dispose_engine()
-    if get_settings().worker_flat_memory:  # as this pool process inherited them
+
+
+@worker_process_init.connect
+def _note_memory(**_kwargs) -> None:
+    if get_settings().worker_flat_memory:  # the allocators as this pool process inherited them
         import pyarrow as pa
 
         logging.getLogger(__name__).info("pool process memory kept flat: Arrow's pool %s, malloc's mmap threshold %s",

@@ -7,7 +7,7 @@ MB over its resting size with the defaults, though the batches in flight at any 
 reuse; and glibc's malloc raises its mmap threshold each time a large block is freed (up to 32 MiB),
 so after the first 4 MiB read block every later one comes from the heap, whose free space is
 fragmented and seldom returned. Flat: Arrow allocates through the system allocator, and blocks of
-1 MiB or more stay on mmap, handed back whole when freed. The run then adds 92-96 MB, not 150; the
+1 MiB or more stay on mmap, handed back whole when freed. The run then adds 92-97 MB, not 150; the
 price is fresh pages for every large block (five times the page faults), about 0.4 s more CPU per
 million rows on a re-ingest's merge path.
 """
@@ -22,8 +22,6 @@ log = logging.getLogger(__name__)
 
 _M_MMAP_THRESHOLD = -3  # mallopt's parameter number (malloc.h)
 MMAP_THRESHOLD = 1 << 20
-
-
 threshold_fixed = False  # whether keep_flat fixed malloc's threshold in this process (or before its fork)
 
 
