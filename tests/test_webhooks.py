@@ -228,6 +228,54 @@ def test_the_outbox_wakes_the_relay_without_polling(client, start_worker, receiv
     assert all(r["verified"] for r in receiver.received)
 
 
+def test_the_listeners_own_relay_wakes_no_one_but_every_other_write_does(client, receiver):
+    """The outbox listener reads when to wake next right after it relays, so the deliveries its relay
+    makes send no NOTIFY (each once woke it to relay again, for nothing: migration 0022); an event's
+    commit and any other relay (the API's, beat's) still wake it."""
+    import psycopg
+
+    from pipelines.core.db import session_scope
+    from pipelines.webhooks import relay
+    from worker.outbox import CHANNEL, _libpq_url
+
+    register(client, receiver.url, ["ingestion.completed"])
+    with psycopg.connect(_libpq_url(), autocommit=True) as listener:
+        listener.execute(f"LISTEN {CHANNEL}")
+
+        def woken() -> int:  # notifications within half a second (they come at the commit, locally)
+            return len(list(listener.notifies(timeout=0.5, stop_after=1)))
+
+        end_jobs(3, "job_quiet_")
+        assert woken() == 1  # the events' commit
+        with session_scope() as session:
+            handed_out = relay.relay(session, quiet=True)
+        with get_engine().connect() as conn:
+            left_due = conn.execute(text(
+                "SELECT count(*) FROM webhook_deliveries WHERE next_attempt_at IS NOT NULL")).scalar()
+        # A new endpoint gets two at a time: one delivery is left due, for the listener's own next read.
+        assert len(handed_out) == 2 and left_due == 1
+        assert woken() == 0
+        end_jobs(3, "job_loud_")
+        assert woken() == 1
+        with session_scope() as session:
+            relay.relay(session)
+        assert woken() == 1
+
+
+def test_a_backlog_larger_than_one_relay_is_fanned_out_without_waiting(client, start_worker, receiver):
+    """A relay fans out 1,000 events at a time and its own deliveries wake no one: the listener sees
+    the events still waiting and relays again at once, not when the periodic relay (an hour here) or
+    the next job's end comes, nor when the claims on the first 1,000 run out (30 s, as by default)."""
+    start_worker(beat=False, env={"INGOT_WEBHOOK_RELAY_INTERVAL_SECONDS": "3600", "INGOT_WEBHOOK_CLAIM_SECONDS": "30"})
+    receiver.secret = register(client, receiver.url, ["ingestion.completed"])["secret"]
+    end_jobs(1, "job_first_")  # the endpoint answers once: from then on every due delivery is handed out at once
+    wait_for(lambda: len(receiver.received) == 1, timeout=30, message="the first delivery")
+    end_jobs(2_200, "job_backlog_")
+    wait_for(lambda: len(receiver.received) >= 2_201, timeout=45, message="2,200 more deliveries")
+    sent = [r["headers"]["webhook-id"] for r in receiver.received]
+    assert len(set(sent)) == len(sent) == 2_201 and all(r["verified"] for r in receiver.received)
+
+
 class _Hostile:
     """A receiver answering with a gzip bomb, or a body trickled a byte at a time (bounded: 30 s)."""
 

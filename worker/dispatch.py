@@ -78,15 +78,15 @@ def revoke(task_id: str) -> None:
         log.warning("could not broadcast the revocation of %s", task_id, exc_info=True)
 
 
-def relay_webhooks() -> int:
+def relay_webhooks(quiet: bool = False) -> int:
     """Turn new job events into deliveries and send every delivery that is due (after the commit), in
-    batches of INGOT_WEBHOOK_BATCH_SIZE to a task."""
+    batches of INGOT_WEBHOOK_BATCH_SIZE to a task. QUIET: see `relay.relay`."""
     from pipelines.core.db import session_scope
     from pipelines.webhooks import relay
 
     try:
         with session_scope() as session:
-            due = relay.relay(session)
+            due = relay.relay(session, quiet=quiet)
     except Exception:  # the periodic relay will pick the events up
         log.exception("webhook relay failed")
         return 0

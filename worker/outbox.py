@@ -27,10 +27,13 @@ def _libpq_url() -> str:
     return get_engine().url.set(drivername="postgresql").render_as_string(hide_password=False)
 
 
-# The earliest moment a delivery may be handed out: a retry falling due, a claim running out, or a
-# paused endpoint's probe (its other deliveries wait for the probe's answer, not for the clock).
+# The earliest moment a delivery may be handed out: now if events wait to be fanned out (a relay
+# takes 1,000 at a time, and its own deliveries wake no one), else a retry falling due, a claim
+# running out, or a paused endpoint's probe (its other deliveries wait for the probe's answer, not for
+# the clock).
 _NEXT_DUE = """
 SELECT least(
+    (SELECT now() FROM webhook_events WHERE dispatched_at IS NULL LIMIT 1),
     (SELECT min(COALESCE(d.next_attempt_at, d.claimed_until)) FROM webhook_deliveries d
      JOIN webhooks w ON w.id = d.webhook_id WHERE d.state = 'pending' AND w.paused_at IS NULL),
     (SELECT min(w.probe_at) FROM webhooks w WHERE w.paused_at IS NOT NULL
@@ -64,7 +67,8 @@ class OutboxListener(threading.Thread):
                 with psycopg.connect(url, autocommit=True, **dead_peer_args(url)) as conn:
                     conn.execute(f"LISTEN {CHANNEL}")
                     while not self.halt.is_set():
-                        self.relay()
+                        # Quiet: what it leaves due is read next, and its own NOTIFYs would only wake it again.
+                        self.relay(quiet=True)
                         wait = _seconds_to_next_due(conn, ceiling)
                         for _ in conn.notifies(timeout=wait, stop_after=1):
                             pass

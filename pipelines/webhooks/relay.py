@@ -15,11 +15,15 @@ from sqlalchemy.orm import Session
 from pipelines.core.settings import get_settings
 
 
-def relay(session: Session, per_endpoint: int | None = None) -> list[tuple[str, str, bool]]:
+def relay(session: Session, per_endpoint: int | None = None, quiet: bool = False) -> list[tuple[str, str, bool]]:
     """Fan new events out to their endpoints and claim every delivery that is due; returns the
     deliveries to send (after this transaction commits): (delivery, endpoint, whether the endpoint
     is failing lately, so that its deliveries travel apart from everyone else's). PER_ENDPOINT: how
-    many may be in flight to an endpoint that has not answered yet (NEW_ENDPOINT_CONCURRENCY)."""
+    many may be in flight to an endpoint that has not answered yet (NEW_ENDPOINT_CONCURRENCY).
+    QUIET: the deliveries made here send no NOTIFY (migration 0022), for a caller that reads when the
+    next one falls due itself once this commits (the outbox listener), rather than be woken by them."""
+    if quiet:
+        session.execute(text("SELECT set_config('ingot.relaying', 'on', true)"))
     session.execute(text(
         "WITH fresh AS (SELECT id, type, job_id FROM webhook_events WHERE dispatched_at IS NULL "
         "               ORDER BY created_at LIMIT 1000 FOR UPDATE SKIP LOCKED), "
