@@ -15,7 +15,9 @@ import random
 import threading
 import time
 from collections import deque
+from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
@@ -24,7 +26,7 @@ from typing import Any
 import httpcore
 import httpx
 from sqlalchemy import Connection, text
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError
 from standardwebhooks import Webhook as Signer
 
 from pipelines.core import netguard, runtime
@@ -275,7 +277,9 @@ class _Locks:
         self.deadline = 0.0  # monotonic: when the relay may hand these deliveries out again
 
     def _lock(self, ids: list[str]) -> list[str]:
-        self.connection = get_engine().connect()
+        # In autocommit: each statement is its own transaction, with no BEGIN and COMMIT round trips
+        # around it; the few writes that must go together say so (see `_record`).
+        self.connection = get_engine().connect().execution_options(isolation_level="AUTOCOMMIT")
         return list(self.connection.execute(text(
             "SELECT id FROM unnest(CAST(:ids AS text[])) AS id "
             "WHERE pg_try_advisory_lock(hashtext('ingot.delivery'), hashtext(id))"
@@ -302,7 +306,7 @@ class _Locks:
                 "UPDATE webhook_deliveries SET claimed_until = least(claimed_until, now() + make_interval(secs => :s)) "
                 "WHERE id = ANY(:ids) AND state = 'pending' AND next_attempt_at IS NULL"
             ), {"ids": busy, "s": BUSY_RECHECK_SECONDS})
-        self.connection.commit()  # read once the locks are held: a record committed before them is seen
+        # Read by a statement after the locks are held: a record committed before them is seen.
         left = min((float(r.claim_left) for r in rows if r.claim_left is not None),
                    default=get_settings().webhook_claim_seconds)
         self.deadline = time.monotonic() + left - 1.0
@@ -317,7 +321,6 @@ class _Locks:
                 assert self.connection is not None
                 mine = [(row, outcome) for row, outcome in answered if row.id in self.held]
                 states = _record(self.connection, [r for r, _ in mine], [o for _, o in mine])
-                self.connection.commit()
                 break
             except DBAPIError as exc:
                 if not (exc.connection_invalidated or isinstance(exc, OperationalError)):
@@ -347,7 +350,6 @@ class _Locks:
             return
         try:
             self.connection.execute(text("SELECT pg_advisory_unlock_all()"))
-            self.connection.commit()
             self.connection.close()
             self.connection = None
         except DBAPIError:
@@ -417,8 +419,10 @@ def decide(attempt: int, status: int | None, error: str | None, asked_delay: flo
 
 def _record(connection: Connection, rows: list, outcomes: list[Outcome]) -> dict[str, str]:
     """Record each attempt and decide what follows: delivered, retried later, failed, or the endpoint
-    disabled. Written in three statements however many; each endpoint touched is updated once, in id
-    order, so two tasks never wait on each other's endpoints in opposite orders."""
+    disabled. The attempts and their deliveries are one statement however many, on its own when no
+    endpoint changes (the usual answer: a 2xx from an endpoint that answered before); otherwise in one
+    transaction with each endpoint touched, updated once, in id order, so two tasks never wait on each
+    other's endpoints in opposite orders."""
     settings = get_settings()
     schedule = runtime.retry_schedule()
     now = datetime.now(UTC)
@@ -444,25 +448,56 @@ def _record(connection: Connection, rows: list, outcomes: list[Outcome]) -> dict
                        "e": error, "x": outcome.excerpt, "n": next_at})
     if not writes:
         return states
-    connection.execute(text(
-        "INSERT INTO webhook_attempts (delivery_id, attempt, attempted_at, status_code, duration_ms, error, "
-        "response_excerpt, next_retry_at) VALUES (:d, :a, now(), :s, :ms, :e, :x, :n)"
-    ), writes)
-    connection.execute(text(
-        "UPDATE webhook_deliveries SET attempts = :a, state = :state, next_attempt_at = :n, claimed_until = NULL, "
-        "last_status_code = :s, last_error = :e, completed_at = CASE WHEN :state = 'pending' THEN NULL ELSE now() END "
-        "WHERE id = :d"
-    ), writes)
+    answers = {key: [w[key] for w in writes] for key in ("d", "a", "state", "s", "ms", "e", "x", "n")}
     endpoint_rows = {row.webhook_id: row for row in rows}
-    for webhook_id in sorted(endpoints):
-        failing, disable = endpoints[webhook_id]
-        if failing:
-            _failed(connection, webhook_id, failures[webhook_id], settings)
-        elif _unsettled(endpoint_rows[webhook_id]):  # most answers change nothing on their endpoint
-            _answered(connection, webhook_id)
-        if disable:
-            _disable(connection, webhook_id, disable)
+    # Most answers change nothing on their endpoint (it answers, and answered before).
+    changes = [(webhook_id, *endpoints[webhook_id]) for webhook_id in sorted(endpoints)
+               if endpoints[webhook_id][0] or endpoints[webhook_id][1] or _unsettled(endpoint_rows[webhook_id])]
+    if not changes:  # one statement, its own transaction (CONNECTION is in autocommit)
+        connection.execute(_RECORD, answers)
+        return states
+    with _together(connection):  # the attempts and their endpoints
+        connection.execute(_RECORD, answers)
+        for webhook_id, failing, disable in changes:
+            if failing:
+                _failed(connection, webhook_id, failures[webhook_id], settings)
+            elif _unsettled(endpoint_rows[webhook_id]):
+                _answered(connection, webhook_id)
+            if disable:
+                _disable(connection, webhook_id, disable)
     return states
+
+
+@contextmanager
+def _together(connection: Connection) -> Iterator[None]:
+    """One transaction on CONNECTION, which is in autocommit (its errors are SQLAlchemy's, as for any
+    statement: a lost connection is told apart by `_Locks.record`)."""
+    connection.execute(text("BEGIN"))
+    try:
+        yield
+    except BaseException:
+        with suppress(SQLAlchemyError):  # the connection may be gone, and the transaction with it
+            connection.execute(text("ROLLBACK"))
+        raise
+    connection.execute(text("COMMIT"))
+
+
+# Each attempt of a batch recorded, and its delivery settled or given its next time, in one statement.
+_RECORD = text("""
+WITH answered AS (
+    SELECT * FROM unnest(CAST(:d AS text[]), CAST(:a AS integer[]), CAST(:state AS text[]), CAST(:s AS integer[]),
+                         CAST(:ms AS double precision[]), CAST(:e AS text[]), CAST(:x AS text[]),
+                         CAST(:n AS timestamptz[])) AS t(d, a, state, s, ms, e, x, n)
+), attempts AS (
+    INSERT INTO webhook_attempts (delivery_id, attempt, attempted_at, status_code, duration_ms, error, response_excerpt,
+                                  next_retry_at)
+    SELECT d, a, now(), s, ms, e, x, n FROM answered
+)
+UPDATE webhook_deliveries SET attempts = answered.a, state = answered.state, next_attempt_at = answered.n,
+    claimed_until = NULL, last_status_code = answered.s, last_error = answered.e,
+    completed_at = CASE WHEN answered.state = 'pending' THEN NULL ELSE now() END
+FROM answered WHERE webhook_deliveries.id = answered.d
+""")
 
 
 # The circuit breaker. An endpoint whose attempts fail (an error status, a timeout, a refused
