@@ -236,7 +236,8 @@ def test_the_listeners_own_relay_wakes_no_one_but_every_other_write_does(client,
 
     from pipelines.core.db import session_scope
     from pipelines.webhooks import relay
-    from worker.outbox import CHANNEL, _libpq_url
+    from pipelines.webhooks.relay import CHANNEL
+    from worker.outbox import _libpq_url
 
     register(client, receiver.url, ["ingestion.completed"])
     with psycopg.connect(_libpq_url(), autocommit=True) as listener:

@@ -96,12 +96,13 @@ def relay_webhooks(quiet: bool = False) -> int:
 
 
 def batches(due: list[tuple[str, str, bool]], size: int) -> list[list[str]]:
-    """DUE (delivery, endpoint, failing lately) as the deliver tasks' batches: healthy endpoints'
-    deliveries together, SIZE at most to a batch, and each failing endpoint's in a batch of its own,
-    so that a receiver that hangs holds up a batch of its own deliveries only."""
-    healthy = [delivery for delivery, _endpoint, failing in due if not failing]
+    """DUE (delivery, endpoint, unproven: failing lately or yet to answer) as the deliver tasks'
+    batches: the deliveries of endpoints that answer together, SIZE at most to a batch, and each
+    unproven endpoint's in a batch of its own, so that a receiver that hangs holds up a batch of its
+    own deliveries only."""
+    healthy = [delivery for delivery, _endpoint, unproven in due if not unproven]
     apart: dict[str, list[str]] = {}
-    for delivery, endpoint, failing in due:
-        if failing:
+    for delivery, endpoint, unproven in due:
+        if unproven:
             apart.setdefault(endpoint, []).append(delivery)
     return [healthy[i:i + size] for i in range(0, len(healthy), size)] + list(apart.values())

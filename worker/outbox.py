@@ -17,9 +17,9 @@ import psycopg
 
 from pipelines.core.db import dead_peer_args, get_engine
 from pipelines.core.settings import get_settings
+from pipelines.webhooks.relay import CHANNEL
 
 log = logging.getLogger(__name__)
-CHANNEL = "ingot_outbox"
 _MIN_WAIT = 0.05
 
 
@@ -28,14 +28,26 @@ def _libpq_url() -> str:
 
 
 # The earliest moment a delivery may be handed out: now if events wait to be fanned out (a relay
-# takes 1,000 at a time, and its own deliveries wake no one), else a retry falling due, a claim
-# running out, or a paused endpoint's probe (its other deliveries wait for the probe's answer, not for
-# the clock).
+# takes 1,000 at a time, and its own deliveries wake no one); else, for each endpoint that is not
+# paused, its earliest retry or claim running out, read off ix_deliveries_endpoint_due whatever its
+# backlog; else a paused endpoint's probe (its other deliveries wait for the probe's answer, not for
+# the clock). An endpoint yet to prove it answers (new or failing) has one or two in flight at a time:
+# the rest of its due backlog waits for their answers, whose record wakes the relay (`delivery._record`),
+# not for the clock, so only its retries still to come count here.
 _NEXT_DUE = """
 SELECT least(
     (SELECT now() FROM webhook_events WHERE dispatched_at IS NULL LIMIT 1),
-    (SELECT min(COALESCE(d.next_attempt_at, d.claimed_until)) FROM webhook_deliveries d
-     JOIN webhooks w ON w.id = d.webhook_id WHERE d.state = 'pending' AND w.paused_at IS NULL),
+    (SELECT min(least(retry.at, claim.until)) FROM webhooks w
+     LEFT JOIN LATERAL (
+        SELECT d.next_attempt_at AS at FROM webhook_deliveries d
+        WHERE d.webhook_id = w.id AND d.state = 'pending'
+          AND d.next_attempt_at > CASE WHEN w.consecutive_failures = 0 AND w.answered_at IS NOT NULL
+                                       THEN '-infinity'::timestamptz ELSE now() END
+        ORDER BY d.next_attempt_at LIMIT 1) retry ON true
+     CROSS JOIN LATERAL (
+        SELECT min(d.claimed_until) AS until FROM webhook_deliveries d
+        WHERE d.webhook_id = w.id AND d.state = 'pending' AND d.next_attempt_at IS NULL) claim
+     WHERE w.paused_at IS NULL),
     (SELECT min(w.probe_at) FROM webhooks w WHERE w.paused_at IS NOT NULL
        AND EXISTS (SELECT 1 FROM webhook_deliveries d WHERE d.webhook_id = w.id AND d.state = 'pending')
        AND NOT EXISTS (SELECT 1 FROM webhook_deliveries d WHERE d.webhook_id = w.id AND d.state = 'pending'

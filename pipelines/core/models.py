@@ -331,6 +331,8 @@ class WebhookDelivery(Base):
         Index("uq_delivery_event", "webhook_id", "event_id", unique=True),
         Index("ix_deliveries_due", "next_attempt_at", postgresql_where="state = 'pending'"),
         Index("ix_deliveries_webhook", "webhook_id", "created_at", "id"),
+        Index("ix_deliveries_endpoint_due", "webhook_id", "next_attempt_at", "id",
+              postgresql_where="state = 'pending'"),
     )
 
 

@@ -35,6 +35,7 @@ from pipelines.core.db import get_engine
 from pipelines.core.retry import retry_after
 from pipelines.core.settings import get_settings
 from pipelines.jobs import journal
+from pipelines.webhooks import relay
 from pipelines.webhooks.endpoints import decrypt
 
 log = logging.getLogger(__name__)
@@ -196,7 +197,9 @@ def deliver(delivery_ids: list[str], pool: httpcore.ConnectionPool, concurrency:
     With HAND_OFF (seconds), the attempts run on the process's own threads (`threads`), and what is
     still unanswered after HAND_OFF is left to them: a thread of the process records those answers as
     they come and then lets the locks go, while the task returns and its process takes the next batch.
-    A receiver that hangs thus holds a thread, never a worker process and the batches behind it."""
+    A receiver that hangs thus holds a thread, never a worker process and the batches behind it. A batch
+    whose endpoints have yet to prove they answer (the relay sends those apart) goes to the threads at
+    once."""
     ids = list(dict.fromkeys(delivery_ids))
     states = dict.fromkeys(ids, "missing")
     locks = _Locks()
@@ -205,6 +208,8 @@ def deliver(delivery_ids: list[str], pool: httpcore.ConnectionPool, concurrency:
     try:
         rows = locks.take(ids)
         states.update({row.id: row.state for row in rows})
+        if hand_off is not None and rows and all(_unsettled(row) for row in rows):
+            hand_off = 0.0  # endpoints yet to prove they answer (new, failing, paused) hold no worker process
         executor = own or threads(concurrency)
         queued = deque(row for row in rows if row.state == "pending")
         waiting: dict = {}
@@ -458,6 +463,8 @@ def _record(connection: Connection, rows: list, outcomes: list[Outcome]) -> dict
         return states
     with _together(connection):  # the attempts and their endpoints
         connection.execute(_RECORD, answers)
+        # An endpoint yet to prove it answers has one or two in flight: its next may go out now.
+        connection.execute(text("SELECT pg_notify(:channel, '')"), {"channel": relay.CHANNEL})
         for webhook_id, failing, disable in changes:
             if failing:
                 _failed(connection, webhook_id, failures[webhook_id], settings)

@@ -14,11 +14,17 @@ from sqlalchemy.orm import Session
 
 from pipelines.core.settings import get_settings
 
+# Event rows, deliveries given a time, and answers that change an endpoint's standing NOTIFY here
+# (migrations 0008 and 0022; `delivery._record`): the outbox listener (worker.outbox) wakes on it.
+CHANNEL = "ingot_outbox"
+
 
 def relay(session: Session, per_endpoint: int | None = None, quiet: bool = False) -> list[tuple[str, str, bool]]:
     """Fan new events out to their endpoints and claim every delivery that is due; returns the
     deliveries to send (after this transaction commits): (delivery, endpoint, whether the endpoint
-    is failing lately, so that its deliveries travel apart from everyone else's). PER_ENDPOINT: how
+    is failing lately or has yet to answer, so that its deliveries travel apart from those of endpoints
+    known to answer: a batch waits up to INGOT_WEBHOOK_HAND_OFF_SECONDS for a receiver that hangs, and
+    a new endpoint may be one). PER_ENDPOINT: how
     many may be in flight to an endpoint that has not answered yet (NEW_ENDPOINT_CONCURRENCY).
     QUIET: the deliveries made here send no NOTIFY (migration 0022), for a caller that reads when the
     next one falls due itself once this commits (the outbox listener), rather than be woken by them."""
@@ -44,8 +50,9 @@ NEW_ENDPOINT_CONCURRENCY = 2  # in flight to an endpoint that has not answered y
 # Which due deliveries to hand out now, the oldest first. An endpoint that answers gets all of its
 # own; one that has never answered gets `new_endpoint` at a time, one failing a single one, and one
 # paused only its probe, once the probe falls due: a bad endpoint's backlog waits in its own line,
-# behind no one else's. Only those few endpoints' deliveries are ranked; the rest are read as they
-# are, off the index of due deliveries.
+# behind no one else's. Each endpoint's due deliveries are read off its own part of
+# ix_deliveries_endpoint_due, so no endpoint's backlog is read for another's sake (nor, in
+# worker.outbox, to learn when the next falls due).
 _CLAIM = text("""
 WITH capped AS (
     SELECT id, CASE WHEN paused_at IS NOT NULL THEN CASE WHEN probe_at <= now() THEN 1 ELSE 0 END
@@ -53,30 +60,46 @@ WITH capped AS (
                     ELSE :new_endpoint END AS most
     FROM webhooks WHERE paused_at IS NOT NULL OR consecutive_failures > 0 OR answered_at IS NULL
 ), free AS (
-    SELECT d.id, d.next_attempt_at FROM webhook_deliveries d
-    WHERE d.state = 'pending'
-      AND (d.next_attempt_at <= now() OR (d.next_attempt_at IS NULL AND d.claimed_until < now()))
-      AND d.webhook_id NOT IN (SELECT id FROM capped)
-    ORDER BY d.next_attempt_at NULLS FIRST LIMIT 5000
+    -- Every other endpoint's due deliveries, endpoint by endpoint off ix_deliveries_endpoint_due: a
+    -- capped endpoint's backlog, however long, is not read here.
+    SELECT due.id FROM webhooks w CROSS JOIN LATERAL (
+        (SELECT d.id, NULL::timestamptz AS at FROM webhook_deliveries d
+         WHERE d.webhook_id = w.id AND d.state = 'pending' AND d.next_attempt_at IS NULL AND d.claimed_until < now()
+         LIMIT 5000)
+        UNION ALL
+        (SELECT d.id, d.next_attempt_at FROM webhook_deliveries d
+         WHERE d.webhook_id = w.id AND d.state = 'pending' AND d.next_attempt_at <= now()
+         ORDER BY d.next_attempt_at LIMIT 5000)
+    ) due
+    WHERE w.id NOT IN (SELECT id FROM capped)
+    ORDER BY due.at NULLS FIRST LIMIT 5000
 ), busy AS (
     SELECT webhook_id, count(*) AS n FROM webhook_deliveries
     WHERE webhook_id IN (SELECT id FROM capped) AND state = 'pending' AND next_attempt_at IS NULL
       AND claimed_until >= now()
     GROUP BY webhook_id
 ), held AS (
-    SELECT ranked.id, ranked.next_attempt_at FROM (
-        SELECT d.id, d.next_attempt_at, c.most, COALESCE(busy.n, 0) AS busy,
-               row_number() OVER (PARTITION BY d.webhook_id ORDER BY d.next_attempt_at NULLS FIRST, d.id) AS place
-        FROM webhook_deliveries d JOIN capped c ON c.id = d.webhook_id LEFT JOIN busy ON busy.webhook_id = d.webhook_id
-        WHERE d.state = 'pending'
-          AND (d.next_attempt_at <= now() OR (d.next_attempt_at IS NULL AND d.claimed_until < now()))
-    ) ranked WHERE ranked.place + ranked.busy <= ranked.most
+    -- Each such endpoint's first few, off ix_deliveries_endpoint_due however long its backlog: claims
+    -- run out first, then the oldest due.
+    SELECT first.id FROM capped c LEFT JOIN busy ON busy.webhook_id = c.id
+    CROSS JOIN LATERAL (
+        SELECT id FROM (
+            (SELECT d.id, 0 AS rank, NULL::timestamptz AS at FROM webhook_deliveries d
+             WHERE d.webhook_id = c.id AND d.state = 'pending' AND d.next_attempt_at IS NULL AND d.claimed_until < now()
+             ORDER BY d.id LIMIT greatest(c.most - COALESCE(busy.n, 0), 0))
+            UNION ALL
+            (SELECT d.id, 1, d.next_attempt_at FROM webhook_deliveries d
+             WHERE d.webhook_id = c.id AND d.state = 'pending' AND d.next_attempt_at <= now()
+             ORDER BY d.next_attempt_at, d.id LIMIT greatest(c.most - COALESCE(busy.n, 0), 0))
+        ) due ORDER BY rank, at, id LIMIT greatest(c.most - COALESCE(busy.n, 0), 0)
+    ) first
 ), chosen AS (
     SELECT id FROM free UNION ALL SELECT id FROM held
+), locked AS (  -- by key, as an array: the planner cannot tell how few they are, and would scan the table
+    SELECT id FROM webhook_deliveries WHERE id = ANY(ARRAY(SELECT id FROM chosen)) FOR UPDATE SKIP LOCKED
 )
 UPDATE webhook_deliveries d SET next_attempt_at = NULL, claimed_until = now() + make_interval(secs => :c)
 FROM webhooks w
-WHERE w.id = d.webhook_id
-  AND d.id IN (SELECT id FROM webhook_deliveries WHERE id IN (SELECT id FROM chosen) FOR UPDATE SKIP LOCKED)
-RETURNING d.id, d.webhook_id, w.consecutive_failures > 0 OR w.paused_at IS NOT NULL
+WHERE d.id = ANY(ARRAY(SELECT id FROM locked)) AND w.id = d.webhook_id
+RETURNING d.id, d.webhook_id, w.consecutive_failures > 0 OR w.paused_at IS NOT NULL OR w.answered_at IS NULL
 """)
