@@ -277,6 +277,32 @@ def test_a_backlog_larger_than_one_relay_is_fanned_out_without_waiting(client, s
     assert len(set(sent)) == len(sent) == 2_201 and all(r["verified"] for r in receiver.received)
 
 
+def test_an_unproven_endpoints_backlog_is_handed_out_as_it_answers_not_polled_for(client, receiver):
+    """A new endpoint gets two deliveries at a time. The rest of its due backlog does not make the
+    listener wake every 50 ms (it once did, reading every such delivery each time): the next wake is
+    when a claim runs out, and the answers that free its places NOTIFY the relay instead."""
+    import psycopg
+
+    from pipelines.core.db import session_scope
+    from pipelines.webhooks import delivery, relay
+    from pipelines.webhooks.relay import CHANNEL
+    from worker.outbox import _libpq_url, _seconds_to_next_due
+
+    receiver.secret = register(client, receiver.url, ["ingestion.completed"])["secret"]
+    end_jobs(50, "job_unproven_")
+    with session_scope() as session:
+        first = [d for d, _endpoint, unproven in relay.relay(session) if unproven]
+    assert len(first) == 2  # and 48 due, waiting for those two
+    with psycopg.connect(_libpq_url(), autocommit=True) as listener:
+        listener.execute(f"LISTEN {CHANNEL}")
+        assert _seconds_to_next_due(listener, 3600) > 1.0  # the claims' end (3 s in the tests), not 0.05
+        delivery.deliver(first, delivery.new_pool(2), 2)
+        assert list(listener.notifies(timeout=5, stop_after=1))  # the answers woke it
+    with session_scope() as session:
+        rest = relay.relay(session)
+    assert len(rest) == 48 and not any(unproven for _d, _e, unproven in rest)  # it answered: all at once
+
+
 class _Hostile:
     """A receiver answering with a gzip bomb, or a body trickled a byte at a time (bounded: 30 s)."""
 
