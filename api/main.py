@@ -36,7 +36,7 @@ from api.routes import (
     webhooks,
 )
 from pipelines import __version__
-from pipelines.core import adb, runtime
+from pipelines.core import adb, memory, runtime
 from pipelines.core.logs import configure
 from pipelines.core.settings import get_settings
 
@@ -47,6 +47,7 @@ COMPAT_TAG = "seed 000 (Aurum) paths"
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     await run_in_threadpool(runtime.refresh)  # runtime settings read before the first request needs them
+    memory.freeze_startup()  # full collections stop walking the imports and the app: no 150 ms pauses
     yield
     await adb.close()
     limits.close()

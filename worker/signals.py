@@ -45,6 +45,7 @@ def _preload(**_kwargs) -> None:
 
     if get_settings().worker_flat_memory:  # before the fork, so every pool process inherits it
         memory.keep_flat()
+    memory.freeze_startup()  # the pool's processes inherit the frozen heap; their collections skip it
 
 
 @worker_process_init.connect
