@@ -1,6 +1,10 @@
 """API benchmark: the authenticated, rate-limited routes beside bare FastAPI routes, under wrk.
 
     .venv/bin/python bench/api.py [--clients 1,10,50,200] [--seconds 5] [--rounds 3]
+    .venv/bin/python bench/api.py --mixed [bench/readers.py's options]
+
+`--mixed` is the mixed case instead: heavy readers beside pollers over 5,000,000 rows, the pollers'
+and `/health`'s p99 beside the same pollers alone (bench/readers.py, which it runs).
 
 Each server is one uvicorn process, as `ingot api` runs it (the bare one has no middleware, no
 database, no key). The ratios are to the bare `async def` route, FastAPI's fastest answer (served on
@@ -94,6 +98,11 @@ def main() -> None:
     parser.add_argument("--clients", default="1,10,50,200")
     parser.add_argument("--seconds", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--mixed", action="store_true",
+                        help="heavy readers beside pollers: bench/readers.py, given every other option")
+    if "--mixed" in sys.argv[1:]:
+        others = [arg for arg in sys.argv[1:] if arg != "--mixed"]
+        raise SystemExit(subprocess.call([sys.executable, str(Path(__file__).with_name("readers.py")), *others]))
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is needed: apt-get install wrk")
