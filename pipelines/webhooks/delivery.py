@@ -455,9 +455,11 @@ def _record(connection: Connection, rows: list, outcomes: list[Outcome]) -> dict
         return states
     answers = {key: [w[key] for w in writes] for key in ("d", "a", "state", "s", "ms", "e", "x", "n")}
     endpoint_rows = {row.webhook_id: row for row in rows}
-    # Most answers change nothing on their endpoint (it answers, and answered before).
-    changes = [(webhook_id, *endpoints[webhook_id]) for webhook_id in sorted(endpoints)
-               if endpoints[webhook_id][0] or endpoints[webhook_id][1] or _unsettled(endpoint_rows[webhook_id])]
+    changes = []  # most answers change nothing on their endpoint (it answers, and answered before)
+    for webhook_id in sorted(endpoints):
+        failing, disable = endpoints[webhook_id]
+        if failing or disable or _unsettled(endpoint_rows[webhook_id]):
+            changes.append((webhook_id, failing, disable))
     if not changes:  # one statement, its own transaction (CONNECTION is in autocommit)
         connection.execute(_RECORD, answers)
         return states

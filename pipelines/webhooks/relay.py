@@ -24,8 +24,8 @@ def relay(session: Session, per_endpoint: int | None = None, quiet: bool = False
     deliveries to send (after this transaction commits): (delivery, endpoint, whether the endpoint
     is failing lately or has yet to answer, so that its deliveries travel apart from those of endpoints
     known to answer: a batch waits up to INGOT_WEBHOOK_HAND_OFF_SECONDS for a receiver that hangs, and
-    a new endpoint may be one). PER_ENDPOINT: how
-    many may be in flight to an endpoint that has not answered yet (NEW_ENDPOINT_CONCURRENCY).
+    a new endpoint may be one). PER_ENDPOINT: how many may be in flight to an endpoint that has not
+    answered yet (NEW_ENDPOINT_CONCURRENCY).
     QUIET: the deliveries made here send no NOTIFY (migration 0022), for a caller that reads when the
     next one falls due itself once this commits (the outbox listener), rather than be woken by them."""
     if quiet:
