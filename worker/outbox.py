@@ -41,8 +41,7 @@ SELECT least(
      LEFT JOIN LATERAL (
         SELECT d.next_attempt_at AS at FROM webhook_deliveries d
         WHERE d.webhook_id = w.id AND d.state = 'pending'
-          AND d.next_attempt_at > CASE WHEN w.consecutive_failures = 0 AND w.answered_at IS NOT NULL
-                                       THEN '-infinity'::timestamptz ELSE now() END
+          AND d.next_attempt_at > CASE WHEN ingot_endpoint_proven(w) THEN '-infinity'::timestamptz ELSE now() END
         ORDER BY d.next_attempt_at LIMIT 1) retry ON true
      CROSS JOIN LATERAL (
         SELECT min(d.claimed_until) AS until FROM webhook_deliveries d

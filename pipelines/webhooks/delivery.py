@@ -208,7 +208,7 @@ def deliver(delivery_ids: list[str], pool: httpcore.ConnectionPool, concurrency:
     try:
         rows = locks.take(ids)
         states.update({row.id: row.state for row in rows})
-        if hand_off is not None and rows and all(_unsettled(row) for row in rows):
+        if hand_off is not None and rows and all(row.unsettled for row in rows):
             hand_off = 0.0  # endpoints yet to prove they answer (new, failing, paused) hold no worker process
         executor = own or threads(concurrency)
         queued = deque(row for row in rows if row.state == "pending")
@@ -296,7 +296,7 @@ class _Locks:
         rows = list(self.connection.execute(text(
             "SELECT d.id, d.attempts, d.state, w.id AS webhook_id, w.url, "
             "w.enabled AND NOT ingot_owner_gone(w.api_key_id) AS enabled, w.secret_encrypted, "
-            "w.failing_since, w.consecutive_failures, w.paused_at, w.answered_at, "
+            "w.failing_since, NOT ingot_endpoint_proven(w) AS unsettled, "
             "e.id AS event_id, e.type, e.payload, e.created_at, "
             "extract(epoch FROM d.claimed_until - now()) AS claim_left "
             "FROM webhook_deliveries d JOIN webhooks w ON w.id = d.webhook_id "
@@ -458,7 +458,7 @@ def _record(connection: Connection, rows: list, outcomes: list[Outcome]) -> dict
     changes = []  # most answers change nothing on their endpoint (it answers, and answered before)
     for webhook_id in sorted(endpoints):
         failing, disable = endpoints[webhook_id]
-        if failing or disable or _unsettled(endpoint_rows[webhook_id]):
+        if failing or disable or endpoint_rows[webhook_id].unsettled:
             changes.append((webhook_id, failing, disable))
     if not changes:  # one statement, its own transaction (CONNECTION is in autocommit)
         connection.execute(_RECORD, answers)
@@ -470,7 +470,7 @@ def _record(connection: Connection, rows: list, outcomes: list[Outcome]) -> dict
         for webhook_id, failing, disable in changes:
             if failing:
                 _failed(connection, webhook_id, failures[webhook_id], settings)
-            elif _unsettled(endpoint_rows[webhook_id]):
+            elif endpoint_rows[webhook_id].unsettled:
                 _answered(connection, webhook_id)
             if disable:
                 _disable(connection, webhook_id, disable)
@@ -533,16 +533,9 @@ _ANSWERED = text("""
 UPDATE webhooks w SET failing_since = NULL, consecutive_failures = 0, paused_at = NULL, probe_at = NULL, probes = 0,
     answered_at = COALESCE(w.answered_at, now())
 FROM (SELECT id, paused_at FROM webhooks WHERE id = :w) AS before
-WHERE w.id = before.id AND (w.failing_since IS NOT NULL OR w.consecutive_failures > 0 OR w.paused_at IS NOT NULL
-                            OR w.answered_at IS NULL)
+WHERE w.id = before.id AND NOT ingot_endpoint_proven(w)
 RETURNING before.paused_at
 """)
-
-
-def _unsettled(row) -> bool:
-    """Whether an answer changes anything on ROW's endpoint, as it was read before the attempt."""
-    return (row.failing_since is not None or row.consecutive_failures > 0 or row.paused_at is not None
-            or row.answered_at is None)
 
 
 def _failed(connection: Connection, webhook_id: str, failures: int, settings) -> None:

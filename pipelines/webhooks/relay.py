@@ -47,30 +47,20 @@ def relay(session: Session, per_endpoint: int | None = None, quiet: bool = False
 
 NEW_ENDPOINT_CONCURRENCY = 2  # in flight to an endpoint that has not answered yet
 
-# Which due deliveries to hand out now, the oldest first. An endpoint that answers gets all of its
-# own; one that has never answered gets `new_endpoint` at a time, one failing a single one, and one
-# paused only its probe, once the probe falls due: a bad endpoint's backlog waits in its own line,
-# behind no one else's. Each endpoint's due deliveries are read off its own part of
-# ix_deliveries_endpoint_due, so no endpoint's backlog is read for another's sake (nor, in
-# worker.outbox, to learn when the next falls due).
+# Which due deliveries to hand out now, the oldest first. An endpoint that has proven it answers
+# (`ingot_endpoint_proven`, migration 0024) gets all of its own; one that has never answered gets
+# `new_endpoint` at a time, one failing a single one, and one paused only its probe, once the probe
+# falls due: a bad endpoint's backlog waits in its own line, behind no one else's. Each endpoint's due
+# deliveries are read by `ingot_due_deliveries` off its own part of ix_deliveries_endpoint_due, so no
+# endpoint's backlog is read for another's sake (nor, in worker.outbox, to learn when the next falls due).
 _CLAIM = text("""
 WITH capped AS (
     SELECT id, CASE WHEN paused_at IS NOT NULL THEN CASE WHEN probe_at <= now() THEN 1 ELSE 0 END
                     WHEN consecutive_failures > 0 THEN 1
                     ELSE :new_endpoint END AS most
-    FROM webhooks WHERE paused_at IS NOT NULL OR consecutive_failures > 0 OR answered_at IS NULL
-), free AS (
-    -- Every other endpoint's due deliveries, endpoint by endpoint off ix_deliveries_endpoint_due: a
-    -- capped endpoint's backlog, however long, is not read here.
-    SELECT due.id FROM webhooks w CROSS JOIN LATERAL (
-        (SELECT d.id, NULL::timestamptz AS at FROM webhook_deliveries d
-         WHERE d.webhook_id = w.id AND d.state = 'pending' AND d.next_attempt_at IS NULL AND d.claimed_until < now()
-         LIMIT 5000)
-        UNION ALL
-        (SELECT d.id, d.next_attempt_at FROM webhook_deliveries d
-         WHERE d.webhook_id = w.id AND d.state = 'pending' AND d.next_attempt_at <= now()
-         ORDER BY d.next_attempt_at LIMIT 5000)
-    ) due
+    FROM webhooks w WHERE NOT ingot_endpoint_proven(w)
+), free AS (  -- every other endpoint's due deliveries: a capped endpoint's backlog, however long, is not read
+    SELECT due.id FROM webhooks w CROSS JOIN LATERAL ingot_due_deliveries(w.id, 5000) due
     WHERE w.id NOT IN (SELECT id FROM capped)
     ORDER BY due.at NULLS FIRST LIMIT 5000
 ), busy AS (
@@ -78,20 +68,11 @@ WITH capped AS (
     WHERE webhook_id IN (SELECT id FROM capped) AND state = 'pending' AND next_attempt_at IS NULL
       AND claimed_until >= now()
     GROUP BY webhook_id
-), held AS (
-    -- Each such endpoint's first few, off ix_deliveries_endpoint_due however long its backlog: claims
-    -- run out first, then the oldest due.
+), held AS (  -- each capped endpoint's first few, those whose claim ran out first
     SELECT first.id FROM capped c LEFT JOIN busy ON busy.webhook_id = c.id
     CROSS JOIN LATERAL (
-        SELECT id FROM (
-            (SELECT d.id, 0 AS rank, NULL::timestamptz AS at FROM webhook_deliveries d
-             WHERE d.webhook_id = c.id AND d.state = 'pending' AND d.next_attempt_at IS NULL AND d.claimed_until < now()
-             ORDER BY d.id LIMIT greatest(c.most - COALESCE(busy.n, 0), 0))
-            UNION ALL
-            (SELECT d.id, 1, d.next_attempt_at FROM webhook_deliveries d
-             WHERE d.webhook_id = c.id AND d.state = 'pending' AND d.next_attempt_at <= now()
-             ORDER BY d.next_attempt_at, d.id LIMIT greatest(c.most - COALESCE(busy.n, 0), 0))
-        ) due ORDER BY rank, at, id LIMIT greatest(c.most - COALESCE(busy.n, 0), 0)
+        SELECT due.id FROM ingot_due_deliveries(c.id, greatest(c.most - COALESCE(busy.n, 0), 0)) due
+        ORDER BY due.at NULLS FIRST, due.id LIMIT greatest(c.most - COALESCE(busy.n, 0), 0)
     ) first
 ), chosen AS (
     SELECT id FROM free UNION ALL SELECT id FROM held
@@ -101,5 +82,5 @@ WITH capped AS (
 UPDATE webhook_deliveries d SET next_attempt_at = NULL, claimed_until = now() + make_interval(secs => :c)
 FROM webhooks w
 WHERE d.id = ANY(ARRAY(SELECT id FROM locked)) AND w.id = d.webhook_id
-RETURNING d.id, d.webhook_id, w.consecutive_failures > 0 OR w.paused_at IS NOT NULL OR w.answered_at IS NULL
+RETURNING d.id, d.webhook_id, NOT ingot_endpoint_proven(w)
 """)
