@@ -332,13 +332,13 @@ def _up(client) -> bool:
 
 
 def start_profilers(directory: Path, procs: list[subprocess.Popen]) -> list[subprocess.Popen]:
-    """py-spy over the API, the worker's main process and one of its pool processes for 20 s of the drain
-    (collapsed stacks)."""
+    """py-spy over the API, the worker's main process, one of its pool processes and the housekeeping
+    worker (beat, the reaper, the outbox listener) for 20 s of the drain (collapsed stacks)."""
     import psutil
 
     directory.mkdir(parents=True, exist_ok=True)
     pool = psutil.Process(procs[1].pid).children()
-    targets = {"api": procs[0].pid, "pool": pool[0].pid, "worker": procs[1].pid}
+    targets = {"api": procs[0].pid, "pool": pool[0].pid, "worker": procs[1].pid, "housekeeping": procs[2].pid}
     spy = str(Path(sys.executable).parent / "py-spy")
     return [subprocess.Popen([spy, "record", "-p", str(pid), "-d", "20", "-r", "100", "-f", "raw", "-o",
                               str(directory / f"{name}.txt"), "--nonblocking"],

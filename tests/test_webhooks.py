@@ -9,7 +9,7 @@ from sqlalchemy import text
 from standardwebhooks import Webhook as Verifier
 from standardwebhooks.webhooks import WebhookVerificationError
 
-from pipelines.core.db import get_engine
+from pipelines.core.db import driver, get_engine
 from testkit.datagen import sources_toml, write_csv
 from testkit.receiver import Receiver
 from tests.helpers import end_jobs, free_port, wait_for
@@ -248,8 +248,9 @@ def test_the_listeners_own_relay_wakes_no_one_but_every_other_write_does(client,
 
         end_jobs(3, "job_quiet_")
         assert woken() == 1  # the events' commit
-        with session_scope() as session:
-            handed_out = relay.relay(session, quiet=True)
+        with psycopg.connect(_libpq_url(), autocommit=True) as own:  # as the listener relays
+            relay.make_quiet(own)
+            handed_out = relay.relay(own)
         with get_engine().connect() as conn:
             left_due = conn.execute(text(
                 "SELECT count(*) FROM webhook_deliveries WHERE next_attempt_at IS NOT NULL")).scalar()
@@ -259,7 +260,7 @@ def test_the_listeners_own_relay_wakes_no_one_but_every_other_write_does(client,
         end_jobs(3, "job_loud_")
         assert woken() == 1
         with session_scope() as session:
-            relay.relay(session)
+            relay.relay(driver(session.connection()))
         assert woken() == 1
 
 
@@ -291,7 +292,7 @@ def test_an_unproven_endpoints_backlog_is_handed_out_as_it_answers_not_polled_fo
     receiver.secret = register(client, receiver.url, ["ingestion.completed"])["secret"]
     end_jobs(50, "job_unproven_")
     with session_scope() as session:
-        first = [d for d, _endpoint, unproven in relay.relay(session) if unproven]
+        first = [d for d, _endpoint, unproven in relay.relay(driver(session.connection())) if unproven]
     assert len(first) == 2  # and 48 due, waiting for those two
     with psycopg.connect(_libpq_url(), autocommit=True) as listener:
         listener.execute(f"LISTEN {CHANNEL}")
@@ -299,7 +300,7 @@ def test_an_unproven_endpoints_backlog_is_handed_out_as_it_answers_not_polled_fo
         delivery.deliver(first, delivery.new_pool(2), 2)
         assert list(listener.notifies(timeout=5, stop_after=1))  # the answers woke it
     with session_scope() as session:
-        rest = relay.relay(session)
+        rest = relay.relay(driver(session.connection()))
     assert len(rest) == 48 and not any(unproven for _d, _e, unproven in rest)  # it answered: all at once
 
 
@@ -373,7 +374,8 @@ def claimed() -> list[str]:
     from pipelines.webhooks import relay
 
     with session_scope() as session:
-        return [delivery for delivery, _endpoint, _failing in relay.relay(session, per_endpoint=10_000)]
+        due = relay.relay(driver(session.connection()), per_endpoint=10_000)
+    return [delivery for delivery, _endpoint, _failing in due]
 
 
 def test_a_batch_handed_to_two_tasks_at_once_is_sent_once(client, receiver):

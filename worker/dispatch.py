@@ -78,18 +78,22 @@ def revoke(task_id: str) -> None:
         log.warning("could not broadcast the revocation of %s", task_id, exc_info=True)
 
 
-def relay_webhooks(quiet: bool = False) -> int:
-    """Turn new job events into deliveries and send every delivery that is due (after the commit), in
-    batches of INGOT_WEBHOOK_BATCH_SIZE to a task. QUIET: see `relay.relay`."""
-    from pipelines.core.db import session_scope
+def relay_webhooks() -> int:
+    """Turn new job events into deliveries and send every delivery that is due (after the commit)."""
+    from pipelines.core.db import driver, session_scope
     from pipelines.webhooks import relay
 
     try:
         with session_scope() as session:
-            due = relay.relay(session, quiet=quiet)
+            due = relay.relay(driver(session.connection()))
     except Exception:  # the periodic relay will pick the events up
         log.exception("webhook relay failed")
         return 0
+    return send_deliveries(due)
+
+
+def send_deliveries(due: list[tuple[str, str, bool]]) -> int:
+    """Send the deliveries a relay claimed (DUE), in batches of INGOT_WEBHOOK_BATCH_SIZE to a task."""
     for batch in batches(due, get_settings().webhook_batch_size):
         app.send_task("webhooks.deliver", args=[batch], queue="webhooks")
     return len(due)

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 import psycopg
 
 from pipelines.core.db import dead_peer_args, get_engine
 from pipelines.core.settings import get_settings
+from pipelines.webhooks import relay
 from pipelines.webhooks.relay import CHANNEL
 
 log = logging.getLogger(__name__)
@@ -63,11 +65,15 @@ def _seconds_to_next_due(conn: psycopg.Connection, ceiling: float) -> float:
 
 
 class OutboxListener(threading.Thread):
-    """Relay whenever the outbox says so, or a retry falls due; reconnect if the database goes away."""
+    """Relay whenever the outbox says so, or a retry falls due; reconnect if the database goes away.
 
-    def __init__(self, relay):
+    It relays on its own connection (the one it LISTENs on), in autocommit and quiet for the
+    connection's life: a relay is two statements and the read of when to wake next one more, with no
+    checkout, ping, BEGIN or COMMIT around them. SEND gets the deliveries each relay claimed."""
+
+    def __init__(self, send: Callable[[list[tuple[str, str, bool]]], object]):
         super().__init__(name="outbox-listener", daemon=True)
-        self.relay = relay
+        self.send = send
         self.halt = threading.Event()
 
     def run(self) -> None:
@@ -77,9 +83,10 @@ class OutboxListener(threading.Thread):
                 url = _libpq_url()
                 with psycopg.connect(url, autocommit=True, **dead_peer_args(url)) as conn:
                     conn.execute(f"LISTEN {CHANNEL}")
+                    # Quiet: what it leaves due is read next, and its own NOTIFYs would only wake it again.
+                    relay.make_quiet(conn)
                     while not self.halt.is_set():
-                        # Quiet: what it leaves due is read next, and its own NOTIFYs would only wake it again.
-                        self.relay(quiet=True)
+                        self.send(relay.relay(conn))
                         wait = _seconds_to_next_due(conn, ceiling)
                         for _ in conn.notifies(timeout=wait, stop_after=1):
                             pass

@@ -70,10 +70,10 @@ def _listen_to_outbox(sender=None, **_kwargs) -> None:
     consumed = set(sender.app.amqp.queues.consume_from or sender.app.amqp.queues)
     if Queues.WEBHOOKS.value not in consumed:
         return
-    from worker.dispatch import relay_webhooks
+    from worker.dispatch import send_deliveries
     from worker.outbox import OutboxListener
 
-    _listener = OutboxListener(relay_webhooks)
+    _listener = OutboxListener(send_deliveries)
     _listener.start()
 
 

@@ -9,8 +9,7 @@ attempt once its transaction commits.
 
 from __future__ import annotations
 
-from sqlalchemy import text
-from sqlalchemy.orm import Session
+import psycopg
 
 from pipelines.core.settings import get_settings
 
@@ -19,30 +18,44 @@ from pipelines.core.settings import get_settings
 CHANNEL = "ingot_outbox"
 
 
-def relay(session: Session, per_endpoint: int | None = None, quiet: bool = False) -> list[tuple[str, str, bool]]:
+def relay(conn: psycopg.Connection, per_endpoint: int | None = None) -> list[tuple[str, str, bool]]:
     """Fan new events out to their endpoints and claim every delivery that is due; returns the
-    deliveries to send (after this transaction commits): (delivery, endpoint, whether the endpoint
-    is failing lately or has yet to answer, so that its deliveries travel apart from those of endpoints
-    known to answer: a batch waits up to INGOT_WEBHOOK_HAND_OFF_SECONDS for a receiver that hangs, and
-    a new endpoint may be one). PER_ENDPOINT: how many may be in flight to an endpoint that has not
-    answered yet (NEW_ENDPOINT_CONCURRENCY).
-    QUIET: the deliveries made here send no NOTIFY (migration 0022), for a caller that reads when the
-    next one falls due itself once this commits (the outbox listener), rather than be woken by them."""
-    if quiet:
-        session.execute(text("SELECT set_config('ingot.relaying', 'on', true)"))
-    session.execute(text(
-        "WITH fresh AS (SELECT id, type, job_id FROM webhook_events WHERE dispatched_at IS NULL "
-        "               ORDER BY created_at LIMIT 1000 FOR UPDATE SKIP LOCKED), "
-        "     marked AS (UPDATE webhook_events e SET dispatched_at = now() FROM fresh WHERE e.id = fresh.id) "
-        "INSERT INTO webhook_deliveries (id, webhook_id, event_id, state, attempts, next_attempt_at, created_at) "
-        "SELECT 'dlv_' || md5(w.id || fresh.id), w.id, fresh.id, 'pending', 0, now(), now() "
-        "FROM fresh JOIN jobs j ON j.id = fresh.job_id "
-        "JOIN webhooks w ON w.enabled AND w.deleted_at IS NULL AND fresh.type = ANY(w.events) "
-        "AND NOT ingot_owner_gone(w.api_key_id) AND ingot_sees_job(w.api_key_id, j.kind, j.api_key_id) "
-        "ON CONFLICT DO NOTHING"
-    ))
-    return [tuple(row) for row in session.execute(_CLAIM, {"c": get_settings().webhook_claim_seconds,
-                                                            "new_endpoint": per_endpoint or NEW_ENDPOINT_CONCURRENCY})]
+    deliveries to send (once CONN's transaction, if it is in one, commits): (delivery, endpoint, whether
+    the endpoint is failing lately or has yet to answer, so that its deliveries travel apart from those
+    of endpoints known to answer: a batch waits up to INGOT_WEBHOOK_HAND_OFF_SECONDS for a receiver that
+    hangs, and a new endpoint may be one). PER_ENDPOINT: how many may be in flight to an endpoint that
+    has not answered yet (NEW_ENDPOINT_CONCURRENCY).
+
+    Two statements, each whole on its own: on a connection in autocommit (the outbox listener's) they
+    need no transaction around them."""
+    conn.execute(_FAN_OUT)
+    return [tuple(row) for row in conn.execute(_CLAIM, {"c": get_settings().webhook_claim_seconds,
+                                                        "new_endpoint": per_endpoint or NEW_ENDPOINT_CONCURRENCY})]
+
+
+def make_quiet(conn: psycopg.Connection) -> None:
+    """The deliveries relayed on CONN from now on send no NOTIFY (migration 0022): for the outbox
+    listener, which reads when the next one falls due itself after each relay, rather than be woken
+    by its own work. Every other writer of events or deliveries still wakes it."""
+    conn.execute("SET ingot.relaying = 'on'")
+
+
+# Up to 1,000 new events, each marked dispatched and turned into a delivery for every endpoint that
+# subscribes to it and may see it, in one statement.
+_FAN_OUT = """
+WITH fresh AS (
+    SELECT id, type, job_id FROM webhook_events WHERE dispatched_at IS NULL
+    ORDER BY created_at LIMIT 1000 FOR UPDATE SKIP LOCKED
+), marked AS (
+    UPDATE webhook_events e SET dispatched_at = now() FROM fresh WHERE e.id = fresh.id
+)
+INSERT INTO webhook_deliveries (id, webhook_id, event_id, state, attempts, next_attempt_at, created_at)
+SELECT 'dlv_' || md5(w.id || fresh.id), w.id, fresh.id, 'pending', 0, now(), now()
+FROM fresh JOIN jobs j ON j.id = fresh.job_id
+JOIN webhooks w ON w.enabled AND w.deleted_at IS NULL AND fresh.type = ANY(w.events)
+    AND NOT ingot_owner_gone(w.api_key_id) AND ingot_sees_job(w.api_key_id, j.kind, j.api_key_id)
+ON CONFLICT DO NOTHING
+"""
 
 
 NEW_ENDPOINT_CONCURRENCY = 2  # in flight to an endpoint that has not answered yet
@@ -53,11 +66,11 @@ NEW_ENDPOINT_CONCURRENCY = 2  # in flight to an endpoint that has not answered y
 # falls due: a bad endpoint's backlog waits in its own line, behind no one else's. Each endpoint's due
 # deliveries are read by `ingot_due_deliveries` off its own part of ix_deliveries_endpoint_due, so no
 # endpoint's backlog is read for another's sake (nor, in worker.outbox, to learn when the next falls due).
-_CLAIM = text("""
+_CLAIM = """
 WITH capped AS (
     SELECT id, CASE WHEN paused_at IS NOT NULL THEN CASE WHEN probe_at <= now() THEN 1 ELSE 0 END
                     WHEN consecutive_failures > 0 THEN 1
-                    ELSE :new_endpoint END AS most
+                    ELSE %(new_endpoint)s END AS most
     FROM webhooks w WHERE NOT ingot_endpoint_proven(w)
 ), free AS (  -- every other endpoint's due deliveries: a capped endpoint's backlog, however long, is not read
     SELECT due.id FROM webhooks w CROSS JOIN LATERAL ingot_due_deliveries(w.id, 5000) due
@@ -79,8 +92,8 @@ WITH capped AS (
 ), locked AS (  -- by key, as an array: the planner cannot tell how few they are, and would scan the table
     SELECT id FROM webhook_deliveries WHERE id = ANY(ARRAY(SELECT id FROM chosen)) FOR UPDATE SKIP LOCKED
 )
-UPDATE webhook_deliveries d SET next_attempt_at = NULL, claimed_until = now() + make_interval(secs => :c)
+UPDATE webhook_deliveries d SET next_attempt_at = NULL, claimed_until = now() + make_interval(secs => %(c)s)
 FROM webhooks w
 WHERE d.id = ANY(ARRAY(SELECT id FROM locked)) AND w.id = d.webhook_id
 RETURNING d.id, d.webhook_id, NOT ingot_endpoint_proven(w)
-""")
+"""
