@@ -17,8 +17,9 @@ Printed beside them: starts/s through the API, the start's p50/p99 while the bac
 memory at its peak, the reaper's tick (timed here, in this process, over the live backlog every few
 seconds, with the statements and broker commands it made), and the checks: every job succeeded once
 (one attempt, one end event, one output row), every bare task counted once. `--profile DIR` runs
-py-spy on a scenarios pool process and the API for 20 s of the drain and writes their collapsed
-stacks there (`bench/stacks.py` sums them by function).
+py-spy on the API, the scenarios worker's main process and one of its pool processes, and the
+housekeeping worker for 20 s of the drain and writes their collapsed stacks there (`bench/stacks.py`
+sums them by function).
 """
 
 from __future__ import annotations
