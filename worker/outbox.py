@@ -19,7 +19,6 @@ import psycopg
 from pipelines.core.db import dead_peer_args, get_engine
 from pipelines.core.settings import get_settings
 from pipelines.webhooks import relay
-from pipelines.webhooks.relay import CHANNEL
 
 log = logging.getLogger(__name__)
 _MIN_WAIT = 0.05
@@ -82,7 +81,7 @@ class OutboxListener(threading.Thread):
             try:
                 url = _libpq_url()
                 with psycopg.connect(url, autocommit=True, **dead_peer_args(url)) as conn:
-                    conn.execute(f"LISTEN {CHANNEL}")
+                    conn.execute(f"LISTEN {relay.CHANNEL}")
                     # Quiet: what it leaves due is read next, and its own NOTIFYs would only wake it again.
                     relay.make_quiet(conn)
                     while not self.halt.is_set():
