@@ -1,13 +1,17 @@
 """Backlog benchmark: N trivial jobs posted through the API by 16 clients, beside bare Celery.
 
-    .venv/bin/python bench/backlog.py [--jobs 3000] [--clients 16] [--concurrency 2] [--profile DIR]
+    .venv/bin/python bench/backlog.py [--jobs 3000] [--clients 16] [--concurrency 2] [--profile DIR [--gil]]
 
 In one run, on the embedded servers (or INGOT_DATABASE_URL / INGOT_REDIS_URL when set):
 
 1. Bare Celery: N no-op tasks (`bench/bare_celery.py`) published to the same Redis and consumed by a
    worker with CONCURRENCY prefork processes, late acks and prefetch 1, as Ingot's are. Its figure is
    N over the time from the first publish to the last task counted.
-2. Ingot: one scenario over one demo curve (24 contract months); 16 async clients POST its run N times
+2. The floor: the same, but each task keeps a row as a job system whose row decides must
+   (`bare.row`): the row inserted before its task is published (a hundred to a commit), claimed by
+   one guarded UPDATE and ended by another, each its own commit. No API, events or outputs: the
+   least any such design pays on top of Celery.
+3. Ingot: one scenario over one demo curve (24 contract months); 16 async clients POST its run N times
    through the API (a key with its rate limit raised). Workers: CONCURRENCY prefork processes on the
    scenarios queue, and a housekeeping worker (webhooks and default queues, beat, so the reaper and
    the relay run as in production). The figure is N over the time from the first POST until every
@@ -16,10 +20,10 @@ In one run, on the embedded servers (or INGOT_DATABASE_URL / INGOT_REDIS_URL whe
 Printed beside them: starts/s through the API, the start's p50/p99 while the backlog drains, Redis's
 memory at its peak, the reaper's tick (timed here, in this process, over the live backlog every few
 seconds, with the statements and broker commands it made), and the checks: every job succeeded once
-(one attempt, one end event, one output row), every bare task counted once. `--profile DIR` runs
-py-spy on the API, the scenarios worker's main process and one of its pool processes, and the
-housekeeping worker for 20 s of the drain and writes their collapsed stacks there (`bench/stacks.py`
-sums them by function).
+(one attempt, one end event, one output row), every bare task counted once, every floor row ended
+once. `--profile DIR` runs py-spy on the API, the scenarios worker's main process and one of its pool
+processes, and the housekeeping worker for 20 s of the drain and writes their collapsed stacks there
+(`bench/stacks.py` sums them by function; `--gil` keeps only the samples of a thread holding the GIL).
 """
 
 from __future__ import annotations
@@ -108,8 +112,12 @@ def wait_until(check, timeout: float, what: str, interval: float = 0.2) -> None:
         time.sleep(interval)
 
 
-def bare_celery(n: int, concurrency: int, broker: str, counter_url: str, env: dict) -> dict:
-    """Publish N no-op tasks, consume them with CONCURRENCY processes: the tasks a second."""
+def bare_celery(n: int, concurrency: int, broker: str, counter_url: str, env: dict, database: str | None = None
+                ) -> dict:
+    """Publish N tasks, consume them with CONCURRENCY processes: the tasks a second. Without DATABASE,
+    bare Celery's no-op tasks; with it (libpq), the floor: each task's row inserted before it is
+    published (a hundred rows to a commit, kinder than one start to a commit), claimed and ended."""
+    import psycopg
     import redis
 
     os.environ.update(BARE_BROKER_URL=broker, BARE_COUNTER_URL=counter_url)
@@ -118,7 +126,18 @@ def bare_celery(n: int, concurrency: int, broker: str, counter_url: str, env: di
 
     counter = redis.Redis.from_url(counter_url)
     counter.delete(bare_celery.COUNTER)
-    env = dict(env, BARE_BROKER_URL=broker, BARE_COUNTER_URL=counter_url)
+    env = dict(env, BARE_BROKER_URL=broker, BARE_COUNTER_URL=counter_url, BARE_DATABASE_URL=database or "")
+    rows = psycopg.connect(database, autocommit=True) if database else None
+    if rows:
+        rows.execute(bare_celery.TABLE_DDL)
+        rows.execute("TRUNCATE bench_floor")
+    task = bare_celery.row if rows else bare_celery.noop
+
+    def done() -> int:
+        if rows:
+            return rows.execute("SELECT count(*) FROM bench_floor WHERE state = 'succeeded'").fetchone()[0]
+        return int(counter.get(bare_celery.COUNTER) or 0)
+
     worker = spawn([sys.executable, "-m", "celery", "-A", "bare_celery", "worker", "-Q", bare_celery.QUEUE,
                     "--concurrency", str(concurrency), "--without-mingle", "--without-gossip", "--loglevel",
                     "WARNING"], env, cwd=HERE)
@@ -127,18 +146,29 @@ def bare_celery(n: int, concurrency: int, broker: str, counter_url: str, env: di
         meter = CpuMeter({"workers": worker.pid})
         began = time.perf_counter()
         with bare_celery.app.producer_or_acquire() as producer:
-            for i in range(n):
-                bare_celery.noop.apply_async((i,), producer=producer)
+            for first in range(0, n, 100):
+                batch = range(first, min(first + 100, n))
+                if rows:
+                    rows.execute("INSERT INTO bench_floor (id, state) "
+                                 "SELECT g, 'queued' FROM generate_series(%s::bigint, %s) g", (batch[0], batch[-1]))
+                for i in batch:
+                    task.apply_async((i,), producer=producer)
         published = time.perf_counter() - began
-        wait_until(lambda: int(counter.get(bare_celery.COUNTER) or 0) >= n, 3600, "the bare tasks", 0.05)
+        wait_until(lambda: done() >= n, 3600, "the bare tasks", 0.05)
         took = time.perf_counter() - began
         cpu = meter.per(n)
         time.sleep(1)  # a task counted twice would show now
-        done = int(counter.get(bare_celery.COUNTER) or 0)
+        if rows:
+            ended, once = rows.execute("SELECT count(*) FILTER (WHERE state = 'succeeded'), "
+                                       "count(*) FILTER (WHERE attempts = 1) FROM bench_floor").fetchone()
+            rows.execute("DROP TABLE bench_floor")
+            rows.close()
+            if (ended, once) != (n, n):
+                raise SystemExit(f"the floor ended {ended} of {n} rows, {once} in one attempt")
+        elif (counted := done()) != n:
+            raise SystemExit(f"bare Celery counted {counted} tasks for {n} sent")
     finally:
         stop(worker)
-    if done != n:
-        raise SystemExit(f"bare Celery counted {done} tasks for {n} sent")
     return {"seconds": took, "published": published, "rate": n / took, "cpu": cpu}
 
 
@@ -221,6 +251,8 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--concurrency", type=int, default=2)
     parser.add_argument("--profile", type=Path, help="write py-spy stacks of the drain here")
+    parser.add_argument("--gil", action="store_true",
+                        help="with --profile: sample only threads holding the GIL (CPU in Python, not waits)")
     parser.add_argument("--skip-bare", action="store_true", help="Ingot alone (while profiling)")
     args = parser.parse_args()
 
@@ -253,6 +285,7 @@ def main() -> None:
         env = dict(os.environ)
         broker = embedded.celery_broker_url(redis_url)
         bare = None if args.skip_bare else bare_celery(args.jobs, args.concurrency, broker, redis_url, env)
+        floor = None if args.skip_bare else bare_celery(args.jobs, args.concurrency, broker, redis_url, env, libpq)
 
         import csv
 
@@ -279,7 +312,7 @@ def main() -> None:
                                                "shocks": SHOCKS})
         bench.quiesce()
 
-        profilers = start_profilers(args.profile, procs) if args.profile else []
+        profilers = start_profilers(args.profile, procs, args.gil) if args.profile else []
         sampler = Sampler(redis_url)
         sampler.start()
         meter = CpuMeter({"API": procs[0].pid, "workers": procs[1].pid, "housekeeping worker": procs[2].pid})
@@ -297,13 +330,19 @@ def main() -> None:
             checks = verify(conn, ids, args.jobs)
 
         rate = args.jobs / took
+        nan = float("nan")
+
+        def row(label: str, ingot: float, figure) -> str:
+            return f"{label:34} {ingot:12.2f} " + " ".join(
+                f"{figure(other) if other else nan:12.2f}" for other in (bare, floor))
+
         print()
-        print(f"{'':34} {'Ingot':>12} {'bare Celery':>12}")
-        print(f"{'all ended (s)':34} {took:12.1f} {bare['seconds'] if bare else float('nan'):12.1f}")
-        print(f"{'jobs (tasks) a second':34} {rate:12.1f} {bare['rate'] if bare else float('nan'):12.1f}"
-              + (f"   {rate / bare['rate']:.2f}x bare Celery" if bare else ""))
-        print(f"{'accepted (published) a second':34} {args.jobs / posting:12.1f} "
-              f"{args.jobs / bare['published'] if bare else float('nan'):12.1f}")
+        print(f"{'':34} {'Ingot':>12} {'bare Celery':>12} {'the floor':>12}")
+        print(row("all ended (s)", took, lambda other: other["seconds"]))
+        print(row("jobs (tasks) a second", rate, lambda other: other["rate"])
+              + (f"   Ingot {rate / bare['rate']:.2f}x bare Celery, the floor {floor['rate'] / bare['rate']:.2f}x"
+                 if bare and floor else ""))
+        print(row("accepted (published) a second", args.jobs / posting, lambda other: args.jobs / other["published"]))
         quantiles = statistics.quantiles(latencies, n=100)
         print(f"start through the API: p50 {quantiles[49] * 1000:.1f} ms, p99 {quantiles[98] * 1000:.1f} ms "
               f"(while the backlog drains)")
@@ -312,11 +351,10 @@ def main() -> None:
             print(f"reaper tick over {queued:>7,} queued: {seconds * 1000:7.1f} ms, {statements} statements, "
                   f"{broker_calls} broker commands")
         print("CPU a job (ms), by part:")
-        for part in sorted(set(cpu) | set(bare["cpu"] if bare else {})):
-            print(f"  {part:32} {cpu.get(part, 0) * 1000:12.2f} "
-                  f"{(bare['cpu'].get(part, 0) * 1000) if bare else float('nan'):12.2f}")
-        print(f"  {'all':32} {sum(cpu.values()) * 1000:12.2f} "
-              f"{sum(bare['cpu'].values()) * 1000 if bare else float('nan'):12.2f}")
+        parts = set(cpu) | set(bare["cpu"] if bare else {}) | set(floor["cpu"] if floor else {})
+        for part in sorted(parts):
+            print(row(f"  {part}", cpu.get(part, 0) * 1000, lambda other, part=part: other["cpu"].get(part, 0) * 1000))
+        print(row("  all", sum(cpu.values()) * 1000, lambda other: sum(other["cpu"].values()) * 1000))
         print("checks: " + "; ".join(checks))
     finally:
         for proc in procs:
@@ -332,9 +370,10 @@ def _up(client) -> bool:
         return False
 
 
-def start_profilers(directory: Path, procs: list[subprocess.Popen]) -> list[subprocess.Popen]:
+def start_profilers(directory: Path, procs: list[subprocess.Popen], gil: bool = False) -> list[subprocess.Popen]:
     """py-spy over the API, the worker's main process, one of its pool processes and the housekeeping
-    worker (beat, the reaper, the outbox listener) for 20 s of the drain (collapsed stacks)."""
+    worker (beat, the reaper, the outbox listener) for 20 s of the drain (collapsed stacks); with `gil`,
+    only the samples of a thread holding the GIL."""
     import psutil
 
     directory.mkdir(parents=True, exist_ok=True)
@@ -342,7 +381,7 @@ def start_profilers(directory: Path, procs: list[subprocess.Popen]) -> list[subp
     targets = {"api": procs[0].pid, "pool": pool[0].pid, "worker": procs[1].pid, "housekeeping": procs[2].pid}
     spy = str(Path(sys.executable).parent / "py-spy")
     return [subprocess.Popen([spy, "record", "-p", str(pid), "-d", "20", "-r", "100", "-f", "raw", "-o",
-                              str(directory / f"{name}.txt"), "--nonblocking"],
+                              str(directory / f"{name}.txt"), "--nonblocking", *(["--gil"] if gil else [])],
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for name, pid in targets.items()]
 
 

@@ -243,11 +243,16 @@ def test_the_listeners_own_relay_wakes_no_one_but_every_other_write_does(client,
     with psycopg.connect(_libpq_url(), autocommit=True) as listener:
         listener.execute(f"LISTEN {CHANNEL}")
 
-        def woken() -> int:  # notifications within half a second (they come at the commit, locally)
-            return len(list(listener.notifies(timeout=0.5, stop_after=1)))
+        def woken() -> list[str]:  # the payloads within half a second (they come at the commit, locally)
+            return [notify.payload for notify in listener.notifies(timeout=0.5, stop_after=1)]
 
         end_jobs(3, "job_quiet_")
-        assert woken() == 1  # the events' commit
+        named = woken()  # the events' commit, which names them (migration 0025): one NOTIFY a statement
+        assert all(payload.startswith("events:") for payload in named)
+        with get_engine().connect() as conn:
+            events = conn.execute(text("SELECT id FROM webhook_events WHERE job_id LIKE 'job_quiet_%' ORDER BY id"))
+            assert sorted(event for payload in named for event in payload.removeprefix("events:").split(",")) == \
+                events.scalars().all()
         with psycopg.connect(_libpq_url(), autocommit=True) as own:  # as the listener relays
             relay.make_quiet(own)
             handed_out = relay.relay(own)
@@ -256,12 +261,57 @@ def test_the_listeners_own_relay_wakes_no_one_but_every_other_write_does(client,
                 "SELECT count(*) FROM webhook_deliveries WHERE next_attempt_at IS NOT NULL")).scalar()
         # A new endpoint gets two at a time: one delivery is left due, for the listener's own next read.
         assert len(handed_out) == 2 and left_due == 1
-        assert woken() == 0
+        assert woken() == []
         end_jobs(3, "job_loud_")
-        assert woken() == 1
+        assert woken()
         with session_scope() as session:
             relay.relay(driver(session.connection()))
-        assert woken() == 1
+        assert woken() == [""]  # deliveries given a time: nothing to fan out, something to claim
+
+
+def test_the_outbox_names_what_a_statement_inserts_up_to_a_hundred_events(client):
+    """Migration 0025: a statement's events are named in its NOTIFY, so the listener fans them out by
+    key; past 100 (or NOTIFY's 8,000 bytes) it says `sweep`; a statement that inserts none is silent."""
+    import psycopg
+
+    from pipelines.webhooks.relay import CHANNEL
+    from worker.outbox import _libpq_url
+
+    end_jobs(1, "job_named_")  # the jobs the events below belong to
+    with psycopg.connect(_libpq_url(), autocommit=True) as listener:
+        listener.execute(f"LISTEN {CHANNEL}")
+        list(listener.notifies(timeout=0.5))  # the job's own event
+
+        def insert(count: int, prefix: str, size: int = 8) -> list[str]:
+            with get_engine().begin() as conn:
+                conn.execute(text(
+                    "INSERT INTO webhook_events (id, type, job_id, payload) SELECT :p || lpad(g::text, :size, '0'), "
+                    "'job.succeeded', 'job_named_1', '{}' FROM generate_series(1, :n) g ON CONFLICT DO NOTHING"),
+                    {"p": prefix, "n": count, "size": size})
+            return [notify.payload for notify in listener.notifies(timeout=0.5)]
+
+        assert insert(100, "evt_a_") == ["events:" + ",".join(f"evt_a_{n:08d}" for n in range(1, 101))]
+        assert insert(101, "evt_b_") == ["sweep"]
+        assert insert(90, "evt_c_", size=90) == ["sweep"]  # 90 ids of 96 characters: past 7,900 bytes
+        assert insert(3, "evt_a_") == []  # every one already there: nothing inserted, nothing said
+
+
+def test_an_event_whose_notify_was_missed_is_relayed_when_the_wait_runs_out(client, start_worker, receiver):
+    """The listener fans out by key what NOTIFYs name; an event none named (its notification lost while
+    the listener reconnected, say: here a transaction as quiet as the listener's own) is found by the
+    look it takes for every new event when its wait runs out (INGOT_WEBHOOK_RELAY_INTERVAL_SECONDS)."""
+    start_worker(beat=False, env={"INGOT_WEBHOOK_RELAY_INTERVAL_SECONDS": "2"})
+    receiver.secret = register(client, receiver.url, ["ingestion.completed"])["secret"]
+    with get_engine().begin() as conn:
+        conn.execute(text("SET LOCAL ingot.relaying = 'on'"))  # no NOTIFY from this transaction
+        conn.execute(text(
+            "INSERT INTO jobs (id, kind, state, progress, records_processed, records_failed, params, result, "
+            "sources, attempts, timeout_seconds, checkpoint) "
+            "VALUES ('job_unnamed', 'ingestion', 'running', 0, 0, 0, '{}', '{}', '{}', 1, 60, '{}')"))
+        conn.execute(text("UPDATE jobs SET state = 'succeeded', finished_at = now() WHERE id = 'job_unnamed'"))
+    wait_for(lambda: len(receiver.received) == 1, timeout=30, message="the unnamed event's delivery")
+    assert receiver.received[0]["payload"]["data"]["id"] == "job_unnamed"
+    assert receiver.received[0]["verified"]
 
 
 def test_a_backlog_larger_than_one_relay_is_fanned_out_without_waiting(client, start_worker, receiver):

@@ -28,16 +28,15 @@ def _libpq_url() -> str:
     return get_engine().url.set(drivername="postgresql").render_as_string(hide_password=False)
 
 
-# The earliest moment a delivery may be handed out: now if events wait to be fanned out (a relay
-# takes 1,000 at a time, and its own deliveries wake no one); else, for each endpoint that is not
-# paused, its earliest retry or claim running out, read off ix_deliveries_endpoint_due whatever its
-# backlog; else a paused endpoint's probe (its other deliveries wait for the probe's answer, not for
+# The earliest moment a delivery may be handed out: for each endpoint that is not paused, its
+# earliest retry or claim running out, read off ix_deliveries_endpoint_due whatever its backlog; else
+# a paused endpoint's probe (its other deliveries wait for the probe's answer, not for
 # the clock). An endpoint yet to prove it answers (new or failing) has one or two in flight at a time:
 # the rest of its due backlog waits for their answers, whose record wakes the relay (`delivery._record`),
-# not for the clock, so only its retries still to come count here.
+# not for the clock, so only its retries still to come count here. (New events are not read here:
+# the NOTIFYs that name them wake the listener, and a look that finds a full batch looks again.)
 _NEXT_DUE = """
 SELECT least(
-    (SELECT now() FROM webhook_events WHERE dispatched_at IS NULL LIMIT 1),
     (SELECT min(least(retry.at, claim.until)) FROM webhooks w
      LEFT JOIN LATERAL (
         SELECT d.next_attempt_at AS at FROM webhook_deliveries d
@@ -63,12 +62,32 @@ def _seconds_to_next_due(conn: psycopg.Connection, ceiling: float) -> float:
     return min(max((due - datetime.now(UTC)).total_seconds(), _MIN_WAIT), ceiling)
 
 
+def _woken_by(conn: psycopg.Connection, wait: float) -> list[str] | None:
+    """Wait up to WAIT seconds for the outbox to speak; then the new events its NOTIFYs named (none:
+    only deliveries to claim), or None to look for new events itself, a batch at a time: the wait ran
+    out (the safety net for a notification missed), a NOTIFY said `sweep`, or they named more than a
+    batch (one transaction ended thousands of jobs, say)."""
+    heard = [*conn.notifies(timeout=wait, stop_after=1), *conn.notifies(timeout=0)]
+    if not heard:
+        return None
+    events: list[str] = []
+    for notify in heard:
+        kind, _, ids = notify.payload.partition(":")
+        if kind == "events":
+            events.extend(ids.split(","))
+        elif notify.payload:
+            return None
+    return events if len(events) <= relay.FAN_OUT_BATCH else None
+
+
 class OutboxListener(threading.Thread):
     """Relay whenever the outbox says so, or a retry falls due; reconnect if the database goes away.
 
     It relays on its own connection (the one it LISTENs on), in autocommit and quiet for the
     connection's life: a relay is two statements and the read of when to wake next one more, with no
-    checkout, ping, BEGIN or COMMIT around them. SEND gets the deliveries each relay claimed."""
+    checkout, ping, BEGIN or COMMIT around them. It fans out the events the NOTIFYs that woke it name,
+    by key; it looks for every new event when it connects (notifications sent meanwhile are lost), when
+    its wait runs out, and while a look finds a full batch. SEND gets the deliveries each relay claimed."""
 
     def __init__(self, send: Callable[[list[tuple[str, str, bool]]], object]):
         super().__init__(name="outbox-listener", daemon=True)
@@ -84,11 +103,11 @@ class OutboxListener(threading.Thread):
                     conn.execute(f"LISTEN {relay.CHANNEL}")
                     # Quiet: what it leaves due is read next, and its own NOTIFYs would only wake it again.
                     relay.make_quiet(conn)
+                    events: list[str] | None = None
                     while not self.halt.is_set():
-                        self.send(relay.relay(conn))
-                        wait = _seconds_to_next_due(conn, ceiling)
-                        for _ in conn.notifies(timeout=wait, stop_after=1):
-                            pass
+                        more = relay.fan_out(conn, events) >= relay.FAN_OUT_BATCH and events is None
+                        self.send(relay.claim(conn))
+                        events = None if more else _woken_by(conn, _seconds_to_next_due(conn, ceiling))
             except psycopg.Error as exc:
                 log.warning("outbox listener lost the database (%s); retrying", exc)
                 self.halt.wait(min(ceiling, 2.0))

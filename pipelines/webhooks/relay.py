@@ -14,21 +14,40 @@ import psycopg
 from pipelines.core.settings import get_settings
 
 # Event rows, deliveries given a time, and answers that change an endpoint's standing NOTIFY here
-# (migrations 0008 and 0022; `delivery._record`): the outbox listener (worker.outbox) wakes on it.
+# (migrations 0008, 0022 and 0025; `delivery._record`): the outbox listener (worker.outbox) wakes on
+# it. The payload: `events:` and the new events' ids, comma-separated; `sweep` (new events, too many
+# to name); or empty (no new event: a delivery to claim, or an endpoint's standing changed).
 CHANNEL = "ingot_outbox"
 
 
 def relay(conn: psycopg.Connection, per_endpoint: int | None = None) -> list[tuple[str, str, bool]]:
-    """Fan new events out to their endpoints and claim every delivery that is due; returns the
-    deliveries to send (once CONN's transaction, if it is in one, commits): (delivery, endpoint, whether
-    the endpoint is failing lately or has yet to answer, so that its deliveries travel apart from those
-    of endpoints known to answer: a batch waits up to INGOT_WEBHOOK_HAND_OFF_SECONDS for a receiver that
-    hangs, and a new endpoint may be one). PER_ENDPOINT: how many may be in flight to an endpoint that
-    has not answered yet (NEW_ENDPOINT_CONCURRENCY).
+    """Fan every new event out to its endpoints and claim every delivery that is due; returns the
+    deliveries to send (once CONN's transaction, if it is in one, commits): see `claim`.
 
     Two statements, each whole on its own: on a connection in autocommit (the outbox listener's) they
     need no transaction around them."""
-    conn.execute(_FAN_OUT)
+    fan_out(conn)
+    return claim(conn, per_endpoint)
+
+
+def fan_out(conn: psycopg.Connection, events: list[str] | None = None) -> int:
+    """Turn new events into deliveries, one per subscribed endpoint that may see the event: EVENTS by
+    id (those a NOTIFY named: migration 0025), or, when None, the oldest FAN_OUT_BATCH of any not yet
+    dispatched. Returns how many events it took: FAN_OUT_BATCH means more may wait."""
+    if events is None:
+        return conn.execute(_FAN_OUT_OLDEST).fetchone()[0]  # type: ignore[index]  # a count: one row
+    if not events:
+        return 0
+    return conn.execute(_FAN_OUT_THESE, {"events": events}).fetchone()[0]  # type: ignore[index]
+
+
+def claim(conn: psycopg.Connection, per_endpoint: int | None = None) -> list[tuple[str, str, bool]]:
+    """Claim the deliveries that are due, as many as each endpoint may have in flight (see _CLAIM):
+    (delivery, endpoint, whether the endpoint is failing lately or has yet to answer, so that its
+    deliveries travel apart from those of endpoints known to answer: a batch waits up to
+    INGOT_WEBHOOK_HAND_OFF_SECONDS for a receiver that hangs, and a new endpoint may be one).
+    PER_ENDPOINT: how many may be in flight to an endpoint that has not answered yet
+    (NEW_ENDPOINT_CONCURRENCY)."""
     return [tuple(row) for row in conn.execute(_CLAIM, {"c": get_settings().webhook_claim_seconds,
                                                         "new_endpoint": per_endpoint or NEW_ENDPOINT_CONCURRENCY})]
 
@@ -40,22 +59,32 @@ def make_quiet(conn: psycopg.Connection) -> None:
     conn.execute("SET ingot.relaying = 'on'")
 
 
-# Up to 1,000 new events, each marked dispatched and turned into a delivery for every endpoint that
-# subscribes to it and may see it, in one statement.
+FAN_OUT_BATCH = 1000
+
+# New events, each marked dispatched and turned into a delivery for every endpoint that subscribes to
+# it and may see it, in one statement that returns how many events it took. Which events: those a
+# NOTIFY named, by primary key (and not `dispatched_at IS NULL` in the same WHERE, or the planner
+# reads them off the partial index); or the oldest, off ix_webhook_events_pending, whose dead entries
+# (one for each event dispatched since the last vacuum) such a scan walks: the sweep, not the rule.
 _FAN_OUT = """
-WITH fresh AS (
-    SELECT id, type, job_id FROM webhook_events WHERE dispatched_at IS NULL
-    ORDER BY created_at LIMIT 1000 FOR UPDATE SKIP LOCKED
+WITH locked AS (
+    SELECT id, type, job_id, dispatched_at FROM webhook_events WHERE {which} FOR UPDATE SKIP LOCKED
+), fresh AS (  -- as locked: the latest version of each row, whatever a scan saw before it waited
+    SELECT id, type, job_id FROM locked WHERE dispatched_at IS NULL
 ), marked AS (
     UPDATE webhook_events e SET dispatched_at = now() FROM fresh WHERE e.id = fresh.id
+), delivered AS (
+    INSERT INTO webhook_deliveries (id, webhook_id, event_id, state, attempts, next_attempt_at, created_at)
+    SELECT 'dlv_' || md5(w.id || fresh.id), w.id, fresh.id, 'pending', 0, now(), now()
+    FROM fresh JOIN jobs j ON j.id = fresh.job_id
+    JOIN webhooks w ON w.enabled AND w.deleted_at IS NULL AND fresh.type = ANY(w.events)
+        AND NOT ingot_owner_gone(w.api_key_id) AND ingot_sees_job(w.api_key_id, j.kind, j.api_key_id)
+    ON CONFLICT DO NOTHING
 )
-INSERT INTO webhook_deliveries (id, webhook_id, event_id, state, attempts, next_attempt_at, created_at)
-SELECT 'dlv_' || md5(w.id || fresh.id), w.id, fresh.id, 'pending', 0, now(), now()
-FROM fresh JOIN jobs j ON j.id = fresh.job_id
-JOIN webhooks w ON w.enabled AND w.deleted_at IS NULL AND fresh.type = ANY(w.events)
-    AND NOT ingot_owner_gone(w.api_key_id) AND ingot_sees_job(w.api_key_id, j.kind, j.api_key_id)
-ON CONFLICT DO NOTHING
+SELECT count(*) FROM fresh
 """
+_FAN_OUT_THESE = _FAN_OUT.format(which="id = ANY(%(events)s)")
+_FAN_OUT_OLDEST = _FAN_OUT.format(which=f"dispatched_at IS NULL ORDER BY created_at LIMIT {FAN_OUT_BATCH}")
 
 
 NEW_ENDPOINT_CONCURRENCY = 2  # in flight to an endpoint that has not answered yet
