@@ -103,6 +103,16 @@ def autocommit() -> Iterator[Connection]:
         yield connection.execution_options(isolation_level="AUTOCOMMIT")
 
 
+@contextmanager
+def transaction(connection: Connection) -> Iterator[Connection]:
+    """One transaction on CONNECTION, which is in autocommit (from `autocommit`): BEGIN first, COMMIT
+    at the end, ROLLBACK on an error, by psycopg under it (SQLAlchemy, told the connection is in
+    autocommit, adds none of its own). A lost connection raises SQLAlchemy's DBAPIError from a
+    statement inside, or psycopg's OperationalError from the COMMIT."""
+    with driver(connection).transaction():
+        yield connection
+
+
 def new_session(limited: bool = False) -> Session:
     """A session; LIMITED, on the engine whose statements are cut off after
     INGOT_API_STATEMENT_TIMEOUT_MS (a request's)."""

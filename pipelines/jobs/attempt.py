@@ -20,7 +20,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError
 
-from pipelines.core.db import autocommit, driver, get_engine
+from pipelines.core.db import autocommit, driver, get_engine, transaction
 from pipelines.core.loops import ProcessThread
 from pipelines.core.models import JobState
 from pipelines.core.settings import get_settings
@@ -122,7 +122,7 @@ def finish(run: JobRun, state: JobState, *, result: dict | None = None, error: s
     own = run.connection
     if own is not None and not own.invalidated:
         try:
-            with driver(own).transaction():  # BEGIN on the attempt's autocommit connection
+            with transaction(own):  # on the attempt's autocommit connection
                 ended = end(own)
         except (psycopg.Error, DBAPIError):  # dropped, or left mid-statement by the work
             own.invalidate()  # not given back to the pool as it is

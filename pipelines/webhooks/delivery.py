@@ -15,9 +15,7 @@ import random
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
-from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
@@ -25,13 +23,14 @@ from typing import Any
 
 import httpcore
 import httpx
+import psycopg
 from sqlalchemy import Connection, text
-from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import DBAPIError, OperationalError
 from standardwebhooks import Webhook as Signer
 
 from pipelines.core import netguard, runtime
 from pipelines.core.clock import utc_z
-from pipelines.core.db import get_engine
+from pipelines.core.db import get_engine, transaction
 from pipelines.core.retry import retry_after
 from pipelines.core.settings import get_settings
 from pipelines.jobs import journal
@@ -327,8 +326,9 @@ class _Locks:
                 mine = [(row, outcome) for row, outcome in answered if row.id in self.held]
                 states = _record(self.connection, [r for r, _ in mine], [o for _, o in mine])
                 break
-            except DBAPIError as exc:
-                if not (exc.connection_invalidated or isinstance(exc, OperationalError)):
+            except (DBAPIError, psycopg.OperationalError) as exc:  # psycopg's: from a COMMIT (db.transaction)
+                if isinstance(exc, DBAPIError) and not (exc.connection_invalidated
+                                                        or isinstance(exc, OperationalError)):
                     raise
                 self._drop()
                 if time.monotonic() + delay > self.deadline:
@@ -463,7 +463,7 @@ def _record(connection: Connection, rows: list, outcomes: list[Outcome]) -> dict
     if not changes:  # one statement, its own transaction (CONNECTION is in autocommit)
         connection.execute(_RECORD, answers)
         return states
-    with _together(connection):  # the attempts and their endpoints
+    with transaction(connection):  # the attempts and their endpoints
         connection.execute(_RECORD, answers)
         # An endpoint yet to prove it answers has one or two in flight: its next may go out now.
         connection.execute(text("SELECT pg_notify(:channel, '')"), {"channel": relay.CHANNEL})
@@ -475,20 +475,6 @@ def _record(connection: Connection, rows: list, outcomes: list[Outcome]) -> dict
             if disable:
                 _disable(connection, webhook_id, disable)
     return states
-
-
-@contextmanager
-def _together(connection: Connection) -> Iterator[None]:
-    """One transaction on CONNECTION, which is in autocommit (its errors are SQLAlchemy's, as for any
-    statement: a lost connection is told apart by `_Locks.record`)."""
-    connection.execute(text("BEGIN"))
-    try:
-        yield
-    except BaseException:
-        with suppress(SQLAlchemyError):  # the connection may be gone, and the transaction with it
-            connection.execute(text("ROLLBACK"))
-        raise
-    connection.execute(text("COMMIT"))
 
 
 # Each attempt of a batch recorded, and its delivery settled or given its next time, in one statement.
