@@ -22,7 +22,6 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import psycopg
-from psycopg import sql
 from psycopg.rows import DictRow, dict_row
 
 from pipelines.core import embedded
@@ -163,14 +162,14 @@ async def fetch_one(query: str, params: Params = ()) -> dict[str, Any] | None:
     return rows[0] if rows else None
 
 
-async def write(query: str | sql.Composed, params: Params = ()) -> dict[str, Any] | None:
+async def write(query: str, params: Params = ()) -> dict[str, Any] | None:
     """Run a statement that changes something, once (no retry: it may have been applied); its first
     row returned, if any. (A caller cancelled meanwhile is not waited for, and the statement may
     still be applied, as with any request that timed out.)"""
     return await _not_cancelled_midway(_write(query, params))
 
 
-async def _write(query: str | sql.Composed, params: Params) -> dict[str, Any] | None:
+async def _write(query: str, params: Params) -> dict[str, Any] | None:
     async with pool().connection() as conn:
         cursor = await conn.execute(query, params, prepare=True)
         return await cursor.fetchone() if cursor.description else None

@@ -175,7 +175,7 @@ _LOCKABLE = {"scenarios": _CREATE_NOW.format(
     values=psql.SQL(", ").join(
         psql.SQL("{}::{}").format(psql.Placeholder(column),
                                   psql.SQL(Job.__table__.c[column].type.compile(dialect=postgresql.dialect())))
-        for column in _FIRST_COLUMNS))}
+        for column in _FIRST_COLUMNS)).as_string()}  # composed once: not again at every start
 
 
 async def create_job_now(*, kind: JobKind, params: dict[str, Any], send: Sender, about: tuple[str, str],
