@@ -13,7 +13,10 @@ from kombu import Queue
 
 from pipelines.core import embedded
 from pipelines.core.settings import get_settings
+from worker import broker
 from worker.queues import JOB_TASKS, Queues
+
+broker.register()  # kombu's Redis transport, one client per channel: before any connection is made
 
 TASK_MODULES = ["worker.tasks.ingest", "worker.tasks.export", "worker.tasks.scenarios", "worker.tasks.webhooks",
                 "worker.tasks.housekeeping"]
