@@ -64,34 +64,34 @@ def test_a_worker_told_to_keep_memory_flat_sets_its_allocators_before_the_fork_a
     assert job["state"] == "succeeded" and job["records_processed"] == 5_000, job
 
 
-# The API's startup as `ingot api` runs it (its lifespan, over the tests' database), in a process of
-# its own: what is in the collector's oldest generation afterwards, against what was left out of it.
-STARTUP = """
-import gc, json
-from fastapi.testclient import TestClient
-from api.main import create_app
-with TestClient(create_app()) as client:
-    assert client.get("/health").status_code == 200
-    print(json.dumps({"frozen": gc.get_freeze_count(), "walked": len(gc.get_objects(generation=2))}))
-"""
+HEAP = "print(gc.get_freeze_count(), len(gc.get_objects(generation=2)))"  # frozen, and walked by a full collection
+
+
+def assert_startup_left_out_of_the_collector(code: str) -> None:
+    """Run CODE (which prints HEAP) in a process of its own: what it built at startup is frozen (over
+    100,000 objects), and a full collection walks under a twentieth of that."""
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    frozen, walked = map(int, done.stdout.strip().splitlines()[-1].split())
+    assert frozen > 100_000 and walked < frozen / 20, (frozen, walked)
 
 
 def test_the_apis_full_collections_walk_only_what_it_made_since_it_started():
     """A full collection once walked every object the API holds (imports, routes, schemas): 120-161 ms
     with the whole process stopped, the event loop included, every few seconds under load
-    (bench/readers.py: `/health`'s p99 74-109 ms beside heavy readers, 11 ms since)."""
-    done = subprocess.run([sys.executable, "-c", STARTUP], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-    heap = json.loads(done.stdout.strip().splitlines()[-1])
-    assert heap["frozen"] > 100_000 and heap["walked"] < heap["frozen"] / 20, heap
+    (bench/readers.py: `/health`'s p99 74-109 ms beside heavy readers, 11 ms since). Here the API starts
+    as `ingot api` runs it (its lifespan, over the tests' database)."""
+    assert_startup_left_out_of_the_collector(f"""
+import gc
+from fastapi.testclient import TestClient
+from api.main import create_app
+with TestClient(create_app()) as client:
+    assert client.get("/health").status_code == 200
+    {HEAP}
+""")
 
 
 def test_a_workers_pool_inherits_a_frozen_heap():
     """The worker's main process leaves its imports out of the collector before it forks the pool (its
     `worker_init`), so the pool's collections neither walk nor write to those shared pages."""
-    done = subprocess.run([sys.executable, "-c", "import gc, worker.signals as s; s._preload(); "
-                           "print(gc.get_freeze_count(), len(gc.get_objects(generation=2)))"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-    frozen, walked = map(int, done.stdout.split()[-2:])
-    assert frozen > 100_000 and walked < frozen / 20, (frozen, walked)
+    assert_startup_left_out_of_the_collector(f"import gc, worker.signals as s; s._preload(); {HEAP}")

@@ -296,27 +296,31 @@ def test_the_outbox_names_what_a_statement_inserts_up_to_a_hundred_events(client
         assert insert(3, "evt_a_") == []  # every one already there: nothing inserted, nothing said
 
 
-@pytest.mark.parametrize("payloads, relays", [
-    (["events:msg_a,msg_b", "events:msg_c"], ["msg_a", "msg_b", "msg_c"]),  # those, by key
-    ([""], []),  # a delivery given a time: nothing to fan out, something to claim
-    (["events:msg_a", "sweep"], None),  # a statement past 100 events: look for them all
-    (["events:msg_a,msg_b", "events:msg_c,msg_d,msg_e"], None),  # more than a batch (3 here): look, a batch at a time
-    ([], None),  # the wait ran out: the safety net
+@pytest.mark.parametrize("payloads, sweep_due, relays", [
+    (["events:msg_a,msg_b", "events:msg_c"], False, ["msg_a", "msg_b", "msg_c"]),  # those, by key
+    ([""], False, []),  # a delivery given a time: nothing to fan out, something to claim
+    (["events:msg_a", "sweep"], False, None),  # a statement past 100 events: look for them all
+    (["events:msg_a,msg_b", "events:msg_c,msg_d,msg_e"], False, None),  # more than a batch (3 here): look
+    ([], True, None),  # the wait ran out at the relay interval: the safety net looks
+    ([], False, []),  # a wait for a retry ran out: claim it, no look through the pending index
 ])
-def test_what_wakes_the_listener_decides_what_it_fans_out(payloads, relays, monkeypatch):
+def test_what_wakes_the_listener_decides_what_it_fans_out(payloads, sweep_due, relays, monkeypatch):
+    import time
+
     import psycopg
 
     from pipelines.webhooks import relay
     from worker.outbox import _libpq_url, _woken_by
 
     monkeypatch.setattr(relay, "FAN_OUT_BATCH", 3)
+    sweep_at = time.monotonic() + (0 if sweep_due else 60)
     with psycopg.connect(_libpq_url(), autocommit=True) as listener, \
             psycopg.connect(_libpq_url(), autocommit=True) as writer:
         listener.execute(f"LISTEN {relay.CHANNEL}")
         with writer.transaction():  # sent together, at the commit
             for payload in payloads:
                 writer.execute("SELECT pg_notify(%s, %s)", (relay.CHANNEL, payload))
-        assert _woken_by(listener, 1.0 if payloads else 0.2) == relays
+        assert _woken_by(listener, 1.0 if payloads else 0.2, sweep_at) == relays
 
 
 def test_an_event_whose_notify_was_missed_is_relayed_when_the_wait_runs_out(client, start_worker, receiver):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 
@@ -62,14 +63,15 @@ def _seconds_to_next_due(conn: psycopg.Connection, ceiling: float) -> float:
     return min(max((due - datetime.now(UTC)).total_seconds(), _MIN_WAIT), ceiling)
 
 
-def _woken_by(conn: psycopg.Connection, wait: float) -> list[str] | None:
+def _woken_by(conn: psycopg.Connection, wait: float, sweep_at: float) -> list[str] | None:
     """Wait up to WAIT seconds for the outbox to speak; then the new events its NOTIFYs named (none:
-    only deliveries to claim), or None to look for new events itself, a batch at a time: the wait ran
-    out (the safety net for a notification missed), a NOTIFY said `sweep`, or they named more than a
-    batch (one transaction ended thousands of jobs, say)."""
+    only deliveries to claim), or None to look for new events itself, a batch at a time: a NOTIFY said
+    `sweep`, they named more than a batch (one transaction ended thousands of jobs, say), or the wait
+    ran out at or past SWEEP_AT (`time.monotonic()`: the safety net for a notification missed). A wait
+    that ran out sooner was for a retry falling due: only its claim, no look through the pending index."""
     heard = [*conn.notifies(timeout=wait, stop_after=1), *conn.notifies(timeout=0)]
     if not heard:
-        return None
+        return None if time.monotonic() >= sweep_at else []
     events: list[str] = []
     for notify in heard:
         kind, _, ids = notify.payload.partition(":")
@@ -87,7 +89,8 @@ class OutboxListener(threading.Thread):
     connection's life: a relay is two statements and the read of when to wake next one more, with no
     checkout, ping, BEGIN or COMMIT around them. It fans out the events the NOTIFYs that woke it name,
     by key; it looks for every new event when it connects (notifications sent meanwhile are lost), when
-    its wait runs out, and while a look finds a full batch. SEND gets the deliveries each relay claimed."""
+    a NOTIFY asks it to, while a look finds a full batch, and once a relay interval has passed without
+    one (a retry falling due wakes it to claim, not to look). SEND gets the deliveries each relay claimed."""
 
     def __init__(self, send: Callable[[list[tuple[str, str, bool]]], object]):
         super().__init__(name="outbox-listener", daemon=True)
@@ -103,11 +106,16 @@ class OutboxListener(threading.Thread):
                     conn.execute(f"LISTEN {relay.CHANNEL}")
                     # Quiet: what it leaves due is read next, and its own NOTIFYs would only wake it again.
                     relay.make_quiet(conn)
-                    events: list[str] | None = None
+                    events: list[str] | None = None  # the first look, on connecting, is for every new event
                     while not self.halt.is_set():
+                        if events is None:
+                            sweep_at = time.monotonic() + ceiling
                         more = relay.fan_out(conn, events) >= relay.FAN_OUT_BATCH and events is None
                         self.send(relay.claim(conn))
-                        events = None if more else _woken_by(conn, _seconds_to_next_due(conn, ceiling))
+                        if more:
+                            continue
+                        wait = _seconds_to_next_due(conn, max(sweep_at - time.monotonic(), _MIN_WAIT))
+                        events = _woken_by(conn, wait, sweep_at)
             except psycopg.Error as exc:
                 log.warning("outbox listener lost the database (%s); retrying", exc)
                 self.halt.wait(min(ceiling, 2.0))

@@ -458,8 +458,9 @@ def _record(connection: Connection, rows: list, outcomes: list[Outcome]) -> dict
     changes = []  # most answers change nothing on their endpoint (it answers, and answered before)
     for webhook_id in sorted(endpoints):
         failing, disable = endpoints[webhook_id]
-        if failing or disable or endpoint_rows[webhook_id].unsettled:
-            changes.append((webhook_id, failing, disable))
+        unsettled = endpoint_rows[webhook_id].unsettled  # yet to prove it answers
+        if failing or disable or unsettled:
+            changes.append((webhook_id, failing, disable, unsettled))
     if not changes:  # one statement, its own transaction (CONNECTION is in autocommit)
         connection.execute(_RECORD, answers)
         return states
@@ -467,10 +468,10 @@ def _record(connection: Connection, rows: list, outcomes: list[Outcome]) -> dict
         connection.execute(_RECORD, answers)
         # An endpoint yet to prove it answers has one or two in flight: its next may go out now.
         connection.execute(text("SELECT pg_notify(:channel, '')"), {"channel": relay.CHANNEL})
-        for webhook_id, failing, disable in changes:
+        for webhook_id, failing, disable, unsettled in changes:
             if failing:
                 _failed(connection, webhook_id, failures[webhook_id], settings)
-            elif endpoint_rows[webhook_id].unsettled:
+            elif unsettled:
                 _answered(connection, webhook_id)
             if disable:
                 _disable(connection, webhook_id, disable)
