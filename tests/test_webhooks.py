@@ -323,6 +323,59 @@ def test_what_wakes_the_listener_decides_what_it_fans_out(payloads, sweep_due, r
         assert _woken_by(listener, 1.0 if payloads else 0.2, sweep_at) == relays
 
 
+def test_a_fan_out_by_key_reads_the_key_whatever_the_statistics_say():
+    """On a new install the events table's statistics are those of a nearly empty table. A plan kept
+    from then (a prepared statement's generic plan) read every event to find the few a NOTIFY named,
+    more of them with every job, until autovacuum's next ANALYZE: the listener's fan-out by key is
+    planned afresh each time. Counted by PostgreSQL's own scan counters, in a database of its own."""
+    import os
+    import subprocess
+    import sys
+
+    import psycopg
+
+    from pipelines.webhooks import relay
+    from tests.helpers import ROOT, with_database
+
+    base = os.environ["INGOT_DATABASE_URL"]
+    admin_url = base.replace("postgresql+psycopg://", "postgresql://", 1)
+    name = f"{base.partition('//')[2].partition('/')[2].partition('?')[0]}_plans"
+    url = with_database(admin_url, name)
+    with psycopg.connect(admin_url, autocommit=True) as admin:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}"')  # noqa: S608 (a name made above, not input)
+        admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        subprocess.run([sys.executable, "-c", "from pipelines.core.migrate import upgrade; upgrade()"], cwd=ROOT,
+                       env=dict(os.environ, INGOT_DATABASE_URL=with_database(base, name)), check=True, timeout=120)
+        with psycopg.connect(url, autocommit=True) as writer, psycopg.connect(url, autocommit=True) as listener:
+            def add(count: int, prefix: str) -> None:
+                writer.execute("INSERT INTO webhook_events (id, type, job_id, payload, dispatched_at) SELECT "
+                               "%s || g, 'job.succeeded', 'job_' || g, '{}', now() FROM generate_series(1, %s) g",
+                               (prefix, count))
+
+            def scans() -> tuple[int, int]:
+                listener.execute("SELECT pg_stat_force_next_flush()")  # its counts, at its next statement's end
+                listener.execute("SELECT 1")
+                writer.execute("SELECT pg_stat_clear_snapshot()")
+                return writer.execute("SELECT seq_scan, idx_scan FROM pg_stat_user_tables "
+                                      "WHERE relname = 'webhook_events'").fetchone()
+
+            add(2, "msg_first_")
+            writer.execute("ANALYZE webhook_events")  # as a new install's first autovacuum leaves it
+            for n in range(30):  # the listener's first relays: a prepared statement's generic plan is made now
+                relay.fan_out(listener, [f"msg_first_{n % 2 + 1}"])
+            add(5_000, "msg_")  # then the jobs come, faster than autovacuum looks
+            seq_before, idx_before = scans()
+            for n in range(20):
+                relay.fan_out(listener, [f"msg_{n * 100 + 1}", f"msg_{n * 100 + 2}"])
+            seq_after, idx_after = scans()
+        assert seq_after == seq_before, "a fan-out by key read the whole events table"
+        assert idx_after >= idx_before + 20
+    finally:
+        with psycopg.connect(admin_url, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}"')  # noqa: S608
+
+
 def test_an_event_whose_notify_was_missed_is_relayed_when_the_wait_runs_out(client, start_worker, receiver):
     """The listener fans out by key what NOTIFYs name; an event none named (its notification lost while
     the listener reconnected, say: here a transaction as quiet as the listener's own) is found by the

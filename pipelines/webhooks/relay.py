@@ -38,7 +38,9 @@ def fan_out(conn: psycopg.Connection, events: list[str] | None = None) -> int:
         return conn.execute(_FAN_OUT_OLDEST).fetchone()[0]  # type: ignore[index]  # a count: one row
     if not events:
         return 0
-    return conn.execute(_FAN_OUT_THESE, {"events": events}).fetchone()[0]  # type: ignore[index]
+    # Planned afresh each time (not a prepared statement): a plan kept from when the table was small (a
+    # new install, its listener's first relays) reads every event to find a few, until an ANALYZE.
+    return conn.execute(_FAN_OUT_THESE, {"events": events}, prepare=False).fetchone()[0]  # type: ignore[index]
 
 
 def claim(conn: psycopg.Connection, per_endpoint: int | None = None) -> list[tuple[str, str, bool]]:
