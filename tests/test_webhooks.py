@@ -323,6 +323,48 @@ def test_what_wakes_the_listener_decides_what_it_fans_out(payloads, sweep_due, r
         assert _woken_by(listener, 1.0 if payloads else 0.2, sweep_at) == relays
 
 
+def test_only_an_attempt_handed_out_after_the_pause_counts_as_a_failed_probe(client):
+    """An endpoint is paused by a batch of failures; the attempts already in flight then (handed out
+    before the pause) fail too, and must leave its probe where it was. Counting each as a failed probe
+    doubled the wait each time, to minutes after the receiver was back. A probe that fails, handed out
+    after the pause, doubles it; a failure whose hand-out is unknown is taken as a probe."""
+    from datetime import timedelta
+
+    from pipelines.core.settings import get_settings
+    from pipelines.webhooks.delivery import _failed
+
+    settings = get_settings()
+    hook = register(client, "http://127.0.0.1:9/hook", ["ingestion.completed"])["id"]
+    claim = timedelta(seconds=settings.webhook_claim_seconds)
+
+    def state():
+        with get_engine().connect() as conn:
+            return conn.execute(text("SELECT paused_at, probe_at, probes, consecutive_failures, now() AS now "
+                                     "FROM webhooks WHERE id = :w"), {"w": hook}).one()
+
+    def fail(n: int, handed_out) -> None:
+        with get_engine().begin() as conn:
+            _failed(conn, hook, n, handed_out, settings)
+
+    fail(settings.webhook_pause_after_failures, None)  # a batch's failures pause it
+    paused = state()
+    assert paused.paused_at is not None and paused.probes == 0
+    assert paused.probe_at == paused.paused_at + timedelta(seconds=settings.webhook_probe_seconds)
+
+    fail(3, paused.paused_at - timedelta(seconds=1) + claim)  # stragglers, handed out a second before the pause
+    stragglers = state()
+    assert (stragglers.probe_at, stragglers.probes) == (paused.probe_at, 0)
+    assert stragglers.consecutive_failures == paused.consecutive_failures + 3
+
+    fail(1, stragglers.now + claim)  # the probe, handed out now (after the pause), fails
+    probed = state()
+    doubled = timedelta(seconds=2 * settings.webhook_probe_seconds)
+    assert probed.probes == 1 and probed.probe_at >= probed.now + doubled - timedelta(seconds=1)
+
+    fail(1, None)  # unknown: a failed probe, as before
+    assert state().probes == 2
+
+
 def test_a_fan_out_by_key_reads_the_key_whatever_the_statistics_say():
     """On a new install the events table's statistics are those of a nearly empty table. A plan kept
     from then (a prepared statement's generic plan) read every event to find the few a NOTIFY named,

@@ -297,7 +297,7 @@ class _Locks:
             "w.enabled AND NOT ingot_owner_gone(w.api_key_id) AS enabled, w.secret_encrypted, "
             "w.failing_since, NOT ingot_endpoint_proven(w) AS unsettled, "
             "e.id AS event_id, e.type, e.payload, e.created_at, "
-            "extract(epoch FROM d.claimed_until - now()) AS claim_left "
+            "extract(epoch FROM d.claimed_until - now()) AS claim_left, d.claimed_until "
             "FROM webhook_deliveries d JOIN webhooks w ON w.id = d.webhook_id "
             "JOIN webhook_events e ON e.id = d.event_id WHERE d.id = ANY(:ids) ORDER BY e.created_at"
         ), {"ids": list(self.held)}))
@@ -435,6 +435,7 @@ def _record(connection: Connection, rows: list, outcomes: list[Outcome]) -> dict
     writes = []
     endpoints: dict[str, tuple[bool, str | None]] = {}  # webhook id -> (failing now, reason to disable)
     failures: dict[str, int] = {}  # webhook id -> failed attempts in this batch
+    handed_out: dict[str, datetime] = {}  # webhook id -> the latest claim among its failed attempts (its end)
     for row, outcome in zip(rows, outcomes, strict=True):
         attempt, status, error = outcome.attempt, outcome.status, outcome.error
         state, delay, disable = decide(attempt, status, error, retry_after(outcome.response, RETRY_AFTER_CAP),
@@ -446,6 +447,8 @@ def _record(connection: Connection, rows: list, outcomes: list[Outcome]) -> dict
             # One success in the batch says the endpoint answers: it is not failing.
             endpoints[row.webhook_id] = (before[0] and error is not None, disable or before[1])
             failures[row.webhook_id] = failures.get(row.webhook_id, 0) + (error is not None)
+            if error is not None and row.claimed_until is not None:
+                handed_out[row.webhook_id] = max(handed_out.get(row.webhook_id, row.claimed_until), row.claimed_until)
         if error:
             log.info("webhook delivery %s attempt %s failed: %s", row.id, attempt, error)
         states[row.id] = state
@@ -470,7 +473,7 @@ def _record(connection: Connection, rows: list, outcomes: list[Outcome]) -> dict
         connection.execute(text("SELECT pg_notify(:channel, '')"), {"channel": relay.CHANNEL})
         for webhook_id, failing, disable, unsettled in changes:
             if failing:
-                _failed(connection, webhook_id, failures[webhook_id], settings)
+                _failed(connection, webhook_id, failures[webhook_id], handed_out.get(webhook_id), settings)
             elif unsettled:
                 _answered(connection, webhook_id)
             if disable:
@@ -499,17 +502,24 @@ FROM answered WHERE webhook_deliveries.id = answered.d
 # The circuit breaker. An endpoint whose attempts fail (an error status, a timeout, a refused
 # connection) `webhook_pause_after_failures` times in a row is paused: the relay hands it nothing but
 # a single probe, after `webhook_probe_seconds`, then twice as long after each failed probe, up to an
-# hour. The first answer that succeeds resumes it. Its deliveries keep their place meanwhile.
+# hour. The first answer that succeeds resumes it. Its deliveries keep their place meanwhile. A failure
+# recorded while paused is a failed probe only if its delivery was handed out after the pause: the
+# attempts already in flight when it paused (a whole batch, to an endpoint that answered before) fail
+# too, and counting each as a probe doubled the wait again and again, to minutes after the endpoint
+# was back (`make faults`: its receiver's row waited past 90 s).
 MOST_PROBE_SECONDS = 3600.0
 
 _FAILED = text("""
 UPDATE webhooks SET
     failing_since = COALESCE(failing_since, now()),
     consecutive_failures = consecutive_failures + :n,
-    probes = CASE WHEN paused_at IS NOT NULL THEN probes + 1 ELSE 0 END,
+    probes = CASE WHEN paused_at IS NULL THEN 0
+                  WHEN :handed_out - make_interval(secs => :claim) >= paused_at THEN probes + 1 ELSE probes END,
     probe_at = CASE
-        WHEN paused_at IS NOT NULL THEN now() + make_interval(secs => least(:base * 2 ^ (probes + 1), :most))
-        WHEN consecutive_failures + :n >= :threshold THEN now() + make_interval(secs => :base)
+        WHEN paused_at IS NULL THEN CASE WHEN consecutive_failures + :n >= :threshold
+                                         THEN now() + make_interval(secs => :base) ELSE probe_at END
+        WHEN :handed_out - make_interval(secs => :claim) >= paused_at
+            THEN now() + make_interval(secs => least(:base * 2 ^ (probes + 1), :most))
         ELSE probe_at END,
     paused_at = CASE WHEN paused_at IS NULL AND consecutive_failures + :n >= :threshold THEN now() ELSE paused_at END
 WHERE id = :w
@@ -525,9 +535,13 @@ RETURNING before.paused_at
 """)
 
 
-def _failed(connection: Connection, webhook_id: str, failures: int, settings) -> None:
+def _failed(connection: Connection, webhook_id: str, failures: int, handed_out: datetime | None,
+            settings) -> None:
+    """Count FAILURES of WEBHOOK_ID's attempts; HANDED_OUT: the end of the latest claim among them
+    (None: unknown, taken as handed out now, so a failure while paused counts as a failed probe)."""
     row = connection.execute(_FAILED, {"w": webhook_id, "n": failures, "base": settings.webhook_probe_seconds,
-                                       "most": MOST_PROBE_SECONDS,
+                                       "most": MOST_PROBE_SECONDS, "claim": settings.webhook_claim_seconds,
+                                       "handed_out": handed_out or datetime.max.replace(tzinfo=UTC),
                                        "threshold": settings.webhook_pause_after_failures}).one_or_none()
     if row is not None and row.paused_now:
         journal.record(connection, "webhook.endpoint_paused",
