@@ -10,11 +10,14 @@ from standardwebhooks import Webhook
 
 
 class Receiver:
-    def __init__(self, port: int = 0, host: str = "127.0.0.1"):
-        self.secret: str | None = None
+    def __init__(self, port: int = 0, host: str = "127.0.0.1", *, secret: str | None = None,
+                 received: list[dict] | None = None, delay: float = 0.0):
+        # Set before it serves: a receiver taking over a port mid-stream (the fault suite's) must record
+        # its first request in the ledger it was given, verified with the endpoint's secret.
+        self.secret = secret
         self.statuses: list[int] = []  # answers to give, in order; then 200
-        self.received: list[dict] = []  # every request, verified or not
-        self.delay = 0.0  # seconds to wait before answering: a slow receiver
+        self.received: list[dict] = [] if received is None else received  # every request, verified or not
+        self.delay = delay  # seconds to wait before answering: a slow receiver
         receiver = self
 
         class Handle(BaseHTTPRequestHandler):

@@ -117,8 +117,7 @@ def test_retries_until_the_receiver_answers_with_a_stable_id(client, worker, wri
     queued_then_cancelled(client, write_sources, data_dir)
     wait_for(lambda: (d := deliveries(client, hook["id"])) and d[0]["attempts"] >= 2, timeout=30,
              message="failed attempts while the receiver is down")
-    receiver = Receiver(port)
-    receiver.secret = hook["secret"]
+    receiver = Receiver(port, secret=hook["secret"])  # the secret set before the first retry can arrive
     try:
         wait_for(lambda: receiver.verified(), timeout=30, message="the delivery once the receiver is up")
         # The answer is recorded a moment after the receiver has it: wait for the record, not the receipt.

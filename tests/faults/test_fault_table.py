@@ -189,9 +189,8 @@ class Faults:
         port = self.load.receiver.port
         self.load.receiver.close()  # down while the jobs end
         wait_for(_delivery_failed_once, timeout=60, interval=0.1, message="a delivery to fail")
-        slow = Receiver(port)
-        slow.secret, slow.delay = self.load.webhook_secret, 1.5
-        slow.received = self.load.receiver.received  # one ledger of what arrived
+        # One ledger of what arrived; the secret and the delay set before it serves its first request.
+        slow = Receiver(port, secret=self.load.webhook_secret, received=self.load.receiver.received, delay=1.5)
         self.load.receiver = slow
         time.sleep(3)  # slow for a while (the receiver's behaviour, not a wait for a condition)
         slow.delay = 0.0
