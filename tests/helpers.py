@@ -25,6 +25,25 @@ def with_database(url: str, name: str) -> str:
     return f"{prefix}//{authority}/{name}" + (f"?{query}" if query else "")
 
 
+@contextmanager
+def database_of_its_own(suffix: str) -> Iterator[str]:
+    """A new, empty database beside the tests' own (named theirs and SUFFIX), dropped afterwards with
+    whatever is still connected: its URL, in INGOT_DATABASE_URL's form."""
+    import psycopg
+
+    base = os.environ["INGOT_DATABASE_URL"]
+    name = f"{base.partition('//')[2].partition('/')[2].partition('?')[0]}_{suffix}"
+    admin = base.replace("postgresql+psycopg://", "postgresql://", 1)
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}"')  # noqa: S608 (a name made here, not input)
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield with_database(base, name)
+    finally:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

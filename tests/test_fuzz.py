@@ -16,10 +16,9 @@ import sys
 from pathlib import Path
 
 import httpx
-import psycopg
 import pytest
 
-from tests.helpers import ROOT, free_port, wait_for, with_database
+from tests.helpers import ROOT, database_of_its_own, free_port, wait_for
 
 pytestmark = pytest.mark.fuzz
 EXAMPLES = int(os.environ.get("INGOT_FUZZ_EXAMPLES", "8"))
@@ -44,29 +43,23 @@ app()
 
 @pytest.fixture
 def fuzz_api(tmp_path):
-    base = os.environ["INGOT_DATABASE_URL"]
-    name = f"{base.partition('//')[2].partition('/')[2].partition('?')[0]}_fuzz"
-    admin = base.replace("postgresql+psycopg://", "postgresql://", 1)
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}"')  # noqa: S608 (a name made above, not input)
-        conn.execute(f'CREATE DATABASE "{name}"')
-    port = free_port()
-    (tmp_path / "sources.toml").write_text("")
-    env = dict(os.environ, INGOT_DATABASE_URL=with_database(base, name), INGOT_API_PORT=str(port),
-               INGOT_SOURCES_FILE=str(tmp_path / "sources.toml"), INGOT_RATE_LIMIT_PER_MINUTE="1000000",
-               INGOT_LOG_LEVEL="WARNING")
-    api = subprocess.Popen([sys.executable, "-c", NO_DNS], cwd=ROOT, env=env,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_for(lambda: _answers(f"http://127.0.0.1:{port}/health"), timeout=60, message="the fuzzed API")
-        key = subprocess.run([sys.executable, "-m", "cli.main", "keys", "create", "--name", "fuzz", "--scopes",
-                              "admin"], cwd=ROOT, env=env, capture_output=True, text=True, check=True).stdout.strip()
-        yield f"http://127.0.0.1:{port}", key
-    finally:
-        api.terminate()
-        api.wait(30)
-        with psycopg.connect(admin, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with database_of_its_own("fuzz") as database:
+        port = free_port()
+        (tmp_path / "sources.toml").write_text("")
+        env = dict(os.environ, INGOT_DATABASE_URL=database, INGOT_API_PORT=str(port),
+                   INGOT_SOURCES_FILE=str(tmp_path / "sources.toml"), INGOT_RATE_LIMIT_PER_MINUTE="1000000",
+                   INGOT_LOG_LEVEL="WARNING")
+        api = subprocess.Popen([sys.executable, "-c", NO_DNS], cwd=ROOT, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            wait_for(lambda: _answers(f"http://127.0.0.1:{port}/health"), timeout=60, message="the fuzzed API")
+            key = subprocess.run([sys.executable, "-m", "cli.main", "keys", "create", "--name", "fuzz",
+                                  "--scopes", "admin"], cwd=ROOT, env=env, capture_output=True, text=True,
+                                 check=True).stdout.strip()
+            yield f"http://127.0.0.1:{port}", key
+        finally:
+            api.terminate()
+            api.wait(30)
 
 
 def _answers(url: str) -> bool:

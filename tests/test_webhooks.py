@@ -376,18 +376,12 @@ def test_a_fan_out_by_key_reads_the_key_whatever_the_statistics_say():
     import psycopg
 
     from pipelines.webhooks import relay
-    from tests.helpers import ROOT, with_database
+    from tests.helpers import ROOT, database_of_its_own
 
-    base = os.environ["INGOT_DATABASE_URL"]
-    admin_url = base.replace("postgresql+psycopg://", "postgresql://", 1)
-    name = f"{base.partition('//')[2].partition('/')[2].partition('?')[0]}_plans"
-    url = with_database(admin_url, name)
-    with psycopg.connect(admin_url, autocommit=True) as admin:
-        admin.execute(f'DROP DATABASE IF EXISTS "{name}"')  # noqa: S608 (a name made above, not input)
-        admin.execute(f'CREATE DATABASE "{name}"')
-    try:
+    with database_of_its_own("plans") as database:
         subprocess.run([sys.executable, "-c", "from pipelines.core.migrate import upgrade; upgrade()"], cwd=ROOT,
-                       env=dict(os.environ, INGOT_DATABASE_URL=with_database(base, name)), check=True, timeout=120)
+                       env=dict(os.environ, INGOT_DATABASE_URL=database), check=True, timeout=120)
+        url = database.replace("postgresql+psycopg://", "postgresql://", 1)
         with psycopg.connect(url, autocommit=True) as writer, psycopg.connect(url, autocommit=True) as listener:
             def add(count: int, prefix: str) -> None:
                 writer.execute("INSERT INTO webhook_events (id, type, job_id, payload, dispatched_at) SELECT "
@@ -410,11 +404,8 @@ def test_a_fan_out_by_key_reads_the_key_whatever_the_statistics_say():
             for n in range(20):
                 relay.fan_out(listener, [f"msg_{n * 100 + 1}", f"msg_{n * 100 + 2}"])
             seq_after, idx_after = scans()
-        assert seq_after == seq_before, "a fan-out by key read the whole events table"
-        assert idx_after >= idx_before + 20
-    finally:
-        with psycopg.connect(admin_url, autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}"')  # noqa: S608
+    assert seq_after == seq_before, "a fan-out by key read the whole events table"
+    assert idx_after >= idx_before + 20
 
 
 def test_an_event_whose_notify_was_missed_is_relayed_when_the_wait_runs_out(client, start_worker, receiver):
