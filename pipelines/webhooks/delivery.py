@@ -435,7 +435,8 @@ def _record(connection: Connection, rows: list, outcomes: list[Outcome]) -> dict
     writes = []
     endpoints: dict[str, tuple[bool, str | None]] = {}  # webhook id -> (failing now, reason to disable)
     failures: dict[str, int] = {}  # webhook id -> failed attempts in this batch
-    handed_out: dict[str, datetime] = {}  # webhook id -> the latest claim among its failed attempts (its end)
+    handed_out: dict[str, datetime] = {}  # webhook id -> when the latest of its failed attempts was handed out
+    claim = timedelta(seconds=settings.webhook_claim_seconds)  # a hand-out claims a delivery this long
     for row, outcome in zip(rows, outcomes, strict=True):
         attempt, status, error = outcome.attempt, outcome.status, outcome.error
         state, delay, disable = decide(attempt, status, error, retry_after(outcome.response, RETRY_AFTER_CAP),
@@ -448,7 +449,8 @@ def _record(connection: Connection, rows: list, outcomes: list[Outcome]) -> dict
             endpoints[row.webhook_id] = (before[0] and error is not None, disable or before[1])
             failures[row.webhook_id] = failures.get(row.webhook_id, 0) + (error is not None)
             if error is not None and row.claimed_until is not None:
-                handed_out[row.webhook_id] = max(handed_out.get(row.webhook_id, row.claimed_until), row.claimed_until)
+                at = row.claimed_until - claim
+                handed_out[row.webhook_id] = max(handed_out.get(row.webhook_id, at), at)
         if error:
             log.info("webhook delivery %s attempt %s failed: %s", row.id, attempt, error)
         states[row.id] = state
@@ -513,13 +515,11 @@ _FAILED = text("""
 UPDATE webhooks SET
     failing_since = COALESCE(failing_since, now()),
     consecutive_failures = consecutive_failures + :n,
-    probes = CASE WHEN paused_at IS NULL THEN 0
-                  WHEN :handed_out - make_interval(secs => :claim) >= paused_at THEN probes + 1 ELSE probes END,
+    probes = CASE WHEN paused_at IS NULL THEN 0 WHEN :handed_out >= paused_at THEN probes + 1 ELSE probes END,
     probe_at = CASE
         WHEN paused_at IS NULL THEN CASE WHEN consecutive_failures + :n >= :threshold
                                          THEN now() + make_interval(secs => :base) ELSE probe_at END
-        WHEN :handed_out - make_interval(secs => :claim) >= paused_at
-            THEN now() + make_interval(secs => least(:base * 2 ^ (probes + 1), :most))
+        WHEN :handed_out >= paused_at THEN now() + make_interval(secs => least(:base * 2 ^ (probes + 1), :most))
         ELSE probe_at END,
     paused_at = CASE WHEN paused_at IS NULL AND consecutive_failures + :n >= :threshold THEN now() ELSE paused_at END
 WHERE id = :w
@@ -537,10 +537,10 @@ RETURNING before.paused_at
 
 def _failed(connection: Connection, webhook_id: str, failures: int, handed_out: datetime | None,
             settings) -> None:
-    """Count FAILURES of WEBHOOK_ID's attempts; HANDED_OUT: the end of the latest claim among them
-    (None: unknown, taken as handed out now, so a failure while paused counts as a failed probe)."""
+    """Count FAILURES of WEBHOOK_ID's attempts; HANDED_OUT: when the latest of them was handed out
+    (None: unknown, taken as after any pause, so a failure while paused counts as a failed probe)."""
     row = connection.execute(_FAILED, {"w": webhook_id, "n": failures, "base": settings.webhook_probe_seconds,
-                                       "most": MOST_PROBE_SECONDS, "claim": settings.webhook_claim_seconds,
+                                       "most": MOST_PROBE_SECONDS,
                                        "handed_out": handed_out or datetime.max.replace(tzinfo=UTC),
                                        "threshold": settings.webhook_pause_after_failures}).one_or_none()
     if row is not None and row.paused_now:
