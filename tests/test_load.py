@@ -97,6 +97,23 @@ def test_values_survive_the_binary_format():
                                    {"region": 'n"orth', "n": 3}]
 
 
+def test_metadata_of_any_arrow_type_is_stored():
+    """Columns with no cast to text (bytes that are not UTF-8, intervals) and dictionary-encoded
+    numbers, as Parquet files from other tools hold them, are stored, not a failed job."""
+    n = 3
+    merge(ValidBatch(
+        ids=pa.array(["a", "b", "c"]),
+        fields={"timestamp": pa.array([T0] * n, pa.timestamp("us", "UTC")), "value": pa.array([1.0] * n)},
+        metadata={"raw": pa.array([b"\xff\x00", b"ok", None], pa.binary()),
+                  "every": pa.array([pa.MonthDayNano([1, 2, 3]), None, None], pa.month_day_nano_interval()),
+                  "lot": pa.array([5, None, 5]).dictionary_encode()},
+        lines=np.arange(n),
+    ))
+    assert [r[4] for r in table()] == [{"raw": "\\xff00", "every": "[1, 2, 3]", "lot": 5},
+                                       {"raw": "ok", "every": None, "lot": None},
+                                       {"raw": None, "every": None, "lot": 5}]
+
+
 def test_quarantine_records_where_and_why():
     with get_engine().begin() as conn:
         Book("s", "job_1").record(conn.connection.driver_connection, "a.csv",

@@ -1,5 +1,6 @@
 """Reading and validation: typed rows out, every bad row set aside with its line and reason."""
 
+import datetime as dt
 import json
 
 import pyarrow as pa
@@ -134,6 +135,26 @@ def test_parquet_records_are_numbered_and_cast(tmp_path):
     assert [(r["id"], r["value"], r["line"]) for r in rows] == [("a", 1.5, 1), ("c", 3.0, 3)]
     assert rejects == [(2, "column 'px': cannot parse 'oops' as float",
                         {"id": "b", "timestamp": "1970-01-01 00:00:02", "px": "oops"})]
+
+
+def test_parquet_nested_columns_are_kept_as_json_text(tmp_path):
+    """Lists, records and maps, as other tools write them, are kept in metadata as JSON text, as a JSON
+    Lines file's nested values are; times and bytes inside them as text."""
+    path = tmp_path / "nested.parquet"
+    table = pa.table({
+        "id": ["a", "b"], "px": [1.5, 2.5],
+        "tags": pa.array([["x", "y"], []], pa.large_list(pa.string())),
+        "leg": pa.array([{"at": dt.datetime(2026, 1, 1, 6), "raw": b"\xff"}, None],
+                        pa.struct([("at", pa.timestamp("ms")), ("raw", pa.binary())])),
+        "limits": pa.array([[("lo", 1)], [("hi", 2)]], pa.map_(pa.string(), pa.int64())),
+    })
+    pq.write_table(table, path)
+    rows, rejects = run(source(format="parquet", validation={"required_columns": ["id", "tags"]}), path)
+    assert rejects == []
+    assert [r["metadata"] for r in rows] == [
+        {"tags": '["x", "y"]', "leg": '{"at": "2026-01-01T06:00:00", "raw": "\\\\xff"}', "limits": '[["lo", 1]]'},
+        {"tags": "[]", "leg": None, "limits": '[["hi", 2]]'},
+    ]
 
 
 def test_jsonl_bad_lines_are_quarantined(tmp_path):

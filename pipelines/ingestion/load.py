@@ -35,6 +35,7 @@ from psycopg import sql
 
 from pipelines.core.db import driver, get_engine
 from pipelines.ingestion import partitions
+from pipelines.ingestion.sources.batches import cell_text
 from pipelines.ingestion.validate import ValidBatch, as_text
 
 log = logging.getLogger(__name__)
@@ -54,12 +55,18 @@ def _json_string(text: pa.Array) -> pa.Array:
 
 def _json_text(array: pa.Array) -> pa.Array:
     kind = array.type
+    if pa.types.is_dictionary(kind):
+        return _json_text(array.dictionary_decode())
     if pa.types.is_boolean(kind) or pa.types.is_integer(kind):
         return array.cast(pa.string())
     if pa.types.is_floating(kind):
         finite = pc.is_finite(array)
         return pc.if_else(finite, array.cast(pa.string()), _json_string(array.cast(pa.string())))
-    return _json_string(as_text(array))
+    try:
+        text = as_text(array)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):  # no cast to text (intervals, bytes not UTF-8)
+        text = pa.array([cell_text(v) for v in array.to_pylist()], pa.string())
+    return _json_string(text)
 
 
 def _json_values(array: pa.Array) -> pa.Array:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,12 +44,36 @@ class Piece:
     file_done: Any = None
 
 
-def _cell_text(value) -> str | None:
-    if value is None:
-        return None
-    if isinstance(value, str):
+def _plain(value) -> str:
+    """What JSON has no word for: bytes as their UTF-8 text (PostgreSQL's `\\x` hex when they are not
+    UTF-8), dates and times in ISO 8601, anything else (decimals, durations) as its text."""
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError:
+            return "\\x" + value.hex()
+    if isinstance(value, dt.date | dt.time):
+        return value.isoformat()
+    return str(value)
+
+
+def cell_text(value) -> str | None:
+    """A value as text: strings as they are, bytes and times as `_plain` says, anything else (numbers,
+    lists, records, maps) as JSON."""
+    if value is None or isinstance(value, str):
         return value
-    return json.dumps(value)
+    if isinstance(value, bytes | dt.date | dt.time):
+        return _plain(value)
+    return json.dumps(value, default=_plain)
+
+
+def nested_as_text(table: pa.Table) -> pa.Table:
+    """TABLE with each nested column (lists, records, maps) as JSON text: the same whatever the format."""
+    for index, kind in enumerate(table.schema.types):
+        if pa.types.is_nested(kind):
+            texts = [cell_text(v) for v in table.column(index).to_pylist()]
+            table = table.set_column(index, table.column_names[index], pa.array(texts, pa.string()))
+    return table
 
 
 def records_table(records: list[dict]) -> pa.Table:
@@ -64,15 +89,11 @@ def records_table(records: list[dict]) -> pa.Table:
         table = pa.Table.from_struct_array(pa.array(records))
     except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, OverflowError):
         return _text_table(records)
-    for index, kind in enumerate(table.schema.types):
-        if pa.types.is_nested(kind):
-            texts = [_cell_text(v) for v in table.column(index).to_pylist()]
-            table = table.set_column(index, table.column_names[index], pa.array(texts, pa.string()))
-    return table
+    return nested_as_text(table)
 
 
 def _text_table(records: list[dict]) -> pa.Table:
     names: dict[str, None] = {}
     for record in records:
         names.update(dict.fromkeys(record))
-    return pa.table({name: pa.array([_cell_text(r.get(name)) for r in records], pa.string()) for name in names})
+    return pa.table({name: pa.array([cell_text(r.get(name)) for r in records], pa.string()) for name in names})

@@ -33,7 +33,7 @@ import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
 from pipelines.core.settings import get_settings
-from pipelines.ingestion.sources.batches import Piece, RawBatch, Reject, records_table
+from pipelines.ingestion.sources.batches import Piece, RawBatch, Reject, nested_as_text, records_table
 from pipelines.ingestion.sources.fingerprints import Seen
 from pipelines.ingestion.sources.lines import Block, LineStream, open_stream
 from pipelines.ingestion.sources.registry import Registry, SourceConfig, SourceContentError, SourceError
@@ -297,7 +297,7 @@ def _read_parquet(source: SourceConfig, path: Path, batch_rows: int) -> Iterator
     for batch in parquet.iter_batches(batch_size=batch_rows):
         lines = np.arange(record, record + batch.num_rows, dtype=np.int64)
         record += batch.num_rows
-        yield RawBatch(pa.Table.from_batches([batch]), lines, fraction=(record - 1) / total)
+        yield RawBatch(nested_as_text(pa.Table.from_batches([batch])), lines, fraction=(record - 1) / total)
 
 
 # --- JSON Lines -----------------------------------------------------------------------------------
