@@ -20,6 +20,7 @@ from api.admission import Admission
 from api.bodylimit import BodyLimit
 from api.deadline import Deadline
 from api.gate import COMPAT_PREFIX, PREFIX, Gate
+from api.protocol import HeadersDeadline
 from api.routes import (
     admin,
     auth,
@@ -103,8 +104,9 @@ def create_app() -> FastAPI:
     return app
 
 
-# How the server must run the app: forwarded headers are the app's business (see create_app).
-SERVER_OPTIONS: dict[str, Any] = {"proxy_headers": False, "server_header": False}
+# How the server must run the app: forwarded headers are the app's business (see create_app), and a
+# connection that does not send a request's headers by the request deadline is closed (api.protocol).
+SERVER_OPTIONS: dict[str, Any] = {"proxy_headers": False, "server_header": False, "http": HeadersDeadline}
 
 
 def _document_no_nul(app: FastAPI) -> None:

@@ -29,6 +29,9 @@ LATENCY = Histogram("ingot_http_request_duration_seconds", "HTTP request latency
                     registry=REGISTRY)
 RATE_LIMITED = Counter("ingot_http_rate_limited_total", "Requests refused past a rate limit, by limit",
                        ["limit"], registry=REGISTRY)
+HEADERS_TIMED_OUT = Counter("ingot_http_connections_timed_out_total",
+                            "Connections closed for not sending a request's headers in time (api.protocol)",
+                            registry=REGISTRY)
 STARTED = time.time()
 ProcessCollector(registry=REGISTRY)  # process_cpu_seconds_total, process_resident_memory_bytes, ...
 

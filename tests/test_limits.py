@@ -5,6 +5,7 @@
 import asyncio
 import json
 import secrets
+import socket
 import time
 
 import httpx
@@ -56,6 +57,54 @@ def test_a_chunked_body_within_the_limit_is_read(api_url):
 
     answer = httpx.post(f"{api_url}/api/v1/auth/login", content=chunks(), headers={"Content-Type": "application/json"})
     assert answer.status_code == 401  # read and judged, not refused for being chunked
+
+
+def _closed_within(conn: socket.socket, seconds: float, trickle: bytes = b"") -> float | None:
+    """Seconds until the server closes CONN (sending one byte of TRICKLE every 0.1 s meanwhile), or None
+    if it is still open after SECONDS."""
+    began = time.monotonic()
+    conn.settimeout(0.1)
+    for byte in trickle or b"\0" * int(seconds * 10):
+        try:
+            if trickle:
+                conn.send(bytes([byte]))
+            if conn.recv(4096) == b"":
+                return time.monotonic() - began
+        except TimeoutError:
+            pass
+        except (ConnectionResetError, BrokenPipeError):
+            return time.monotonic() - began
+        if time.monotonic() - began > seconds:
+            return None
+    return None
+
+
+def test_a_connection_must_send_its_headers_within_the_request_deadline(api_url, configure):
+    """Slowloris: a connection that sends nothing, or trickles its request line and headers a byte at a
+    time, is closed at the request deadline (uvicorn alone keeps either open for good), on a kept-alive
+    connection too; headers that take a while but arrive in time are answered, and a person's request
+    on another connection meanwhile is not held up."""
+    from api.metrics import HEADERS_TIMED_OUT
+
+    configure(api_request_timeout_seconds=1)
+    address = ("127.0.0.1", int(api_url.rsplit(":", 1)[1]))
+    before = HEADERS_TIMED_OUT._value.get()
+    trickled = b"GET /api/v1/health HTTP/1.1\r\nHost: x\r\n" + b"X-Pad: " + b"a" * 200
+    with socket.create_connection(address) as idle:
+        assert 0.8 < (_closed_within(idle, 6) or 99) < 3
+    with socket.create_connection(address) as slow:
+        assert httpx.get(f"{api_url}/api/v1/health").status_code == 200
+        assert 0.8 < (_closed_within(slow, 6, trickled) or 99) < 3
+    with socket.create_connection(address) as kept:  # a first request answered, then the next trickled
+        kept.sendall(b"GET /api/v1/health HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert kept.recv(4096).startswith(b"HTTP/1.1 200")
+        assert 0.8 < (_closed_within(kept, 6, trickled) or 99) < 3
+    with socket.create_connection(address) as patient:  # slow, but whole within the deadline
+        for part in (b"GET /api/v1/health HTTP/1.1\r\n", b"Host: x\r\n", b"\r\n"):
+            patient.sendall(part)
+            time.sleep(0.25)
+        assert patient.recv(4096).startswith(b"HTTP/1.1 200")
+    assert HEADERS_TIMED_OUT._value.get() - before == 3
 
 
 def test_a_key_has_one_bucket_however_it_is_spelled(api_url, configure):
