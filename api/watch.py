@@ -12,13 +12,17 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator
+import weakref
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
 from datetime import datetime
 from typing import Any
 
+from pipelines.auth.quotas import QuotaExceeded
 from pipelines.core import adb
 from pipelines.core.clock import utc_z
 from pipelines.core.models import FINAL_STATES
+from pipelines.core.settings import get_settings
 
 log = logging.getLogger(__name__)
 INTERVAL = 0.25  # seconds between reads of the watched jobs
@@ -85,17 +89,49 @@ def _shown(row: dict[str, Any]) -> dict[str, Any]:
 WATCHER = Watcher()
 
 
-async def event_stream(job: dict[str, Any]) -> AsyncIterator[bytes]:
-    """JOB as server-sent events: `job` for each change (the first at once), `end` once it has ended;
-    a comment line after KEEPALIVE seconds of silence. The stream then closes."""
-    yield b"retry: 2000\n\n"
-    sequence = 0
-    async for row in WATCHER.follow(job):
-        if row is None:
-            yield b": still watching\n\n"
-            continue
-        sequence += 1
-        data = json.dumps(row, separators=(",", ":"))
-        yield f"id: {sequence}\nevent: job\ndata: {data}\n\n".encode()
-        if row["state"] in _FINAL:
-            yield f"event: end\ndata: {data}\n\n".encode()
+_open: Counter[str] = Counter()  # event streams open in this process, by the principal watching
+
+
+def event_stream(job: dict[str, Any], watcher_id: str) -> AsyncIterator[bytes]:
+    """JOB as server-sent events for WATCHER_ID (a principal), counted against its
+    `INGOT_MAX_EVENT_STREAMS_PER_KEY` open at once in this process: past it, QuotaExceeded at once.
+
+    A stream waits for its job for as long as the job takes, so without a cap one caller could open
+    streams until the process had no file descriptor left for anyone else. The count is given back when
+    the stream ends, or when it is dropped without having started (a client gone before its first byte)."""
+    allowed = get_settings().max_event_streams_per_key
+    if _open[watcher_id] >= allowed:
+        raise QuotaExceeded("job event streams open", _open[watcher_id], allowed)
+    _open[watcher_id] += 1
+    released = False
+
+    def release() -> None:
+        nonlocal released
+        if not released:
+            released = True
+            _open[watcher_id] -= 1
+            if not _open[watcher_id]:
+                del _open[watcher_id]
+
+    stream = _events(job, release)
+    weakref.finalize(stream, release)
+    return stream
+
+
+async def _events(job: dict[str, Any], release: Callable[[], None]) -> AsyncIterator[bytes]:
+    """`job` for each change (the first at once), `end` once it has ended; a comment line after
+    KEEPALIVE seconds of silence. The stream then closes."""
+    try:
+        yield b"retry: 2000\n\n"
+        sequence = 0
+        async for row in WATCHER.follow(job):
+            if row is None:
+                yield b": still watching\n\n"
+                continue
+            sequence += 1
+            data = json.dumps(row, separators=(",", ":"))
+            yield f"id: {sequence}\nevent: job\ndata: {data}\n\n".encode()
+            if row["state"] in _FINAL:
+                yield f"event: end\ndata: {data}\n\n".encode()
+    finally:
+        release()

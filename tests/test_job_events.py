@@ -5,6 +5,7 @@ streams at once are served by the API process's one reader, not by a database co
 from __future__ import annotations
 
 import asyncio
+import time
 
 import httpx
 import pytest
@@ -48,7 +49,8 @@ def _connections() -> int:
 
 
 def test_three_hundred_open_streams_cost_no_connection_each(client, api_url, admin_key, no_worker, write_sources,
-                                                            data_dir):
+                                                            data_dir, configure):
+    configure(max_event_streams_per_key=300)
     write_csv(data_dir / "a.csv", 10)
     write_sources(sources_toml("prices", "a.csv"))
     job_id = client.start_ingestion(["prices"])["job_id"]  # queued: no worker takes it
@@ -82,3 +84,43 @@ def test_three_hundred_open_streams_cost_no_connection_each(client, api_url, adm
     states, during = asyncio.run(watch_all())
     assert during - before < 10, (before, during)  # the API's pool at most, not one per stream
     assert all(s[0] == "queued" and s[-1] == "cancelled" for s in states), states[:3]
+
+
+def test_a_key_may_hold_only_so_many_streams_open_and_others_are_not_held_up(client, api_url, admin_key, no_worker,
+                                                                              write_sources, data_dir, configure):
+    """Streams wait as long as their job does: past `INGOT_MAX_EVENT_STREAMS_PER_KEY` open at once a key
+    gets 429 QUOTA_EXCEEDED, another key still opens its own, and a stream closed by its client gives
+    its place back."""
+    configure(max_event_streams_per_key=3)
+    write_csv(data_dir / "a.csv", 10)
+    write_sources(sources_toml("prices", "a.csv"))
+    job_id = client.start_ingestion(["prices"])["job_id"]  # queued: no worker takes it
+    other = make_key(["admin"])
+    path = f"/api/v1/jobs/{job_id}/events"
+
+    def open_stream(http: httpx.Client) -> httpx.Response:
+        answer = http.send(http.build_request("GET", path), stream=True)
+        if answer.status_code == 200:
+            answer.lines = answer.iter_lines()  # kept: dropping the reader would close the stream
+            assert next(answer.lines).startswith("retry:")  # the stream has begun
+        return answer
+
+    with httpx.Client(base_url=api_url, headers={"X-API-Key": admin_key}, timeout=30) as mine, \
+            httpx.Client(base_url=api_url, headers={"X-API-Key": other}, timeout=30) as theirs:
+        held = [open_stream(mine) for _ in range(3)]
+        assert [a.status_code for a in held] == [200] * 3
+        refused = open_stream(mine)
+        assert refused.status_code == 429 and "retry-after" not in refused.headers
+        body = refused.read() and refused.json()
+        assert body["error"]["code"] == "QUOTA_EXCEEDED"
+        assert body["error"]["details"] == {"quota": "job event streams open", "used": 3, "allowed": 3}
+        theirs_open = open_stream(theirs)
+        assert theirs_open.status_code == 200  # another key is not held up
+        held.pop().close()  # a client goes away: its place comes back once the API notices
+        deadline = time.monotonic() + 15
+        while (again := open_stream(mine)).status_code == 429:
+            again.close()
+            assert time.monotonic() < deadline, "a closed stream's place never came back"
+            time.sleep(0.1)
+        for answer in [*held, again, theirs_open]:
+            answer.close()

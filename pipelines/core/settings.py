@@ -76,6 +76,7 @@ class Settings(BaseSettings):
     max_exports_per_key: int = 3
     max_export_bytes_per_key: int = 20 * 1024**3  # export files kept (not yet expired), per key
     max_scenario_runs_per_key: int = 10_000  # queued or running, per key
+    max_event_streams_per_key: int = Field(default=100, ge=1)  # job event streams open at once, per API process
     export_min_free_bytes: int = 256 * 1024 * 1024
     export_expiry_interval_seconds: float = 3600
     webhook_allow_private: bool = False
