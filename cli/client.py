@@ -264,6 +264,10 @@ class Client:
                     raise TimeoutError(f"job {job_id} still {change['state']} after {timeout} s")
         except (httpx.TransportError, SSEError):
             pass  # a proxy that cuts streams, a restart: polling finishes the wait
+        except IngotError as exc:
+            if exc.code != "QUOTA_EXCEEDED":
+                raise
+            # this key already holds as many streams as it may: polling finishes the wait
         while True:
             job = self.job(job_id)
             if on_update:

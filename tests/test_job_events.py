@@ -5,6 +5,7 @@ streams at once are served by the API process's one reader, not by a database co
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 
 import httpx
@@ -12,6 +13,7 @@ import pytest
 from httpx_sse import aconnect_sse, connect_sse
 from sqlalchemy import text
 
+from cli.client import Client
 from pipelines.core.db import get_engine
 from testkit.datagen import sources_toml, write_csv
 from tests.helpers import make_key
@@ -122,5 +124,9 @@ def test_a_key_may_hold_only_so_many_streams_open_and_others_are_not_held_up(cli
             again.close()
             assert time.monotonic() < deadline, "a closed stream's place never came back"
             time.sleep(0.1)
+        # The Python client's wait() polls when its key may open no more streams.
+        threading.Timer(1.0, client.cancel, [job_id]).start()
+        with Client(api_url, admin_key, retries=0) as waiting:
+            assert waiting.wait(job_id, poll=0.1, timeout=30)["state"] == "cancelled"
         for answer in [*held, again, theirs_open]:
             answer.close()
