@@ -1,5 +1,7 @@
 """HTTP sources against a real server on loopback, through a real worker."""
 
+import socket
+import threading
 import time
 
 import pytest
@@ -127,7 +129,7 @@ def test_failures_are_clear_and_the_worker_lives_on(client, worker, write_source
     began = time.monotonic()
     job = ingest(client, "silent")
     assert job["state"] == "failed" and time.monotonic() - began < 20
-    assert job["error"] == f"source 'silent': {api.url}/silent: no answer within 0.5 s after 2 attempt(s)"
+    assert job["error"] == f"source 'silent': {api.url}/silent: no whole answer within 0.5 s after 2 attempt(s)"
     job = ingest(client, "garbage")
     assert job["state"] == "failed" and "is not valid JSON" in job["error"]
     job = ingest(client, "huge")
@@ -184,8 +186,8 @@ def _fetcher(url: str, **fields):
     from pipelines.ingestion.sources.http import Fetcher
     from pipelines.ingestion.sources.registry import SourceConfig
 
-    return Fetcher(SourceConfig(id="s", type="http", url=url, headers={"X-Api-Key": "s3cret"}, retries=0,
-                                timeout=5, **fields))
+    return Fetcher(SourceConfig(**{"id": "s", "type": "http", "url": url, "headers": {"X-Api-Key": "s3cret"},
+                                   "retries": 0, "timeout": 5, **fields}))
 
 
 def test_redirects_and_links_stay_on_the_declared_origin(api):
@@ -210,6 +212,57 @@ def test_redirects_and_links_stay_on_the_declared_origin(api):
         assert len(elsewhere.calls) == 1 and "X-Api-Key" not in elsewhere.calls[0]["headers"]
     finally:
         elsewhere.close()
+
+
+@pytest.mark.parametrize("trickled", ["headers", "body"])
+def test_a_page_that_trickles_is_given_up_at_the_timeout(trickled):
+    """A server that sends a byte every 0.1 s (well inside any per-read timeout) gets the source's
+    timeout for the whole page, headers and body alike, not for ever."""
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nX-Pad: " + b"a" * 400 + b"\r\n"
+    body = b'{"response": {"data": []}}' + b" " * 400
+    answer = head + f"Content-Length: {len(body)}\r\n\r\n".encode() + body
+    slow_from = 0 if trickled == "headers" else len(answer) - len(body)
+    server = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def serve() -> None:
+        conn, _ = server.accept()
+        with conn:
+            conn.recv(65536)
+            conn.sendall(answer[:slow_from])
+            for i in range(slow_from, len(answer)):  # at most len(answer) x 0.1 s, and stopped at the end
+                if stop.is_set():
+                    return
+                try:
+                    conn.sendall(answer[i:i + 1])
+                except OSError:
+                    return
+                time.sleep(0.1)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        fetcher = _fetcher(f"http://127.0.0.1:{server.getsockname()[1]}/slow", timeout=1)
+        began = time.monotonic()
+        with pytest.raises(SourceError, match="no whole answer within 1 s after 1 attempt"):
+            fetcher.get(fetcher.source.url, {})
+        assert time.monotonic() - began < 2.5
+    finally:
+        stop.set()
+        server.close()
+        thread.join(5)
+
+
+def test_through_a_proxy_the_client_keeps_httpx_transport(monkeypatch):
+    """A proxy named in the environment is still used (httpx's own transport honours it); without one,
+    pages go through the deadline transport."""
+    from pipelines.core import httpclock
+
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    assert isinstance(httpclock.transport(), httpclock.DeadlineTransport)
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.invalid:3128")
+    assert httpclock.transport() is None
 
 
 def test_a_next_link_to_another_host_is_not_followed(client, worker, write_sources, api):

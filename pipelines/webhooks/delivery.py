@@ -28,7 +28,7 @@ from sqlalchemy import Connection, text
 from sqlalchemy.exc import DBAPIError, OperationalError
 from standardwebhooks import Webhook as Signer
 
-from pipelines.core import netguard, runtime
+from pipelines.core import httpclock, netguard, runtime
 from pipelines.core.clock import utc_z
 from pipelines.core.db import get_engine, transaction
 from pipelines.core.retry import retry_after
@@ -59,67 +59,7 @@ def new_pool(connections: int) -> httpcore.ConnectionPool:
     delivery needs none of a client's conveniences (redirects are never followed, cookies never kept,
     the address is already resolved and checked), and without them a request costs 40% less CPU."""
     return httpcore.ConnectionPool(ssl_context=httpx.create_ssl_context(), max_connections=connections,
-                                   max_keepalive_connections=connections, network_backend=DeadlineBackend())
-
-
-# --- one deadline for the whole attempt ------------------------------------------------------------
-# httpcore's timeouts are per operation: a receiver that sends a byte of its headers every 14 s would
-# hold a 15 s timeout open for ever. Every read, write and connect of an attempt is given what is left
-# of the attempt's own deadline instead (set by `_post` for its thread), so the clock ends it.
-
-_this_attempt = threading.local()
-
-
-def _left(timeout: float | None, late: type[Exception]) -> float | None:
-    at = getattr(_this_attempt, "deadline", None)
-    if at is None:
-        return timeout
-    left = at - time.monotonic()
-    if left <= 0:
-        raise late("the attempt's deadline passed")
-    return left if timeout is None else min(timeout, left)
-
-
-class _DeadlineStream(httpcore.NetworkStream):
-    def __init__(self, inner: httpcore.NetworkStream) -> None:
-        self.inner = inner
-
-    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
-        return self.inner.read(max_bytes, _left(timeout, httpcore.ReadTimeout))
-
-    def write(self, buffer: bytes, timeout: float | None = None) -> None:
-        self.inner.write(buffer, _left(timeout, httpcore.WriteTimeout))
-
-    def close(self) -> None:
-        self.inner.close()
-
-    def start_tls(self, ssl_context, server_hostname: str | None = None, timeout: float | None = None
-                  ) -> httpcore.NetworkStream:
-        return _DeadlineStream(self.inner.start_tls(ssl_context, server_hostname,
-                                                    _left(timeout, httpcore.ConnectTimeout)))
-
-    def get_extra_info(self, info: str) -> Any:
-        return self.inner.get_extra_info(info)
-
-
-class DeadlineBackend(httpcore.NetworkBackend):
-    """httpcore's own sockets, each operation limited to what is left of the attempt's deadline."""
-
-    def __init__(self) -> None:
-        self.inner = httpcore.SyncBackend()
-
-    def connect_tcp(self, host: str, port: int, timeout: float | None = None, local_address: str | None = None,
-                    socket_options=None) -> httpcore.NetworkStream:
-        return _DeadlineStream(self.inner.connect_tcp(host, port, _left(timeout, httpcore.ConnectTimeout),
-                                                      local_address, socket_options))
-
-    def connect_unix_socket(self, path: str, timeout: float | None = None, socket_options=None
-                            ) -> httpcore.NetworkStream:
-        return _DeadlineStream(self.inner.connect_unix_socket(path, _left(timeout, httpcore.ConnectTimeout),
-                                                              socket_options))
-
-    def sleep(self, seconds: float) -> None:
-        self.inner.sleep(seconds)
+                                   max_keepalive_connections=connections, network_backend=httpclock.DeadlineBackend())
 
 
 def _post(pool: httpcore.ConnectionPool, url: str, address: str, body: str, headers: dict, timeout: float
@@ -129,11 +69,8 @@ def _post(pool: httpcore.ConnectionPool, url: str, address: str, body: str, head
     The answer is streamed and dropped after a short excerpt, never decompressed, and read for no
     longer than TIMEOUT in all: a receiver cannot hand back a gzip bomb or trickle bytes forever.
     Returns the answer (status and headers) and the excerpt."""
-    deadline = _this_attempt.deadline = time.monotonic() + timeout
-    try:
+    with httpclock.within(timeout) as deadline:
         return _post_by(pool, url, address, body, headers, timeout, deadline)
-    finally:
-        _this_attempt.deadline = None
 
 
 def _post_by(pool: httpcore.ConnectionPool, url: str, address: str, body: str, headers: dict, timeout: float,

@@ -23,6 +23,7 @@ import httpx
 import numpy as np
 import pyarrow as pa
 
+from pipelines.core import httpclock
 from pipelines.core.retry import retry_after
 from pipelines.core.settings import get_settings
 from pipelines.ingestion.sources import inflate
@@ -98,7 +99,8 @@ class Fetcher:
         self.source = source
         self.limit = source.max_response_bytes or get_settings().http_max_response_bytes
         self.client = client or httpx.Client(timeout=source.timeout, follow_redirects=False,
-                                             headers={"Accept-Encoding": inflate.ACCEPT_ENCODING})
+                                             headers={"Accept-Encoding": inflate.ACCEPT_ENCODING},
+                                             transport=httpclock.transport())
         self.origin = _origin(httpx.URL(expand(source, source.url or "")))
 
     def close(self) -> None:
@@ -134,8 +136,11 @@ class Fetcher:
         for attempt in range(1, attempts + 1):
             wait = BACKOFF_BASE * 2 ** (attempt - 1) * (0.5 + random.random() / 2)
             try:
-                # params=None, not {}: an empty mapping would wipe the query of a next link.
-                with self.client.stream("GET", url, params=params or None, headers=headers) as response:
+                # params=None, not {}: an empty mapping would wipe the query of a next link. The whole
+                # page, from connecting to its last byte, within the source's timeout: a server that
+                # trickles its headers or its body cannot hold a worker (or a probe's thread) for ever.
+                with httpclock.within(source.timeout), \
+                        self.client.stream("GET", url, params=params or None, headers=headers) as response:
                     if response.is_redirect and "location" in response.headers:
                         return str(response.url.join(response.headers["location"]))
                     if response.status_code in _RETRY_STATUS:
@@ -146,7 +151,7 @@ class Fetcher:
                     else:
                         return self._read(response, shown), response.headers
             except httpx.TimeoutException:
-                problem = f"no answer within {source.timeout:g} s"
+                problem = f"no whole answer within {source.timeout:g} s"
             except httpx.TransportError as exc:
                 problem = f"connection failed ({type(exc).__name__})"
             if attempt < attempts:
