@@ -6,6 +6,7 @@ import os
 import sys
 from typing import Annotated
 
+import httpx
 import typer
 from rich.table import Table
 
@@ -425,7 +426,26 @@ def quarantine_list(
 
 
 def main() -> None:
-    app()
+    """`ingot`: the commands, with an API that cannot be reached (or an error answer no command
+    caught) said in a line, not a traceback."""
+    try:
+        app()
+    except httpx.TransportError as exc:
+        where = exc.request.url.copy_with(path="/", query=None) if _has_request(exc) else "the API"
+        err.print(f"[red]error[/red] cannot reach the Ingot API at {where} ({type(exc).__name__}: {exc}); "
+                  "is it running (`ingot up`), and are --url / INGOT_URL right?")
+        raise SystemExit(1) from None
+    except IngotError as exc:
+        err.print(f"[red]error[/red] {exc.status} {exc.code}: {exc.message}")
+        raise SystemExit(1) from None
+
+
+def _has_request(exc: httpx.TransportError) -> bool:
+    try:
+        exc.request  # noqa: B018 (raises RuntimeError when the error was raised without one)
+    except RuntimeError:
+        return False
+    return True
 
 
 if __name__ == "__main__":

@@ -40,6 +40,16 @@ def test_keys_create_prints_only_the_key_then_list_and_revoke(api_url):
     assert bad.returncode == 2 and bad.stdout == ""
 
 
+def test_an_api_that_cannot_be_reached_is_one_clear_line_not_a_traceback():
+    from tests.helpers import free_port
+
+    address = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    answer = ingot("jobs", "--url", address, "--api-key", "ingot_x")
+    assert answer.returncode == 1
+    assert f"cannot reach the Ingot API at {address}/" in answer.stderr and "ingot up" in answer.stderr
+    assert "Traceback" not in answer.stderr and len(answer.stderr.splitlines()) <= 3
+
+
 def test_ingest_wait_follows_the_job_and_reports_by_exit_code(api_url, admin_key, worker, write_sources, data_dir):
     write_csv(data_dir / "a.csv", 30, bad_every=10)
     (data_dir / "broken.csv").write_text("id\n1\n")
