@@ -157,6 +157,17 @@ def test_parquet_nested_columns_are_kept_as_json_text(tmp_path):
     ]
 
 
+@pytest.mark.parametrize(("head", "said"), [(b"PAR1\x15\x04", 'a Parquet file (declare format = "parquet")'),
+                                           (b"PK\x03\x04\x14\x00", "a ZIP archive (an Excel .xlsx workbook"),
+                                           (b"\xd0\xcf\x11\xe0\xa1\xb1", "an Excel .xls workbook")])
+def test_a_file_of_another_format_is_named_as_such(tmp_path, head, said):
+    path = tmp_path / "prices.csv"
+    path.write_bytes(head + bytes(range(256)) * 8)
+    with pytest.raises(SourceError, match=r"prices\.csv is not CSV: it is ") as raised:
+        run(source(), path)
+    assert said in str(raised.value)
+
+
 def test_jsonl_bad_lines_are_quarantined(tmp_path):
     path = tmp_path / "a.jsonl"
     path.write_text("\n".join([

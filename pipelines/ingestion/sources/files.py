@@ -97,7 +97,25 @@ def _stream_batches(fh: BinaryIO, source: SourceConfig, size: int, batch_rows: i
 
 def _read_lines(source: SourceConfig, path: Path, batch_rows: int) -> Iterator[RawBatch]:
     with path.open("rb") as fh:
+        _not_another_format(source, path.name, fh)
         yield from read_stream(source, fh, path.stat().st_size or 1, batch_rows)
+
+
+# Files that are plainly something else by their first bytes, said so rather than read as a header of noise.
+_MAGIC = {
+    b"PAR1": 'a Parquet file (declare format = "parquet")',
+    b"PK\x03\x04": "a ZIP archive (an Excel .xlsx workbook, say: save the sheet as CSV)",
+    b"\xd0\xcf\x11\xe0": "an Excel .xls workbook (save the sheet as CSV)",
+}
+
+
+def _not_another_format(source: SourceConfig, name: str, fh: BinaryIO) -> None:
+    head = fh.read(4)
+    fh.seek(0)
+    for magic, what in _MAGIC.items():
+        if head.startswith(magic):
+            kind = "CSV" if source.format == "csv" else "JSON Lines"
+            raise SourceContentError(f"source '{source.id}': {name} is not {kind}: it is {what}")
 
 
 def read_stream(source: SourceConfig, fh: BinaryIO, size: int, batch_rows: int) -> Iterator[RawBatch]:
