@@ -8,8 +8,10 @@ SIGINT or SIGTERM the children stop first, then Redis, then PostgreSQL, within 3
 
 from __future__ import annotations
 
+import fcntl
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -76,6 +78,10 @@ class Supervisor:
 
     def run(self) -> int:
         configure(self.settings.log_level, "console")
+        refused = self._hold_home() or self._ports_in_use()
+        if refused:
+            console.print(f"[red]{refused}[/red]")
+            return 1
         signal.signal(signal.SIGINT, self._on_signal)
         signal.signal(signal.SIGTERM, self._on_signal)
         try:
@@ -95,6 +101,40 @@ class Supervisor:
             return 0
         finally:
             self._shutdown()
+
+    def _hold_home(self) -> str | None:
+        """Take INGOT_HOME for this run (a lock the kernel drops with the process, however it ends), or
+        say why not: a second `ingot up` on the same data would start a second beat (every schedule
+        twice), rotate the first one's admin key and fight it for its ports."""
+        home = self.settings.home
+        home.mkdir(parents=True, exist_ok=True)
+        self._lock = open(home / "up.pid", "a+")  # noqa: SIM115 (held for the life of the process)
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock.seek(0)
+            holder = self._lock.read().strip() or "another process"
+            self._lock.close()
+            return (f"Ingot is already up on {home} (process {holder}), its API at "
+                    f"http://{self.settings.api_host}:{self.settings.api_port}: stop it first (Ctrl-C in its "
+                    "terminal), or give this one an INGOT_HOME of its own")
+        self._lock.truncate(0)
+        self._lock.write(str(os.getpid()))
+        self._lock.flush()
+        return None
+
+    def _ports_in_use(self) -> str | None:
+        """Say which of the API's and Flower's ports another program holds, before anything starts."""
+        s = self.settings
+        for name, port in (("INGOT_API_PORT", s.api_port), ("INGOT_FLOWER_PORT", s.flower_port)):
+            with socket.socket() as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    probe.bind((s.api_host, port))
+                except OSError as exc:
+                    return (f"port {port} on {s.api_host} is not free ({exc.strerror}): stop what holds it, "
+                            f"or set {name}")
+        return None
 
     def _start_servers(self) -> dict[str, str]:
         s = self.settings

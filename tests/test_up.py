@@ -79,6 +79,13 @@ def test_up_runs_the_demo_and_ctrl_c_stops_everything(tmp_path):
         tasks = httpx.get(f"http://127.0.0.1:{flower_port}/api/tasks", auth=(flower_user, flower_pass)).json()
         assert job["celery_task_id"] in tasks
         assert processes_under(home), "expected the embedded servers to run under INGOT_HOME"
+
+        # A second `ingot up` on the same data is refused before it starts anything (a second beat would
+        # run every schedule twice), and the first one's key still works.
+        again, again_log = start_up(home, free_port(), free_port())
+        assert again.wait(60) == 1
+        assert f"Ingot is already up on {home} (process {proc.pid})" in " ".join(read(again_log).split())
+        assert api.get("/api/v1/jobs").status_code == 200
     finally:
         took = stop(proc, log)
     assert proc.returncode == 0, read(log)
@@ -151,3 +158,18 @@ def test_up_starts_a_dead_embedded_server_again_and_the_work_goes_on(tmp_path):
 def _start(api: httpx.Client, source: str) -> str | None:
     answer = api.post("/api/v1/ingestion/start", json={"sources": [source]})
     return answer.json()["data"]["job_id"] if answer.status_code == 202 else None
+
+
+def test_up_says_which_port_is_taken_before_starting_anything(tmp_path):
+    import socket
+
+    home = tmp_path / "home"
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        taken = squatter.getsockname()[1]
+        proc, log = start_up(home, taken, free_port())
+        assert proc.wait(60) == 1
+    said = " ".join(read(log).split())  # as the terminal wrapped it
+    assert f"port {taken} on 127.0.0.1 is not free" in said and "INGOT_API_PORT" in said
+    assert not (home / "pgdata").exists()  # refused before any server started
