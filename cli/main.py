@@ -108,6 +108,12 @@ def flower() -> None:
 
     settings = get_settings()
     settings.home.mkdir(parents=True, exist_ok=True)
+    # Tornado waits an hour for a request's headers and for ever for a trickling body, and Flower sets
+    # neither: the API's request deadline holds here too, so idle or trickling connections are closed.
+    from tornado.httpserver import HTTPServer
+
+    HTTPServer.configure(None, idle_connection_timeout=settings.api_request_timeout_seconds,
+                         body_timeout=settings.api_request_timeout_seconds)
     celery_app.start([
         "flower", f"--port={settings.flower_port}", f"--address={settings.api_host}",
         f"--basic-auth={settings.flower_credentials()}", "--persistent=True",

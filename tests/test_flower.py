@@ -1,8 +1,10 @@
 """Flower, started as `ingot flower`, shows the task of a real job through its own REST API."""
 
 import os
+import socket
 import subprocess
 import sys
+import time
 
 import httpx
 
@@ -12,7 +14,8 @@ from tests.helpers import ROOT, free_port, wait_for
 
 def test_flower_lists_the_ingestion_task_with_its_final_state(client, worker, write_sources, data_dir, home):
     port = free_port()
-    env = dict(os.environ, INGOT_FLOWER_PORT=str(port), INGOT_FLOWER_BASIC_AUTH="watcher:s3cret-pass")
+    env = dict(os.environ, INGOT_FLOWER_PORT=str(port), INGOT_FLOWER_BASIC_AUTH="watcher:s3cret-pass",
+               INGOT_API_REQUEST_TIMEOUT_SECONDS="2")
     log = open(home / "flower.log", "w")
     flower = subprocess.Popen([sys.executable, "-m", "cli.main", "flower"], cwd=ROOT, env=env,
                               stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -27,6 +30,12 @@ def test_flower_lists_the_ingestion_task_with_its_final_state(client, worker, wr
 
         wait_for(up, timeout=30, message="Flower to listen")
         assert httpx.get(f"{base}/api/tasks").status_code == 401  # no anonymous access
+        # A connection that sends no request is closed at the request deadline (2 s here), not held
+        # for Tornado's hour.
+        with socket.create_connection(("127.0.0.1", port)) as idle:
+            idle.settimeout(10)
+            began = time.monotonic()
+            assert idle.recv(1) == b"" and time.monotonic() - began < 6
 
         def watching() -> bool:
             """Flower has received the worker's events: it will see the task arrive, name and all
