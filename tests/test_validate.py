@@ -126,6 +126,30 @@ def test_batches_keep_exact_line_numbers_across_chunks(tmp_path, monkeypatch, fr
     assert [line for line, _, _ in rejects] == [i + 1 for i in range(7, 101, 7)]
 
 
+def test_small_reads_are_loaded_in_full_batches(tmp_path, monkeypatch, fresh_settings):
+    """A file read a few hundred bytes at a time still comes out in batches of exactly batch_rows rows
+    (the last fewer), every line once and in order, every reject once; a JSON Lines block whose types
+    differ from the rows held starts a batch of its own."""
+    monkeypatch.setenv("INGOT_READ_CHUNK_BYTES", "300")
+    get_settings.cache_clear()
+    path = tmp_path / "a.csv"
+    lines = ["id,timestamp,px"] + [f"r{i},2026-01-01T00:00:00,{'x' if i % 7 == 0 else i}" for i in range(1, 401)]
+    path.write_text("\n".join(lines) + "\n")
+    raws = list(read_file(source(), path, 50))
+    assert [len(r.lines) for r in raws[:-1]] == [50] * (len(raws) - 1) and 0 < len(raws[-1].lines) <= 50
+    assert [int(n) for r in raws for n in r.lines] == list(range(2, 402))  # before validation: every line
+    rows, rejects = run(source(), path, batch_rows=50)
+    assert [r["line"] for r in rows] == [i + 1 for i in range(1, 401) if i % 7]
+    assert sorted(line for line, _, _ in rejects) == [i + 1 for i in range(7, 401, 7)]
+
+    jsonl = tmp_path / "a.jsonl"
+    records = [{"id": f"j{i}", "timestamp": "2026-01-01T00:00:00Z", "px": i} for i in range(40)]
+    records += [{"id": f"k{i}", "timestamp": "2026-01-01T00:00:00Z", "px": f"{i}.5"} for i in range(40)]
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in records))
+    rows, rejects = run(source(format="jsonl", validation={"required_columns": ["id"]}), jsonl, batch_rows=1000)
+    assert [r["value"] for r in rows] == [float(i) for i in range(40)] + [i + 0.5 for i in range(40)] and not rejects
+
+
 def test_parquet_records_are_numbered_and_cast(tmp_path):
     path = tmp_path / "a.parquet"
     table = pa.table({"id": ["a", "b", "c"], "timestamp": pa.array([1, 2, 3], pa.timestamp("s")),

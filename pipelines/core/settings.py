@@ -105,7 +105,7 @@ class Settings(BaseSettings):
     # reaper looks, how many attempts a job gets, and how long a job may run at all.
     batch_size: int = 50_000
     max_line_bytes: int = 1024 * 1024  # a longer line in a file is quarantined with an excerpt
-    read_chunk_bytes: int = 4 * 1024 * 1024  # how much of a file is read at a time
+    read_chunk_bytes: int = 1024 * 1024  # how much of a file is read at a time (batches are regrouped to batch_size)
     worker_flat_memory: bool = False  # allocators that hand freed memory back (see pipelines.core.memory)
     worker_task_events: bool = True  # task events from the start (Flower turns them on itself when it runs)
     http_max_response_bytes: int = 64 * 1024 * 1024

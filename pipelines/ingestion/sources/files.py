@@ -57,24 +57,49 @@ def line_limit(source: SourceConfig) -> int:
     return source.max_line_bytes or get_settings().max_line_bytes
 
 
-def _slices(batch: RawBatch, batch_rows: int) -> Iterator[RawBatch]:
-    """Split BATCH into pieces of at most BATCH_ROWS rows; its rejects travel with the first piece."""
-    if batch.table.num_rows <= batch_rows:
-        yield batch
-        return
-    for start in range(0, batch.table.num_rows, batch_rows):
-        yield RawBatch(
-            batch.table.slice(start, batch_rows),
-            batch.lines[start : start + batch_rows],
-            batch.rejects if start == 0 else [],
-            batch.fraction,
-        )
+def _regrouped(batches: Iterator[RawBatch], batch_rows: int) -> Iterator[RawBatch]:
+    """BATCHES (one a block read) as batches of BATCH_ROWS rows, the last one fewer: a file is read in
+    small blocks, which keeps a worker's memory down, and loaded in full batches, which keeps its
+    transactions few. Rejects travel with the first batch made from their block. A block whose
+    columns differ from the rows held (JSON Lines, read with the types each block shows) sends those
+    rows on first, as a batch of their own."""
+    parts: list[RawBatch] = []
+    rows, sent = 0, False
+    for batch in batches:
+        if parts and not parts[0].table.schema.equals(batch.table.schema):
+            yield _joined(parts)
+            parts, rows, sent = [], 0, True
+        parts.append(batch)
+        rows += batch.table.num_rows
+        while rows >= batch_rows:
+            whole = _joined(parts)
+            yield RawBatch(whole.table.slice(0, batch_rows), whole.lines[:batch_rows], whole.rejects, whole.fraction,
+                           whole.notes)
+            sent, rows = True, rows - batch_rows
+            rest = RawBatch(whole.table.slice(batch_rows), whole.lines[batch_rows:], [], whole.fraction)
+            parts = [rest] if rows else []
+    if parts and (rows or any(p.rejects for p in parts) or not sent):
+        yield _joined(parts)
+
+
+def _joined(parts: list[RawBatch]) -> RawBatch:
+    if len(parts) == 1:
+        return parts[0]
+    return RawBatch(pa.concat_tables([p.table for p in parts]),
+                    np.concatenate([p.lines for p in parts]), [r for p in parts for r in p.rejects],
+                    parts[-1].fraction, [n for p in parts for n in p.notes])
 
 
 def _stream_batches(fh: BinaryIO, source: SourceConfig, size: int, batch_rows: int,
                     parse: Callable[[Block, LineStream], tuple[pa.Table, np.ndarray, list[Reject]]]
                     ) -> Iterator[RawBatch]:
-    """Blocks of FH's lines through PARSE, as raw batches with progress by FH's own bytes."""
+    """Blocks of FH's lines through PARSE, as raw batches of BATCH_ROWS rows with progress by FH's own bytes."""
+    yield from _regrouped(_blocks_parsed(fh, source, size, parse), batch_rows)
+
+
+def _blocks_parsed(fh: BinaryIO, source: SourceConfig, size: int,
+                   parse: Callable[[Block, LineStream], tuple[pa.Table, np.ndarray, list[Reject]]]
+                   ) -> Iterator[RawBatch]:
     stream = LineStream(open_stream(fh), source.encoding, line_limit(source), get_settings().read_chunk_bytes)
     seen_any = yielded = False
     for block in stream.blocks():
@@ -88,8 +113,7 @@ def _stream_batches(fh: BinaryIO, source: SourceConfig, size: int, batch_rows: i
             continue
         notes = [] if seen_any else ["the file is empty"]
         yielded = True
-        yield from _slices(RawBatch(table, lines, sorted(rejects, key=lambda r: r.line),
-                                    min(fh.tell() / size, 1.0), notes), batch_rows)
+        yield RawBatch(table, lines, sorted(rejects, key=lambda r: r.line), min(fh.tell() / size, 1.0), notes)
 
 
 # --- CSV ------------------------------------------------------------------------------------------
