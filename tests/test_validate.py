@@ -150,6 +150,37 @@ def test_small_reads_are_loaded_in_full_batches(tmp_path, monkeypatch, fresh_set
     assert [r["value"] for r in rows] == [float(i) for i in range(40)] + [i + 0.5 for i in range(40)] and not rejects
 
 
+def test_a_resumed_read_carries_on_after_the_last_committed_line_however_it_is_batched(tmp_path, monkeypatch,
+                                                                                        fresh_settings):
+    """A checkpoint names the last line it committed, so an attempt that resumes with other batches
+    (batch_size changed meanwhile, another read block, another release) reads exactly the rest; a
+    checkpoint from before lines were recorded resumes by its batch, as it was made."""
+    from pipelines.ingestion.sources import files
+    from pipelines.ingestion.sources.registry import load_registry
+
+    lines = ["id,timestamp,px"] + [f"r{i},2026-01-01T00:00:00,{i}" if i % 50 else "r" * 200
+                                   for i in range(1, 301)]  # every 50th line too long: rejected as it is read
+    (tmp_path / "a.csv").write_text("\n".join(lines) + "\n")
+    (tmp_path / "sources.toml").write_text('[sources.s]\ntype = "file"\npath = "a.csv"\nmax_line_bytes = 100\n')
+    registry = load_registry(tmp_path / "sources.toml")
+    src = registry.get("s")
+
+    def numbers(resume, chunk, batch_rows=40):
+        monkeypatch.setenv("INGOT_READ_CHUNK_BYTES", str(chunk))
+        get_settings.cache_clear()
+        pieces = list(files.stream(src, registry, batch_rows, resume))
+        return pieces, [int(n) for p in pieces for n in p.raw.lines], [r.line for p in pieces for r in p.raw.rejects]
+
+    first, _, _ = numbers(None, 300)
+    committed = first[2].position  # the worker died after committing three batches
+    assert committed["line"] == int(first[2].raw.lines[-1])
+    _, rows, rejects = numbers(committed, 64, batch_rows=64)  # batched differently (batch_size changed)
+    after = range(committed["line"] + 1, 302)
+    assert rows == [n for n in after if (n - 1) % 50] and rejects == [n for n in after if not (n - 1) % 50]
+    _, rows, _ = numbers({"file": 0, "batch": 3}, 300)  # an older checkpoint: by batch
+    assert rows[0] == int(first[3].raw.lines[0])
+
+
 def test_parquet_records_are_numbered_and_cast(tmp_path):
     path = tmp_path / "a.parquet"
     table = pa.table({"id": ["a", "b", "c"], "timestamp": pa.array([1, 2, 3], pa.timestamp("s")),

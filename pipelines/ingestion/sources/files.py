@@ -427,6 +427,9 @@ def stream(source: SourceConfig, registry: Registry, batch_rows: int, resume: di
     sizes = [p.stat().st_size for p in files]
     total = sum(sizes) or 1
     start_file, start_batch = (resume or {}).get("file", 0), (resume or {}).get("batch", 0)
+    # The last line committed, when the checkpoint has it: exact however the file is batched this time
+    # (batch_size changed meanwhile, another release). Older checkpoints name their batch alone.
+    start_line = (resume or {}).get("line")
     for f_index, path in enumerate(files):
         if f_index < start_file:
             continue
@@ -435,14 +438,31 @@ def stream(source: SourceConfig, registry: Registry, batch_rows: int, resume: di
         if seen is not None and print_ is None:
             continue  # unchanged since its last whole load
         before = sum(sizes[:f_index])
-        last = None
+        last, line = None, 0
         for b_index, raw in enumerate(read_file(source, path, batch_rows)):
-            if f_index == start_file and b_index < start_batch:
+            if f_index == start_file and start_line is not None:
+                line = max(line, start_line)
+                if (after := _after_line(raw, start_line)) is None:
+                    continue
+                raw = after
+            elif f_index == start_file and b_index < start_batch:
                 continue
+            line = max([line, *raw.lines[-1:].tolist(), *(r.line for r in raw.rejects)])
             if last is not None:
                 yield last
-            last = Piece(raw, label, {"file": f_index, "batch": b_index + 1},
+            last = Piece(raw, label, {"file": f_index, "batch": b_index + 1, "line": line},
                          (before + raw.fraction * sizes[f_index]) / total)
         if last is not None:
             last.file_done = print_
             yield last
+
+
+def _after_line(raw: RawBatch, line: int) -> RawBatch | None:
+    """What of RAW comes after LINE (the last one committed), or None if nothing does."""
+    keep = raw.lines > line
+    rejects = [r for r in raw.rejects if r.line > line]
+    if not keep.any() and not rejects:  # all committed (or an empty file's one batch, committed with it)
+        return None
+    if keep.all():
+        return raw if rejects == raw.rejects else RawBatch(raw.table, raw.lines, rejects, raw.fraction, raw.notes)
+    return RawBatch(raw.table.filter(pa.array(keep)), raw.lines[keep], rejects, raw.fraction, raw.notes)
