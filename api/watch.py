@@ -12,12 +12,14 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 import weakref
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from datetime import datetime
 from typing import Any
 
+from pipelines.auth.principal import Principal
 from pipelines.auth.quotas import QuotaExceeded
 from pipelines.core import adb
 from pipelines.core.clock import utc_z
@@ -27,23 +29,32 @@ from pipelines.core.settings import get_settings
 log = logging.getLogger(__name__)
 INTERVAL = 0.25  # seconds between reads of the watched jobs
 KEEPALIVE = 15.0  # seconds of silence before a comment line keeps proxies from closing the stream
+KEY_CHECK = 2.0  # seconds between checks that the keys watching are still valid
 _WATCHED = ("SELECT id, kind, state, progress, records_processed, records_failed, error, started_at, finished_at "
             "FROM jobs WHERE id = ANY(%s)")
 FIELDS = ("id", "kind", "state", "progress", "records_processed", "records_failed", "error", "started_at",
           "finished_at")
 _FINAL = {str(s) for s in FINAL_STATES}
+# The keys among those watching that are still valid: a stream whose key is revoked or expires ends.
+_LIVE_KEYS = ("SELECT id FROM api_keys WHERE id = ANY(%s) AND revoked_at IS NULL "
+              "AND (expires_at IS NULL OR expires_at > now())")
+_CUT: dict[str, Any] = {}  # put on a stream's queue (compared by identity): its key is no longer valid
 
 
 class Watcher:
     def __init__(self) -> None:
         self._streams: dict[str, set[asyncio.Queue]] = {}
+        self._keys: dict[asyncio.Queue, str] = {}  # the streams watched with an API key, and its id
         self._task: asyncio.Task | None = None
 
-    async def follow(self, job: dict[str, Any]) -> AsyncIterator[dict[str, Any] | None]:
+    async def follow(self, job: dict[str, Any], key_id: str | None = None) -> AsyncIterator[dict[str, Any] | None]:
         """JOB's row now, then each time it changes, until it ends (its final row is the last); None
-        after KEEPALIVE seconds without a change."""
+        after KEEPALIVE seconds without a change. Watched with the API key KEY_ID, it also ends within
+        KEY_CHECK seconds of that key being revoked or expiring."""
         queue: asyncio.Queue = asyncio.Queue()
         self._streams.setdefault(job["id"], set()).add(queue)
+        if key_id is not None:
+            self._keys[queue] = key_id
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._read_forever(), name="job-watcher")
         try:
@@ -55,18 +66,20 @@ class Watcher:
                 except TimeoutError:
                     yield None
                     continue
-                if row is None:  # the job's row is gone (retention): nothing more to tell
+                if row is None or row is _CUT:  # the job's row is gone (retention), or the key is
                     return
                 if row != last:
                     last = row
                     yield row
         finally:
+            self._keys.pop(queue, None)
             watching = self._streams.get(job["id"], set())
             watching.discard(queue)
             if not watching:
                 self._streams.pop(job["id"], None)
 
     async def _read_forever(self) -> None:
+        keys_checked = time.monotonic()
         while self._streams:
             ids = list(self._streams)
             try:
@@ -78,7 +91,20 @@ class Watcher:
                 for job_id in ids:
                     for queue in self._streams.get(job_id, ()):
                         queue.put_nowait(rows.get(job_id))
+            if self._keys and time.monotonic() - keys_checked >= KEY_CHECK:
+                keys_checked = time.monotonic()
+                await self._cut_revoked()
             await asyncio.sleep(INTERVAL)
+
+    async def _cut_revoked(self) -> None:
+        try:
+            live = {r["id"] for r in await adb.fetch(_LIVE_KEYS, (sorted(set(self._keys.values())),))}
+        except Exception as exc:  # the database away: the streams go on, checked once it is back
+            log.warning("job watcher could not check the watching keys (%s); retrying", exc)
+            return
+        for queue, key_id in list(self._keys.items()):
+            if key_id not in live:
+                queue.put_nowait(_CUT)
 
 
 def _shown(row: dict[str, Any]) -> dict[str, Any]:
@@ -92,13 +118,14 @@ WATCHER = Watcher()
 _open: Counter[str] = Counter()  # event streams open in this process, by the principal watching
 
 
-def event_stream(job: dict[str, Any], watcher_id: str) -> AsyncIterator[bytes]:
-    """JOB as server-sent events for WATCHER_ID (a principal), counted against its
+def event_stream(job: dict[str, Any], watcher: Principal) -> AsyncIterator[bytes]:
+    """JOB as server-sent events for WATCHER, counted against its
     `INGOT_MAX_EVENT_STREAMS_PER_KEY` open at once in this process: past it, QuotaExceeded at once.
 
     A stream waits for its job for as long as the job takes, so without a cap one caller could open
     streams until the process had no file descriptor left for anyone else. The count is given back when
     the stream ends, or when it is dropped without having started (a client gone before its first byte)."""
+    watcher_id = watcher.id
     allowed = get_settings().max_event_streams_per_key
     if _open[watcher_id] >= allowed:
         raise QuotaExceeded("job event streams open", _open[watcher_id], allowed)
@@ -113,18 +140,18 @@ def event_stream(job: dict[str, Any], watcher_id: str) -> AsyncIterator[bytes]:
             if not _open[watcher_id]:
                 del _open[watcher_id]
 
-    stream = _events(job, release)
+    stream = _events(job, watcher_id if watcher.kind == "key" else None, release)
     weakref.finalize(stream, release)
     return stream
 
 
-async def _events(job: dict[str, Any], release: Callable[[], None]) -> AsyncIterator[bytes]:
+async def _events(job: dict[str, Any], key_id: str | None, release: Callable[[], None]) -> AsyncIterator[bytes]:
     """`job` for each change (the first at once), `end` once it has ended; a comment line after
     KEEPALIVE seconds of silence. The stream then closes."""
     try:
         yield b"retry: 2000\n\n"
         sequence = 0
-        async for row in WATCHER.follow(job):
+        async for row in WATCHER.follow(job, key_id):
             if row is None:
                 yield b": still watching\n\n"
                 continue

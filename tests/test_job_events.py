@@ -130,3 +130,45 @@ def test_a_key_may_hold_only_so_many_streams_open_and_others_are_not_held_up(cli
             assert waiting.wait(job_id, poll=0.1, timeout=30)["state"] == "cancelled"
         for answer in [*held, again, theirs_open]:
             answer.close()
+
+
+def test_a_stream_ends_soon_after_its_key_is_revoked(client, api_url, admin_key, no_worker, write_sources, data_dir):
+    """A key checked when its stream opened is checked again while it runs: revoked, its streams end
+    within seconds; another key's stream on the same job goes on."""
+    from pipelines.auth import keys
+    from pipelines.core.db import session_scope
+
+    write_csv(data_dir / "a.csv", 10)
+    write_sources(sources_toml("prices", "a.csv"))
+    job_id = client.start_ingestion(["prices"])["job_id"]  # queued: no worker takes it
+    with session_scope() as session:
+        row, doomed = keys.create_key(session, "doomed", ["read"])
+        doomed_id = row.id
+
+    def opened(key: str) -> tuple[httpx.Response, object]:
+        http = httpx.Client(base_url=api_url, headers={"X-API-Key": key}, timeout=30)
+        answer = http.send(http.build_request("GET", f"/api/v1/jobs/{job_id}/events"), stream=True)
+        assert answer.status_code == 200
+        lines = answer.iter_lines()
+        assert next(lines).startswith("retry:")
+        return answer, lines
+
+    doomed_stream, doomed_lines = opened(doomed)
+    other_stream, _other_lines = opened(admin_key)
+    try:
+        with session_scope() as session:
+            assert keys.revoke(session, doomed_id)
+        ended = threading.Event()
+
+        def read_to_the_end() -> None:
+            for _line in doomed_lines:
+                pass
+            ended.set()
+
+        threading.Thread(target=read_to_the_end, daemon=True).start()
+        assert ended.wait(15), "the revoked key's stream was still open"
+        assert not other_stream.is_closed  # the admin's stream was not cut
+        client.cancel(job_id)
+    finally:
+        doomed_stream.close()
+        other_stream.close()
