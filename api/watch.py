@@ -4,7 +4,9 @@
 the job ends. Each open stream only waits on its queue: the process's one `Watcher` reads every
 watched job in a single statement every `INTERVAL` seconds (over the API's async pool, one connection
 for a moment) and hands each stream the rows that changed. Several hundred streams cost one
-statement per interval, not a database connection each.
+statement per interval, not a database connection each. A key holds at most
+`INGOT_MAX_EVENT_STREAMS_PER_KEY` streams open at once, and a key revoked or expired while it watches
+has its streams ended within KEY_CHECK seconds.
 """
 
 from __future__ import annotations
@@ -66,7 +68,7 @@ class Watcher:
                 except TimeoutError:
                     yield None
                     continue
-                if row is None or row is _CUT:  # the job's row is gone (retention), or the key is
+                if row is None or row is _CUT:  # the job's row is gone (retention), or the key is no longer valid
                     return
                 if row != last:
                     last = row
