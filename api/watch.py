@@ -6,7 +6,7 @@ watched job in a single statement every `INTERVAL` seconds (over the API's async
 for a moment) and hands each stream the rows that changed. Several hundred streams cost one
 statement per interval, not a database connection each. A key holds at most
 `INGOT_MAX_EVENT_STREAMS_PER_KEY` streams open at once, and a key revoked or expired while it watches
-has its streams ended within KEY_CHECK seconds.
+has its streams ended within KEY_CHECK seconds; a bearer token's streams end when it expires.
 """
 
 from __future__ import annotations
@@ -49,10 +49,12 @@ class Watcher:
         self._keys: dict[asyncio.Queue, str] = {}  # the streams watched with an API key, and its id
         self._task: asyncio.Task | None = None
 
-    async def follow(self, job: dict[str, Any], key_id: str | None = None) -> AsyncIterator[dict[str, Any] | None]:
+    async def follow(self, job: dict[str, Any], key_id: str | None = None, until: float | None = None
+                     ) -> AsyncIterator[dict[str, Any] | None]:
         """JOB's row now, then each time it changes, until it ends (its final row is the last); None
         after KEEPALIVE seconds without a change. Watched with the API key KEY_ID, it also ends within
-        KEY_CHECK seconds of that key being revoked or expiring."""
+        KEY_CHECK seconds of that key being revoked or expiring; with a bearer token, at UNTIL (epoch
+        seconds), when the token expires."""
         queue: asyncio.Queue = asyncio.Queue()
         self._streams.setdefault(job["id"], set()).add(queue)
         if key_id is not None:
@@ -63,10 +65,14 @@ class Watcher:
             last = _shown(job)
             yield last
             while last["state"] not in _FINAL:
+                left = KEEPALIVE if until is None else min(KEEPALIVE, until - time.time())
+                if left <= 0:
+                    return  # the token it was opened with has expired
                 try:
-                    row = await asyncio.wait_for(queue.get(), KEEPALIVE)
+                    row = await asyncio.wait_for(queue.get(), left)
                 except TimeoutError:
-                    yield None
+                    if until is None or time.time() < until:
+                        yield None
                     continue
                 if row is None or row is _CUT:  # the job's row is gone (retention), or the key is no longer valid
                     return
@@ -120,8 +126,8 @@ WATCHER = Watcher()
 _open: Counter[str] = Counter()  # event streams open in this process, by the principal watching
 
 
-def event_stream(job: dict[str, Any], watcher: Principal) -> AsyncIterator[bytes]:
-    """JOB as server-sent events for WATCHER, counted against its
+def event_stream(job: dict[str, Any], watcher: Principal, until: float | None = None) -> AsyncIterator[bytes]:
+    """JOB as server-sent events for WATCHER (until UNTIL, when its bearer token expires), counted against its
     `INGOT_MAX_EVENT_STREAMS_PER_KEY` open at once in this process: past it, QuotaExceeded at once.
 
     A stream waits for its job for as long as the job takes, so without a cap one caller could open
@@ -142,18 +148,19 @@ def event_stream(job: dict[str, Any], watcher: Principal) -> AsyncIterator[bytes
             if not _open[watcher_id]:
                 del _open[watcher_id]
 
-    stream = _events(job, watcher_id if watcher.kind == "key" else None, release)
+    stream = _events(job, watcher_id if watcher.kind == "key" else None, until, release)
     weakref.finalize(stream, release)
     return stream
 
 
-async def _events(job: dict[str, Any], key_id: str | None, release: Callable[[], None]) -> AsyncIterator[bytes]:
+async def _events(job: dict[str, Any], key_id: str | None, until: float | None, release: Callable[[], None]
+                  ) -> AsyncIterator[bytes]:
     """`job` for each change (the first at once), `end` once it has ended; a comment line after
     KEEPALIVE seconds of silence. The stream then closes."""
     try:
         yield b"retry: 2000\n\n"
         sequence = 0
-        async for row in WATCHER.follow(job, key_id):
+        async for row in WATCHER.follow(job, key_id, until):
             if row is None:
                 yield b": still watching\n\n"
                 continue

@@ -172,3 +172,25 @@ def test_a_stream_ends_soon_after_its_key_is_revoked(client, api_url, admin_key,
     finally:
         doomed_stream.close()
         other_stream.close()
+
+
+def test_a_stream_opened_with_a_bearer_token_ends_when_the_token_expires(api_url, admin_key, no_worker, write_sources,
+                                                                        data_dir, configure):
+    """A person's stream lasts no longer than the token it was opened with (which could open no other)."""
+    configure(jwt_expiry_seconds=3)
+    write_csv(data_dir / "a.csv", 10)
+    write_sources(sources_toml("prices", "a.csv"))
+    person = {"username": "watcher", "password": "a long enough password"}
+    with httpx.Client(base_url=api_url, timeout=30) as http:
+        made = http.post("/api/v1/users", headers={"X-API-Key": admin_key},
+                         json={**person, "scopes": ["read", "write"]})
+        assert made.status_code == 201, made.text
+        token = http.post("/api/v1/auth/login", json=person).json()["data"]["access_token"]
+        mine = {"Authorization": f"Bearer {token}"}
+        started = http.post("/api/v1/ingestion/start", headers=mine, json={"sources": ["prices"]})
+        job_id = started.json()["data"]["job_id"]
+        began = time.monotonic()
+        with connect_sse(http, "GET", f"/api/v1/jobs/{job_id}/events", headers=mine) as source:
+            states = [e.json()["state"] for e in source.iter_sse() if e.event == "job"]  # until the server closes it
+        took = time.monotonic() - began
+    assert states == ["queued"] and took < 10  # ended with the token (3 s), not with the job (still queued)

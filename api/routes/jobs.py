@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
+import jwt
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import StreamingResponse
 
@@ -44,12 +45,24 @@ async def get_job(job_id: str, request: Request, caller: Reader) -> dict:
             responses={200: {"content": {"text/event-stream": {}},
                              "description": "`job` events (the job's state, progress and counts) as it changes, "
                                             "then `end`; the stream closes when the job has ended"}})
-async def job_events(job_id: str, caller: Reader) -> StreamingResponse:
+async def job_events(job_id: str, request: Request, caller: Reader) -> StreamingResponse:
     """Watch a job without polling: server-sent events until it ends. Every open stream is served by
     the API process's one reader (`api/watch.py`), not by a database connection of its own."""
     job = found(await listing.fetch_job(job_id, caller.owner), f"no job '{job_id}'")
-    return StreamingResponse(watch.event_stream(job, caller), media_type="text/event-stream",
+    until = None if caller.kind == "key" else _token_expiry(request)
+    return StreamingResponse(watch.event_stream(job, caller, until), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def _token_expiry(request: Request) -> float | None:
+    """When the bearer token of REQUEST (checked already) expires, in epoch seconds: a stream opened with
+    it ends then, as the token would stop opening one."""
+    _scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    try:
+        expires = jwt.decode(token, options={"verify_signature": False}).get("exp")
+    except jwt.PyJWTError:
+        return None
+    return float(expires) if isinstance(expires, int | float) else None
 
 
 def _job(session, job_id: str) -> Job:
