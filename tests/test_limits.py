@@ -107,6 +107,24 @@ def test_a_connection_must_send_its_headers_within_the_request_deadline(api_url,
     assert HEADERS_TIMED_OUT._value.get() - before == 3
 
 
+def test_headers_past_a_megabyte_are_refused_with_431_and_smaller_ones_served(api_url):
+    """httptools sets no limit on a request's headers and holds each one whole (8 MB were answered):
+    past MAX_HEADER_BYTES they are refused as they arrive."""
+    from api.protocol import MAX_HEADER_BYTES
+
+    address = ("127.0.0.1", int(api_url.rsplit(":", 1)[1]))
+    with socket.create_connection(address) as huge:
+        huge.settimeout(10)
+        try:
+            huge.sendall(b"GET /api/v1/health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * (2 * MAX_HEADER_BYTES)
+                         + b"\r\n\r\n")
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # closed while we were still sending: read what it said
+        assert huge.recv(4096).startswith(b"HTTP/1.1 431 ")
+    large = httpx.get(f"{api_url}/api/v1/health", headers={"X-Large": "a" * (MAX_HEADER_BYTES // 4)})
+    assert large.status_code == 200
+
+
 def test_a_key_has_one_bucket_however_it_is_spelled(api_url, configure):
     configure(rate_limit_per_minute=6)
     key = make_key(["read"])
