@@ -6,7 +6,8 @@ watched job in a single statement every `INTERVAL` seconds (over the API's async
 for a moment) and hands each stream the rows that changed. Several hundred streams cost one
 statement per interval, not a database connection each. A key holds at most
 `INGOT_MAX_EVENT_STREAMS_PER_KEY` streams open at once, and a key revoked or expired while it watches
-has its streams ended within KEY_CHECK seconds; a bearer token's streams end when it expires.
+has its streams ended within CREDENTIAL_CHECK seconds, as has a token logged out or a user disabled; a
+bearer token's streams end when it expires.
 """
 
 from __future__ import annotations
@@ -31,34 +32,40 @@ from pipelines.core.settings import get_settings
 log = logging.getLogger(__name__)
 INTERVAL = 0.25  # seconds between reads of the watched jobs
 KEEPALIVE = 15.0  # seconds of silence before a comment line keeps proxies from closing the stream
-KEY_CHECK = 2.0  # seconds between checks that the keys watching are still valid
+CREDENTIAL_CHECK = 2.0  # seconds between checks that the credentials watching are still valid
 _WATCHED = ("SELECT id, kind, state, progress, records_processed, records_failed, error, started_at, finished_at "
             "FROM jobs WHERE id = ANY(%s)")
 FIELDS = ("id", "kind", "state", "progress", "records_processed", "records_failed", "error", "started_at",
           "finished_at")
 _FINAL = {str(s) for s in FINAL_STATES}
-# The keys among those watching that are still valid: a stream whose key is revoked or expires ends.
-_LIVE_KEYS = ("SELECT id FROM api_keys WHERE id = ANY(%s) AND revoked_at IS NULL "
-              "AND (expires_at IS NULL OR expires_at > now())")
-_CUT: dict[str, Any] = {}  # put on a stream's queue (compared by identity): its key is no longer valid
+# Of the credentials watching (tags: `key:ID`, `token:JTI`, `user:ID`), those no longer valid: a key
+# revoked or expired, a token logged out, a user disabled. A stream opened with one of them ends.
+_DEAD = """
+SELECT 'key:' || k AS tag FROM unnest(%(keys)s::text[]) AS k
+ WHERE NOT EXISTS (SELECT 1 FROM api_keys WHERE id = k AND revoked_at IS NULL
+                                               AND (expires_at IS NULL OR expires_at > now()))
+UNION ALL SELECT 'token:' || jti FROM revoked_tokens WHERE jti = ANY(%(tokens)s)
+UNION ALL SELECT 'user:' || id FROM users WHERE id = ANY(%(users)s) AND disabled_at IS NOT NULL
+"""
+_CUT: dict[str, Any] = {}  # put on a stream's queue (compared by identity): its credential is no longer valid
 
 
 class Watcher:
     def __init__(self) -> None:
         self._streams: dict[str, set[asyncio.Queue]] = {}
-        self._keys: dict[asyncio.Queue, str] = {}  # the streams watched with an API key, and its id
+        self._credentials: dict[asyncio.Queue, tuple[str, ...]] = {}  # a stream's credential, as tags
         self._task: asyncio.Task | None = None
 
-    async def follow(self, job: dict[str, Any], key_id: str | None = None, until: float | None = None
+    async def follow(self, job: dict[str, Any], credential: tuple[str, ...] = (), until: float | None = None
                      ) -> AsyncIterator[dict[str, Any] | None]:
         """JOB's row now, then each time it changes, until it ends (its final row is the last); None
-        after KEEPALIVE seconds without a change. Watched with the API key KEY_ID, it also ends within
-        KEY_CHECK seconds of that key being revoked or expiring; with a bearer token, at UNTIL (epoch
-        seconds), when the token expires."""
+        after KEEPALIVE seconds without a change. It also ends within CREDENTIAL_CHECK seconds of its
+        CREDENTIAL (tags, as `_DEAD` reads them) being revoked, and at UNTIL (epoch seconds), when the
+        token it was opened with expires."""
         queue: asyncio.Queue = asyncio.Queue()
         self._streams.setdefault(job["id"], set()).add(queue)
-        if key_id is not None:
-            self._keys[queue] = key_id
+        if credential:
+            self._credentials[queue] = credential
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._read_forever(), name="job-watcher")
         try:
@@ -80,14 +87,14 @@ class Watcher:
                     last = row
                     yield row
         finally:
-            self._keys.pop(queue, None)
+            self._credentials.pop(queue, None)
             watching = self._streams.get(job["id"], set())
             watching.discard(queue)
             if not watching:
                 self._streams.pop(job["id"], None)
 
     async def _read_forever(self) -> None:
-        keys_checked = time.monotonic()
+        checked = time.monotonic()
         while self._streams:
             ids = list(self._streams)
             try:
@@ -99,19 +106,23 @@ class Watcher:
                 for job_id in ids:
                     for queue in self._streams.get(job_id, ()):
                         queue.put_nowait(rows.get(job_id))
-            if self._keys and time.monotonic() - keys_checked >= KEY_CHECK:
-                keys_checked = time.monotonic()
+            if self._credentials and time.monotonic() - checked >= CREDENTIAL_CHECK:
+                checked = time.monotonic()
                 await self._cut_revoked()
             await asyncio.sleep(INTERVAL)
 
     async def _cut_revoked(self) -> None:
+        tags = {tag for credential in self._credentials.values() for tag in credential}
+        ids = {kind: sorted(t.split(":", 1)[1] for t in tags if t.startswith(f"{kind}:"))
+               for kind in ("key", "token", "user")}
         try:
-            live = {r["id"] for r in await adb.fetch(_LIVE_KEYS, (sorted(set(self._keys.values())),))}
+            dead = {r["tag"] for r in await adb.fetch(_DEAD, {"keys": ids["key"], "tokens": ids["token"],
+                                                              "users": ids["user"]})}
         except Exception as exc:  # the database away: the streams go on, checked once it is back
-            log.warning("job watcher could not check the watching keys (%s); retrying", exc)
+            log.warning("job watcher could not check the watching credentials (%s); retrying", exc)
             return
-        for queue, key_id in list(self._keys.items()):
-            if key_id not in live:
+        for queue, credential in list(self._credentials.items()):
+            if dead.intersection(credential):
                 queue.put_nowait(_CUT)
 
 
@@ -126,8 +137,10 @@ WATCHER = Watcher()
 _open: Counter[str] = Counter()  # event streams open in this process, by the principal watching
 
 
-def event_stream(job: dict[str, Any], watcher: Principal, until: float | None = None) -> AsyncIterator[bytes]:
-    """JOB as server-sent events for WATCHER (until UNTIL, when its bearer token expires), counted against its
+def event_stream(job: dict[str, Any], watcher: Principal, credential: tuple[str, ...] = (),
+                 until: float | None = None) -> AsyncIterator[bytes]:
+    """JOB as server-sent events for WATCHER, who holds CREDENTIAL (tags, as `_DEAD` reads them) until
+    UNTIL (when its bearer token expires), counted against its
     `INGOT_MAX_EVENT_STREAMS_PER_KEY` open at once in this process: past it, QuotaExceeded at once.
 
     A stream waits for its job for as long as the job takes, so without a cap one caller could open
@@ -148,19 +161,19 @@ def event_stream(job: dict[str, Any], watcher: Principal, until: float | None = 
             if not _open[watcher_id]:
                 del _open[watcher_id]
 
-    stream = _events(job, watcher_id if watcher.kind == "key" else None, until, release)
+    stream = _events(job, credential, until, release)
     weakref.finalize(stream, release)
     return stream
 
 
-async def _events(job: dict[str, Any], key_id: str | None, until: float | None, release: Callable[[], None]
-                  ) -> AsyncIterator[bytes]:
+async def _events(job: dict[str, Any], credential: tuple[str, ...], until: float | None,
+                  release: Callable[[], None]) -> AsyncIterator[bytes]:
     """`job` for each change (the first at once), `end` once it has ended; a comment line after
     KEEPALIVE seconds of silence. The stream then closes."""
     try:
         yield b"retry: 2000\n\n"
         sequence = 0
-        async for row in WATCHER.follow(job, key_id, until):
+        async for row in WATCHER.follow(job, credential, until):
             if row is None:
                 yield b": still watching\n\n"
                 continue

@@ -194,3 +194,39 @@ def test_a_stream_opened_with_a_bearer_token_ends_when_the_token_expires(api_url
             states = [e.json()["state"] for e in source.iter_sse() if e.event == "job"]  # until the server closes it
         took = time.monotonic() - began
     assert states == ["queued"] and took < 10  # ended with the token (3 s), not with the job (still queued)
+
+
+def test_a_persons_stream_ends_soon_after_a_logout_or_when_they_are_disabled(api_url, admin_key, no_worker,
+                                                                           write_sources, data_dir):
+    """A token logged out ends the streams opened with it (not the same person's other token's); a
+    person disabled ends them all."""
+    write_csv(data_dir / "a.csv", 10)
+    write_sources(sources_toml("prices", "a.csv"))
+    person = {"username": "leaver", "password": "a long enough password"}
+    http = httpx.Client(base_url=api_url, timeout=30)
+    made = http.post("/api/v1/users", headers={"X-API-Key": admin_key}, json={**person, "scopes": ["read", "write"]})
+    assert made.status_code == 201, made.text
+    first, second = ({"Authorization": "Bearer " + http.post("/api/v1/auth/login", json=person).json()["data"]
+                      ["access_token"]} for _ in range(2))
+    job_id = http.post("/api/v1/ingestion/start", headers=first, json={"sources": ["prices"]}).json()["data"]["job_id"]
+
+    def stream(headers) -> threading.Event:
+        ended = threading.Event()
+        answer = http.send(http.build_request("GET", f"/api/v1/jobs/{job_id}/events", headers=headers), stream=True)
+        assert answer.status_code == 200
+        lines = answer.iter_lines()
+        assert next(lines).startswith("retry:")
+        threading.Thread(target=lambda: (list(lines), ended.set()), daemon=True).start()
+        return ended
+
+    try:
+        by_first, by_second = stream(first), stream(second)
+        assert http.post("/api/v1/auth/logout", headers=first).status_code in (200, 204)
+        assert by_first.wait(15), "the logged-out token's stream was still open"
+        assert not by_second.is_set()  # the same person's other token: still watching
+        disabled = http.post(f"/api/v1/users/{made.json()['data']['id']}/disable", headers={"X-API-Key": admin_key})
+        assert disabled.status_code == 200
+        assert by_second.wait(15), "a disabled person's stream was still open"
+    finally:
+        http.post(f"/api/v1/jobs/{job_id}/cancel", headers={"X-API-Key": admin_key})
+        http.close()

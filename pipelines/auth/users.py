@@ -87,7 +87,7 @@ def _claims(token: str) -> dict | None:
         return None
 
 
-def _token_id(token: str, claims: dict) -> str:
+def token_id(token: str, claims: dict) -> str:
     """The id a logout records: the token's own `jti`, or (tokens issued before it had one) its hash."""
     return str(claims.get("jti") or hashlib.sha256(token.encode()).hexdigest())
 
@@ -95,7 +95,7 @@ def _token_id(token: str, claims: dict) -> str:
 def verify(session: Session, token: str) -> User | None:
     """The user a valid, unexpired, not logged-out token names (and who is still enabled), else None."""
     claims = _claims(token)
-    if claims is None or session.get(RevokedToken, _token_id(token, claims)) is not None:
+    if claims is None or session.get(RevokedToken, token_id(token, claims)) is not None:
         return None
     user = session.get(User, claims["sub"])
     return user if user is not None and user.disabled_at is None else None
@@ -114,7 +114,7 @@ def logout(session: Session, token: str) -> bool:
         return False
     claims = _claims(token)
     assert claims is not None
-    session.execute(insert(RevokedToken).values(jti=_token_id(token, claims),
+    session.execute(insert(RevokedToken).values(jti=token_id(token, claims),
                                                 expires_at=datetime.fromtimestamp(claims["exp"], UTC))
                     .on_conflict_do_nothing())
     # Entries past their token's expiry guard nothing: each logout clears those.
