@@ -173,3 +173,29 @@ def test_up_says_which_port_is_taken_before_starting_anything(tmp_path):
     said = " ".join(read(log).split())  # as the terminal wrapped it
     assert f"port {taken} on 127.0.0.1 is not free" in said and "INGOT_API_PORT" in said
     assert not (home / "pgdata").exists()  # refused before any server started
+
+
+def test_the_embedded_postgresql_stops_with_its_last_user_even_after_one_was_killed(tmp_path):
+    """pgserver stops the server when the last process that joined it leaves; one killed with SIGKILL
+    never leaves its list, so without pruning the server outlived every later run's exit."""
+    home = tmp_path / "home"
+    join = ("import sys, time; from pathlib import Path; from pipelines.core import embedded; "
+            "embedded.postgres_url(Path(sys.argv[1])); print('joined', flush=True); time.sleep(float(sys.argv[2]))")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("INGOT_")}
+    killed = subprocess.Popen([sys.executable, "-c", join, str(home), "600"], cwd=ROOT, env=env,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert killed.stdout.readline().strip() == "joined"
+        postmaster = _postmaster(home)
+    finally:
+        killed.kill()  # SIGKILL: no exit hook runs, its pid stays on pgserver's list
+        killed.wait(10)
+    try:
+        assert postmaster.is_running()
+        later = subprocess.run([sys.executable, "-c", join, str(home), "0"], cwd=ROOT, env=env, capture_output=True,
+                               text=True, timeout=120)
+        assert later.returncode == 0, later.stderr
+        wait_for(lambda: not postmaster.is_running(), timeout=30, message="the embedded PostgreSQL to stop")
+    finally:
+        if postmaster.is_running():  # the test failed: leave no server behind
+            postmaster.terminate()

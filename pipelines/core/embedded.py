@@ -7,6 +7,7 @@ Ingot knows the difference.
 from __future__ import annotations
 
 import atexit
+import json
 import logging
 import subprocess
 import time
@@ -24,12 +25,34 @@ def postgres_url(home: Path) -> str:
 
     logging.getLogger("pgserver").setLevel(logging.WARNING)
     home.mkdir(parents=True, exist_ok=True)
+    _forget_the_dead(home / "pgdata")
     server = pgserver.get_server(home / "pgdata", cleanup_mode="stop")
     # pgserver is reference-counted across processes: the last process that joined it stops it.
     _tune(server)
     global _postgres
     _postgres = server
     return server.get_uri().replace("postgresql://", "postgresql+psycopg://", 1)
+
+
+def _forget_the_dead(pgdata: Path) -> None:
+    """Take the processes no longer alive off pgserver's list of those that joined the server.
+
+    pgserver stops the server when the last process on that list (`.handle_pids.json`) exits. A process
+    that was killed (SIGKILL, a closed terminal) never takes itself off, so after one `ingot up` was
+    killed, every later one left PostgreSQL running in the background after its Ctrl-C."""
+    import psutil
+    from pgserver.postgres_server import PostgresServer
+
+    listed = pgdata / ".handle_pids.json"
+    with PostgresServer._lock:  # the lock pgserver itself takes around that list
+        if not listed.exists():
+            return
+        pids = json.loads(listed.read_text() or "[]")
+        alive = [pid for pid in pids if psutil.pid_exists(pid)]
+        if alive != pids:
+            log.info("embedded PostgreSQL: forgetting %d process(es) that died without leaving it",
+                     len(pids) - len(alive))
+            listed.write_text(json.dumps(alive))
 
 
 # Ingestion writes WAL by the gigabyte: with the stock 1 GB budget, a checkpoint lands in the middle
