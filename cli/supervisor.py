@@ -82,8 +82,10 @@ class Supervisor:
         if refused:
             console.print(f"[red]{refused}[/red]")
             return 1
-        signal.signal(signal.SIGINT, self._on_signal)
-        signal.signal(signal.SIGTERM, self._on_signal)
+        # SIGHUP too: its terminal closed. The children run in sessions of their own (a Ctrl-C reaches
+        # them through this process, in order), so without it they would outlive the terminal.
+        for stop_signal in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(stop_signal, self._on_signal)
         try:
             env = self._start_servers()
             migrate.upgrade()

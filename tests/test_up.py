@@ -160,6 +160,22 @@ def _start(api: httpx.Client, source: str) -> str | None:
     return answer.json()["data"]["job_id"] if answer.status_code == 202 else None
 
 
+def test_up_stops_everything_when_its_terminal_closes(tmp_path):
+    """A closed terminal sends SIGHUP: the children, in sessions of their own, must not outlive it."""
+    home = tmp_path / "home"
+    proc, log = start_up(home, free_port(), free_port())
+    try:
+        banner(proc, log)
+        assert processes_under(home)
+        os.kill(proc.pid, signal.SIGHUP)
+        proc.wait(40)
+    finally:
+        if proc.poll() is None:
+            stop(proc, log)
+    assert proc.returncode == 0, read(log)
+    wait_for(lambda: not processes_under(home), timeout=10, message="every child and server to exit")
+
+
 def test_up_says_which_port_is_taken_before_starting_anything(tmp_path):
     import socket
 
