@@ -43,8 +43,15 @@ def through(url: str, api_key: str | None, action: Callable[[Client], T]) -> T:
 
 
 def fail(exc: IngotError) -> NoReturn:
-    err.print(f"[red]error[/red] {exc.status} {exc.code}: {exc.message}")
+    err.print(described(exc))
     raise typer.Exit(1)
+
+
+def described(exc: IngotError) -> str:
+    """An error answer in a line: its status, code and message, and each field it names with what is wrong."""
+    fields = "; ".join(f"{e.get('field')}: {e.get('message')}" for e in exc.details.get("errors", [])
+                       if isinstance(e, dict))
+    return f"[red]error[/red] {exc.status} {exc.code}: {exc.message}" + (f" ({fields})" if fields else "")
 
 
 def follow(client: Client, job_id: str) -> dict:

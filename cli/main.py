@@ -11,7 +11,7 @@ import typer
 from rich.table import Table
 
 from cli.client import IngotError
-from cli.common import DEFAULT_URL, KeyOpt, UrlOpt, client_for, err, fail, follow, group_client, out, through
+from cli.common import DEFAULT_URL, KeyOpt, UrlOpt, client_for, described, err, fail, follow, group_client, out, through
 from cli.markets import curves_app, scenarios_app
 from pipelines.core.errors import DomainError
 
@@ -442,7 +442,7 @@ def main() -> None:
                   "is it running (`ingot up`), and are --url / INGOT_URL right?")
         raise SystemExit(1) from None
     except IngotError as exc:
-        err.print(f"[red]error[/red] {exc.status} {exc.code}: {exc.message}")
+        err.print(described(exc))
         raise SystemExit(1) from None
 
 

@@ -50,6 +50,14 @@ def test_an_api_that_cannot_be_reached_is_one_clear_line_not_a_traceback():
     assert "Traceback" not in answer.stderr and len(answer.stderr.splitlines()) <= 3
 
 
+def test_a_refused_request_names_the_field_and_what_is_wrong(api_url, admin_key, tmp_path):
+    answer = ingot("export", "--format", "xlsx", "-o", str(tmp_path / "x.xlsx"), "--url", api_url,
+                   "--api-key", admin_key)
+    assert answer.returncode == 1
+    said = " ".join(answer.stderr.split())  # as the terminal wrapped it
+    assert "422 VALIDATION_ERROR" in said and "format: Input should be 'csv', 'parquet' or 'jsonl'" in said
+
+
 def test_ingest_wait_follows_the_job_and_reports_by_exit_code(api_url, admin_key, worker, write_sources, data_dir):
     write_csv(data_dir / "a.csv", 30, bad_every=10)
     (data_dir / "broken.csv").write_text("id\n1\n")
