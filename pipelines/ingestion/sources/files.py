@@ -438,11 +438,11 @@ def stream(source: SourceConfig, registry: Registry, batch_rows: int, resume: di
         if seen is not None and print_ is None:
             continue  # unchanged since its last whole load
         before = sum(sizes[:f_index])
-        last, line = None, 0
+        after_line = start_line if f_index == start_file else None
+        last, line = None, after_line or 0
         for b_index, raw in enumerate(read_file(source, path, batch_rows)):
-            if f_index == start_file and start_line is not None:
-                line = max(line, start_line)
-                if (after := _after_line(raw, start_line)) is None:
+            if after_line is not None:
+                if (after := _after_line(raw, after_line)) is None:
                     continue
                 raw = after
             elif f_index == start_file and b_index < start_batch:
