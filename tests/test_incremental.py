@@ -54,11 +54,35 @@ def test_three_runs_over_a_growing_file_load_each_row_once(client, worker, write
     assert third["records_processed"] == 30
     assert count() == (180, 180)
     assert writers() == {first["id"]: 100, second["id"]: 50, third["id"]: 30}
-    unchanged = run(client, mode="full")  # the file has not changed since the last run: not read at all
-    assert unchanged["records_processed"] == 0 and unchanged["result"]["sources"]["prices"]["unchanged"]
-    full = run(client, mode="full", force=True)
-    assert full["records_processed"] == 180 and count() == (180, 180)
+    again = run(client)  # unchanged since the last (incremental) run: not read at all
+    assert again["records_processed"] == 0 and again["result"]["sources"]["prices"]["unchanged"]
+    # A full run reads it, since the incremental runs never read its earlier rows again; nothing changed,
+    # so nothing is rewritten. Then it has been read whole, and the next full run skips it.
+    full = run(client, mode="full")
+    assert full["records_processed"] == 180 and full["result"]["sources"]["prices"]["unchanged_rows"] == 180
+    assert count() == (180, 180)
     assert writers() == {first["id"]: 100, second["id"]: 50, third["id"]: 30}  # nothing rewritten
+    unchanged = run(client, mode="full")
+    assert unchanged["records_processed"] == 0 and unchanged["result"]["sources"]["prices"]["unchanged"]
+    forced = run(client, mode="full", force=True)
+    assert forced["records_processed"] == 180 and count() == (180, 180)
+
+
+def test_a_full_run_after_incremental_ones_loads_a_revised_earlier_row(client, worker, write_sources, data_dir):
+    """An incremental run takes only rows past the cursor, so a row revised before it (a corrected
+    settlement) waits for a full run: which must read the file, though the incremental run saw it last."""
+    path = data_dir / "series.csv"
+    write_sources(incremental_toml("prices", "series.csv"))
+    write_series(path, 0, 100)
+    run(client)
+    rewrite(path, {"r00000010": "-10"}, extra="r00000100,2026-01-02T00:00:00Z,1,hub-0\n")
+    incremental = run(client)
+    assert incremental["records_processed"] == 1 and stored(["r00000010"])["r00000010"][0] == 5.0
+
+    full = run(client, mode="full")
+    assert full["records_processed"] == 101 and full["result"]["sources"]["prices"]["unchanged_rows"] == 100
+    assert stored(["r00000010"])["r00000010"][0] == -10 and count() == (101, 101)
+    assert run(client, mode="full")["result"]["sources"]["prices"]["unchanged"] == ["data/series.csv"]
 
 
 def test_a_killed_incremental_run_resumes_without_losing_or_doubling(client, worker, write_sources, data_dir):

@@ -215,7 +215,7 @@ class Observation(Base):
 
 
 class SourceFile(Base):
-    """What one file of a source was when it was last loaded whole (`ingestion.sources.fingerprints`)."""
+    """What one file of a source was when it was last read (`ingestion.sources.fingerprints`)."""
 
     __tablename__ = "source_files"
 
@@ -225,6 +225,7 @@ class SourceFile(Base):
     mtime_ns: Mapped[int] = mapped_column(BigInteger)
     sha256: Mapped[str] = mapped_column(Text)
     declaration: Mapped[str] = mapped_column(Text)
+    whole: Mapped[bool]  # every row read, not only those past the cursor
     job_id: Mapped[str | None] = mapped_column(Text)
     loaded_at: Mapped[datetime] = mapped_column(server_default=func.now())
 

@@ -107,8 +107,8 @@ def _ingest_source(job, registry, source, s_index, since, batch_rows, stats, for
     since_state = {"value": since.value, "ids": sorted(since.ids)} if since else None
     cursor_type = _CURSOR_SQL.get(effective_types(source).get(source.cursor or "", "string"), "text")
 
-    # Files unchanged since their last whole load are skipped, unless the run is forced.
-    seen = fingerprints.seen(source, force) if source.type == "file" else None
+    # Files unchanged since they were last read are skipped, unless the run is forced (`fingerprints`).
+    seen = fingerprints.seen(source, force, past_cursor=since is not None) if source.type == "file" else None
     book = Book.open(source.id, job.id)
     curves = source.dataset == CURVES.name
     unchanged_before = source_stats.get("unchanged_rows", 0)  # counted by an earlier attempt of this run
@@ -140,7 +140,7 @@ def _ingest_source(job, registry, source, s_index, since, batch_rows, stats, for
                 if valid.cursor_max is not None:
                     _advance_cursor(conn, source.id, valid.cursor_max, valid.cursor_max_ids, cursor_type)
                 if piece.file_done is not None:
-                    fingerprints.record(conn, source.id, piece.label, piece.file_done, job.id)
+                    fingerprints.record(conn, source.id, piece.label, piece.file_done, since is None, job.id)
             if valid.num_rows:  # committed: what the curves cover, or how many rows a query matches, changed
                 cache.drop(CURVES_CACHE if curves else QUERY_TOTALS)
             del valid, payload

@@ -422,7 +422,7 @@ def _maybe_inexact(column: pa.ChunkedArray) -> bool:
 def stream(source: SourceConfig, registry: Registry, batch_rows: int, resume: dict | None,
            seen: Seen | None = None) -> Iterator[Piece]:
     """Every batch of every file SOURCE matches, after the position RESUME (a committed checkpoint);
-    with SEEN, files unchanged since their last whole load are skipped (`fingerprints`)."""
+    with SEEN, files this run need not read (unchanged: `fingerprints`) are skipped."""
     files = registry.files(source)
     sizes = [p.stat().st_size for p in files]
     total = sum(sizes) or 1
@@ -436,7 +436,7 @@ def stream(source: SourceConfig, registry: Registry, batch_rows: int, resume: di
         label = registry.display_path(path)
         print_ = seen.changed(label, path) if seen is not None else None
         if seen is not None and print_ is None:
-            continue  # unchanged since its last whole load
+            continue  # unchanged since it was last read (whole, or past the same cursor)
         before = sum(sizes[:f_index])
         after_line = start_line if f_index == start_file else None
         last, line = None, after_line or 0

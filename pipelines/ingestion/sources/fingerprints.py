@@ -1,7 +1,13 @@
-"""What a source's files were when they were last loaded whole: size, modification time, a SHA-256 of
-the content and a hash of the source's declaration. A file whose fingerprint is unchanged is skipped
-by the next run (unless forced): re-running a schedule over files that did not change costs a stat and
-a hash per file, not a load. A new declaration (another key, other rules) reads every file again.
+"""What a source's files were when they were last read: size, modification time, a SHA-256 of the
+content and a hash of the source's declaration, and whether that run took every row (`whole`) or only
+those past the source's cursor. A file whose fingerprint is unchanged is skipped by the next run
+(unless forced): re-running a schedule over files that did not change costs a stat and a hash per file,
+not a load. A new declaration (another key, other rules) reads every file again.
+
+An incremental run may skip any unchanged file: what it would load (rows past the cursor) was loaded
+when the file was last read, whatever that run's mode, since the cursor only moves on. A full run skips
+only a file last read whole: after an incremental run, a row before the cursor may have been revised
+(a corrected settlement price) and never loaded, and a full run is how it gets in.
 
 The fingerprint is taken before a file is read, and recorded in the transaction of its last batch: a
 file that changes while it is read, or a load cut short, is read again next time.
@@ -31,17 +37,19 @@ class Fingerprint:
 
 @dataclass
 class Seen:
-    """The fingerprints a source's files had at their last whole load, and the files this run skips."""
+    """The fingerprints a source's files had when last read, and the files this run skips."""
 
     declaration: str
-    known: dict[str, Fingerprint]
+    known: dict[str, tuple[Fingerprint, bool]]  # each file's fingerprint, and whether it was read whole
     force: bool = False  # read every file, and record what each was
+    past_cursor: bool = False  # this run takes only rows past the source's cursor
     skipped: list[str] = field(default_factory=list)
 
     def changed(self, label: str, path: Path) -> Fingerprint | None:
-        """PATH's fingerprint now, or None (and the file noted as skipped) if it is as last loaded."""
+        """PATH's fingerprint now, or None (and the file noted as skipped) if this run need not read it."""
         now = take(path, self.declaration)
-        if not self.force and now == self.known.get(label):
+        last, whole = self.known.get(label, (None, False))
+        if not self.force and now == last and (whole or self.past_cursor):
             self.skipped.append(label)
             return None
         return now
@@ -62,19 +70,20 @@ def take(path: Path, declaration: str) -> Fingerprint:
     return Fingerprint(stat.st_size, stat.st_mtime_ns, digest.hexdigest(), declaration)
 
 
-def seen(source, force: bool = False) -> Seen:
+def seen(source, force: bool = False, past_cursor: bool = False) -> Seen:
     with get_engine().connect() as conn:
-        rows = conn.execute(text("SELECT path, size, mtime_ns, sha256, declaration FROM source_files "
+        rows = conn.execute(text("SELECT path, size, mtime_ns, sha256, declaration, whole FROM source_files "
                                  "WHERE source = :s"), {"s": source.id}).all()
-    return Seen(declaration_of(source), {path: Fingerprint(size, mtime, sha, decl)
-                                         for path, size, mtime, sha, decl in rows}, force)
+    return Seen(declaration_of(source), {path: (Fingerprint(size, mtime, sha, decl), whole)
+                                         for path, size, mtime, sha, decl, whole in rows}, force, past_cursor)
 
 
-def record(conn: Connection, source_id: str, label: str, print_: Fingerprint, job_id: str) -> None:
-    """Note LABEL as loaded whole with PRINT_, in the transaction of its last batch."""
+def record(conn: Connection, source_id: str, label: str, print_: Fingerprint, whole: bool, job_id: str) -> None:
+    """Note LABEL as read with PRINT_ (every row of it if WHOLE), in the transaction of its last batch."""
     conn.execute(
-        "INSERT INTO source_files (source, path, size, mtime_ns, sha256, declaration, job_id, loaded_at) "
-        "VALUES (%s, %s, %s, %s, %s, %s, %s, now()) ON CONFLICT (source, path) DO UPDATE SET "
+        "INSERT INTO source_files (source, path, size, mtime_ns, sha256, declaration, whole, job_id, loaded_at) "
+        "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, now()) ON CONFLICT (source, path) DO UPDATE SET "
         "size = EXCLUDED.size, mtime_ns = EXCLUDED.mtime_ns, sha256 = EXCLUDED.sha256, "
-        "declaration = EXCLUDED.declaration, job_id = EXCLUDED.job_id, loaded_at = EXCLUDED.loaded_at",
-        (source_id, label, print_.size, print_.mtime_ns, print_.sha256, print_.declaration, job_id))
+        "declaration = EXCLUDED.declaration, whole = EXCLUDED.whole, job_id = EXCLUDED.job_id, "
+        "loaded_at = EXCLUDED.loaded_at",
+        (source_id, label, print_.size, print_.mtime_ns, print_.sha256, print_.declaration, whole, job_id))
