@@ -81,6 +81,27 @@ def test_every_pagination_style(client, worker, write_sources, api):
     assert len(api.calls_to("/link")) == 3 and len(api.calls_to("/bodylink")) == 5
 
 
+def test_an_api_that_ignores_the_page_parameter_stops_the_run_at_the_second_page(client, worker, write_sources, api):
+    """A misspelt page parameter: the API sends its first page whatever is asked. Without a check the run
+    would ask for it max_pages (100,000) times; it stops at the repeat, and says what to look at."""
+    data = records(0, 10)
+    api.routes["/ignores"] = lambda q, h: as_json({"response": {"data": data}})  # reads only "pageNumber"
+    api.routes["/same-cursor"] = lambda q, h: as_json({"response": {"data": data}, "meta": {"next": "abc"}})
+    write_sources(
+        http_source("ignores", f"{api.url}/ignores",
+                    'pagination = { type = "page", param = "page", size_param = "length", size = 10 }')
+        + http_source("repeats", f"{api.url}/same-cursor",
+                      'pagination = { type = "cursor", param = "after", cursor_path = "meta.next" }'))
+    for source, asked in (("ignores", "`page` = 2"), ("repeats", "`after` = 'abc'")):
+        job = ingest(client, source)
+        assert job["state"] == "failed", job
+        assert f"sent the same page for {asked} as for the page before it" in job["error"], job["error"]
+        assert "check `pagination` in sources.toml" in job["error"]
+        assert stored(source) == [(r["id"], r["value"], {"area": r["area"]}) for r in data]  # the first page kept
+    assert [c["query"]["page"] for c in api.calls_to("/ignores")] == ["1", "2"]
+    assert [c["query"].get("after") for c in api.calls_to("/same-cursor")] == [None, "abc"]
+
+
 def test_retries_429_with_retry_after_and_5xx_then_succeeds(client, worker, write_sources, api):
     state = {"limited": 0, "broken": 0}
 

@@ -9,6 +9,7 @@ The position after each page is the checkpoint, so a resumed run carries on from
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -281,6 +282,18 @@ def _request(source: SourceConfig, state: dict) -> tuple[str, dict]:
     return expand(source, source.url or ""), params
 
 
+def _same_page(source: SourceConfig, state: dict, shown: str) -> str:
+    """Why a run stops when a page comes back the same as the one before: an API that does not read the
+    declared page parameter (a misspelt name) sends its first page for every request, and would be asked
+    for it `max_pages` times over."""
+    pagination = source.pagination
+    asked = ("the next link" if pagination.type == "link"
+             else f"`{pagination.param}` = {state['value']!r}")
+    return (f"source '{source.id}': {shown} sent the same page for {asked} as for the page before it, so "
+            f"it does not seem to page by it; the run stopped after {state['pages'] + 1} page(s) rather than "
+            f"ask again (check `pagination` in sources.toml against the API's documentation)")
+
+
 def first_state(source: SourceConfig) -> dict:
     pagination = source.pagination
     value = None
@@ -308,11 +321,16 @@ def stream(
             shown = shown_url(source, url)
             body, headers = fetcher.get(url, params)
             body = _content(source, body, fetcher.limit, shown)
+            digest = hashlib.blake2b(body, digest_size=16).hexdigest()
+            if state.get("digest") == digest:
+                raise SourceError(_same_page(source, state, shown))
             raw = _parse(source, body, state["record"], shown)
             try:
                 state = _next_state(source, state, body, headers, raw.rows_seen)
             except json.JSONDecodeError as exc:
                 raise SourceError(f"source '{source.id}': the response from {shown} is not valid JSON: {exc}") from None
+            if state is not None:
+                state["digest"] = digest  # a page the same as the one before stops the run (`_same_page`)
             yield Piece(raw, shown, {"http": state} if state else {"done": True}, None)
     finally:
         fetcher.close()
