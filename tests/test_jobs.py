@@ -120,6 +120,17 @@ def test_errors_fail_the_job_with_their_message():
     assert state(job_id).error == "source 'x': no file matches 'a/*.csv'"
 
 
+def test_a_result_postgresql_cannot_store_fails_the_job_instead_of_leaving_it_running():
+    """JSON has no Infinity: a success whose result holds one cannot be recorded, and neither can a failure
+    that keeps that result. The job ends failed all the same, without it, and is not left `running` for
+    the reaper to send again (where it would fail the same way, attempt after attempt)."""
+    job_id, _ = new_job()
+    assert attempt.execute(job_id, lambda run: {"figure": float("inf")}) == "failed"
+    job = state(job_id)
+    assert (job.state, job.result, job.attempts) == ("failed", {}, 1)
+    assert job.error.startswith("internal error (DataError)")
+
+
 def test_an_unplanned_error_names_its_kind_never_its_text():
     job_id, _ = new_job()
 

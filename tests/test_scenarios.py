@@ -123,6 +123,20 @@ def test_every_shock_type_against_an_independent_computation(client, curves):
         assert events.scalar_one() == 2
 
 
+def test_shocks_past_the_largest_float_fail_the_run_clearly_and_write_nothing(client, curves):
+    """Two shocks of +1e300% each are valid numbers, but take every value past 1.8e308: the run fails
+    naming the first curve and month, instead of failing to record its infinities and being left running."""
+    scenario = create(client, shocks=[{"type": "percent", "value": 1e300}, {"type": "percent", "value": 1e300}])
+    run_id = client.request("POST", f"/scenarios/{scenario['scenario_id']}/run")["data"]["run_id"]
+    job = client.wait(run_id, timeout=60)
+    assert job["state"] == "failed" and job["attempts"] == 1, job
+    assert f"the shocks take {sorted(KEYS)[0]} " in job["error"] and "use smaller shock values" in job["error"]
+    assert stored(run_id) == []
+    # A large but finite scenario still runs.
+    big = create(client, shocks=[{"type": "percent", "value": 1e200}])
+    assert run(client, big["scenario_id"])["state"] == "succeeded"
+
+
 def test_a_fixed_asof_date_is_used_as_given(client, curves):
     first = curves[0]
     scenario = create(client, base={"curve_keys": ["NG_HENRY_HUB"], "asof_date": first.isoformat()},

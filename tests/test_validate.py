@@ -75,6 +75,40 @@ def test_csv_bad_rows_are_quarantined_with_line_and_reason(tmp_path):
     assert raw3 == {"id": "b", "timestamp": "2026-01-01T01:00:00", "px": "abc", "qty": "11", "note": "bad float"}
 
 
+def test_infinities_are_quarantined_and_nan_is_a_missing_value(tmp_path):
+    """JSON has no Infinity or NaN: an infinite price, or one past the largest double, is set aside with
+    its reason; NaN (pandas' and Arrow's missing float) is a missing value, refused where required."""
+    path = tmp_path / "a.csv"
+    path.write_bytes(b"id,timestamp,px,size\n"
+                     b"a,2026-01-01T00:00:00Z,inf,1\n"        # 2
+                     b"b,2026-01-01T00:00:00Z,-Infinity,2\n"  # 3
+                     b"c,2026-01-01T00:00:00Z,1e400,3\n"      # 4
+                     b"d,2026-01-01T00:00:00Z,NaN,4\n"        # 5: px is required
+                     b"e,2026-01-01T00:00:00Z,2.5,nan\n"      # 6: size is not
+                     b"f,2026-01-01T00:00:00Z,1e300,inf\n")   # 7
+    cfg = source(validation={"required_columns": ["id", "px"],
+                             "data_types": {"timestamp": "datetime", "px": "float", "size": "float"}})
+    rows, rejects = run(cfg, path)
+    assert [(r["id"], r["value"], r["metadata"]) for r in rows] == [("e", 2.5, {"size": None})]
+    assert rejects == [
+        (2, "column 'px': 'inf' is not a finite number", {"id": "a", "timestamp": "2026-01-01T00:00:00Z",
+                                                          "px": "inf", "size": "1"}),
+        (3, "column 'px': '-Infinity' is not a finite number", rejects[1][2]),
+        (4, "column 'px': '1e400' is not a finite number", rejects[2][2]),
+        (5, "missing required value for 'px' (NaN)", rejects[3][2]),
+        (7, "column 'size': 'inf' is not a finite number", rejects[4][2]),
+    ]
+
+    # The same from Parquet's own doubles, which no text parse sees.
+    table = pa.table({"id": ["a", "b", "c"], "timestamp": pa.array([dt.datetime(2026, 1, 1)] * 3),
+                      "px": [float("inf"), float("nan"), 4.0], "size": [1.0, 2.0, float("nan")]})
+    pq.write_table(table, tmp_path / "a.parquet")
+    rows, rejects = run(source(format="parquet", validation=cfg.validation.model_dump()), tmp_path / "a.parquet")
+    assert [(r["id"], r["value"], r["metadata"]) for r in rows] == [("c", 4.0, {"size": None})]
+    assert [(line, reason) for line, reason, _ in rejects] == [
+        (1, "column 'px': inf is not a finite number"), (2, "missing required value for 'px' (NaN)")]
+
+
 def test_timezones_are_normalised_to_utc_and_formats_honoured(tmp_path):
     path = tmp_path / "t.csv"
     path.write_text("id,timestamp,px\na,2026-03-01 10:30,1\nb,2026-03-01 23:59,2\n")

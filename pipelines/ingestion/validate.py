@@ -168,6 +168,20 @@ def parse_column(array: pa.Array, kind: str, fmt: str | None) -> tuple[pa.Array,
     return pa.array(values, ARROW_TYPES[kind]), bad
 
 
+def _finite(parsed: pa.Array, name: str, given: pa.Array, reasons: _Reasons, required: bool) -> pa.Array:
+    """PARSED (a float column) with NaN taken as a missing value, as pandas and Arrow mean it; an
+    infinity, or a number past the largest double ('1e400'), is no price or quantity: its row is
+    quarantined. Neither is kept: JSON (the API's answers, metadata) has no such numbers."""
+    infinite = pc.fill_null(pc.is_inf(parsed), False).to_numpy(zero_copy_only=False)
+    reasons.add(infinite, lambda i: f"column '{name}': {given[i].as_py()!r} is not a finite number")
+    nan = pc.fill_null(pc.is_nan(parsed), False).to_numpy(zero_copy_only=False)
+    if not nan.any():
+        return parsed
+    if required:
+        reasons.add(nan, lambda i: f"missing required value for '{name}' (NaN)")
+    return pc.if_else(pa.array(nan), pa.scalar(None, pa.float64()), parsed)
+
+
 def _decode(array: pa.Array) -> tuple[pa.Array, np.ndarray]:
     """Binary CSV cells as text; cells that are not valid UTF-8 become null and are marked bad."""
     bad = np.zeros(len(array), dtype=bool)
@@ -292,6 +306,8 @@ def validate(source: SourceConfig, raw: RawBatch, since: Cursor | None = None) -
             bad,
             lambda i, name=name, kind=kind, a=source_array: f"column '{name}': cannot parse {a[i].as_py()!r} as {kind}",
         )
+        if kind == "float":
+            parsed = _finite(parsed, name, source_array, reasons, required=name in required)
         typed[name] = parsed
 
     rejects = list(raw.rejects)

@@ -18,7 +18,7 @@ import psycopg
 import structlog
 from sqlalchemy import text
 from sqlalchemy.engine import Connection
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DataError, DBAPIError
 
 from pipelines.core.db import autocommit, driver, get_engine, transaction
 from pipelines.core.loops import ProcessThread
@@ -213,6 +213,11 @@ def _attempt(run: JobRun, work: Callable[[JobRun], dict]) -> Outcome:
     except Exception as exc:  # its final writes failed: nothing of the success committed
         log.exception("job %s could not record its success", job_id)
         run.final_writes = None
-        finish(run, JobState.FAILED, result=result, error=_internal(exc, job_id))
+        try:
+            finish(run, JobState.FAILED, result=result, error=_internal(exc, job_id))
+        except (psycopg.DataError, DataError):  # the result itself may be what PostgreSQL refused: end without it
+            log.exception("job %s: its failure is recorded without the result it could not store", job_id)
+            finish(run, JobState.FAILED, result=run.result if run.result is not result else {},
+                   error=_internal(exc, job_id))
         return Outcome.FAILED
     return Outcome.SUCCEEDED

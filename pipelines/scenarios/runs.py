@@ -143,9 +143,13 @@ def run(job: JobRun) -> dict:
         when = asof.isoformat() if asof else "its latest as-of date"
         raise JobFailed(f"no base curve for {', '.join(missing)} on {when}")
     values = base["value"].to_numpy()
-    shocked = compute.apply(values, base["contract_month"].to_numpy(zero_copy_only=False), shocks)
-    change = shocked - values
-    per_curve, total = compute.metrics(curve_keys, values, change)
+    months = base["contract_month"].to_numpy(zero_copy_only=False)
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow is found and named below
+        shocked = compute.apply(values, months, shocks)
+        change = shocked - values
+        per_curve, total = compute.metrics(curve_keys, values, change)
+    if (overflow := compute.beyond_float(curve_keys, months, values, shocked, change, per_curve, total)) is not None:
+        raise JobFailed(overflow)
     starts, _ends = compute.curve_bounds(curve_keys)
     job.processed = len(values)
 
