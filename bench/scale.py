@@ -385,7 +385,8 @@ def _cut_off(load, network: Network, processes: Processes, batch, finish, first_
 
 
 def _where(jobs: list[str]) -> str:
-    """Where a batch's time went: each job's wait for a worker, its run, its attempts and its host."""
+    """Where a batch's time went, by kind: its jobs' hosts, their longest wait for a worker, their runs,
+    and how many were tried again."""
     from sqlalchemy import text
 
     from pipelines.core.db import get_engine
@@ -400,8 +401,19 @@ def _where(jobs: list[str]) -> str:
             "       max(extract(epoch FROM a.attempted_at - d.created_at)), max(a.attempt) "
             "FROM webhook_events e JOIN webhook_deliveries d ON d.event_id = e.id "
             "JOIN webhook_attempts a ON a.delivery_id = d.id WHERE e.payload->>'id' = ANY(:ids)"), {"ids": jobs}).one()
-    return "; ".join(f"{r.kind} on {r.host} waited {r.waited:.1f} s ran {r.ran:.1f} s"
-                     + (f" ({r.attempts} attempts)" if r.attempts > 1 else "") for r in rows) + (
+    by_kind: dict[str, list] = {}
+    for r in rows:
+        by_kind.setdefault(r.kind, []).append(r)
+    parts = []
+    for kind, runs in by_kind.items():
+        hosts = {}
+        for r in runs:
+            hosts[r.host] = hosts.get(r.host, 0) + 1
+        retried = sum(1 for r in runs if r.attempts > 1)
+        parts.append(f"{len(runs)} {kind} ({', '.join(f'{n} on {h}' for h, n in sorted(hosts.items()))}) "
+                     f"waited at most {max(r.waited for r in runs):.1f} s, ran {min(r.ran for r in runs):.1f}-"
+                     f"{max(r.ran for r in runs):.1f} s" + (f", {retried} tried again" if retried else ""))
+    return "; ".join(parts) + (
         f"; events relayed within {told[0] or 0:.1f} s, attempted within {told[1] or 0:.1f} s, attempts {told[2]}")
 
 
