@@ -50,12 +50,15 @@ _ISO_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}")
 
 def _iso_only(value: Any) -> Any:
     """Only ISO 8601 text (or a date already parsed) gets through: pydantic would otherwise read a
-    number, or text like "0.5", as seconds since 1970."""
+    number, or text like "0.5", as seconds since 1970. A date alone is its midnight, UTC."""
     if isinstance(value, str) and _ISO_DATE.match(value):
+        return f"{value}T00:00:00Z" if len(value) == 10 else value
+    if isinstance(value, datetime):
         return value
     if isinstance(value, date):
-        return value
-    raise ValueError("must be an ISO 8601 date (2026-01-31) or date and time with a zone (2026-01-31T00:00:00Z)")
+        return datetime(value.year, value.month, value.day, tzinfo=UTC)
+    raise ValueError("must be an ISO 8601 date (2026-01-31, its midnight UTC) or date and time with a zone "
+                     "(2026-01-31T00:00:00Z)")
 
 
 IsoDateTime = Annotated[AwareDatetime, BeforeValidator(_iso_only)]

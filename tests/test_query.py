@@ -179,6 +179,28 @@ def test_hostile_input_is_a_422_in_the_envelope(http, rows, body):
     assert r.json()["success"] is False and r.json()["error"]["code"] == "VALIDATION_ERROR"
 
 
+@pytest.mark.parametrize(("body", "said"), [
+    ('{"filters": {"date_range": {"start": "2026-03-01T00:00:00Z", "end": "2026-01-01"}}}', "'start' is after 'end'"),
+    ('{"filters": {"value_range": {"min": 10, "max": 1}}}', "'min' is above 'max'"),
+    ('{"filters": {"value_range": {"min": 1e999}}}', "finite number"),  # JSON's way to say infinity
+    ('{"filters": {"value_range": {"max": -1e999}}}', "finite number"),
+])
+def test_a_range_that_can_match_nothing_is_refused_saying_why(http, rows, body, said):
+    """An inverted range, or an infinite bound, is a mistake in the request: 422 naming it, not an
+    empty page that looks like missing data."""
+    r = http.post("/api/v1/data/query", content=body, headers={"Content-Type": "application/json"})
+    assert r.status_code == 422, r.text
+    assert said in str(r.json()["error"]["details"]), r.json()["error"]
+
+
+def test_a_date_alone_is_its_midnight_utc(http, rows):
+    alone = query(http, filters={"date_range": {"start": "2026-01-01", "end": "2026-01-01T05:00:00Z"}})
+    spelt = query(http, filters={"date_range": {"start": "2026-01-01T00:00:00Z", "end": "2026-01-01T05:00:00Z"}})
+    assert alone.status_code == 200, alone.text
+    assert alone.json()["data"]["records"] == spelt.json()["data"]["records"]
+    assert alone.json()["data"]["pagination"]["total"] == 2 * 6
+
+
 def test_sql_in_a_filter_value_is_just_a_value(http, rows):
     r = query(http, filters={"source": "alpha' OR '1'='1"})
     assert r.status_code == 200 and r.json()["data"]["pagination"]["total"] == 0

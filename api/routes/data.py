@@ -20,13 +20,25 @@ class _Strict(BaseModel):
 
 
 class DateRange(_Strict):
-    start: IsoDateTime | None = None
-    end: IsoDateTime | None = None
+    start: IsoDateTime | None = Field(default=None, description="from this time on (a date alone: its midnight, UTC)")
+    end: IsoDateTime | None = Field(default=None, description="up to this time, included")
+
+    @model_validator(mode="after")
+    def _in_order(self) -> DateRange:
+        if self.start is not None and self.end is not None and self.start > self.end:
+            raise ValueError("'start' is after 'end'")
+        return self
 
 
 class ValueRange(_Strict):
-    min: StrictFloat | None = None
-    max: StrictFloat | None = None
+    min: StrictFloat | None = Field(default=None, allow_inf_nan=False)
+    max: StrictFloat | None = Field(default=None, allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _in_order(self) -> ValueRange:
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError("'min' is above 'max'")
+        return self
 
 
 class Filters(_Strict):
