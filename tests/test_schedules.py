@@ -148,3 +148,38 @@ def test_a_source_every_second_runs_repeatedly_and_never_overlaps(client, start_
     assert fired >= runs[-1].started_at - timedelta(seconds=2) and upcoming >= fired + timedelta(seconds=1)
     assert upcoming <= datetime.now(UTC) + timedelta(seconds=2)  # every second: never far off
     assert shown["sync_stats"]["skipped"] >= skipped
+
+
+def test_the_ingestion_interval_schedules_the_sources_without_a_schedule_of_their_own(
+        client, start_worker, write_sources, api):
+    """PUT /config's ingestion interval: every enabled source that declares no schedule runs that often
+    (beat reads it as it starts: the answer says so); a source's own schedule, or its being disabled,
+    wins. /sources shows the schedule each one runs on."""
+    api.routes["/plain"] = lambda q, h: as_json({"response": {"data": records(0, 5)}})
+    write_sources(http_source("plain", f"{api.url}/plain")
+                  + http_source("own", f"{api.url}/plain", 'schedule = "0 0 1 1 *"')
+                  + http_source("off", f"{api.url}/plain", "enabled = false"))
+    assert client.request("GET", "/sources/plain")["data"]["schedule"] is None  # 0 by default: on request only
+    try:
+        changed = client.request("PUT", "/config", json={"ingestion_interval_seconds": 1})["data"]
+        assert changed["config"]["ingestion_interval_seconds"] == 1
+        assert "ingestion_interval_seconds" in changed["restart_required"]
+        shown = {s: client.request("GET", f"/sources/{s}")["data"] for s in ("plain", "own", "off")}
+        assert shown["plain"]["schedule"] == "every 1s" and shown["plain"]["next_run_at"] is not None
+        assert shown["own"]["schedule"] == "0 0 1 1 *" and shown["off"]["schedule"] is None
+        assert shown["off"]["next_run_at"] is None
+
+        start_worker()
+
+        def scheduled_runs():
+            with get_engine().connect() as conn:
+                return conn.execute(text(
+                    "SELECT params->'sources' AS sources FROM jobs WHERE request_id = 'schedule' "
+                    "AND state = 'succeeded'")).scalars().all()
+
+        runs = wait_for(lambda: len(scheduled_runs()) >= 2 and scheduled_runs(), timeout=60, interval=0.3,
+                        message="two runs of the unscheduled source on the ingestion interval")
+        assert all(sources == ["plain"] for sources in runs)  # never "own" (not due) nor "off"
+    finally:
+        client.request("PUT", "/config", json={"ingestion_interval_seconds": 0})
+

@@ -1,4 +1,5 @@
-"""The beat schedule: housekeeping, plus one entry per source that declares a schedule.
+"""The beat schedule: housekeeping, plus one entry per scheduled source (its own `schedule`, or the
+ingestion interval: `pipelines.jobs.schedules.of_source`).
 
 It is built when beat starts (`SourcesScheduler`), never at import. A source whose schedule cannot
 be used is left out with an error logged (the registry already shows it on `/sources/{id}`); the
@@ -15,7 +16,7 @@ from celery.beat import PersistentScheduler
 from celery.schedules import BaseSchedule, schedstate
 
 from pipelines.core.settings import Settings, get_settings
-from pipelines.jobs.schedules import Schedule, parse
+from pipelines.jobs.schedules import Schedule, of_source, parse
 from worker.queues import Queues
 
 log = logging.getLogger(__name__)
@@ -74,12 +75,13 @@ def beat_schedule(settings: Settings) -> dict:
     for source_id, error in registry.errors.items():
         log.error("source %s is not scheduled: %s", source_id, error)
     for source_id, source in registry.sources.items():
-        if not (source.enabled and source.schedule):
+        spec = of_source(source, settings.ingestion_interval_seconds)
+        if spec is None:
             continue
         try:
-            parsed = parse(source.schedule)
+            parsed = parse(spec)
             every = parsed.every_seconds
-            schedule = timedelta(seconds=every) if every else cron(source.schedule)
+            schedule = timedelta(seconds=every) if every else cron(spec)
         except ValueError as exc:
             log.error("source %s is not scheduled: %s", source_id, exc)
             continue

@@ -52,6 +52,7 @@ KNOBS = {
     "max_exports_per_key": Knob(int, 1, 1000),
     "webhook_retry_schedule": Knob(str, pattern=r"^\s*\d+(\.\d+)?\s*(,\s*\d+(\.\d+)?\s*)*$"),
     # Beat builds its schedule when it starts: these wait for a restart of beat.
+    "ingestion_interval_seconds": Knob(int, 0, 7 * 86400, restart=True),
     "reaper_interval_seconds": Knob(float, 1, 3600, restart=True),
     "webhook_relay_interval_seconds": Knob(float, 0.1, 3600, restart=True),
     "export_expiry_interval_seconds": Knob(float, 10, 86400, restart=True),

@@ -69,6 +69,8 @@ class Settings(BaseSettings):
     metrics_key_labels: bool = False  # label HTTP request metrics by API key id (one series per key)
     retention_days: int = 30  # finished jobs, events, webhook attempts, resolved quarantine; 0 keeps all
     retention_interval_seconds: float = 3600
+    # Every enabled source without a `schedule` of its own is ingested this often; 0: only on request.
+    ingestion_interval_seconds: int = Field(default=0, ge=0, le=7 * 86400)
     export_retention_days: int = 7
     export_rate_limit_per_minute: int = 10
     source_test_rate_limit_per_minute: int = 10

@@ -9,6 +9,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from pipelines.core import runtime
 from pipelines.core.errors import Conflict, Invalid, NotFound
 from pipelines.core.models import Observation, SourceState
 from pipelines.core.pagination import capped_count
@@ -81,7 +82,7 @@ def detail(session: Session, registry: Registry, source_id: str) -> dict:
         **summary,
         "config": body,
         "validation": config.validation.model_dump() | {"primary_key": config.primary_key} if config else {},
-        "schedule": config.schedule if config else None,
+        "schedule": _schedule(config),
         "next_run_at": _next_run(config, state),
         "last_scheduled_at": state.last_scheduled_at if state else None,
         "error": registry.errors.get(source_id),
@@ -97,11 +98,17 @@ def detail(session: Session, registry: Registry, source_id: str) -> dict:
     }
 
 
+def _schedule(config) -> str | None:
+    """The schedule the source runs on (its own, or the ingestion interval), None if unscheduled."""
+    return None if config is None else schedules.of_source(config, runtime.value("ingestion_interval_seconds"))
+
+
 def _next_run(config, state: SourceState | None) -> datetime | None:
     """When the source's schedule fires next, as beat decides it; None unscheduled or disabled."""
-    if config is None or not config.schedule or not config.enabled:
+    spec = _schedule(config)
+    if spec is None:
         return None
-    return schedules.next_run(config.schedule, state.last_scheduled_at if state else None, datetime.now(UTC))
+    return schedules.next_run(spec, state.last_scheduled_at if state else None, datetime.now(UTC))
 
 
 class UnknownSources(NotFound):

@@ -58,6 +58,17 @@ def parse(spec: str) -> Schedule:
     return Schedule(cron=" ".join(fields))
 
 
+def of_source(source, interval_seconds: int) -> str | None:
+    """The schedule SOURCE runs on, or None: its own `schedule`, else the ingestion interval (the
+    runtime setting `ingestion_interval_seconds`; 0 leaves such sources to be run on request). A
+    disabled source runs on none. Beat and `/sources` both ask here."""
+    if not source.enabled:
+        return None
+    if source.schedule:
+        return source.schedule
+    return f"every {interval_seconds}s" if interval_seconds > 0 else None
+
+
 def next_run(spec: str, last_fired: datetime | None, now: datetime) -> datetime | None:
     """When beat next fires SPEC, having last fired it at LAST_FIRED: as beat decides it (an interval
     from its last tick, `worker.schedule`'s cron from the last tick), and now when that is past (beat
