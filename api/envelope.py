@@ -191,6 +191,8 @@ def allowed_methods(app: FastAPI, path: str) -> list[str]:
     for template, operations in app.openapi().get("paths", {}).items():
         if _template(template).fullmatch(path):
             methods |= {method.upper() for method in operations}
+    if "GET" in methods:  # every GET route answers HEAD too (api.head)
+        methods.add("HEAD")
     return sorted(methods)
 
 

@@ -20,6 +20,7 @@ from api.admission import Admission
 from api.bodylimit import BodyLimit
 from api.deadline import Deadline
 from api.gate import COMPAT_PREFIX, PREFIX, Gate
+from api.head import Head
 from api.protocol import HeadersDeadline
 from api.routes import (
     admin,
@@ -68,6 +69,7 @@ def create_app() -> FastAPI:
         responses=envelope.ERROR_RESPONSES,
         lifespan=_lifespan,
     )
+    app.add_middleware(Head)  # innermost: the layers outside see (log, count) the HEAD it is
     app.add_middleware(Gate)  # inside admission: identifying a caller may need the database
     # Inside the access layer: a request turned away at capacity is still logged and counted.
     app.add_middleware(Admission, limit=min(settings.api_concurrency, settings.db_pool_size),

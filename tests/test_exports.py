@@ -157,6 +157,10 @@ def test_downloads_resume_with_ranges_and_expire(client, worker, tmp_path):
     assert whole.status_code == 200 and whole.headers["content-type"].startswith("application/x-ndjson")
     assert whole.headers["content-length"] == str(job["result"]["file_size"])
     assert f'ingot-export-{job["id"]}.jsonl' in whole.headers["content-disposition"]
+    head = client.http.head(url)  # a download manager's first question: how big, resumable?
+    assert head.status_code == 200 and head.content == b""
+    assert head.headers["content-length"] == str(job["result"]["file_size"])
+    assert head.headers["accept-ranges"] == "bytes" and head.headers["etag"] == whole.headers["etag"]
     first = client.http.get(url, headers={"Range": "bytes=0-999"})
     assert first.status_code == 206 and len(first.content) == 1000
     assert first.headers["content-range"] == f"bytes 0-999/{len(whole.content)}"

@@ -15,6 +15,8 @@ import pytest
 import uvicorn
 
 from api.main import create_app
+from pipelines.core.db import session_scope
+from pipelines.jobs import machine
 from tests.helpers import api_processes, free_port, make_key, wait_for
 
 
@@ -198,15 +200,43 @@ def test_request_metrics_are_labelled_by_route_template_never_by_path(api_url, a
 
 
 @pytest.mark.parametrize(("method", "path", "allow"), [
-    ("DELETE", "/api/v1/config", "GET, PUT"),
-    ("PUT", "/api/v1/keys", "GET, POST"),
-    ("PATCH", "/api/v1/scenarios/scn_x", "DELETE, GET"),
+    ("DELETE", "/api/v1/config", "GET, HEAD, PUT"),
+    ("PUT", "/api/v1/keys", "GET, HEAD, POST"),
+    ("PATCH", "/api/v1/scenarios/scn_x", "DELETE, GET, HEAD"),
     ("GET", "/api/v1/ingestion/start", "POST"),
+    ("HEAD", "/api/v1/ingestion/start", "POST"),
 ])
 def test_a_method_a_path_lacks_is_405_naming_every_method_it_has(api_url, method, path, allow):
     answer = httpx.request(method, f"{api_url}{path}", headers={"X-API-Key": make_key(["admin"])})
     assert answer.status_code == 405 and answer.headers["allow"] == allow
-    assert answer.json()["error"]["code"] == "METHOD_NOT_ALLOWED"
+    if method != "HEAD":
+        assert answer.json()["error"]["code"] == "METHOD_NOT_ALLOWED"
+
+
+def test_head_answers_every_get_route_with_its_headers_and_no_body(api_url, admin_key):
+    """RFC 9110 asks every server for HEAD: a load balancer's probe, `curl -I`. Each answers as its GET
+    would, headers and all, without the body; the access line and metrics say HEAD."""
+    key = {"X-API-Key": admin_key}
+    with httpx.Client(base_url=api_url, timeout=10) as http:
+        for path, headers in (("/health", {}), ("/api/v1/health", {}), ("/api/v1/jobs", key),
+                              ("/api/v1/sources", key), ("/metrics", {})):
+            got, head = http.get(path, headers=headers), http.head(path, headers=headers)
+            assert head.status_code == got.status_code == 200, path
+            assert head.content == b"" and head.headers["content-type"] == got.headers["content-type"], path
+            if path.startswith("/api/v1/"):
+                assert head.headers["x-request-id"] and head.headers["x-ratelimit-limit"], path
+        refused = http.head("/api/v1/jobs")  # no key: the same 401, headers only
+        assert refused.status_code == 401 and refused.content == b""
+        assert http.head("/api/v1/jobs/job_0123456789abcdef01234567", headers=key).status_code == 404
+        # A stream's HEAD ends at once, the stream with it: it does not run on for nobody.
+        with session_scope() as session:  # queued, with no worker: its stream would run on
+            job_id = machine.create_job(session, kind="ingestion", params={"sources": []}, send=lambda job: None).id
+        began = time.monotonic()
+        events = http.head(f"/api/v1/jobs/{job_id}/events", headers=key)
+        assert events.status_code == 200 and events.headers["content-type"].startswith("text/event-stream")
+        assert time.monotonic() - began < 5
+        text = http.get("/metrics").text
+    assert 'ingot_http_requests_total{method="HEAD",route="/api/v1/jobs"' in text
 
 
 @pytest.mark.parametrize(("method", "path", "arguments"), [
