@@ -75,6 +75,20 @@ def test_csv_bad_rows_are_quarantined_with_line_and_reason(tmp_path):
     assert raw3 == {"id": "b", "timestamp": "2026-01-01T01:00:00", "px": "abc", "qty": "11", "note": "bad float"}
 
 
+def test_a_batchs_bad_rows_come_in_the_files_order(tmp_path):
+    """Rows the reader could not split and rows that failed a rule are found apart; quarantine gets them
+    (and lists them) in line order all the same."""
+    path = tmp_path / "a.csv"
+    path.write_bytes(b"id,timestamp,px\n"
+                     b"a,2026-01-01T00:00:00Z,x\n"    # 2: a rule
+                     b"b,2026-01-01T00:00:00Z\n"      # 3: the reader
+                     b"c,,1\n"                        # 4: a rule
+                     b"d,2026-01-01T00:00:00Z,1,2\n") # 5: the reader
+    cfg = source()
+    [batch] = [validate(cfg, raw) for raw in read_file(cfg, path, 100)]
+    assert [reject.line for reject in batch.rejects] == [2, 3, 4, 5]
+
+
 def test_infinities_are_quarantined_and_nan_is_a_missing_value(tmp_path):
     """JSON has no Infinity or NaN: an infinite price, or one past the largest double, is set aside with
     its reason; NaN (pandas' and Arrow's missing float) is a missing value, refused where required."""

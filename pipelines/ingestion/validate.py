@@ -321,6 +321,7 @@ def validate(source: SourceConfig, raw: RawBatch, since: Cursor | None = None) -
         lines = raw.lines[~reasons.bad]
     else:
         lines = raw.lines
+    rejects.sort(key=lambda reject: reject.line)  # quarantined in the file's order, whatever found them
     batch = _shape(source, columns, typed, lines, rejects)
     batch.skipped = skipped
     if source.cursor and source.cursor in columns:
