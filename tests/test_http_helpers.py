@@ -7,7 +7,8 @@ import httpx
 import pytest
 
 from pipelines.core.retry import retry_after
-from pipelines.ingestion.sources.http import _dig, public_url
+from pipelines.ingestion.sources.batches import dig
+from pipelines.ingestion.sources.http import public_url
 
 
 def _answer(status: int, value: str | None) -> httpx.Response:
@@ -48,7 +49,7 @@ def test_retry_after_as_an_http_date():
 ])
 def test_dig(path, expected):
     document = {"data": [1, 2], "meta": {"next": "http://x/2"}, "pages": [{"url": "a"}, {"url": "b"}]}
-    assert _dig(document, path) == expected
+    assert dig(document, path) == expected
 
 
 @pytest.mark.parametrize(("url", "shown"), [

@@ -109,7 +109,7 @@ def test_metadata_of_any_arrow_type_is_stored():
                   "lot": pa.array([5, None, 5]).dictionary_encode()},
         lines=np.arange(n),
     ))
-    assert [r[4] for r in table()] == [{"raw": "\\xff00", "every": "[1, 2, 3]", "lot": 5},
+    assert [r[4] for r in table()] == [{"raw": "\\xff00", "every": "[1,2,3]", "lot": 5},
                                        {"raw": "ok", "every": None, "lot": None},
                                        {"raw": None, "every": None, "lot": 5}]
 

@@ -240,6 +240,40 @@ def test_parquet_records_are_numbered_and_cast(tmp_path):
                         {"id": "b", "timestamp": "1970-01-01 00:00:02", "px": "oops"})]
 
 
+def test_a_json_document_file_is_read_for_its_records(tmp_path):
+    """A `.json` file as APIs and tools export them: one array of records, or records under a key.
+    Each record is numbered from 1; one that is not an object is set aside. A JSON Lines file declared
+    `json` is still read line by line, and an array declared `jsonl` as the array it is."""
+    import gzip
+
+    records = [{"id": f"r{i}", "timestamp": f"2026-01-01T0{i}:00:00Z", "px": i + 0.5, "venue": {"code": "X"}}
+               for i in range(5)]
+    array = json.dumps([*records[:2], "oops", *records[2:]]).encode()
+    (tmp_path / "a.json").write_bytes(b"\xef\xbb\xbf\n  " + array)  # a BOM and a blank line first
+    (tmp_path / "b.json.gz").write_bytes(gzip.compress(array))
+    (tmp_path / "c.json").write_bytes(json.dumps({"meta": {"n": 5}, "data": {"rows": records}}).encode())
+    (tmp_path / "d.json").write_bytes(b"".join(json.dumps(r).encode() + b"\n" for r in records))
+    (tmp_path / "e.json").write_text(json.dumps(records, indent=2))  # pretty-printed, over many lines
+    expected = [(f"r{i}", i + 0.5, {"venue": '{"code":"X"}'}) for i in range(5)]
+
+    for name, fmt, extra in (("a.json", "json", {}), ("b.json.gz", "json", {}), ("a.json", "jsonl", {}),
+                             ("c.json", "json", {"records_path": "data.rows"}), ("d.json", "json", {}),
+                             ("e.json", "json", {})):
+        rows, rejects = run(source(format=fmt, **extra), tmp_path / name, batch_rows=2)
+        assert [(r["id"], r["value"], r["metadata"]) for r in rows] == expected, name
+        if name in ("a.json", "b.json.gz"):
+            assert [r["line"] for r in rows] == [1, 2, 4, 5, 6]
+            assert rejects == [(3, "record is not a JSON object", {"record": '"oops"'})]
+        else:
+            assert rejects == [], name
+
+    with pytest.raises(SourceError, match=r"a.json is one JSON document of more than .* write it as JSON Lines"):
+        run(source(format="json", max_response_bytes=100), tmp_path / "a.json")
+    (tmp_path / "f.json").write_text(json.dumps({"data": {"rows": records}}, indent=2))
+    with pytest.raises(SourceError, match=r"f.json has no list of records at the top level \(name where"):
+        run(source(format="json"), tmp_path / "f.json")
+
+
 def test_parquet_nested_columns_are_kept_as_json_text(tmp_path):
     """Lists, records and maps, as other tools write them, are kept in metadata as JSON text, as a JSON
     Lines file's nested values are; times and bytes inside them as text."""
@@ -255,8 +289,8 @@ def test_parquet_nested_columns_are_kept_as_json_text(tmp_path):
     rows, rejects = run(source(format="parquet", validation={"required_columns": ["id", "tags"]}), path)
     assert rejects == []
     assert [r["metadata"] for r in rows] == [
-        {"tags": '["x", "y"]', "leg": '{"at": "2026-01-01T06:00:00", "raw": "\\\\xff"}', "limits": '[["lo", 1]]'},
-        {"tags": "[]", "leg": None, "limits": '[["hi", 2]]'},
+        {"tags": '["x","y"]', "leg": '{"at":"2026-01-01T06:00:00","raw":"\\\\xff"}', "limits": '[["lo",1]]'},
+        {"tags": "[]", "leg": None, "limits": '[["hi",2]]'},
     ]
 
 

@@ -64,7 +64,7 @@ def cell_text(value) -> str | None:
         return value
     if isinstance(value, bytes | dt.date | dt.time):
         return _plain(value)
-    return json.dumps(value, default=_plain)
+    return json.dumps(value, default=_plain, separators=(",", ":"))  # compact, as JSON Lines keeps them
 
 
 def nested_as_text(table: pa.Table) -> pa.Table:
@@ -97,3 +97,45 @@ def _text_table(records: list[dict]) -> pa.Table:
     for record in records:
         names.update(dict.fromkeys(record))
     return pa.table({name: pa.array([cell_text(r.get(name)) for r in records], pa.string()) for name in names})
+
+
+def dig(document: Any, path: str | None) -> Any:
+    """What DOCUMENT holds at the dotted PATH (keys, and list indexes by number), or None."""
+    for part in (path or "").split("."):
+        if not part:
+            continue
+        if isinstance(document, dict):
+            document = document.get(part)
+        elif isinstance(document, list) and part.isdigit() and int(part) < len(document):
+            document = document[int(part)]
+        else:
+            return None
+    return document
+
+
+def json_records(source, body: bytes, first_record: int, where: str) -> RawBatch:
+    """The records of one JSON document (an HTTP page, a `.json` file): the list at the source's
+    `records_path`, or the document itself. Records are numbered on from FIRST_RECORD; one that is
+    not an object is set aside. WHERE names the document in errors."""
+    from pipelines.ingestion.sources.registry import SourceContentError
+
+    try:
+        document = json.loads(body.decode(source.encoding).removeprefix("\ufeff"))  # a byte order mark, if any
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SourceContentError(f"source '{source.id}': {where} is not valid JSON: {exc}") from None
+    records = dig(document, source.records_path)
+    if records is None:
+        records = []
+    if not isinstance(records, list):
+        at = f"at '{source.records_path}'" if source.records_path else "at the top level"
+        raise SourceContentError(f"source '{source.id}': {where} has no list of records {at}"
+                                 + ("" if source.records_path else " (name where it is with records_path)"))
+    good, lines, rejects = [], [], []
+    for number, record in enumerate(records, start=first_record):
+        if isinstance(record, dict):
+            good.append(record)
+            lines.append(number)
+        else:
+            rejects.append(Reject(number, "record is not a JSON object", {"record": json.dumps(record)[:1000]}))
+    return RawBatch(records_table(good), np.array(lines, dtype=np.int64), rejects)
+

@@ -23,7 +23,7 @@ import re
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import IO, BinaryIO
 
 import numpy as np
 import pyarrow as pa
@@ -33,7 +33,7 @@ import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
 from pipelines.core.settings import get_settings
-from pipelines.ingestion.sources.batches import Piece, RawBatch, Reject, nested_as_text, records_table
+from pipelines.ingestion.sources.batches import Piece, RawBatch, Reject, json_records, nested_as_text, records_table
 from pipelines.ingestion.sources.fingerprints import Seen
 from pipelines.ingestion.sources.lines import Block, LineStream, open_stream
 from pipelines.ingestion.sources.registry import Registry, SourceConfig, SourceContentError, SourceError
@@ -46,7 +46,7 @@ _EXACT_FLOAT_LIMIT = 2.0**53
 
 
 def read_file(source: SourceConfig, path: Path, batch_rows: int) -> Iterator[RawBatch]:
-    readers = {"csv": _read_lines, "parquet": _read_parquet, "jsonl": _read_lines}
+    readers = {"csv": _read_lines, "parquet": _read_parquet, "jsonl": _read_json, "json": _read_json}
     try:
         yield from readers[source.format](source, path, batch_rows)
     except (pa.ArrowInvalid, OSError, EOFError, UnicodeDecodeError, ValueError) as exc:
@@ -125,6 +125,48 @@ def _read_lines(source: SourceConfig, path: Path, batch_rows: int) -> Iterator[R
         yield from read_stream(source, fh, path.stat().st_size or 1, batch_rows)
 
 
+# --- JSON -----------------------------------------------------------------------------------------
+
+
+def _read_json(source: SourceConfig, path: Path, batch_rows: int) -> Iterator[RawBatch]:
+    """JSON Lines, read in blocks; or one JSON document, which is read whole: its records are the list
+    at `records_path`, or the document itself, as for an HTTP page. A document is a file that opens
+    with `[`, or that a source names a `records_path` for, or (declared `json`) one whose first line is
+    not a whole JSON object (a document written over many lines). It is held in memory, so one past the
+    source's `max_response_bytes` (64 MiB by default) is refused, saying to write it as JSON Lines."""
+    with path.open("rb") as fh:
+        _not_another_format(source, path.name, fh)
+        if not _one_document(source, open_stream(fh)):
+            fh.seek(0)
+            yield from read_stream(source, fh, path.stat().st_size or 1, batch_rows)
+            return
+        fh.seek(0)
+        limit = source.max_response_bytes or get_settings().http_max_response_bytes
+        body = open_stream(fh).read(limit + 1)
+    if len(body) > limit:
+        raise SourceContentError(
+            f"source '{source.id}': {path.name} is one JSON document of more than {limit / 2**20:g} MiB, which is "
+            f"read whole to find its records: write it as JSON Lines (one record a line, read in blocks whatever "
+            f"its size), or raise the source's max_response_bytes")
+    raw = json_records(source, body, 1, path.name)
+    del body
+    yield from _regrouped(iter([raw]), batch_rows)
+
+
+def _one_document(source: SourceConfig, stream: IO[bytes]) -> bool:
+    """Whether STREAM (a JSON file) is one JSON document rather than JSON Lines (see `_read_json`)."""
+    head = stream.read(1 << 20).lstrip(b"\xef\xbb\xbf \t\r\n")
+    if head.startswith(b"[") or source.records_path:
+        return True
+    if source.format != "json":
+        return False
+    first = head.split(b"\n", 1)[0]
+    try:
+        return not isinstance(json.loads(first), dict)
+    except ValueError:  # not JSON on its own: the start of a document over many lines
+        return True
+
+
 # Files that are plainly something else by their first bytes, said so rather than read as a header of noise.
 _MAGIC = {
     b"PAR1": 'a Parquet file (declare format = "parquet")',
@@ -138,7 +180,7 @@ def _not_another_format(source: SourceConfig, name: str, fh: BinaryIO) -> None:
     fh.seek(0)
     for magic, what in _MAGIC.items():
         if head.startswith(magic):
-            kind = "CSV" if source.format == "csv" else "JSON Lines"
+            kind = {"csv": "CSV", "jsonl": "JSON Lines"}.get(source.format, "JSON")
             raise SourceContentError(f"source '{source.id}': {name} is not {kind}: it is {what}")
 
 

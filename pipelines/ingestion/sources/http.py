@@ -28,7 +28,7 @@ from pipelines.core import httpclock
 from pipelines.core.retry import retry_after
 from pipelines.core.settings import get_settings
 from pipelines.ingestion.sources import inflate
-from pipelines.ingestion.sources.batches import Piece, RawBatch, Reject, records_table
+from pipelines.ingestion.sources.batches import Piece, RawBatch, dig, json_records, records_table
 from pipelines.ingestion.sources.files import read_stream
 from pipelines.ingestion.sources.registry import SourceConfig, SourceContentError, SourceError
 
@@ -69,19 +69,6 @@ def public_url(url: str) -> str:
     if parts.port:
         host = f"{host}:{parts.port}"
     return urlunsplit((parts.scheme, host, parts.path, "", ""))
-
-
-def _dig(document, path: str | None):
-    for part in (path or "").split("."):
-        if not part:
-            continue
-        if isinstance(document, dict):
-            document = document.get(part)
-        elif isinstance(document, list) and part.isdigit() and int(part) < len(document):
-            document = document[int(part)]
-        else:
-            return None
-    return document
 
 
 def _origin(url: httpx.URL) -> tuple[str, str, int | None]:
@@ -209,7 +196,7 @@ def _content(source: SourceConfig, body: bytes, limit: int, shown: str) -> bytes
 def _parse(source: SourceConfig, body: bytes, first_record: int, shown: str) -> RawBatch:
     """One page as a raw batch; records are numbered on from FIRST_RECORD across pages."""
     if source.format not in ("csv", "jsonl"):
-        return _parse_json(source, body, first_record, shown)
+        return json_records(source, body, first_record, f"the response from {shown}")
     batches = list(read_stream(source, io.BytesIO(body), len(body) or 1, 10**9))
     offset = first_record - (2 if source.format == "csv" else 1)
     rejects = [r for b in batches for r in b.rejects]
@@ -222,25 +209,6 @@ def _parse(source: SourceConfig, body: bytes, first_record: int, shown: str) -> 
     return RawBatch(table, np.concatenate([b.lines for b in batches]) + offset, rejects)
 
 
-def _parse_json(source: SourceConfig, body: bytes, first_record: int, shown: str) -> RawBatch:
-    try:
-        document = json.loads(body.decode(source.encoding))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise SourceError(f"source '{source.id}': the response from {shown} is not valid JSON: {exc}") from None
-    records = _dig(document, source.records_path)
-    if records is None:
-        records = []
-    if not isinstance(records, list):
-        where = f"at '{source.records_path}'" if source.records_path else "at the top level"
-        raise SourceError(f"source '{source.id}': the response from {shown} has no list of records {where}")
-    good, lines, rejects = [], [], []
-    for number, record in enumerate(records, start=first_record):
-        if isinstance(record, dict):
-            good.append(record)
-            lines.append(number)
-        else:
-            rejects.append(Reject(number, "record is not a JSON object", {"record": json.dumps(record)[:1000]}))
-    return RawBatch(records_table(good), np.array(lines, dtype=np.int64), rejects)
 
 
 def _next_state(source: SourceConfig, state: dict, body: bytes, headers: httpx.Headers, count: int) -> dict | None:
@@ -255,12 +223,12 @@ def _next_state(source: SourceConfig, state: dict, body: bytes, headers: httpx.H
         step = 1 if pagination.type == "page" else (pagination.size or count)
         return {**state, "value": state["value"] + step, "record": record, "pages": state["pages"] + 1}
     if pagination.type == "cursor":
-        cursor = _dig(json.loads(body), pagination.cursor_path)
+        cursor = dig(json.loads(body), pagination.cursor_path)
         if cursor in (None, "") or count == 0:
             return None
         return {**state, "value": cursor, "record": record, "pages": state["pages"] + 1}
     # link: a next URL in the body, or in the Link header
-    url = _dig(json.loads(body), pagination.next_path) if pagination.next_path else None
+    url = dig(json.loads(body), pagination.next_path) if pagination.next_path else None
     if not pagination.next_path:
         match = re.search(r'<([^>]+)>\s*;\s*rel="?next"?', headers.get("link", ""))
         url = match.group(1) if match else None

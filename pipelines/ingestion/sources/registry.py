@@ -133,8 +133,6 @@ class SourceConfig(BaseModel):
         if self.type == "file":
             if not self.path:
                 raise ValueError("field 'path' is required for a file source")
-            if self.format == "json":
-                self.format = "jsonl"
         if self.type == "http":
             if not self.url:
                 raise ValueError("field 'url' is required for an http source")
