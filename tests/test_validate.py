@@ -75,6 +75,27 @@ def test_csv_bad_rows_are_quarantined_with_line_and_reason(tmp_path):
     assert raw3 == {"id": "b", "timestamp": "2026-01-01T01:00:00", "px": "abc", "qty": "11", "note": "bad float"}
 
 
+def test_numbers_written_with_a_decimal_comma_and_grouped_thousands(tmp_path):
+    """A spreadsheet's CSV from much of Europe: semicolons, decimal commas, dots between thousands,
+    day-first dates. Declared so, its numbers read as meant; a number that still does not parse is
+    quarantined with the text as the file had it."""
+    path = tmp_path / "a.csv"
+    path.write_text("id;timestamp;px;qty\n"
+                    "a;01.02.2026 06:00;1.234,5;1.000\n"
+                    "b;01.02.2026 07:00;-0,25;7\n"
+                    "c;01.02.2026 08:00;1,2,3;8\n", encoding="latin-1")
+    cfg = source(delimiter=";", decimal=",", thousands=".", encoding="latin-1",
+                 validation={"required_columns": ["id", "px"], "formats": {"timestamp": "%d.%m.%Y %H:%M"},
+                             "data_types": {"timestamp": "datetime", "px": "float", "qty": "int"}})
+    rows, rejects = run(cfg, path)
+    assert [(r["id"], r["timestamp"], r["value"], r["metadata"]) for r in rows] == [
+        ("a", dt.datetime(2026, 2, 1, 6, tzinfo=dt.UTC), 1234.5, {"qty": 1000}),
+        ("b", dt.datetime(2026, 2, 1, 7, tzinfo=dt.UTC), -0.25, {"qty": 7})]
+    assert [(line, reason) for line, reason, _ in rejects] == [(4, "column 'px': cannot parse '1,2,3' as float")]
+    with pytest.raises(ValueError, match="'thousands' and 'decimal' are both ','"):
+        source(decimal=",", thousands=",")
+
+
 def test_a_batchs_bad_rows_come_in_the_files_order(tmp_path):
     """Rows the reader could not split and rows that failed a rule are found apart; quarantine gets them
     (and lists them) in line order all the same."""

@@ -148,6 +148,18 @@ def _bool_vector(lowered: pa.Array) -> pa.Array:
     return pc.if_else(pc.is_null(lowered), pa.scalar(None, pa.bool_()), true)
 
 
+def as_written(source: SourceConfig, array: pa.Array, kind: str) -> pa.Array:
+    """ARRAY with the source's way of writing numbers (`decimal`, `thousands`) made plain, when it is
+    text to be read as KIND; as it is otherwise."""
+    if kind not in ("float", "int") or not (pa.types.is_string(array.type) or pa.types.is_large_string(array.type)):
+        return array
+    if source.thousands:
+        array = pc.replace_substring(array, source.thousands, "")
+    if source.decimal != "." and kind == "float":
+        array = pc.replace_substring(array, source.decimal, ".")
+    return array
+
+
 def parse_column(array: pa.Array, kind: str, fmt: str | None) -> tuple[pa.Array, np.ndarray]:
     """ARRAY as KIND, plus a mask of the rows whose non-null value did not parse (those become null)."""
     bad = np.zeros(len(array), dtype=bool)
@@ -252,7 +264,7 @@ def _past_cursor(source: SourceConfig, raw: RawBatch, since: str) -> tuple[RawBa
         return raw, 0
     kind = effective_types(source).get(source.cursor, "string")
     array, _ = _decode(raw.table.column(source.cursor).combine_chunks())
-    parsed, bad = parse_column(array, kind, source.validation.formats.get(source.cursor))
+    parsed, bad = parse_column(as_written(source, array, kind), kind, source.validation.formats.get(source.cursor))
     older = pc.fill_null(pc.less(parsed, cursor_scalar(since, kind)), False).to_numpy(zero_copy_only=False)
     older &= ~bad
     if not older.any():
@@ -301,7 +313,7 @@ def validate(source: SourceConfig, raw: RawBatch, since: Cursor | None = None) -
         if name not in columns:
             continue
         source_array = columns[name]
-        parsed, bad = parse_column(source_array, kind, rules.formats.get(name))
+        parsed, bad = parse_column(as_written(source, source_array, kind), kind, rules.formats.get(name))
         reasons.add(
             bad,
             lambda i, name=name, kind=kind, a=source_array: f"column '{name}': cannot parse {a[i].as_py()!r} as {kind}",

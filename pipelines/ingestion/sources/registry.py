@@ -95,6 +95,10 @@ class SourceConfig(BaseModel):
     cursor_param: str | None = None  # http: query parameter that asks the API for rows past the cursor
     delimiter: str = Field(default=",", min_length=1, max_length=1)
     encoding: str = "utf-8"
+    # How numbers written as text mark decimals ("1,5" with ","), and a grouping mark to drop from them
+    # ("1.234,5" with thousands = "."), as spreadsheets in much of Europe write them.
+    decimal: Literal[".", ","] = "."
+    thousands: Literal[".", ",", " ", "'", "\u00a0", "\u202f"] | None = None
     max_line_bytes: int | None = Field(default=None, ge=64)  # longer lines are quarantined (INGOT_MAX_LINE_BYTES)
     validation: Validation = Field(default_factory=Validation)
     mapping: dict[str, str] = Field(default_factory=dict)
@@ -130,6 +134,8 @@ class SourceConfig(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> SourceConfig:
+        if self.thousands == self.decimal:
+            raise ValueError(f"'thousands' and 'decimal' are both {self.decimal!r}")
         if self.type == "file":
             if not self.path:
                 raise ValueError("field 'path' is required for a file source")
