@@ -75,6 +75,35 @@ def test_csv_bad_rows_are_quarantined_with_line_and_reason(tmp_path):
     assert raw3 == {"id": "b", "timestamp": "2026-01-01T01:00:00", "px": "abc", "qty": "11", "note": "bad float"}
 
 
+def test_times_as_numbers_need_their_unit_and_read_alike_from_every_format(tmp_path):
+    """Epoch times, as exchange APIs and Parquet files from other tools hold them. Arrow alone would take
+    any number for microseconds (1735689600 seconds became 1970-01-01T00:28:55): without a declared
+    unit each such row is quarantined saying what to declare; with one, text and numbers of every
+    format read the same."""
+    at = dt.datetime(2025, 1, 1, tzinfo=dt.UTC)
+    (tmp_path / "a.jsonl").write_text('{"id": "a", "ts": 1735689600, "px": 1}\n'
+                                      '{"id": "b", "ts": 1735689660, "px": 2}\n')
+    (tmp_path / "a.csv").write_text("id,ts,px\na,1735689600,1\nb,1735689660.0,2\n")
+    pq.write_table(pa.table({"id": ["a", "b"], "ts": pa.array([1735689600000, 1735689660000], pa.int64()),
+                             "px": [1.0, 2.0]}), tmp_path / "a.parquet")
+    (tmp_path / "ns.jsonl").write_text('{"id": "a", "ts": 1735689600000000123, "px": 1}\n')
+
+    def declared(fmt, unit):
+        rules = {"required_columns": ["id", "ts"], "data_types": {"ts": "datetime", "px": "float"}}
+        return source(format=fmt, mapping={"ts": "timestamp", "px": "value"},
+                      validation={**rules, "formats": {"ts": unit} if unit else {}})
+
+    for name, fmt, unit in (("a.jsonl", "jsonl", "epoch_s"), ("a.csv", "csv", "epoch_s"),
+                            ("a.parquet", "parquet", "epoch_ms")):
+        rows, rejects = run(declared(fmt, unit), tmp_path / name)
+        assert rejects == [] and [r["timestamp"] for r in rows] == [at, at + dt.timedelta(minutes=1)], name
+        rows, rejects = run(declared(fmt, None), tmp_path / name)
+        assert rows == [] and len(rejects) == 2, name
+        assert "(a number: declare its unit in formats, ts = one of epoch_s, epoch_ms" in rejects[0][1], name
+    [row], _ = run(declared("jsonl", "epoch_ns"), tmp_path / "ns.jsonl")
+    assert row["timestamp"] == at  # to the microsecond PostgreSQL keeps
+
+
 def test_numbers_written_with_a_decimal_comma_and_grouped_thousands(tmp_path):
     """A spreadsheet's CSV from much of Europe: semicolons, decimal commas, dots between thousands,
     day-first dates. Declared so, its numbers read as meant; a number that still does not parse is

@@ -29,6 +29,9 @@ ARROW_TYPES = {
     "bool": pa.bool_(),
 }
 _ZONED = re.compile(r"(?:[Zz]|[+-]\d\d(?::?\d\d)?)$")
+# `formats` for a datetime column of numbers: seconds (or finer) since 1970-01-01 UTC. Microseconds in each.
+EPOCHS = {"epoch_s": 1_000_000, "epoch_ms": 1_000, "epoch_us": 1, "epoch_ns": 0.001}
+_NUMBER = re.compile(r"^\s*-?\d+(\.\d*)?\s*$")
 _TRUE = {"true", "t", "yes", "y", "1"}
 _FALSE = {"false", "f", "no", "n", "0"}
 
@@ -79,6 +82,9 @@ def _python_parse(kind: str, text: str, fmt: str | None):
             return dt.datetime.strptime(text, fmt).date().replace(day=1)
         return dt.date.fromisoformat(text + "-01" if len(text) == 7 else text).replace(day=1)
     if kind == "datetime":
+        if fmt in EPOCHS:
+            micros = int(text) * EPOCHS[fmt] if text.lstrip("-").isdigit() else float(text) * EPOCHS[fmt]
+            return dt.datetime(1970, 1, 1, tzinfo=dt.UTC) + dt.timedelta(microseconds=round(micros))
         value = dt.datetime.strptime(text, fmt) if fmt else dt.datetime.fromisoformat(text)
         return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value.astimezone(dt.UTC)
     return text
@@ -89,11 +95,17 @@ def _vector_cast(array: pa.Array, kind: str, fmt: str | None) -> pa.Array:
     target = ARROW_TYPES[kind]
     if array.type == target:
         return array
+    if kind == "datetime" and fmt in EPOCHS:
+        return _from_epoch(array, EPOCHS[fmt])
     if not pa.types.is_string(array.type) and not pa.types.is_large_string(array.type):
         if kind == "datetime" and pa.types.is_timestamp(array.type):
             if array.type.tz is None:
                 return pc.assume_timezone(array, "UTC").cast(UTC_US)
             return array.cast(UTC_US)
+        if kind in ("datetime", "date") and (pa.types.is_integer(array.type) or pa.types.is_floating(array.type)):
+            # Arrow would take the numbers as microseconds (or days) whatever they count: each is
+            # refused instead, saying to declare the unit (`EPOCHS`).
+            raise pa.ArrowInvalid("numbers as times need their unit")
         return array.cast(target)
     if kind == "datetime":
         if fmt:
@@ -113,6 +125,20 @@ def _vector_cast(array: pa.Array, kind: str, fmt: str | None) -> pa.Array:
     if kind in ("date", "month"):
         return _cast_day(array, fmt, month=kind == "month")
     return array.cast(target)
+
+
+def _from_epoch(array: pa.Array, micros_each: float) -> pa.Array:
+    """Numbers (or their text) counted in a unit since 1970-01-01 UTC, as timestamps."""
+    if not (pa.types.is_integer(array.type) or pa.types.is_floating(array.type)):
+        try:
+            array = pc.utf8_trim_whitespace(array).cast(pa.int64())
+        except pa.ArrowInvalid:
+            array = pc.utf8_trim_whitespace(array).cast(pa.float64())
+    if pa.types.is_integer(array.type) and micros_each >= 1:
+        micros = pc.multiply_checked(array.cast(pa.int64()), int(micros_each))
+    else:
+        micros = pc.round(pc.multiply(array.cast(pa.float64()), micros_each)).cast(pa.int64())
+    return micros.cast(UTC_US)
 
 
 def _cast_day(array: pa.Array, fmt: str | None, month: bool) -> pa.Array:
@@ -178,6 +204,15 @@ def parse_column(array: pa.Array, kind: str, fmt: str | None) -> tuple[pa.Array,
             bad[index] = True
             values.append(None)
     return pa.array(values, ARROW_TYPES[kind]), bad
+
+
+def _unparsed(name: str, kind: str, value) -> str:
+    """Why VALUE of column NAME is not a KIND: it cannot be parsed, and what to declare when it is a
+    number meant as a time."""
+    reason = f"column '{name}': cannot parse {value!r} as {kind}"
+    if kind == "datetime" and _NUMBER.match(str(value)):
+        reason += f" (a number: declare its unit in formats, {name} = one of {', '.join(EPOCHS)})"
+    return reason
 
 
 def _finite(parsed: pa.Array, name: str, given: pa.Array, reasons: _Reasons, required: bool) -> pa.Array:
@@ -314,10 +349,7 @@ def validate(source: SourceConfig, raw: RawBatch, since: Cursor | None = None) -
             continue
         source_array = columns[name]
         parsed, bad = parse_column(as_written(source, source_array, kind), kind, rules.formats.get(name))
-        reasons.add(
-            bad,
-            lambda i, name=name, kind=kind, a=source_array: f"column '{name}': cannot parse {a[i].as_py()!r} as {kind}",
-        )
+        reasons.add(bad, lambda i, name=name, kind=kind, a=source_array: _unparsed(name, kind, a[i].as_py()))
         if kind == "float":
             parsed = _finite(parsed, name, source_array, reasons, required=name in required)
         typed[name] = parsed
