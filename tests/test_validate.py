@@ -125,6 +125,17 @@ def test_numbers_written_with_a_decimal_comma_and_grouped_thousands(tmp_path):
         source(decimal=",", thousands=",")
 
 
+def test_an_integer_past_64_bits_is_quarantined_not_a_failed_file(tmp_path):
+    path = tmp_path / "a.csv"
+    path.write_text("id,timestamp,px,qty\n"
+                    "a,2026-01-01T00:00:00Z,1,99999999999999999999\n"
+                    "b,2026-01-01T00:00:00Z,2,-9223372036854775808\n")
+    rows, rejects = run(source(), path)
+    assert [(r["id"], r["metadata"]["qty"]) for r in rows] == [("b", -(2**63))]
+    assert [(line, reason) for line, reason, _ in rejects] == [
+        (2, "column 'qty': cannot parse '99999999999999999999' as int")]
+
+
 def test_a_batchs_bad_rows_come_in_the_files_order(tmp_path):
     """Rows the reader could not split and rows that failed a rule are found apart; quarantine gets them
     (and lists them) in line order all the same."""

@@ -65,7 +65,10 @@ def check_columns(source: SourceConfig, names: list[str]) -> None:
 def _python_parse(kind: str, text: str, fmt: str | None):
     text = text.strip()
     if kind == "int":
-        return int(text)
+        number = int(text)
+        if not -(2**63) <= number < 2**63:
+            raise OverflowError(f"{text} is past a 64-bit integer")
+        return number
     if kind == "float":
         return float(text)
     if kind == "bool":
