@@ -104,6 +104,37 @@ def test_times_as_numbers_need_their_unit_and_read_alike_from_every_format(tmp_p
     assert row["timestamp"] == at  # to the microsecond PostgreSQL keeps
 
 
+def test_local_times_in_a_declared_zone_across_both_clock_changes(tmp_path):
+    """Power and gas trade in local time. With `timezone`, times written without a zone are that zone's
+    wall-clock times, through both of its clock changes: the hour skipped in spring and the hour gone
+    through twice in autumn are quarantined saying which, and a time with its offset is exact."""
+    utc = dt.UTC
+    expected = [("a", dt.datetime(2026, 3, 29, 0, 30, tzinfo=utc)), ("c", dt.datetime(2026, 3, 29, 1, 30, tzinfo=utc)),
+                ("e", dt.datetime(2026, 10, 25, 1, 30, tzinfo=utc)), ("f", dt.datetime(2026, 7, 1, 12, tzinfo=utc))]
+    skipped = "column 'timestamp': 2026-03-29 02:30:00 does not exist in Europe/Berlin: the clocks went forward over it"
+    twice = ("column 'timestamp': 2026-10-25 02:30:00 happens twice in Europe/Berlin (the clocks went back): "
+             "write it with its offset")
+    (tmp_path / "iso.csv").write_text("id,timestamp,px\n"
+                                      "a,2026-03-29 01:30,1\nb,2026-03-29 02:30,1\nc,2026-03-29 03:30,1\n"
+                                      "d,2026-10-25 02:30,1\ne,2026-10-25 02:30+01:00,1\nf,2026-07-01T12:00:00Z,1\n")
+    rows, rejects = run(source(timezone="Europe/Berlin"), tmp_path / "iso.csv")
+    assert [(r["id"], r["timestamp"]) for r in rows] == expected
+    assert [(line, reason) for line, reason, _ in rejects] == [(3, skipped), (5, twice)]
+
+    (tmp_path / "eu.csv").write_text("id,timestamp,px\na,29.03.2026 01:30,1\nb,29.03.2026 02:30,1\n")
+    rules = {"data_types": {"timestamp": "datetime", "px": "float"}, "formats": {"timestamp": "%d.%m.%Y %H:%M"}}
+    rows, rejects = run(source(timezone="Europe/Berlin", validation=rules), tmp_path / "eu.csv")
+    assert [(r["id"], r["timestamp"]) for r in rows] == expected[:1] and [r[0] for r in rejects] == [3]
+
+    local = pa.array([dt.datetime(2026, 3, 29, 1, 30), dt.datetime(2026, 3, 29, 3, 30)], pa.timestamp("ms"))
+    pq.write_table(pa.table({"id": ["a", "c"], "px": [1.0, 2.0], "timestamp": local}), tmp_path / "a.parquet")
+    rows, _ = run(source(format="parquet", timezone="Europe/Berlin"), tmp_path / "a.parquet")
+    assert [(r["id"], r["timestamp"]) for r in rows] == expected[:2]
+
+    with pytest.raises(ValueError, match="unknown time zone 'Europe/Berlln'"):
+        source(timezone="Europe/Berlln")
+
+
 def test_numbers_written_with_a_decimal_comma_and_grouped_thousands(tmp_path):
     """A spreadsheet's CSV from much of Europe: semicolons, decimal commas, dots between thousands,
     day-first dates. Declared so, its numbers read as meant; a number that still does not parse is

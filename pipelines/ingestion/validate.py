@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import re
 from dataclasses import dataclass, field
+from zoneinfo import ZoneInfo
 
 import numpy as np
 import pyarrow as pa
@@ -62,7 +63,25 @@ def check_columns(source: SourceConfig, names: list[str]) -> None:
         raise SourceContentError(f"source '{source.id}': missing required column(s) {missing}; found {names}")
 
 
-def _python_parse(kind: str, text: str, fmt: str | None):
+class Unclear(ValueError):
+    """A value that parses but cannot be placed: a local time the clocks skipped or went through twice."""
+
+
+def _in_zone(value: dt.datetime, zone: str) -> dt.datetime:
+    """VALUE (naive) as a wall-clock time in ZONE, in UTC; Unclear where a clock change makes it none
+    or two."""
+    if zone == "UTC":
+        return value.replace(tzinfo=dt.UTC)
+    tz = ZoneInfo(zone)
+    early, late = value.replace(tzinfo=tz, fold=0), value.replace(tzinfo=tz, fold=1)
+    if early.utcoffset() != late.utcoffset():
+        if early.astimezone(dt.UTC).astimezone(tz).replace(tzinfo=None) != value:
+            raise Unclear(f"{value} does not exist in {zone}: the clocks went forward over it")
+        raise Unclear(f"{value} happens twice in {zone} (the clocks went back): write it with its offset")
+    return early.astimezone(dt.UTC)
+
+
+def _python_parse(kind: str, text: str, fmt: str | None, zone: str = "UTC"):
     text = text.strip()
     if kind == "int":
         number = int(text)
@@ -89,12 +108,13 @@ def _python_parse(kind: str, text: str, fmt: str | None):
             micros = int(text) * EPOCHS[fmt] if text.lstrip("-").isdigit() else float(text) * EPOCHS[fmt]
             return dt.datetime(1970, 1, 1, tzinfo=dt.UTC) + dt.timedelta(microseconds=round(micros))
         value = dt.datetime.strptime(text, fmt) if fmt else dt.datetime.fromisoformat(text)
-        return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value.astimezone(dt.UTC)
+        return _in_zone(value, zone) if value.tzinfo is None else value.astimezone(dt.UTC)
     return text
 
 
-def _vector_cast(array: pa.Array, kind: str, fmt: str | None) -> pa.Array:
-    """The whole column cast at once; raises if any value does not parse."""
+def _vector_cast(array: pa.Array, kind: str, fmt: str | None, zone: str = "UTC") -> pa.Array:
+    """The whole column cast at once; raises if any value does not parse. Times without a zone are
+    ZONE's wall-clock times (one a clock change skips or repeats raises: `_in_zone` names it)."""
     target = ARROW_TYPES[kind]
     if array.type == target:
         return array
@@ -103,7 +123,7 @@ def _vector_cast(array: pa.Array, kind: str, fmt: str | None) -> pa.Array:
     if not pa.types.is_string(array.type) and not pa.types.is_large_string(array.type):
         if kind == "datetime" and pa.types.is_timestamp(array.type):
             if array.type.tz is None:
-                return pc.assume_timezone(array, "UTC").cast(UTC_US)
+                return pc.assume_timezone(array, zone).cast(UTC_US)
             return array.cast(UTC_US)
         if kind in ("datetime", "date") and (pa.types.is_integer(array.type) or pa.types.is_floating(array.type)):
             # Arrow would take the numbers as microseconds (or days) whatever they count: each is
@@ -115,10 +135,13 @@ def _vector_cast(array: pa.Array, kind: str, fmt: str | None) -> pa.Array:
             parsed = pc.strptime(array, format=fmt, unit="us", error_is_null=True)
             if parsed.null_count != array.null_count:
                 raise pa.ArrowInvalid("unparseable datetime")
-            return parsed.cast(UTC_US) if parsed.type.tz else pc.assume_timezone(parsed, "UTC")
+            return parsed.cast(UTC_US) if parsed.type.tz else pc.assume_timezone(parsed, zone).cast(UTC_US)
         # A failed cast costs far more than a good one: try first the form the first value has.
         first = next((v for v in array.slice(0, 64).to_pylist() if v), "")
-        attempts = [_cast_zoned, _cast_naive] if _ZONED.search(first.strip()) else [_cast_naive, _cast_zoned]
+        def naive(texts: pa.Array) -> pa.Array:
+            return pc.assume_timezone(texts.cast(pa.timestamp("us")), zone).cast(UTC_US)
+
+        attempts = [_cast_zoned, naive] if _ZONED.search(first.strip()) else [naive, _cast_zoned]
         try:
             return attempts[0](array)
         except pa.ArrowInvalid:
@@ -161,10 +184,6 @@ def _cast_day(array: pa.Array, fmt: str | None, month: bool) -> pa.Array:
     return days
 
 
-def _cast_naive(array: pa.Array) -> pa.Array:
-    return pc.assume_timezone(array.cast(pa.timestamp("us")), "UTC")
-
-
 def _cast_zoned(array: pa.Array) -> pa.Array:
     return array.cast(UTC_US)
 
@@ -189,11 +208,14 @@ def as_written(source: SourceConfig, array: pa.Array, kind: str) -> pa.Array:
     return array
 
 
-def parse_column(array: pa.Array, kind: str, fmt: str | None) -> tuple[pa.Array, np.ndarray]:
-    """ARRAY as KIND, plus a mask of the rows whose non-null value did not parse (those become null)."""
+def parse_column(array: pa.Array, kind: str, fmt: str | None, zone: str = "UTC"
+                 ) -> tuple[pa.Array, np.ndarray, dict[int, str]]:
+    """ARRAY as KIND, plus a mask of the rows whose non-null value did not parse (those become null),
+    and for some of them why (`Unclear`)."""
     bad = np.zeros(len(array), dtype=bool)
+    why: dict[int, str] = {}
     try:
-        return _vector_cast(array, kind, fmt), bad
+        return _vector_cast(array, kind, fmt, zone), bad, why
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
         pass
     values: list = []
@@ -202,11 +224,14 @@ def parse_column(array: pa.Array, kind: str, fmt: str | None) -> tuple[pa.Array,
             values.append(None)
             continue
         try:
-            values.append(_python_parse(kind, str(item), fmt))
+            values.append(_python_parse(kind, str(item), fmt, zone))
+        except Unclear as exc:
+            bad[index], why[index] = True, str(exc)
+            values.append(None)
         except (ValueError, OverflowError):
             bad[index] = True
             values.append(None)
-    return pa.array(values, ARROW_TYPES[kind]), bad
+    return pa.array(values, ARROW_TYPES[kind]), bad, why
 
 
 def _unparsed(name: str, kind: str, value) -> str:
@@ -302,7 +327,8 @@ def _past_cursor(source: SourceConfig, raw: RawBatch, since: str) -> tuple[RawBa
         return raw, 0
     kind = effective_types(source).get(source.cursor, "string")
     array, _ = _decode(raw.table.column(source.cursor).combine_chunks())
-    parsed, bad = parse_column(as_written(source, array, kind), kind, source.validation.formats.get(source.cursor))
+    fmt = source.validation.formats.get(source.cursor)
+    parsed, bad, _why = parse_column(as_written(source, array, kind), kind, fmt, source.timezone)
     older = pc.fill_null(pc.less(parsed, cursor_scalar(since, kind)), False).to_numpy(zero_copy_only=False)
     older &= ~bad
     if not older.any():
@@ -351,8 +377,10 @@ def validate(source: SourceConfig, raw: RawBatch, since: Cursor | None = None) -
         if name not in columns:
             continue
         source_array = columns[name]
-        parsed, bad = parse_column(as_written(source, source_array, kind), kind, rules.formats.get(name))
-        reasons.add(bad, lambda i, name=name, kind=kind, a=source_array: _unparsed(name, kind, a[i].as_py()))
+        parsed, bad, why = parse_column(as_written(source, source_array, kind), kind, rules.formats.get(name),
+                                        source.timezone)
+        reasons.add(bad, lambda i, name=name, kind=kind, a=source_array, why=why:
+                    f"column '{name}': {why[i]}" if i in why else _unparsed(name, kind, a[i].as_py()))
         if kind == "float":
             parsed = _finite(parsed, name, source_array, reasons, required=name in required)
         typed[name] = parsed

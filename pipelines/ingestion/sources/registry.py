@@ -97,6 +97,9 @@ class SourceConfig(BaseModel):
     encoding: str = "utf-8"
     # How numbers written as text mark decimals ("1,5" with ","), and a grouping mark to drop from them
     # ("1.234,5" with thousands = "."), as spreadsheets in much of Europe write them.
+    # The zone of times written without one ("2026-03-29 01:00" as a Berlin exchange writes it): an IANA
+    # name. A time its clocks skip or go through twice is quarantined, saying so.
+    timezone: str = "UTC"
     decimal: Literal[".", ","] = "."
     thousands: Literal[".", ",", " ", "'", "\u00a0", "\u202f"] | None = None
     max_line_bytes: int | None = Field(default=None, ge=64)  # longer lines are quarantined (INGOT_MAX_LINE_BYTES)
@@ -123,6 +126,17 @@ class SourceConfig(BaseModel):
             from pipelines.jobs.schedules import parse
 
             parse(value)
+        return value
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {value!r} (an IANA name, such as Europe/Berlin)") from None
         return value
 
     @field_validator("encoding")
