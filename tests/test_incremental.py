@@ -152,6 +152,11 @@ def test_a_rerun_reads_only_files_that_changed_since_their_last_load(client, wor
     assert changed["result"]["sources"]["prices"]["unchanged"] == ["data/a.csv"]
     assert count() == (good_a + good_b + good_c,) * 2
 
+    # Settings left at their defaults are no part of the declaration: spelt out, nothing is read again.
+    write_sources(sources_toml("prices", "*.csv").replace('name = "Test prices"',
+                                                         'name = "Test prices"\ntimezone = "UTC"\ndecimal = "."'))
+    assert run(client)["records_processed"] == 0
+
     # Another declaration of the source (a different rule) reads every file again.
     write_sources(sources_toml("prices", "*.csv").replace('name = "Test prices"', 'name = "Prices, renamed"'))
     redeclared = run(client)

@@ -56,7 +56,9 @@ class Seen:
 
 
 def declaration_of(source) -> str:
-    return hashlib.sha256(source.model_dump_json().encode()).hexdigest()
+    """A hash of how SOURCE is declared. Settings left at their defaults are out of it, so a release
+    that adds a setting (with a default that reads files as before) does not make every file new."""
+    return hashlib.sha256(source.model_dump_json(exclude_defaults=True).encode()).hexdigest()
 
 
 def take(path: Path, declaration: str) -> Fingerprint:
