@@ -135,6 +135,21 @@ def test_local_times_in_a_declared_zone_across_both_clock_changes(tmp_path):
         source(timezone="Europe/Berlln")
 
 
+@pytest.mark.parametrize("chunk", [16, 1 << 20])
+def test_lines_before_the_header_are_skipped_and_rows_keep_their_own_line_numbers(tmp_path, monkeypatch,
+                                                                                  fresh_settings, chunk):
+    """An exchange's report: a title and notes above the header (`skip_lines`), however the file is read."""
+    monkeypatch.setenv("INGOT_READ_CHUNK_BYTES", str(chunk))
+    path = tmp_path / "a.csv"
+    path.write_text("Daily settlement report\nGenerated 2026-01-02, prices in EUR/MWh\n\n"
+                    "id,timestamp,px\na,2026-01-01T00:00:00Z,1.5\nb,2026-01-01T00:00:00Z,oops\n")
+    rows, rejects = run(source(skip_lines=3), path)
+    assert [(r["id"], r["value"], r["line"]) for r in rows] == [("a", 1.5, 5)]
+    assert [(line, reason) for line, reason, _ in rejects] == [(6, "column 'px': cannot parse 'oops' as float")]
+    with pytest.raises(SourceError, match="missing required column"):
+        run(source(), path)  # without it, the title is the header
+
+
 def test_numbers_written_with_a_decimal_comma_and_grouped_thousands(tmp_path):
     """A spreadsheet's CSV from much of Europe: semicolons, decimal commas, dots between thousands,
     day-first dates. Declared so, its numbers read as meant; a number that still does not parse is

@@ -196,6 +196,7 @@ class _CsvParser:
     def __init__(self, source: SourceConfig):
         self.source = source
         self.names: list[str] | None = None
+        self.to_skip = source.skip_lines  # lines before the header (a title, notes), as they come
 
     def _empty(self) -> pa.Table:
         return pa.table({name: pa.array([], pa.binary()) for name in self.names or []})
@@ -204,6 +205,12 @@ class _CsvParser:
         return self._empty(), np.empty(0, np.int64), rejects or []
 
     def parse(self, block: Block, stream: LineStream) -> tuple[pa.Table, np.ndarray, list[Reject]]:
+        if self.names is None and self.to_skip:
+            skipped = min(self.to_skip, len(block))
+            self.to_skip -= skipped
+            block = block.tail(skipped)
+            if self.to_skip or not len(block):
+                return self._no_rows()
         if self.names is None:
             found = self._header(block, stream)
             if found is None:

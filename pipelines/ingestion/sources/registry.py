@@ -94,6 +94,7 @@ class SourceConfig(BaseModel):
     cursor: str | None = None
     cursor_param: str | None = None  # http: query parameter that asks the API for rows past the cursor
     delimiter: str = Field(default=",", min_length=1, max_length=1)
+    skip_lines: int = Field(default=0, ge=0, le=10_000)  # CSV: lines before the header (a title, notes)
     encoding: str = "utf-8"
     # How numbers written as text mark decimals ("1,5" with ","), and a grouping mark to drop from them
     # ("1.234,5" with thousands = "."), as spreadsheets in much of Europe write them.
