@@ -213,6 +213,48 @@ def test_a_method_a_path_lacks_is_405_naming_every_method_it_has(api_url, method
         assert answer.json()["error"]["code"] == "METHOD_NOT_ALLOWED"
 
 
+def test_head_of_a_large_file_stops_its_sending_at_once(tmp_path):
+    """A HEAD on a download must not read the file through: the route is told its client has gone as
+    soon as the headers are out (Starlette's FileResponse, 64 KiB a message, as an export's download)."""
+    import asyncio
+
+    from starlette.responses import FileResponse
+
+    from api.head import Head
+
+    big = tmp_path / "big.csv"
+    big.write_bytes(b"x" * (50 << 20))
+    produced: list[dict] = []
+
+    async def route(scope, receive, send):
+        async def counted(message):
+            produced.append(message)
+            await send(message)
+
+        await FileResponse(big)(scope, receive, counted)
+
+    async def client_stays():  # the request's (empty) body, then a connection that stays open
+        if not produced:
+            return {"type": "http.request", "body": b"", "more_body": False}
+        await asyncio.Event().wait()
+
+    sent: list[dict] = []
+
+    async def head():
+        scope = {"type": "http", "method": "HEAD", "path": "/x", "headers": [], "asgi": {"spec_version": "2.3"}}
+
+        async def out(message):
+            sent.append(message)
+
+        await asyncio.wait_for(Head(route)(scope, client_stays, out), timeout=30)
+
+    asyncio.run(head())
+    assert [m["type"] for m in sent] == ["http.response.start", "http.response.body"]
+    assert sent[1] == {"type": "http.response.body", "body": b"", "more_body": False}
+    assert dict(sent[0]["headers"])[b"content-length"] == str(50 << 20).encode()
+    assert len(produced) < 20  # not the file's 800 messages
+
+
 def test_head_answers_every_get_route_with_its_headers_and_no_body(api_url, admin_key):
     """RFC 9110 asks every server for HEAD: a load balancer's probe, `curl -I`. Each answers as its GET
     would, headers and all, without the body; the access line and metrics say HEAD."""
