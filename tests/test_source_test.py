@@ -33,6 +33,18 @@ def test_file_sources_show_a_sample_and_total_and_write_nothing(client, write_so
     assert table_counts() == before
 
 
+def test_the_total_leaves_out_the_lines_above_the_header(client, write_sources, data_dir):
+    (data_dir / "r.csv").write_text("Settlement report\nprices in EUR\nid,timestamp,px\n"
+                                    "a,2026-01-01T00:00:00Z,1\nb,2026-01-01T00:00:00Z,2\n")
+    (data_dir / "r.json").write_text('[{"id": "a", "timestamp": "2026-01-01T00:00:00Z", "px": 1}]')
+    write_sources(sources_toml("report", "r.csv").replace('format = "csv"', 'format = "csv"\nskip_lines = 2')
+                  + sources_toml("doc", "r.json").replace('format = "csv"', 'format = "json"'))
+    report = client.request("POST", "/sources/report/test")["data"]
+    assert report["total_records"] == 2 and [r["id"] for r in report["sample_data"]] == ["a", "b"]
+    doc = client.request("POST", "/sources/doc/test")["data"]
+    assert doc["total_records"] is None and [r["id"] for r in doc["sample_data"]] == ["a"]
+
+
 def test_unreachable_or_broken_sources_say_why(client, write_sources, api):
     api.routes["/ok"] = lambda q, h: as_json({"response": {"data": records(0, 8)}})
     write_sources(http_source("ok", f"{api.url}/ok") + http_source("down", "http://127.0.0.1:9/nothing")

@@ -58,8 +58,10 @@ def _total(source: SourceConfig, registry: Registry) -> int | None:
         return sum(pq.ParquetFile(p).metadata.num_rows for p in files)
     if sum(p.stat().st_size for p in files) > COUNT_LIMIT_BYTES or any(_is_gzip(p) for p in files):
         return None  # not cheap to know
-    header = 1 if source.format == "csv" else 0
-    return sum(max(_count_lines(p) - header, 0) for p in files)
+    if source.format == "json":
+        return None  # a document's records are known only once it is parsed
+    before = 1 + source.skip_lines if source.format == "csv" else 0  # the header, and what is above it
+    return sum(max(_count_lines(p) - before, 0) for p in files)
 
 
 def probe(registry: Registry, source_id: str) -> dict:
