@@ -209,8 +209,6 @@ def _parse(source: SourceConfig, body: bytes, first_record: int, shown: str) -> 
     return RawBatch(table, np.concatenate([b.lines for b in batches]) + offset, rejects)
 
 
-
-
 def _next_state(source: SourceConfig, state: dict, body: bytes, headers: httpx.Headers, count: int) -> dict | None:
     """Where the next page is, or None when this was the last."""
     pagination = source.pagination
