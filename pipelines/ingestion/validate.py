@@ -118,7 +118,7 @@ def _vector_cast(array: pa.Array, kind: str, fmt: str | None, zone: str = "UTC")
     target = ARROW_TYPES[kind]
     if array.type == target:
         return array
-    if kind == "datetime" and fmt in EPOCHS:
+    if kind == "datetime" and fmt in EPOCHS and not pa.types.is_timestamp(array.type):
         return _from_epoch(array, EPOCHS[fmt])
     if not pa.types.is_string(array.type) and not pa.types.is_large_string(array.type):
         if kind == "datetime" and pa.types.is_timestamp(array.type):
@@ -138,6 +138,7 @@ def _vector_cast(array: pa.Array, kind: str, fmt: str | None, zone: str = "UTC")
             return parsed.cast(UTC_US) if parsed.type.tz else pc.assume_timezone(parsed, zone).cast(UTC_US)
         # A failed cast costs far more than a good one: try first the form the first value has.
         first = next((v for v in array.slice(0, 64).to_pylist() if v), "")
+
         def naive(texts: pa.Array) -> pa.Array:
             return pc.assume_timezone(texts.cast(pa.timestamp("us")), zone).cast(UTC_US)
 
