@@ -55,7 +55,8 @@ def described(exc: IngotError) -> str:
 
 
 def follow(client: Client, job_id: str) -> dict:
-    """A live progress bar until JOB_ID ends; returns the final job."""
+    """A live progress bar until JOB_ID ends; returns the final job. Ctrl-C stops the watching, not the
+    job, and says so (exit 130)."""
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
                   TextColumn("{task.fields[records]} records, {task.fields[failed]} quarantined"),
                   TimeElapsedColumn(), console=err) as progress:
@@ -65,4 +66,10 @@ def follow(client: Client, job_id: str) -> dict:
             progress.update(task, completed=job["progress"], records=job["records_processed"],
                             failed=job["records_failed"], description=f"{job_id} {job['state']}")
 
-        return client.wait(job_id, on_update=update)
+        try:
+            return client.wait(job_id, on_update=update)
+        except KeyboardInterrupt:
+            pass
+    err.print(f"stopped watching; {job_id} goes on (`ingot jobs show {job_id}` to look, "
+              f"`ingot jobs cancel {job_id}` to stop it)")
+    raise typer.Exit(130)

@@ -85,6 +85,32 @@ def test_ingest_wait_follows_the_job_and_reports_by_exit_code(api_url, admin_key
     assert "0 resolved row(s)" in ingot("quarantine", "--state", "resolved", **env).stderr
 
 
+def test_ctrl_c_stops_the_watching_not_the_job_and_says_so(api_url, admin_key, no_worker, write_sources, data_dir):
+    import signal
+
+    from tests.helpers import wait_for
+
+    write_csv(data_dir / "a.csv", 5)
+    write_sources(sources_toml("prices", "a.csv"))
+    env = {**os.environ, "INGOT_URL": api_url, "INGOT_API_KEY": admin_key}
+    watching = subprocess.Popen([sys.executable, "-m", "cli.main", "ingest", "prices", "--wait"], cwd=ROOT,
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        from cli.client import Client
+
+        with Client(api_url, admin_key) as client:  # queued, with no worker: the watching goes on
+            queued = watching.stderr.readline()  # "queued job_... for prices", then the progress bar
+            [job] = wait_for(lambda: client.jobs(kind="ingestion")[0], timeout=30, message="the job queued")
+            assert job["id"] in queued
+            watching.send_signal(signal.SIGINT)
+            _out, said = watching.communicate(timeout=30)
+            assert watching.returncode == 130, said
+            assert f"stopped watching; {job['id']} goes on" in said and "Traceback" not in said
+            assert client.job(job["id"])["state"] == "queued"  # the job itself is left alone
+    finally:
+        watching.kill()
+
+
 def test_sources_shows_each_schedule_and_when_it_fires_next(api_url, admin_key, write_sources, data_dir):
     write_csv(data_dir / "a.csv", 5)
     write_sources(sources_toml("prices", "a.csv") + sources_toml("nightly", "a.csv").replace(
