@@ -1,5 +1,6 @@
 """Reading and validation: typed rows out, every bad row set aside with its line and reason."""
 
+import codecs
 import datetime as dt
 import json
 
@@ -180,6 +181,23 @@ def test_an_integer_past_64_bits_is_quarantined_not_a_failed_file(tmp_path):
     assert [(r["id"], r["metadata"]["qty"]) for r in rows] == [("b", -(2**63))]
     assert [(line, reason) for line, reason, _ in rejects] == [
         (2, "column 'qty': cannot parse '99999999999999999999' as int")]
+
+
+@pytest.mark.parametrize("codec", ["utf-16", "utf-16-be"])
+def test_a_utf16_file_is_read_as_excel_writes_it(tmp_path, monkeypatch, fresh_settings, codec):
+    """Excel's "Unicode Text" (UTF-16 with a byte order mark, tabs), read in blocks that split its
+    characters anywhere, gzipped too; its header was read as noise with NUL bytes."""
+    import gzip
+
+    monkeypatch.setenv("INGOT_READ_CHUNK_BYTES", "7")
+    text = "id\ttimestamp\tpx\tplace\r\na\t2026-01-01T00:00:00Z\t1.5\tZürich\r\nb\t2026-01-01T00:00:00Z\tx\t€\r\n"
+    data = (codecs.BOM_UTF16_BE + text.encode(codec)) if codec == "utf-16-be" else text.encode(codec)
+    (tmp_path / "a.txt").write_bytes(data)
+    (tmp_path / "a.txt.gz").write_bytes(gzip.compress(data))
+    for name in ("a.txt", "a.txt.gz"):
+        rows, rejects = run(source(delimiter="\t"), tmp_path / name)
+        assert [(r["id"], r["value"], r["metadata"]) for r in rows] == [("a", 1.5, {"place": "Zürich"})], name
+        assert [(line, reason) for line, reason, _ in rejects] == [(3, "column 'px': cannot parse 'x' as float")]
 
 
 def test_a_batchs_bad_rows_come_in_the_files_order(tmp_path):

@@ -1,12 +1,13 @@
 """A byte stream as blocks of whole lines, whatever dialect the file came in.
 
 Files from the world end their lines with `\\n`, `\\r\\n` or a bare `\\r`, may start with a UTF-8 byte
-order mark, may be gzip-compressed, may be in a single-byte encoding such as latin-1 or cp1252, may
-lack a line break on their last line, and may hold a line far longer than any sane record. This
-module takes all of that off the parsers' hands: it reads the stream in fixed-size chunks, unpacks
-gzip as it goes (detected by content, not by name), recodes to UTF-8, and hands out blocks that hold
-only whole lines, each with its 1-based line number. A line longer than the limit is never held
-whole: it becomes a reject carrying an excerpt, and reading skips to its end.
+order mark, may be UTF-16 with one (Excel's "Unicode Text"), may be gzip-compressed, may be in a
+single-byte encoding such as latin-1 or cp1252, may lack a line break on their last line, and may hold
+a line far longer than any sane record. This module takes all of that off the parsers' hands: it reads
+the stream in fixed-size chunks, unpacks gzip as it goes (detected by content, not by name), recodes
+to UTF-8, and hands out blocks that hold only whole lines, each with its 1-based line number. A line
+longer than the limit is never held whole: it becomes a reject carrying an excerpt, and reading skips
+to its end.
 
 Recoding keeps undecodable bytes as they are (`surrogateescape`), so a cell that holds one is not
 valid UTF-8 afterwards, and validation quarantines that row saying which encoding it is not in.
@@ -49,10 +50,39 @@ def check_encoding(encoding: str) -> str:
 
 
 def open_stream(fh: IO[bytes]) -> IO[bytes]:
-    """FH, or a streaming decompressor over it when its content is gzip (FH must be seekable)."""
+    """FH, or a streaming decompressor over it when its content is gzip, and a recoder to UTF-8 when the
+    content is UTF-16 by its byte order mark (Excel's "Unicode Text" and many Windows tools). FH must
+    be seekable."""
     head = fh.read(2)
     fh.seek(0)
-    return cast(IO[bytes], gzip.GzipFile(fileobj=fh, mode="rb")) if head == GZIP_MAGIC else fh
+    stream = cast(IO[bytes], gzip.GzipFile(fileobj=fh, mode="rb")) if head == GZIP_MAGIC else fh
+    bom = stream.read(2)
+    stream.seek(0)
+    return cast(IO[bytes], _FromUtf16(stream)) if bom in _UTF16_BOMS else stream
+
+
+_UTF16_BOMS = (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
+
+
+class _FromUtf16:
+    """A UTF-16 byte stream read as UTF-8, a chunk at a time (the byte order mark tells the order, and
+    is dropped). Bytes that are not UTF-16 fail the read, as UnicodeDecodeError."""
+
+    def __init__(self, raw: IO[bytes]) -> None:
+        self.raw = raw
+        self.decoder = codecs.getincrementaldecoder("utf-16")()
+        self.pending = b""
+        self.done = False
+
+    def read(self, size: int = -1) -> bytes:
+        while not self.done and (size < 0 or len(self.pending) < size):
+            chunk = self.raw.read(max(size, 1 << 16) if size >= 0 else 1 << 20)
+            self.done = not chunk
+            self.pending += self.decoder.decode(chunk, final=self.done).encode("utf-8")
+        if size < 0:
+            size = len(self.pending)
+        taken, self.pending = self.pending[:size], self.pending[size:]
+        return taken
 
 
 @dataclass
