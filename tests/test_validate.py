@@ -200,6 +200,16 @@ def test_a_utf16_file_is_read_as_excel_writes_it(tmp_path, monkeypatch, fresh_se
         assert [(line, reason) for line, reason, _ in rejects] == [(3, "column 'px': cannot parse 'x' as float")]
 
 
+def test_a_missing_column_whose_name_differs_only_in_case_or_spacing_is_pointed_at(tmp_path):
+    path = tmp_path / "a.csv"
+    path.write_text("ID,Time Stamp,px\na,2026-01-01T00:00:00Z,1\n")
+    with pytest.raises(SourceError) as raised:
+        run(source(validation={"required_columns": ["id", "time_stamp", "px"]}, mapping={}), path)
+    assert str(raised.value) == (
+        "source 's': missing required column(s) ['id', 'time_stamp']; found ['ID', 'Time Stamp', 'px']; "
+        "did you mean 'ID' for 'id', 'Time Stamp' for 'time_stamp'? (names must match exactly)")
+
+
 def test_a_batchs_bad_rows_come_in_the_files_order(tmp_path):
     """Rows the reader could not split and rows that failed a rule are found apart; quarantine gets them
     (and lists them) in line order all the same."""

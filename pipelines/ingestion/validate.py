@@ -60,7 +60,16 @@ def check_columns(source: SourceConfig, names: list[str]) -> None:
     needed = dict.fromkeys([*source.validation.required_columns, *source.primary_key])
     missing = [c for c in needed if c not in names]
     if missing:
-        raise SourceContentError(f"source '{source.id}': missing required column(s) {missing}; found {names}")
+        # A name that differs only in case, spaces or underscores is most likely the one meant.
+        folded = {_folded(name): name for name in names}
+        near = {c: folded[_folded(c)] for c in missing if _folded(c) in folded}
+        hint = (f"; did you mean {', '.join(f'{near[c]!r} for {c!r}' for c in near)}? (names must match exactly)"
+                if near else "")
+        raise SourceContentError(f"source '{source.id}': missing required column(s) {missing}; found {names}{hint}")
+
+
+def _folded(name: str) -> str:
+    return re.sub(r"[\s_-]+", "", name).casefold()
 
 
 class Unclear(ValueError):
