@@ -123,6 +123,18 @@ def test_every_shock_type_against_an_independent_computation(client, curves):
         assert events.scalar_one() == 2
 
 
+def test_a_curve_key_in_the_wrong_case_is_refused_pointing_at_the_stored_one(client, curves):
+    from cli.client import IngotError
+
+    with pytest.raises(IngotError) as refused:
+        create(client, base={"curve_keys": ["ng_henry_hub", "NO_SUCH_CURVE", KEYS[1]]})
+    assert refused.value.status == 422
+    assert refused.value.message == ("unknown curve key(s): ng_henry_hub, NO_SUCH_CURVE "
+                                     "(did you mean NG_HENRY_HUB for ng_henry_hub? curve keys match exactly)")
+    assert refused.value.details == {"curve_keys": ["ng_henry_hub", "NO_SUCH_CURVE"],
+                                     "did_you_mean": {"ng_henry_hub": "NG_HENRY_HUB"}}
+
+
 def test_shocks_past_the_largest_float_fail_the_run_clearly_and_write_nothing(client, curves):
     """Two shocks of +1e300% each are valid numbers, but take every value past 1.8e308: the run fails
     naming the first curve and month, instead of failing to record its infinities and being left running."""

@@ -130,3 +130,11 @@ def location(session: Session, wanted: str) -> dict | None:
 def known_keys(session: Session, keys: list[str]) -> set[str]:
     """Which of KEYS name a stored curve."""
     return set(session.scalars(select(CurveIndex.curve_key).where(CurveIndex.curve_key.in_(keys))))
+
+
+def spelt_otherwise(session: Session, keys: list[str]) -> dict[str, str]:
+    """For each of KEYS that a stored curve's key matches but for letter case, that key. (A scan of
+    the index of curves, one row a curve: asked only when a key is not found.)"""
+    wanted = {key.lower(): key for key in keys}
+    stored = session.scalars(select(CurveIndex.curve_key).where(func.lower(CurveIndex.curve_key).in_(wanted)))
+    return {wanted[found.lower()]: found for found in stored}

@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 from pipelines.core.errors import Conflict, Invalid
 from pipelines.core.models import ACTIVE_STATES, Job, JobKind, Scenario, ScenarioMetric, ScenarioOutput
 from pipelines.core.pagination import Keyset
-from pipelines.curves.queries import known_keys
+from pipelines.curves.queries import known_keys, spelt_otherwise
 
 Finite = Annotated[float, Field(allow_inf_nan=False, strict=True)]  # a number: not true, not "1"
 NEWEST_FIRST = Keyset((Scenario.created_at, Scenario.id), descending=True)
@@ -86,8 +86,12 @@ class ScenarioIn(_Strict):
 
 
 class UnknownCurves(Invalid):
-    def __init__(self, keys: list[str]):
-        super().__init__(f"unknown curve key(s): {', '.join(keys)}", {"curve_keys": keys})
+    def __init__(self, keys: list[str], near: dict[str, str] | None = None):
+        near = near or {}
+        hint = (f" (did you mean {', '.join(f'{near[k]} for {k}' for k in near)}? curve keys match exactly)"
+                if near else "")
+        super().__init__(f"unknown curve key(s): {', '.join(keys)}{hint}",
+                         {"curve_keys": keys, **({"did_you_mean": near} if near else {})})
         self.keys = keys
 
 
@@ -97,9 +101,10 @@ class ScenarioBusy(Conflict):
 
 def create(session: Session, body: ScenarioIn, api_key_id: str | None) -> Scenario:
     """Store BODY as a scenario; UnknownCurves if a curve key names no stored curve."""
-    unknown = [k for k in body.base.curve_keys if k not in known_keys(session, body.base.curve_keys)]
+    known = known_keys(session, body.base.curve_keys)  # one statement, however many keys
+    unknown = [k for k in body.base.curve_keys if k not in known]
     if unknown:
-        raise UnknownCurves(unknown)
+        raise UnknownCurves(unknown, spelt_otherwise(session, unknown))
     scenario = Scenario(name=body.name, description=body.description, base=body.base.model_dump(mode="json"),
                         shocks=[s.model_dump(mode="json", by_alias=True) for s in body.shocks], api_key_id=api_key_id)
     session.add(scenario)
