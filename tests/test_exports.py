@@ -126,6 +126,13 @@ def test_filters_columns_and_empty_results(client, worker, tmp_path):
     assert client.export_status(empty["id"])["status"] == "succeeded"
 
 
+def test_a_column_asked_for_twice_is_refused(client):
+    """A file with two `id` columns breaks the tools that read it (pandas renames, Parquet readers refuse)."""
+    answer = client.http.post("/api/v1/data/export", json={"format": "parquet", "columns": ["id", "value", "id"]})
+    assert answer.status_code == 422
+    assert "id given more than once" in str(answer.json()["error"]["details"])
+
+
 def test_a_killed_export_is_redone_whole_and_never_served_half(client, worker, tmp_path):
     seed(400_000)
     started = client.start_export("parquet")

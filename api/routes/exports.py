@@ -7,7 +7,7 @@ from typing import Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from api.deps import Reader, SessionDep, Writer, limit
 from api.envelope import Envelope, found, iso, ok
@@ -26,7 +26,16 @@ class ExportRequest(BaseModel):
     format: Literal["csv", "parquet", "jsonl"]
     filters: Filters = Field(default_factory=Filters)
     columns: list[Literal["id", "source", "timestamp", "value", "metadata", "job_id", "ingested_at"]] | None = Field(
-        default=None, min_length=1, max_length=7)
+        default=None, min_length=1, max_length=7, json_schema_extra={"uniqueItems": True},
+        description="the file's columns, in this order, each once")
+
+    @field_validator("columns")
+    @classmethod
+    def _each_once(cls, columns: list[str] | None) -> list[str] | None:
+        twice = sorted({c for c in columns or [] if columns.count(c) > 1})  # type: ignore[union-attr]
+        if twice:
+            raise ValueError(f"each column once: {', '.join(twice)} given more than once")
+        return columns
 
 
 class ExportStarted(BaseModel):
