@@ -404,6 +404,9 @@ def test_a_json_document_file_is_read_for_its_records(tmp_path):
 
     with pytest.raises(SourceError, match=r"a.json is one JSON document of more than .* write it as JSON Lines"):
         run(source(format="json", max_response_bytes=100), tmp_path / "a.json")
+    (tmp_path / "g.json").write_text(json.dumps(records)[:-1])  # cut short
+    with pytest.raises(SourceError, match=r"g.json is not valid JSON: expected ',' or '\]' after a record"):
+        run(source(format="json"), tmp_path / "g.json")
     (tmp_path / "f.json").write_text(json.dumps({"data": {"rows": records}}, indent=2))
     with pytest.raises(SourceError, match=r"f.json has no list of records at the top level \(name where"):
         run(source(format="json"), tmp_path / "f.json")

@@ -132,8 +132,9 @@ def _read_json(source: SourceConfig, path: Path, batch_rows: int) -> Iterator[Ra
     """JSON Lines, read in blocks; or one JSON document, which is read whole: its records are the list
     at `records_path`, or the document itself, as for an HTTP page. A document is a file that opens
     with `[`, or that a source names a `records_path` for, or (declared `json`) one whose first line is
-    not a whole JSON object (a document written over many lines). It is held in memory, so one past the
-    source's `max_response_bytes` (64 MiB by default) is refused, saying to write it as JSON Lines."""
+    not a whole JSON object (a document written over many lines). Its text is held in memory (an array's
+    records are decoded a batch at a time), so one past the source's `max_response_bytes` (64 MiB by
+    default) is refused, saying to write it as JSON Lines."""
     with path.open("rb") as fh:
         _not_another_format(source, path.name, fh)
         if not _one_document(source, open_stream(fh)):
@@ -148,9 +149,60 @@ def _read_json(source: SourceConfig, path: Path, batch_rows: int) -> Iterator[Ra
             f"source '{source.id}': {path.name} is one JSON document of more than {limit / 2**20:g} MiB, which is "
             f"read whole to find its records: write it as JSON Lines (one record a line, read in blocks whatever "
             f"its size), or raise the source's max_response_bytes")
-    raw = json_records(source, body, 1, path.name)
+    if source.records_path:
+        raw = json_records(source, body, 1, path.name)
+        del body
+        yield from _regrouped(iter([raw]), batch_rows)
+        return
+    text = body.decode(source.encoding).removeprefix("\ufeff")
     del body
-    yield from _regrouped(iter([raw]), batch_rows)
+    yield from _array_records(source, text, batch_rows, path.name)
+
+
+_SPACE = re.compile(r"[ \t\r\n]*")
+
+
+def _array_records(source: SourceConfig, text: str, batch_rows: int, name: str) -> Iterator[RawBatch]:
+    """The records of TEXT, one JSON array, BATCH_ROWS at a time: each element is decoded in its turn,
+    so only a batch of them is ever held as Python objects (decoding the whole array first took four
+    times the file's size). Numbered from 1; an element that is not an object is set aside."""
+    decoder = json.JSONDecoder()
+
+    def bad(why: str, at: int) -> SourceContentError:
+        return SourceContentError(f"source '{source.id}': {name} is not valid JSON: {why} (character {at})")
+
+    at = _SPACE.match(text).end()  # type: ignore[union-attr]
+    if not text.startswith("[", at):
+        raise SourceContentError(f"source '{source.id}': {name} has no list of records at the top level "
+                                 "(name where it is with records_path)")
+    at = _SPACE.match(text, at + 1).end()  # type: ignore[union-attr]
+    good: list[dict] = []
+    lines: list[int] = []
+    rejects: list[Reject] = []
+    number, sent = 0, False
+    while not text.startswith("]", at):
+        try:
+            record, at = decoder.raw_decode(text, at)
+        except json.JSONDecodeError as exc:
+            raise bad(exc.msg, exc.pos) from None
+        number += 1
+        if isinstance(record, dict):
+            good.append(record)
+            lines.append(number)
+        else:
+            rejects.append(Reject(number, "record is not a JSON object", {"record": json.dumps(record)[:1000]}))
+        at = _SPACE.match(text, at).end()  # type: ignore[union-attr]
+        if text.startswith(",", at):
+            at = _SPACE.match(text, at + 1).end()  # type: ignore[union-attr]
+        elif not text.startswith("]", at):
+            raise bad("expected ',' or ']' after a record", at)
+        if len(good) >= batch_rows:
+            yield RawBatch(records_table(good), np.array(lines, dtype=np.int64), rejects, at / len(text))
+            good, lines, rejects, sent = [], [], [], True
+    if text[_SPACE.match(text, at + 1).end():]:  # type: ignore[union-attr]
+        raise bad("more after the list of records", at + 1)
+    if good or rejects or not sent:
+        yield RawBatch(records_table(good), np.array(lines, dtype=np.int64), rejects)
 
 
 def _one_document(source: SourceConfig, stream: IO[bytes]) -> bool:
