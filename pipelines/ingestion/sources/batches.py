@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -130,12 +131,18 @@ def json_records(source, body: bytes, first_record: int, where: str) -> RawBatch
         at = f"at '{source.records_path}'" if source.records_path else "at the top level"
         raise SourceContentError(f"source '{source.id}': {where} has no list of records {at}"
                                  + ("" if source.records_path else " (name where it is with records_path)"))
+    return records_batch(enumerate(records, start=first_record))
+
+
+def records_batch(numbered: Iterable[tuple[int, Any]], fraction: float = 1.0) -> RawBatch:
+    """Decoded JSON values with their record numbers as a raw batch: the objects as rows, anything else
+    set aside as not a record."""
     good, lines, rejects = [], [], []
-    for number, record in enumerate(records, start=first_record):
+    for number, record in numbered:
         if isinstance(record, dict):
             good.append(record)
             lines.append(number)
         else:
             rejects.append(Reject(number, "record is not a JSON object", {"record": json.dumps(record)[:1000]}))
-    return RawBatch(records_table(good), np.array(lines, dtype=np.int64), rejects)
+    return RawBatch(records_table(good), np.array(lines, dtype=np.int64), rejects, fraction)
 

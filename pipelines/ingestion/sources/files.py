@@ -33,7 +33,15 @@ import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
 from pipelines.core.settings import get_settings
-from pipelines.ingestion.sources.batches import Piece, RawBatch, Reject, json_records, nested_as_text, records_table
+from pipelines.ingestion.sources.batches import (
+    Piece,
+    RawBatch,
+    Reject,
+    json_records,
+    nested_as_text,
+    records_batch,
+    records_table,
+)
 from pipelines.ingestion.sources.fingerprints import Seen
 from pipelines.ingestion.sources.lines import Block, LineStream, open_stream
 from pipelines.ingestion.sources.registry import Registry, SourceConfig, SourceContentError, SourceError
@@ -176,9 +184,7 @@ def _array_records(source: SourceConfig, text: str, batch_rows: int, name: str) 
         raise SourceContentError(f"source '{source.id}': {name} has no list of records at the top level "
                                  "(name where it is with records_path)")
     at = _SPACE.match(text, at + 1).end()  # type: ignore[union-attr]
-    good: list[dict] = []
-    lines: list[int] = []
-    rejects: list[Reject] = []
+    batch: list[tuple[int, object]] = []
     number, sent = 0, False
     while not text.startswith("]", at):
         try:
@@ -186,23 +192,19 @@ def _array_records(source: SourceConfig, text: str, batch_rows: int, name: str) 
         except json.JSONDecodeError as exc:
             raise bad(exc.msg, exc.pos) from None
         number += 1
-        if isinstance(record, dict):
-            good.append(record)
-            lines.append(number)
-        else:
-            rejects.append(Reject(number, "record is not a JSON object", {"record": json.dumps(record)[:1000]}))
+        batch.append((number, record))
         at = _SPACE.match(text, at).end()  # type: ignore[union-attr]
         if text.startswith(",", at):
             at = _SPACE.match(text, at + 1).end()  # type: ignore[union-attr]
         elif not text.startswith("]", at):
             raise bad("expected ',' or ']' after a record", at)
-        if len(good) >= batch_rows:
-            yield RawBatch(records_table(good), np.array(lines, dtype=np.int64), rejects, at / len(text))
-            good, lines, rejects, sent = [], [], [], True
+        if len(batch) >= batch_rows:
+            yield records_batch(batch, at / len(text))
+            batch, sent = [], True
     if text[_SPACE.match(text, at + 1).end():]:  # type: ignore[union-attr]
         raise bad("more after the list of records", at + 1)
-    if good or rejects or not sent:
-        yield RawBatch(records_table(good), np.array(lines, dtype=np.int64), rejects)
+    if batch or not sent:
+        yield records_batch(batch)
 
 
 def _one_document(source: SourceConfig, stream: IO[bytes]) -> bool:
