@@ -6,6 +6,7 @@ that names the source and the field, shown on `/sources/{id}` and on any job tha
 
 from __future__ import annotations
 
+import difflib
 import glob
 import os
 import tomllib
@@ -246,8 +247,29 @@ def _format_error(source_id: str, error: ValidationError) -> str:
     for item in error.errors():
         where = ".".join(str(p) for p in item["loc"])
         message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            message = _unknown_field(item["loc"])
         parts.append(f"field '{where}': {message}" if where else message)
     return f"source '{source_id}': " + "; ".join(parts)
+
+
+_SECTIONS: dict[str, type[BaseModel]] = {"validation": Validation, "pagination": Pagination}
+_OTHER_NAMES = {"sep": "delimiter", "separator": "delimiter", "skiprows": "skip_lines", "skip_rows": "skip_lines",
+                "tz": "timezone", "decimal_separator": "decimal", "thousands_separator": "thousands",
+                "dtype": "validation.data_types", "dtypes": "validation.data_types",
+                "date_format": "validation.formats", "parse_dates": "validation.formats", "url_params": "params"}
+
+
+def _unknown_field(loc: tuple) -> str:
+    """What to say of a key the declaration does not know: the one it most likely meant, if any."""
+    model = _SECTIONS.get(str(loc[0]), SourceConfig) if len(loc) > 1 else SourceConfig
+    key, fields = str(loc[-1]), list(model.model_fields)
+    # Names other tools give these settings (pandas' read_csv above all), then a setting inside the key or
+    # the key inside a setting ("page_param", "required"), then spelling.
+    known = _OTHER_NAMES.get(key.lower())
+    inside = sorted((f for f in fields if len(f) >= 4 and (f in key or key in f)), key=len, reverse=True)
+    near = [known] if known else inside[:1] or difflib.get_close_matches(key, fields, n=1, cutoff=0.75)
+    return f"not a setting here (did you mean '{near[0]}'?)" if near else "not a setting here"
 
 
 def _confinement_error(config: SourceConfig, registry: Registry) -> str | None:
