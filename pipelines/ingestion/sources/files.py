@@ -170,6 +170,11 @@ def _read_json(source: SourceConfig, path: Path, batch_rows: int) -> Iterator[Ra
 _SPACE = re.compile(r"[ \t\r\n]*")
 
 
+def _past_space(text: str, at: int) -> int:
+    """Where TEXT's JSON whitespace from AT ends."""
+    return _SPACE.match(text, at).end()  # type: ignore[union-attr]  # it matches anywhere, if only ""
+
+
 def _array_records(source: SourceConfig, text: str, batch_rows: int, name: str) -> Iterator[RawBatch]:
     """The records of TEXT, one JSON array, BATCH_ROWS at a time: each element is decoded in its turn,
     so only a batch of them is ever held as Python objects (decoding the whole array first took four
@@ -179,11 +184,11 @@ def _array_records(source: SourceConfig, text: str, batch_rows: int, name: str) 
     def bad(why: str, at: int) -> SourceContentError:
         return SourceContentError(f"source '{source.id}': {name} is not valid JSON: {why} (character {at})")
 
-    at = _SPACE.match(text).end()  # type: ignore[union-attr]
+    at = _past_space(text, 0)
     if not text.startswith("[", at):
         raise SourceContentError(f"source '{source.id}': {name} has no list of records at the top level "
                                  "(name where it is with records_path)")
-    at = _SPACE.match(text, at + 1).end()  # type: ignore[union-attr]
+    at = _past_space(text, at + 1)
     batch: list[tuple[int, object]] = []
     number, sent = 0, False
     while not text.startswith("]", at):
@@ -193,15 +198,15 @@ def _array_records(source: SourceConfig, text: str, batch_rows: int, name: str) 
             raise bad(exc.msg, exc.pos) from None
         number += 1
         batch.append((number, record))
-        at = _SPACE.match(text, at).end()  # type: ignore[union-attr]
+        at = _past_space(text, at)
         if text.startswith(",", at):
-            at = _SPACE.match(text, at + 1).end()  # type: ignore[union-attr]
+            at = _past_space(text, at + 1)
         elif not text.startswith("]", at):
             raise bad("expected ',' or ']' after a record", at)
         if len(batch) >= batch_rows:
             yield records_batch(batch, at / len(text))
             batch, sent = [], True
-    if text[_SPACE.match(text, at + 1).end():]:  # type: ignore[union-attr]
+    if text[_past_space(text, at + 1):]:
         raise bad("more after the list of records", at + 1)
     if batch or not sent:
         yield records_batch(batch)
