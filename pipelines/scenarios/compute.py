@@ -71,11 +71,12 @@ def _number(value: Any) -> float | None:
     return None if value is None or value != value else float(value)
 
 
-def beyond_float(keys: np.ndarray, months: np.ndarray, base: np.ndarray, shocked: np.ndarray, change: np.ndarray,
-                 per_curve: dict[str, np.ndarray], total: dict[str, float | None]) -> str | None:
+def beyond_float(keys: np.ndarray, starts: np.ndarray, months: np.ndarray, base: np.ndarray, shocked: np.ndarray,
+                 change: np.ndarray, per_curve: dict[str, np.ndarray], total: dict[str, float | None]) -> str | None:
     """Why a run's figures cannot be kept, or None: shocks that take a value, or a figure over the
-    curves, past the largest finite double (about 1.8e308). Such a run fails with this reason; its
-    figures would be infinities, which JSON (the API's answers, the job's result) cannot hold."""
+    curves (which begin at STARTS, `curve_bounds`), past the largest finite double (about 1.8e308). Such
+    a run fails with this reason; its figures would be infinities, which JSON (the API's answers, the
+    job's result) cannot hold."""
     bad = np.flatnonzero(~(np.isfinite(shocked) & np.isfinite(change)))
     if len(bad):
         i = bad[0]
@@ -84,10 +85,9 @@ def beyond_float(keys: np.ndarray, months: np.ndarray, base: np.ndarray, shocked
     for name, values in per_curve.items():
         over = np.flatnonzero(np.isinf(values))
         if len(over):
-            return (f"the shocks make {name} of {keys[curve_bounds(keys)[0][over[0]]]} larger than a figure can "
+            return (f"the shocks make {name} of {keys[starts[over[0]]]} larger than a figure can "
                     f"hold (about 1.8e308); use smaller shock values")
     for name, value in total.items():
         if value is not None and not np.isfinite(value):
             return f"the shocks make the total {name} larger than a figure can hold (about 1.8e308)"
     return None
-

@@ -148,9 +148,10 @@ def run(job: JobRun) -> dict:
         shocked = compute.apply(values, months, shocks)
         change = shocked - values
         per_curve, total = compute.metrics(curve_keys, values, change)
-    if (overflow := compute.beyond_float(curve_keys, months, values, shocked, change, per_curve, total)) is not None:
-        raise JobFailed(overflow)
     starts, _ends = compute.curve_bounds(curve_keys)
+    if (overflow := compute.beyond_float(curve_keys, starts, months, values, shocked, change, per_curve,
+                                         total)) is not None:
+        raise JobFailed(overflow)
     job.processed = len(values)
 
     def write(conn: psycopg.Connection) -> None:
