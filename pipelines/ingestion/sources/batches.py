@@ -11,6 +11,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from pipelines.ingestion.sources.registry import SourceContentError
+
 
 @dataclass
 class Reject:
@@ -118,8 +120,6 @@ def json_records(source, body: bytes, first_record: int, where: str) -> RawBatch
     """The records of one JSON document (an HTTP page, a `.json` file): the list at the source's
     `records_path`, or the document itself. Records are numbered on from FIRST_RECORD; one that is
     not an object is set aside. WHERE names the document in errors."""
-    from pipelines.ingestion.sources.registry import SourceContentError
-
     try:
         document = json.loads(body.decode(source.encoding).removeprefix("\ufeff"))  # a byte order mark, if any
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
