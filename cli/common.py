@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Annotated, NoReturn, TypeVar
 
 import typer
@@ -54,22 +55,28 @@ def described(exc: IngotError) -> str:
     return f"[red]error[/red] {exc.status} {exc.code}: {exc.message}" + (f" ({fields})" if fields else "")
 
 
+@contextmanager
+def watching(job_id: str) -> Iterator[None]:
+    """Ctrl-C within stops the watching of JOB_ID, not the job, and says so (exit 130): from the moment
+    the job is known, so a Ctrl-C before the progress bar is up is answered the same."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        err.print(f"stopped watching; {job_id} goes on (`ingot jobs show {job_id}` to look, "
+                  f"`ingot jobs cancel {job_id}` to stop it)")
+        raise typer.Exit(130) from None
+
+
 def follow(client: Client, job_id: str) -> dict:
-    """A live progress bar until JOB_ID ends; returns the final job. Ctrl-C stops the watching, not the
-    job, and says so (exit 130)."""
-    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
-                  TextColumn("{task.fields[records]} records, {task.fields[failed]} quarantined"),
-                  TimeElapsedColumn(), console=err) as progress:
+    """A live progress bar until JOB_ID ends; returns the final job (Ctrl-C: `watching`)."""
+    with watching(job_id), Progress(
+            TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
+            TextColumn("{task.fields[records]} records, {task.fields[failed]} quarantined"),
+            TimeElapsedColumn(), console=err) as progress:
         task = progress.add_task(job_id, total=100, records=0, failed=0)
 
         def update(job: dict) -> None:
             progress.update(task, completed=job["progress"], records=job["records_processed"],
                             failed=job["records_failed"], description=f"{job_id} {job['state']}")
 
-        try:
-            return client.wait(job_id, on_update=update)
-        except KeyboardInterrupt:
-            pass
-    err.print(f"stopped watching; {job_id} goes on (`ingot jobs show {job_id}` to look, "
-              f"`ingot jobs cancel {job_id}` to stop it)")
-    raise typer.Exit(130)
+        return client.wait(job_id, on_update=update)

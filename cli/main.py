@@ -11,7 +11,20 @@ import typer
 from rich.table import Table
 
 from cli.client import IngotError
-from cli.common import DEFAULT_URL, KeyOpt, UrlOpt, client_for, described, err, fail, follow, group_client, out, through
+from cli.common import (
+    DEFAULT_URL,
+    KeyOpt,
+    UrlOpt,
+    client_for,
+    described,
+    err,
+    fail,
+    follow,
+    group_client,
+    out,
+    through,
+    watching,
+)
 from cli.markets import curves_app, scenarios_app
 from pipelines.core.errors import DomainError
 
@@ -299,11 +312,12 @@ def ingest(
     with client_for(url, api_key) as client:
         try:
             started = client.start_ingestion(sources or None, mode="full" if full else None, force=force)
-            err.print(f"queued {started['job_id']} for {', '.join(started['sources'])}")
-            if not wait:
-                print(started["job_id"])
-                return
-            job = follow(client, started["job_id"])
+            with watching(started["job_id"]):  # a Ctrl-C from here on leaves the job be, and says so
+                err.print(f"queued {started['job_id']} for {', '.join(started['sources'])}")
+                if not wait:
+                    print(started["job_id"])
+                    return
+                job = follow(client, started["job_id"])
         except IngotError as exc:
             fail(exc)
     colour = "green" if job["state"] == "succeeded" else "red"
