@@ -18,7 +18,8 @@ from starlette.concurrency import run_in_threadpool
 
 from api import limits
 from api.envelope import ApiError
-from api.identity import Identity
+from api.identity import Identity, bearer
+from pipelines.auth import keys
 from pipelines.auth.principal import Principal
 from pipelines.core import runtime
 from pipelines.core.db import abandon, new_session
@@ -101,8 +102,8 @@ def bearer_token(request: Request, _token: BearerHeader = None) -> str:
     """The bearer token from /auth/login this request carries, for the routes that act on the token
     itself (refresh, logout): the document declares only BearerToken for them, and a key, or a token
     that is no longer valid, is 401."""
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    if request.headers.get("x-api-key") or scheme.lower() != "bearer" or not token or token.startswith("ingot_"):
+    token = bearer(request)
+    if request.headers.get("x-api-key") or not token or keys.looks_like_key(token):
         raise ApiError(401, "this route takes the bearer token from /auth/login, alone (a key is revoked with "
                             "DELETE /api/v1/keys/{key_id})", headers={"WWW-Authenticate": "Bearer"})
     _caller(request)

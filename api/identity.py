@@ -57,6 +57,12 @@ _cache: dict[str, _Entry] = {}
 
 
 
+def bearer(request: Request) -> str | None:
+    """What REQUEST's `Authorization: Bearer` header carries (a token, or a key sent that way), if any."""
+    scheme, _, credential = request.headers.get("authorization", "").partition(" ")
+    return credential if scheme.lower() == "bearer" and credential else None
+
+
 def _invalid_key() -> ApiError:
     return ApiError(401, "the API key is not valid or was revoked", headers={"WWW-Authenticate": "ApiKey"})
 
@@ -73,14 +79,14 @@ async def identify(request: Request) -> Identity:
         return who
     supplied = request.headers.get("x-api-key")
     if not supplied:
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() == "bearer" and token and not token.startswith("ingot_"):
+        token = bearer(request)
+        if token and not keys.looks_like_key(token):
             who = await run_in_threadpool(_token_identity, token)
             if who.principal is not None:
                 request.state.api_key_id = who.principal.id  # the user, in the access line
             await limits.count_default(request, who.principal)
             return who
-        supplied = token if scheme.lower() == "bearer" else None
+        supplied = token
     if not supplied:
         who = Identity(None, None)
         await limits.count_default(request, who.principal)
@@ -133,7 +139,10 @@ def _token_identity(token: str) -> Identity:
         person = oidc.verify(token)
         if person is None:
             return Identity(None, _invalid_token())
-        return Identity(Principal.of_person(person.subject, person.name, person.scopes), None)
+        return Identity(Principal.of_person(person.subject, person.name, person.scopes, person.expires), None)
     with session_scope() as session:
-        user = users.verify(session, token)
-        return Identity(None, _invalid_token()) if user is None else Identity(Principal.of_user(user), None)
+        found = users.verified(session, token)
+        if found is None:
+            return Identity(None, _invalid_token())
+        user, claims = found
+        return Identity(Principal.of_user(user, users.token_id(token, claims), float(claims["exp"])), None)

@@ -22,9 +22,6 @@ from collections.abc import AsyncIterator, Callable
 from datetime import datetime
 from typing import Any
 
-import jwt
-
-from pipelines.auth import users
 from pipelines.auth.principal import Principal
 from pipelines.auth.quotas import QuotaExceeded
 from pipelines.core import adb
@@ -140,8 +137,8 @@ WATCHER = Watcher()
 _open: Counter[str] = Counter()  # event streams open in this process, by the principal watching
 
 
-def event_stream(job: dict[str, Any], watcher: Principal, authorization: str = "") -> AsyncIterator[bytes]:
-    """JOB as server-sent events for WATCHER (who sent AUTHORIZATION, the header, when not a key): for
+def event_stream(job: dict[str, Any], watcher: Principal) -> AsyncIterator[bytes]:
+    """JOB as server-sent events for WATCHER: for
     as long as its credential stays valid (`_credential`), and counted against its
     `INGOT_MAX_EVENT_STREAMS_PER_KEY` open at once in this process: past it, QuotaExceeded at once.
 
@@ -163,27 +160,20 @@ def event_stream(job: dict[str, Any], watcher: Principal, authorization: str = "
             if not _open[watcher_id]:
                 del _open[watcher_id]
 
-    stream = _events(job, *_credential(watcher, authorization), release)
+    stream = _events(job, *_credential(watcher), release)
     weakref.finalize(stream, release)
     return stream
 
 
-def _credential(watcher: Principal, authorization: str) -> tuple[tuple[str, ...], float | None]:
+def _credential(watcher: Principal) -> tuple[tuple[str, ...], float | None]:
     """What WATCHER opened a stream with, as `_DEAD` checks it again (a key, or a token and its user),
     and when its bearer token expires (epoch seconds): the stream ends then, as the token would stop
-    opening one."""
+    opening one. A person signed in at the identity provider logs out there, not here: only the expiry."""
     if watcher.kind == "key":
         return (f"key:{watcher.id}",), None
-    _scheme, _, token = authorization.partition(" ")
-    try:
-        claims = jwt.decode(token, options={"verify_signature": False})  # checked already, by api.identity
-    except jwt.PyJWTError:
-        return (), None
-    expires = claims.get("exp")
-    until = float(expires) if isinstance(expires, int | float) else None
-    if watcher.id.startswith("oidc:"):  # an identity provider's token: logged out there, not here
-        return (), until
-    return (f"token:{users.token_id(token, claims)}", f"user:{watcher.id}"), until
+    if watcher.token_id is None:
+        return (), watcher.expires
+    return (f"token:{watcher.token_id}", f"user:{watcher.id}"), watcher.expires
 
 
 async def _events(job: dict[str, Any], credential: tuple[str, ...], until: float | None,

@@ -15,6 +15,9 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from httpx_sse import connect_sse
+
+from testkit.datagen import sources_toml, write_csv
 
 AUDIENCE = "ingot-api"
 
@@ -154,3 +157,21 @@ def test_a_rotated_key_is_fetched_when_a_token_names_it_and_a_retired_one_stops(
     assert call(api_url, issuer.token("rsa-2")).status_code == 200  # an unknown kid: the JWKS fetched again
     assert issuer.jwks_fetches == fetched + 1
     assert call(api_url, issuer.token("rsa-1")).status_code == 401  # gone from the set it now holds
+
+
+def test_a_stream_opened_with_the_issuers_token_ends_when_that_token_expires(api_url, issuer, no_worker, write_sources,
+                                                                            data_dir):
+    """A person from the identity provider logs out there, not here; but their job's event stream lasts
+    no longer than the token it was opened with."""
+    write_csv(data_dir / "a.csv", 10)
+    write_sources(sources_toml("prices", "a.csv"))
+    short = {"Authorization": f"Bearer {issuer.token(exp=int(time.time()) + 4)}"}
+    with httpx.Client(base_url=api_url, timeout=30) as http:
+        started = http.post("/api/v1/ingestion/start", headers=short, json={"sources": ["prices"]})
+        assert started.status_code == 202, started.text
+        job_id = started.json()["data"]["job_id"]
+        began = time.monotonic()
+        with connect_sse(http, "GET", f"/api/v1/jobs/{job_id}/events", headers=short) as source:
+            states = [e.json()["state"] for e in source.iter_sse() if e.event == "job"]  # until the server closes it
+        took = time.monotonic() - began
+    assert states == ["queued"] and took < 12  # ended with the token (4 s), not with the job (still queued)

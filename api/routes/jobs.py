@@ -44,11 +44,11 @@ async def get_job(job_id: str, request: Request, caller: Reader) -> dict:
             responses={200: {"content": {"text/event-stream": {}},
                              "description": "`job` events (the job's state, progress and counts) as it changes, "
                                             "then `end`; the stream closes when the job has ended"}})
-async def job_events(job_id: str, request: Request, caller: Reader) -> StreamingResponse:
+async def job_events(job_id: str, caller: Reader) -> StreamingResponse:
     """Watch a job without polling: server-sent events until it ends. Every open stream is served by
     the API process's one reader (`api/watch.py`), not by a database connection of its own."""
     job = found(await listing.fetch_job(job_id, caller.owner), f"no job '{job_id}'")
-    return StreamingResponse(watch.event_stream(job, caller, request.headers.get("authorization", "")),
+    return StreamingResponse(watch.event_stream(job, caller),
                              media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 

@@ -32,12 +32,19 @@ GENERATION = "ingot:keys:generation"
 LAST_USED_RESOLUTION = timedelta(minutes=1)
 
 
+PREFIX = "ingot_"  # every key begins so: it tells a key sent as a bearer credential from a token
+
+
+def looks_like_key(credential: str) -> bool:
+    return credential.startswith(PREFIX)
+
+
 def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
 def _secret() -> str:
-    return f"ingot_{secrets.token_urlsafe(32)}"
+    return f"{PREFIX}{secrets.token_urlsafe(32)}"
 
 
 def create_key(session: Session, name: str, scopes: list[str], expires_at: datetime | None = None,

@@ -31,6 +31,7 @@ class Identity:
     subject: str
     name: str
     scopes: list[str]
+    expires: float  # epoch seconds
 
 
 def configured() -> bool:
@@ -63,7 +64,7 @@ def verify(token: str) -> Identity | None:
     held = granted.split() if isinstance(granted, str) else list(granted or [])
     scopes = sorted(set(held) & set(SCOPES))
     name = str(claims.get("preferred_username") or claims.get("email") or claims["sub"])
-    return Identity(str(claims["sub"]), name, scopes)
+    return Identity(str(claims["sub"]), name, scopes, float(claims["exp"]))
 
 
 def _claim(claims: dict, path: str):

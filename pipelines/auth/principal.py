@@ -22,19 +22,21 @@ class Principal:
     scopes: tuple[str, ...]
     rate_limit_per_minute: int | None = None  # a key's own limit; None: its tier's
     tier: str = "basic"
+    token_id: str | None = None  # a person signed in here: the id a logout of their token records
+    expires: float | None = None  # a person's token: when it expires (epoch seconds)
 
     @classmethod
     def of_key(cls, key: ApiKey) -> Principal:
         return cls(key.id, "key", key.name, tuple(key.scopes), key.rate_limit_per_minute, key.tier or "basic")
 
     @classmethod
-    def of_user(cls, user: User) -> Principal:
-        return cls(user.id, "user", user.username, tuple(user.scopes))
+    def of_user(cls, user: User, token_id: str | None = None, expires: float | None = None) -> Principal:
+        return cls(user.id, "user", user.username, tuple(user.scopes), token_id=token_id, expires=expires)
 
     @classmethod
-    def of_person(cls, subject: str, name: str, scopes: list[str]) -> Principal:
-        """Someone the identity provider vouches for."""
-        return cls(f"oidc:{subject}", "user", name, tuple(scopes))
+    def of_person(cls, subject: str, name: str, scopes: list[str], expires: float | None = None) -> Principal:
+        """Someone the identity provider vouches for (until EXPIRES, when their token does)."""
+        return cls(f"oidc:{subject}", "user", name, tuple(scopes), expires=expires)
 
     def grants(self, scope: str) -> bool:
         return any(scope in _IMPLIED.get(held, set()) for held in self.scopes)

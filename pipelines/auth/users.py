@@ -92,13 +92,20 @@ def token_id(token: str, claims: dict) -> str:
     return str(claims.get("jti") or hashlib.sha256(token.encode()).hexdigest())
 
 
-def verify(session: Session, token: str) -> User | None:
-    """The user a valid, unexpired, not logged-out token names (and who is still enabled), else None."""
+def verified(session: Session, token: str) -> tuple[User, dict] | None:
+    """The user a valid, unexpired, not logged-out token names (and who is still enabled), with the
+    token's claims; else None."""
     claims = _claims(token)
     if claims is None or session.get(RevokedToken, token_id(token, claims)) is not None:
         return None
     user = session.get(User, claims["sub"])
-    return user if user is not None and user.disabled_at is None else None
+    return (user, claims) if user is not None and user.disabled_at is None else None
+
+
+def verify(session: Session, token: str) -> User | None:
+    """The user a valid, unexpired, not logged-out token names (and who is still enabled), else None."""
+    found = verified(session, token)
+    return None if found is None else found[0]
 
 
 def refresh(session: Session, token: str) -> tuple[str, int] | None:
@@ -110,10 +117,10 @@ def refresh(session: Session, token: str) -> tuple[str, int] | None:
 def logout(session: Session, token: str) -> bool:
     """Refuse TOKEN from now until it would have expired, in every API process (the check is in the
     database each request already reads). False for a token that is not valid anyway."""
-    if verify(session, token) is None:
+    found = verified(session, token)
+    if found is None:
         return False
-    claims = _claims(token)
-    assert claims is not None
+    _user, claims = found
     session.execute(insert(RevokedToken).values(jti=token_id(token, claims),
                                                 expires_at=datetime.fromtimestamp(claims["exp"], UTC))
                     .on_conflict_do_nothing())
