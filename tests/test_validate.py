@@ -200,6 +200,18 @@ def test_a_utf16_file_is_read_as_excel_writes_it(tmp_path, monkeypatch, fresh_se
         assert [(line, reason) for line, reason, _ in rejects] == [(3, "column 'px': cannot parse 'x' as float")]
 
 
+def test_a_byte_order_mark_outranks_a_declared_single_byte_encoding(tmp_path):
+    """A source declared cp1252 that is sent a UTF-16 file (its byte order mark says so) or a UTF-16 JSON
+    document: read as UTF-16, its non-ASCII characters intact, not recoded a second time as cp1252."""
+    (tmp_path / "a.txt").write_bytes("id,timestamp,px,place\na,2026-01-01T00:00:00Z,1.5,Zürich €\n".encode("utf-16"))
+    (tmp_path / "a.json").write_bytes(json.dumps([{"id": "a", "timestamp": "2026-01-01T00:00:00Z", "px": 1.5,
+                                                   "place": "Zürich €"}], ensure_ascii=False).encode("utf-16"))
+    for name, fmt in (("a.txt", "csv"), ("a.json", "json")):
+        rows, rejects = run(source(format=fmt, encoding="cp1252"), tmp_path / name)
+        assert [(r["id"], r["value"], r["metadata"]) for r in rows] == [("a", 1.5, {"place": "Zürich €"})], name
+        assert rejects == [], name
+
+
 def test_a_missing_column_whose_name_differs_only_in_case_or_spacing_is_pointed_at(tmp_path):
     path = tmp_path / "a.csv"
     path.write_text("ID,Time Stamp,px\na,2026-01-01T00:00:00Z,1\n")
@@ -410,6 +422,12 @@ def test_a_json_document_file_is_read_for_its_records(tmp_path):
     (tmp_path / "f.json").write_text(json.dumps({"data": {"rows": records}}, indent=2))
     with pytest.raises(SourceError, match=r"f.json has no list of records at the top level \(name where"):
         run(source(format="json"), tmp_path / "f.json")
+    (tmp_path / "h.json").write_text(json.dumps(records)[:-1] + ", ]")  # a trailing comma: not JSON
+    with pytest.raises(SourceError, match=r"h.json is not valid JSON: a ',' with no record after it"):
+        run(source(format="json"), tmp_path / "h.json")
+    (tmp_path / "i.json").write_bytes(json.dumps(records).encode().replace(b"X", b"\xff"))  # not UTF-8
+    with pytest.raises(SourceError, match=r"i.json is not valid JSON: 'utf-8' codec can't decode byte 0xff"):
+        run(source(format="json"), tmp_path / "i.json")
 
 
 def test_parquet_nested_columns_are_kept_as_json_text(tmp_path):

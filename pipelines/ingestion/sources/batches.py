@@ -116,14 +116,25 @@ def dig(document: Any, path: str | None) -> Any:
     return document
 
 
-def json_records(source, body: bytes, first_record: int, where: str) -> RawBatch:
-    """The records of one JSON document (an HTTP page, a `.json` file): the list at the source's
-    `records_path`, or the document itself. Records are numbered on from FIRST_RECORD; one that is
-    not an object is set aside. WHERE names the document in errors."""
+def document_text(source, body: bytes, where: str, encoding: str | None = None) -> str:
+    """BODY, one JSON document named WHERE, as text: decoded from ENCODING (the source's, unless its bytes
+    were recoded on the way), a byte order mark dropped."""
     try:
-        document = json.loads(body.decode(source.encoding).removeprefix("\ufeff"))  # a byte order mark, if any
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return body.decode(encoding or source.encoding).removeprefix("\ufeff")
+    except UnicodeDecodeError as exc:
         raise SourceContentError(f"source '{source.id}': {where} is not valid JSON: {exc}") from None
+
+
+def json_records(source, body: bytes, first_record: int, where: str, encoding: str | None = None) -> RawBatch:
+    """The records of one JSON document (an HTTP page, a `.json` file) in ENCODING (`document_text`): the
+    list at the source's `records_path`, or the document itself. Records are numbered on from
+    FIRST_RECORD; one that is not an object is set aside. WHERE names the document in errors."""
+    text = document_text(source, body, where, encoding)
+    try:
+        document = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise SourceContentError(f"source '{source.id}': {where} is not valid JSON: {exc}") from None
+    del text
     records = dig(document, source.records_path)
     if records is None:
         records = []

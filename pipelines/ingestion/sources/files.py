@@ -37,13 +37,14 @@ from pipelines.ingestion.sources.batches import (
     Piece,
     RawBatch,
     Reject,
+    document_text,
     json_records,
     nested_as_text,
     records_batch,
     records_table,
 )
 from pipelines.ingestion.sources.fingerprints import Seen
-from pipelines.ingestion.sources.lines import Block, LineStream, open_stream
+from pipelines.ingestion.sources.lines import Block, LineStream, open_stream, stream_encoding
 from pipelines.ingestion.sources.registry import Registry, SourceConfig, SourceContentError, SourceError
 
 csv.field_size_limit(sys.maxsize)  # lines over the limit are caught before the csv module sees them
@@ -108,7 +109,9 @@ def _stream_batches(fh: BinaryIO, source: SourceConfig, size: int, batch_rows: i
 def _blocks_parsed(fh: BinaryIO, source: SourceConfig, size: int,
                    parse: Callable[[Block, LineStream], tuple[pa.Table, np.ndarray, list[Reject]]]
                    ) -> Iterator[RawBatch]:
-    stream = LineStream(open_stream(fh), source.encoding, line_limit(source), get_settings().read_chunk_bytes)
+    opened = open_stream(fh)
+    stream = LineStream(opened, stream_encoding(opened, source.encoding), line_limit(source),
+                        get_settings().read_chunk_bytes)
     seen_any = yielded = False
     for block in stream.blocks():
         seen_any = seen_any or len(block.data) > 0
@@ -151,18 +154,20 @@ def _read_json(source: SourceConfig, path: Path, batch_rows: int) -> Iterator[Ra
             return
         fh.seek(0)
         limit = source.max_response_bytes or get_settings().http_max_response_bytes
-        body = open_stream(fh).read(limit + 1)
+        opened = open_stream(fh)
+        encoding = stream_encoding(opened, source.encoding)
+        body = opened.read(limit + 1)
     if len(body) > limit:
         raise SourceContentError(
             f"source '{source.id}': {path.name} is one JSON document of more than {limit / 2**20:g} MiB, which is "
             f"read whole to find its records: write it as JSON Lines (one record a line, read in blocks whatever "
             f"its size), or raise the source's max_response_bytes")
     if source.records_path:
-        raw = json_records(source, body, 1, path.name)
+        raw = json_records(source, body, 1, path.name, encoding)
         del body
         yield from _regrouped(iter([raw]), batch_rows)
         return
-    text = body.decode(source.encoding).removeprefix("\ufeff")
+    text = document_text(source, body, path.name, encoding)
     del body
     yield from _array_records(source, text, batch_rows, path.name)
 
@@ -201,6 +206,8 @@ def _array_records(source: SourceConfig, text: str, batch_rows: int, name: str) 
         at = _past_space(text, at)
         if text.startswith(",", at):
             at = _past_space(text, at + 1)
+            if text.startswith("]", at):
+                raise bad("a ',' with no record after it", at)
         elif not text.startswith("]", at):
             raise bad("expected ',' or ']' after a record", at)
         if len(batch) >= batch_rows:

@@ -61,6 +61,12 @@ def open_stream(fh: IO[bytes]) -> IO[bytes]:
     return cast(IO[bytes], _FromUtf16(stream)) if bom in _UTF16_BOMS else stream
 
 
+def stream_encoding(stream: IO[bytes], declared: str) -> str:
+    """The encoding STREAM (from `open_stream`) gives its bytes in: UTF-8 when it was recoded from UTF-16
+    (a byte order mark outranks a source's declared encoding), else DECLARED."""
+    return "utf-8" if isinstance(stream, _FromUtf16) else declared
+
+
 _UTF16_BOMS = (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
 
 
