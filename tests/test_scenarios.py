@@ -123,6 +123,37 @@ def test_every_shock_type_against_an_independent_computation(client, curves):
         assert events.scalar_one() == 2
 
 
+def test_curves_of_different_lengths_and_odd_labels_keep_each_point_in_its_place(client, worker, write_sources,
+                                                                                  data_dir):
+    """A run's points travel to PostgreSQL as three flat arrays sliced per curve (`pgarrays`): curves of
+    1, 7 and 30 months, a label with quotes, commas, braces and non-ASCII text, a missing label and unit,
+    a value of zero and a negative one each come back where they were, with the run's shock applied."""
+    asof = dt.date(2026, 11, 20)
+    odd = ['"quoted", {braced}', "Zürich €", "", "back\\slash", "— dash"]
+    rows = [("A_ONE", asof, "2027-01", "Jan-27", -3.25, "USD", "", "gas", "X", "Y")]
+    rows += [("B_SEVEN", asof, f"2027-{m:02d}", odd[m % len(odd)], float(m), "EUR", "EUR/MWh", "power", "X", "Y")
+             for m in range(1, 8)]
+    rows += [("C_THIRTY", asof, f"{2027 + m // 12}-{m % 12 + 1:02d}", f"M{m}", 0.0 if m == 4 else 10.0 + m, "USD",
+              "USD/bbl", "oil", "X", "Y") for m in range(30)]
+    write_curves(data_dir / "odd.csv", rows)
+    write_sources(CURVES_SOURCE.format(glob="odd.csv"))
+    loaded = client.wait(client.start_ingestion(["curves"])["job_id"], timeout=60)
+    assert loaded["state"] == "succeeded", loaded["error"]
+    scenario = create(client, base={"curve_keys": ["C_THIRTY", "A_ONE", "B_SEVEN"]},
+                      shocks=[{"type": "parallel", "value": 1.5}])
+    job = run(client, scenario["scenario_id"])
+    assert job["result"]["curves"] == 3 and job["result"]["points"] == 38
+
+    expected = sorted((key, dt.date.fromisoformat(month + "-01"), label or None, value, value + 1.5, 1.5, unit or None)
+                      for key, _, month, label, value, _, unit, *_ in rows)
+    got = [(key, month, label, base, shocked, change, unit) for key, month, label, base, shocked, change, unit
+           in stored(job["id"])]
+    assert got == expected
+    metrics = client.request("GET", f"/scenarios/{scenario['scenario_id']}/metrics/latest")["data"]
+    assert sorted(m["curve_key"] for m in metrics["curves"]) == ["A_ONE", "B_SEVEN", "C_THIRTY"]
+    assert metrics["total"]["mean_change"] == 1.5 and metrics["total"]["max_abs_change"] == 1.5
+
+
 def test_a_curve_key_in_the_wrong_case_is_refused_pointing_at_the_stored_one(client, curves):
     from cli.client import IngotError
 

@@ -16,10 +16,12 @@ from sqlalchemy.engine import Connection, CursorResult, Engine, Result
 from sqlalchemy.exc import IllegalStateChangeError
 from sqlalchemy.orm import Session, sessionmaker
 
-from pipelines.core import embedded
+from pipelines.core import embedded, pgarrays
 from pipelines.core.settings import get_settings
 
 log = logging.getLogger(__name__)
+
+pgarrays.register(psycopg.adapters)  # before any connection: every one made here can send them
 
 def sqlalchemy_url(url: str) -> str:
     for prefix in ("postgresql://", "postgres://"):

@@ -20,7 +20,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DataError, DBAPIError
 
-from pipelines.core.db import autocommit, driver, get_engine, transaction
+from pipelines.core.db import autocommit, driver, get_engine
 from pipelines.core.loops import ProcessThread
 from pipelines.core.models import JobState
 from pipelines.core.settings import get_settings
@@ -57,8 +57,8 @@ class JobRun:
     checkpoint: dict[str, Any]
     attempts: int
     result: dict[str, Any] = field(default_factory=dict)
-    # Writes that belong with success (a scenario run's outputs): made in the transaction that records it.
-    final_writes: Callable[[Any], None] | None = None
+    # Writes that belong with success (a scenario run's outputs): made by the statement that records it.
+    final_writes: machine.SuccessWrites | None = None
     # Records counted at the end rather than batch by batch (work too small to report progress).
     processed: int = 0
     # The connection the attempt was claimed on, while its work runs (autocommit): for its reads.
@@ -107,28 +107,24 @@ def claim(job_id: str, owner: str, connection: Connection | None = None) -> JobR
 def finish(run: JobRun, state: JobState, *, result: dict | None = None, error: str | None = None) -> bool:
     """End RUN's job in STATE if this attempt still holds it (a cancelling job can only be cancelled).
 
-    A success also makes RUN's `final_writes`, in the same transaction: both commit, or neither. The
-    transaction runs on the connection the attempt was claimed on (no second checkout, no second
-    pre-ping); if that connection has died meanwhile (the database restarted) or the work left it
-    unusable, on a fresh one from the pool. Trying again is safe: the end is guarded by the lease, so
-    a first try that did commit makes the second a no-op."""
+    A success also makes RUN's `final_writes`, in the same statement: both commit, or neither. The
+    statement runs on the connection the attempt was claimed on, in autocommit (no second checkout or
+    pre-ping, no BEGIN and COMMIT around it); if that connection has died meanwhile (the database
+    restarted) or the work left it unusable, on a fresh one from the pool. Trying again is safe: the end
+    is guarded by the lease, so a first try that did commit makes the second a no-op."""
     def end(connection: Connection) -> Any:
-        ended = machine.end(connection, run.id, run.lease, state, result=result or {}, error=error,
-                            processed=run.processed)
-        if ended is not None and ended.state == JobState.SUCCEEDED and run.final_writes is not None:
-            run.final_writes(driver(connection))
-        return ended
+        return machine.end(connection, run.id, run.lease, state, result=result or {}, error=error,
+                           processed=run.processed, writes=run.final_writes if state == JobState.SUCCEEDED else None)
 
     own = run.connection
     if own is not None and not own.invalidated:
         try:
-            with transaction(own):  # on the attempt's autocommit connection
-                ended = end(own)
+            ended = end(own)
         except (psycopg.Error, DBAPIError):  # dropped, or left mid-statement by the work
             own.invalidate()  # not given back to the pool as it is
         else:
             return _logged(run, ended, error)
-    with get_engine().begin() as connection:
+    with autocommit() as connection:
         ended = end(connection)
     return _logged(run, ended, error)
 

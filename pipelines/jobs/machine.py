@@ -12,17 +12,32 @@ started (`pipelines.jobs.reaper`).
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import socket
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import psutil
 from psycopg import sql as psql
-from sqlalchemy import Update, bindparam, case, func, insert, literal, select, text, update
+from sqlalchemy import (
+    ColumnElement,
+    Insert,
+    Select,
+    Update,
+    bindparam,
+    case,
+    exists,
+    func,
+    insert,
+    literal,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
@@ -363,12 +378,34 @@ def _ending(state: JobState) -> Update:
 _END = {state: _ending(state) for state in (S, F, C)}
 
 
+@dataclass(frozen=True)
+class SuccessWrites:
+    """Rows a job writes only if it succeeds, in the very statement that ends it (a scenario run's
+    outputs): BUILD makes their INSERTs, each selecting its rows only where the gate it is given holds
+    (the end left the job succeeded); PARAMS are their parameters (named apart from the end's own).
+    BUILD should be a module's function: the statement it makes is built once and kept."""
+
+    build: Callable[[ColumnElement[bool]], Sequence[Insert]]
+    params: Mapping[str, Any]
+
+
+@functools.cache
+def _ending_with(state: JobState, build: Callable[[ColumnElement[bool]], Sequence[Insert]]) -> Select:
+    ended = _END[state].cte("ended")
+    succeeded = exists().where(ended.c.state == S.value)
+    return select(ended).add_cte(*(write.cte(f"write_{i}") for i, write in enumerate(build(succeeded))))
+
+
 def end(connection: Connection, job_id: str, lease: str, state: JobState, *, result: dict, error: str | None,
-        processed: int = 0) -> Any:
+        processed: int = 0, writes: SuccessWrites | None = None) -> Any:
     """End the attempt's job in STATE (a cancelling one is cancelled); the row as it ended, or None
-    if the attempt no longer holds it. Its end event is written by the trigger, in this transaction."""
-    return connection.execute(_END[state], {"job": job_id, "lease": lease, "result": result, "error": error,
-                                            "processed": processed}).one_or_none()
+    if the attempt no longer holds it. Its end event is written by the trigger, in this statement's
+    transaction. WRITES are made by the same statement, if it leaves the job succeeded: one round trip,
+    and its own transaction on an autocommit connection."""
+    values = {"job": job_id, "lease": lease, "result": result, "error": error, "processed": processed}
+    if writes is None:
+        return connection.execute(_END[state], values).one_or_none()
+    return connection.execute(_ending_with(state, writes.build), {**writes.params, **values}).one_or_none()
 
 
 # --- the reaper's transitions ----------------------------------------------------------------------

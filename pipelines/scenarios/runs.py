@@ -1,10 +1,10 @@
 """Scenario runs: jobs of kind `scenario_run` on the `scenarios` queue.
 
 A run reads its base curves (the scenario's as-of date, or each curve's latest when it starts),
-applies the shocks in order with pandas, and computes per-curve and overall metrics. Its outputs and
-metrics are written in the same transaction that records it succeeded (`JobRun.final_writes`), so a
-killed run leaves nothing behind and its retry writes them once; the same scenario over the same
-data gives the same outputs.
+applies the shocks in order (NumPy over the Arrow columns it read), and computes per-curve and overall
+metrics. Its outputs and metrics are written by the very statement that records it succeeded
+(`JobRun.final_writes`), so a killed run leaves nothing behind and its retry writes them once; the same
+scenario over the same data gives the same outputs.
 """
 
 from __future__ import annotations
@@ -19,17 +19,31 @@ import pandas as pd
 import psycopg
 import pyarrow as pa
 import pyarrow.csv as pacsv
-from pgpq import ArrowToPostgresBinaryEncoder
-from psycopg import sql
-from sqlalchemy import select, text
+from sqlalchemy import (
+    ColumnElement,
+    Date,
+    Double,
+    Insert,
+    Integer,
+    Text,
+    bindparam,
+    cast,
+    func,
+    insert,
+    select,
+    text,
+    type_coerce,
+)
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.orm import Session
+from sqlalchemy.sql.elements import Grouping
 
 from pipelines.auth import quotas
+from pipelines.core import pgarrays
 from pipelines.core.db import driver, on_commit, session_scope
 from pipelines.core.errors import Conflict, NotFound
-from pipelines.core.models import Job, JobKind, JobState, ScenarioMetric
+from pipelines.core.models import Job, JobKind, JobState, ScenarioMetric, ScenarioOutput
 from pipelines.core.pagination import Keyset
-from pipelines.ingestion.load import Payload, copy_payload
 from pipelines.jobs import machine
 from pipelines.jobs.attempt import JobFailed, JobRun
 from pipelines.jobs.machine import Sender
@@ -126,9 +140,9 @@ _SCENARIO = text("SELECT base, shocks FROM scenarios WHERE id = :id")
 def run(job: JobRun) -> dict:
     """One scenario run: shocks over the base curves, outputs and metrics kept with the final state.
 
-    A run is small and quick, so it reports no progress on the way: it reads in one transaction,
-    computes, and writes with its end (`JobRun.final_writes`), whose guarded UPDATE also stops a run
-    cancelled meanwhile before anything is written."""
+    A run is small and quick, so it reports no progress on the way: it reads, computes, and writes with
+    its end (`JobRun.final_writes`): one statement, whose guarded UPDATE also stops a run cancelled
+    meanwhile before anything is written."""
     scenario_id = job.params["scenario_id"]
     with job.reading() as connection:
         scenario = connection.execute(_SCENARIO, {"id": scenario_id}).one_or_none()
@@ -148,61 +162,61 @@ def run(job: JobRun) -> dict:
         shocked = compute.apply(values, months, shocks)
         change = shocked - values
         per_curve, total = compute.metrics(curve_keys, values, change)
-    starts, _ends = compute.curve_bounds(curve_keys)
+    starts, ends = compute.curve_bounds(curve_keys)
     if (overflow := compute.beyond_float(curve_keys, starts, months, values, shocked, change, per_curve,
                                          total)) is not None:
         raise JobFailed(overflow)
     job.processed = len(values)
-
-    def write(conn: psycopg.Connection) -> None:
-        _write_outputs(conn, job.id, scenario_id, base, starts, shocked, change)
-        _write_metrics(conn, job.id, scenario_id, curve_keys[starts], per_curve, total)
-
-    job.final_writes = write
     firsts = pa.array(starts)
+    job.final_writes = machine.SuccessWrites(_outputs_and_metrics, {
+        "run_id": job.id, "scenario_id": scenario_id,
+        # A row per curve: its key, as-of date and unit, and where its points are (from 1, inclusive).
+        "curve_keys": curve_keys[starts].tolist(), "asof_dates": base["asof_date"].take(firsts).to_pylist(),
+        "units": base["unit"].take(firsts).to_pylist(), "firsts": (starts + 1).tolist(), "lasts": ends.tolist(),
+        # The points, in binary: as many as the run has (a list would be sent value by value).
+        "months": pgarrays.dates(base["contract_month"]),
+        "tenor_labels": pgarrays.text_groups(base["tenor_label"], np.r_[starts, len(values)]),  # one a curve
+        "base": pgarrays.float8(values), "shocked": pgarrays.float8(shocked), "change": pgarrays.float8(change),
+        # The metrics: a row per curve, then one over the run (no curve key); NaN as NULL.
+        "metric_keys": [*curve_keys[starts].tolist(), None],
+        **{f"metric_{name}": [*(None if v != v else v for v in per_curve[name].tolist()), total[name]]
+           for name in METRICS},
+    })
     used = zip(curve_keys[starts], base["asof_date"].take(firsts).to_pylist(), strict=True)
     return {"scenario_id": scenario_id, "asof_dates": {key: day.isoformat() for key, day in used},
             "curves": len(starts), "points": len(values), "metrics": total}
 
 
-def _write_outputs(conn: psycopg.Connection, run_id: str, scenario_id: str, base: pa.Table, starts: np.ndarray,
-                   shocked: np.ndarray, change: np.ndarray) -> None:
-    """One row per curve (BASE is in curve and month order), its months and values as arrays, with
-    one binary COPY encoded from Arrow: each array is a slice of one column, nothing per value. (Written
-    only with the run's success, which is final: never twice for one run.)"""
-    offsets = pa.array(np.r_[starts, base.num_rows], pa.int32())
-    firsts = pa.array(starts)
+def _outputs_and_metrics(succeeded: ColumnElement[bool]) -> tuple[Insert, Insert]:
+    """A run's outputs (a row per curve: its slice of the points' arrays) and its metrics, inserted
+    from array parameters (`run` names them) where SUCCEEDED holds: written with the run's success,
+    which is final, so never twice for one run."""
+    def array(name: str, of: Any) -> Any:
+        return cast(bindparam(name), ARRAY(of))
 
-    def listed(values: pa.Array | np.ndarray) -> pa.ListArray:
-        return pa.ListArray.from_arrays(offsets, values if isinstance(values, pa.Array) else pa.array(values))
+    curves = func.unnest(array("curve_keys", Text), array("asof_dates", Date), array("units", Text),
+                         array("firsts", Integer), array("lasts", Integer)
+                         ).table_valued("key", "asof", "unit", "first", "last", with_ordinality="n"
+                                        ).render_derived(name="curves")
 
-    n = len(starts)
-    table = pa.table({
-        "run_id": pa.repeat(pa.scalar(run_id), n), "scenario_id": pa.repeat(pa.scalar(scenario_id), n),
-        "curve_key": base["curve_key"].take(firsts), "asof_date": base["asof_date"].take(firsts),
-        "unit": base["unit"].take(firsts), "contract_months": listed(base["contract_month"].chunk(0)),
-        "tenor_labels": listed(base["tenor_label"].chunk(0)), "base": listed(base["value"].chunk(0)),
-        "shocked": listed(shocked), "change": listed(change),
-    })
-    encoder = ArrowToPostgresBinaryEncoder(table.schema)
-    header = encoder.write_header()  # first: the encoder writes in order
-    body = b"".join(encoder.write_batch(batch) for batch in table.to_batches())
-    copy_payload(conn, sql.Identifier("scenario_outputs"),
-                 Payload((header, body, encoder.finish()), n, tuple(table.column_names)))
+    def sent(name: str, of: Any) -> Any:  # typed as sent (`pgarrays`): no cast, no bind processing of a list
+        return type_coerce(Grouping(bindparam(name)), ARRAY(of))
 
-
-_METRICS_COPY = sql.SQL("COPY scenario_metrics (run_id, scenario_id, curve_key, {}) FROM STDIN").format(
-    sql.SQL(", ").join(map(sql.Identifier, METRICS)))
-
-
-def _write_metrics(conn: psycopg.Connection, run_id: str, scenario_id: str, curve_keys: np.ndarray,
-                   per_curve: dict[str, np.ndarray], total: dict) -> None:
-    """A row per curve and one for the whole run (no curve key); NaN as NULL."""
-    columns = [per_curve[name].tolist() for name in METRICS]
-    with conn.cursor().copy(_METRICS_COPY) as copy:
-        for key, *row in zip(curve_keys.tolist(), *columns, strict=True):
-            copy.write_row((run_id, scenario_id, key, *(None if v != v else v for v in row)))
-        copy.write_row((run_id, scenario_id, None, *(total[name] for name in METRICS)))
+    points = [sent(name, of)[curves.c.first:curves.c.last]
+              for name, of in (("base", Double), ("shocked", Double), ("change", Double))]
+    outputs = insert(ScenarioOutput).from_select(
+        ["run_id", "scenario_id", "curve_key", "asof_date", "unit", "contract_months", "tenor_labels", "base",
+         "shocked", "change"],
+        select(bindparam("run_id"), bindparam("scenario_id"), curves.c.key, curves.c.asof, curves.c.unit,
+               sent("months", Date)[curves.c.first:curves.c.last],
+               cast(sent("tenor_labels", Text)[curves.c.n], ARRAY(Text)), *points).where(succeeded))
+    figures = func.unnest(array("metric_keys", Text), *(array(f"metric_{name}", Double) for name in METRICS)
+                          ).table_valued("key", *METRICS).render_derived(name="figures")
+    metrics = insert(ScenarioMetric).from_select(
+        ["run_id", "scenario_id", "curve_key", *METRICS],
+        select(bindparam("run_id"), bindparam("scenario_id"), figures.c.key,
+               *(figures.c[name] for name in METRICS)).where(succeeded))
+    return outputs, metrics
 
 
 # --- what a run produced --------------------------------------------------------------------------

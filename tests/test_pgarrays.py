@@ -1,0 +1,64 @@
+"""Arrays sent to PostgreSQL in its binary form (`pipelines.core.pgarrays`) come back as PostgreSQL reads
+them: every value, NULLs and edge values included, with the array's own type."""
+
+import datetime as dt
+import math
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from pipelines.core import pgarrays
+from pipelines.core.db import driver, get_engine
+
+
+@pytest.fixture
+def conn():
+    with get_engine().connect() as connection:
+        yield driver(connection)
+
+
+def echo(conn, value) -> tuple:
+    return conn.execute("SELECT %s, pg_typeof(%s)::text, cardinality(%s)", (value, value, value)).fetchone()
+
+
+def test_floats_keep_every_value_including_nan_infinities_and_negative_zero(conn):
+    values = np.array([1.5, -2.25, math.nan, math.inf, -math.inf, -0.0, 1e300, 5e-324])
+    got, kind, n = echo(conn, pgarrays.float8(values))
+    assert kind == "double precision[]" and n == len(values)
+    assert [math.copysign(1, v) if v == 0 else v for v in got if not math.isnan(v)] == \
+        [math.copysign(1, v) if v == 0 else v for v in values.tolist() if not math.isnan(v)]
+    assert math.isnan(got[2])
+
+
+def test_dates_before_and_after_postgresqls_epoch(conn):
+    days = [dt.date(2000, 1, 1), dt.date(1970, 1, 1), dt.date(1899, 12, 31), dt.date(2027, 12, 1),
+            dt.date(9999, 12, 31)]
+    got, kind, _ = echo(conn, pgarrays.dates(pa.chunked_array([pa.array(days[:2], pa.date32()),
+                                                               pa.array(days[2:], pa.date32())])))
+    assert kind == "date[]" and got == days
+    with pytest.raises(ValueError, match="cannot hold NULL"):
+        pgarrays.dates(pa.array([dt.date(2027, 1, 1), None], pa.date32()))
+
+
+def test_texts_keep_nulls_empties_quotes_and_any_script_from_sliced_and_chunked_arrays(conn):
+    words = ["a", None, "", 'q"u,o{t}e\\', "Zürich €", "NULL", "日本語", None, "x" * 5000]
+    sliced = pa.array(["skipped", *words[:4]])[1:]  # an array that does not start at its buffers' start
+    got, kind, n = echo(conn, pgarrays.texts(pa.chunked_array([sliced, pa.array(words[4:])])))
+    assert kind == "text[]" and n == len(words) and got == words
+
+
+def test_empty_arrays_are_empty(conn):
+    assert echo(conn, pgarrays.float8(np.array([])))[0] == []
+    assert echo(conn, pgarrays.texts(pa.array([], pa.string())))[0] == []
+    assert echo(conn, pgarrays.dates(pa.array([], pa.date32())))[0] == []
+
+
+def test_text_groups_are_array_literals_that_give_back_each_group(conn):
+    words = ['q"u,o{t}e\\', None, "", "NULL", "Zürich €", "a b", "\\\\", '"', "}", "x"]
+    offsets = np.array([0, 3, 3, 6, 10])  # groups of 3, 0, 3 and 4
+    groups = pgarrays.text_groups(pa.chunked_array([pa.array(words[:4]), pa.array(words[4:])]), offsets)
+    assert conn.execute("SELECT cardinality(%s::text[])", (groups,)).fetchone()[0] == 4
+    for i, (first, last) in enumerate(zip(offsets[:-1], offsets[1:], strict=True), start=1):
+        one = conn.execute("SELECT (%s::text[])[%s]::text[]", (groups, i)).fetchone()[0]
+        assert one == words[first:last], i
