@@ -54,11 +54,13 @@ def test_empty_arrays_are_empty(conn):
     assert echo(conn, pgarrays.dates(pa.array([], pa.date32())))[0] == []
 
 
-def test_text_groups_are_array_literals_that_give_back_each_group(conn):
-    words = ['q"u,o{t}e\\', None, "", "NULL", "Zürich €", "a b", "\\\\", '"', "}", "x"]
-    offsets = np.array([0, 3, 3, 6, 10])  # groups of 3, 0, 3 and 4
+@pytest.mark.parametrize("copies", [1, 60], ids=["a few groups", "many groups"])
+def test_text_groups_are_array_literals_that_give_back_each_group(conn, copies):
+    words = ['q"u,o{t}e\\', None, "", "NULL", "Zürich €", "a b", "\\\\", '"', "}", "x"] * copies
+    starts = (np.arange(0, len(words), 10)[:, None] + np.array([0, 3, 3, 6])).ravel()  # groups of 3, 0, 3, 4
+    offsets = np.r_[starts, len(words)]
     groups = pgarrays.text_groups(pa.chunked_array([pa.array(words[:4]), pa.array(words[4:])]), offsets)
-    assert conn.execute("SELECT cardinality(%s::text[])", (groups,)).fetchone()[0] == 4
-    for i, (first, last) in enumerate(zip(offsets[:-1], offsets[1:], strict=True), start=1):
-        one = conn.execute("SELECT (%s::text[])[%s]::text[]", (groups, i)).fetchone()[0]
-        assert one == words[first:last], i
+    assert conn.execute("SELECT cardinality(%s::text[])", (groups,)).fetchone()[0] == len(offsets) - 1
+    got = conn.execute("SELECT g::text[] FROM unnest(%s::text[]) WITH ORDINALITY AS u(g, i) ORDER BY i",
+                       (groups,)).fetchall()
+    assert [row[0] for row in got] == [words[a:b] for a, b in zip(offsets[:-1], offsets[1:], strict=True)]
