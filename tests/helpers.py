@@ -44,6 +44,17 @@ def database_of_its_own(suffix: str) -> Iterator[str]:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+def watch_until_closed(http, job_id: str, headers: dict) -> tuple[list[str], float]:
+    """Watch JOB_ID's event stream with HEADERS until the server closes it: the states it told, and how
+    long it stayed open (seconds)."""
+    from httpx_sse import connect_sse
+
+    began = time.monotonic()
+    with connect_sse(http, "GET", f"/api/v1/jobs/{job_id}/events", headers=headers) as source:
+        states = [event.json()["state"] for event in source.iter_sse() if event.event == "job"]
+    return states, time.monotonic() - began
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -16,7 +16,7 @@ from sqlalchemy import text
 from cli.client import Client
 from pipelines.core.db import get_engine
 from testkit.datagen import sources_toml, write_csv
-from tests.helpers import make_key
+from tests.helpers import make_key, watch_until_closed
 
 pytestmark = pytest.mark.worker
 
@@ -189,10 +189,7 @@ def test_a_stream_opened_with_a_bearer_token_ends_when_the_token_expires(api_url
         mine = {"Authorization": f"Bearer {token}"}
         started = http.post("/api/v1/ingestion/start", headers=mine, json={"sources": ["prices"]})
         job_id = started.json()["data"]["job_id"]
-        began = time.monotonic()
-        with connect_sse(http, "GET", f"/api/v1/jobs/{job_id}/events", headers=mine) as source:
-            states = [e.json()["state"] for e in source.iter_sse() if e.event == "job"]  # until the server closes it
-        took = time.monotonic() - began
+        states, took = watch_until_closed(http, job_id, mine)
     assert states == ["queued"] and took < 10  # ended with the token (3 s), not with the job (still queued)
 
 

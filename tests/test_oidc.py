@@ -15,9 +15,9 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from httpx_sse import connect_sse
 
 from testkit.datagen import sources_toml, write_csv
+from tests.helpers import watch_until_closed
 
 AUDIENCE = "ingot-api"
 
@@ -170,8 +170,5 @@ def test_a_stream_opened_with_the_issuers_token_ends_when_that_token_expires(api
         started = http.post("/api/v1/ingestion/start", headers=short, json={"sources": ["prices"]})
         assert started.status_code == 202, started.text
         job_id = started.json()["data"]["job_id"]
-        began = time.monotonic()
-        with connect_sse(http, "GET", f"/api/v1/jobs/{job_id}/events", headers=short) as source:
-            states = [e.json()["state"] for e in source.iter_sse() if e.event == "job"]  # until the server closes it
-        took = time.monotonic() - began
+        states, took = watch_until_closed(http, job_id, short)
     assert states == ["queued"] and took < 12  # ended with the token (4 s), not with the job (still queued)
