@@ -57,3 +57,5 @@ def row(n: int) -> None:
     if claimed:
         _database.execute("UPDATE bench_floor SET state = 'succeeded', ended_at = now() "
                           "WHERE id = %s AND state = 'running'", (n,))
+        assert _counter is not None
+        _counter.incr(COUNTER)  # counted as a no-op task counts itself: the run is watched in Redis, not by a scan
