@@ -73,14 +73,15 @@ def texts(values: pa.Array | pa.ChunkedArray) -> TextArray:
         else np.empty(0, dtype=np.uint8)
     lengths = np.diff(offsets)
     valid = array.is_valid().to_numpy(zero_copy_only=False)
+    before = offsets[:-1] - offsets[0]  # each element's data bytes before it
     # Where each element's length goes: after the header, the elements before it and their lengths.
-    starts = _HEADER.size + 4 * np.arange(n) + (offsets[:-1] - offsets[0])
+    starts = _HEADER.size + 4 * np.arange(n) + before
     out = np.empty(_HEADER.size + 4 * n + int(offsets[-1] - offsets[0]), dtype=np.uint8)
     out[:_HEADER.size] = np.frombuffer(_HEADER.pack(1, int(not valid.all()), TextArray.element, n, 1), np.uint8)
     length_bytes = np.where(valid, lengths, -1).astype(">i4").view(np.uint8).reshape(n, 4)
     out[starts[:, None] + np.arange(4)] = length_bytes
     owner = np.repeat(np.arange(n), lengths)  # each data byte's element
-    out[starts[owner] + 4 + (np.arange(len(owner)) - (offsets[:-1] - offsets[0])[owner])] = \
+    out[starts[owner] + 4 + (np.arange(len(owner)) - before[owner])] = \
         data[offsets[0]:offsets[-1]]
     return TextArray(out.tobytes())
 

@@ -168,22 +168,23 @@ def run(job: JobRun) -> dict:
         raise JobFailed(overflow)
     job.processed = len(values)
     firsts = pa.array(starts)
+    keys_used, asofs_used = curve_keys[starts].tolist(), base["asof_date"].take(firsts).to_pylist()
     job.final_writes = machine.SuccessWrites(_outputs_and_metrics, {
         "run_id": job.id, "scenario_id": scenario_id,
         # A row per curve: its key, as-of date and unit, and where its points are (from 1, inclusive).
-        "curve_keys": curve_keys[starts].tolist(), "asof_dates": base["asof_date"].take(firsts).to_pylist(),
+        "curve_keys": keys_used, "asof_dates": asofs_used,
         "units": base["unit"].take(firsts).to_pylist(), "firsts": (starts + 1).tolist(), "lasts": ends.tolist(),
         # The points, in binary: as many as the run has (a list would be sent value by value).
         "months": pgarrays.dates(base["contract_month"]),
         "tenor_labels": pgarrays.text_groups(base["tenor_label"], np.r_[starts, len(values)]),  # one a curve
         "base": pgarrays.float8(values), "shocked": pgarrays.float8(shocked), "change": pgarrays.float8(change),
         # The metrics: a row per curve, then one over the run (no curve key); NaN as NULL.
-        "metric_keys": [*curve_keys[starts].tolist(), None],
+        "metric_keys": [*keys_used, None],
         **{f"metric_{name}": [*(None if v != v else v for v in per_curve[name].tolist()), total[name]]
            for name in METRICS},
     })
-    used = zip(curve_keys[starts], base["asof_date"].take(firsts).to_pylist(), strict=True)
-    return {"scenario_id": scenario_id, "asof_dates": {key: day.isoformat() for key, day in used},
+    return {"scenario_id": scenario_id,
+            "asof_dates": {key: day.isoformat() for key, day in zip(keys_used, asofs_used, strict=True)},
             "curves": len(starts), "points": len(values), "metrics": total}
 
 
