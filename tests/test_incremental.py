@@ -39,16 +39,25 @@ def run(client, **options) -> dict:
     return job
 
 
+def grown_note(job: dict) -> str:
+    """What JOB's run said of a file it read from where the file's last load ended."""
+    notes = [n.partition(": ")[2] for n in job["result"]["sources"]["prices"].get("notes", [])]
+    return next(n for n in notes if n.startswith("grew"))
+
+
 def test_three_runs_over_a_growing_file_load_each_row_once(client, worker, write_sources, data_dir):
     path = data_dir / "series.csv"
     write_sources(incremental_toml("prices", "series.csv"))
     write_series(path, 0, 100)
     first = run(client)
     assert first["records_processed"] == 100 and cursor_state() == "2026-01-01T01:39:00+00:00"
+    loaded = path.stat().st_size
     write_series(path, 100, 50, append=True)
     second = run(client, batch_size=20)
-    # only the new rows: the row at the cursor itself is known by its id and left out
-    assert second["records_processed"] == 50 and second["result"]["sources"]["prices"]["skipped"] == 100
+    # only the new rows, read from where the file ended: the 100 before them are not read again
+    assert second["records_processed"] == 50 and second["result"]["sources"]["prices"]["skipped"] == 0
+    assert grown_note(second) == (f"grew since its last load: read from line 102 on (byte {loaded:,}), "
+                                  "what comes before it unchanged")
     write_series(path, 150, 30, append=True)
     third = run(client)
     assert third["records_processed"] == 30
@@ -122,7 +131,7 @@ def test_rows_sharing_the_last_cursor_value_still_load_once(client, worker, writ
     with path.open("a") as fh:  # a late row for the same day, and one for the next
         fh.write("d,2026-03-02T00:00:00Z,4,x\ne,2026-03-03T00:00:00Z,5,x\n")
     second = run(client)
-    assert second["records_processed"] == 2 and second["result"]["sources"]["prices"]["skipped"] == 3
+    assert second["records_processed"] == 2 and "read from line 5 on" in grown_note(second)
     assert count() == (5, 5)
     assert run(client)["records_processed"] == 0
 
@@ -242,3 +251,93 @@ def test_a_forced_run_merges_every_row_and_rows_without_a_hash_get_one(client, w
     rewrite(path, {"r00000001": "-1"})
     plain = run(client)
     assert plain["result"]["sources"]["prices"]["unchanged_rows"] == 39
+
+
+GROWN = """
+[sources.prices]
+type = "file"
+format = "{format}"
+path = "data/{file}"
+primary_key = ["id"]
+cursor = "timestamp"
+{extra}
+[sources.prices.validation]
+required_columns = ["id", "timestamp", "px"]
+data_types = {{ timestamp = "datetime", px = "float" }}
+[sources.prices.mapping]
+px = "value"
+"""
+
+
+def quarantined() -> dict[int, tuple[str, int, set[str]]]:
+    """Each held line: its reason, how many runs met it, and which."""
+    with get_engine().connect() as conn:
+        rows = conn.execute(text(
+            "SELECT q.line, q.reason, q.times_seen, array_remove(array_agg(s.job_id), NULL) FROM quarantine q "
+            "LEFT JOIN quarantine_sightings s ON s.quarantine_id = q.id WHERE q.source = 'prices' "
+            "AND q.resolved_at IS NULL GROUP BY q.id")).all()
+    return {line: (reason, seen, set(jobs)) for line, reason, seen, jobs in rows}
+
+
+def all_stored() -> dict[str, tuple]:
+    with get_engine().connect() as conn:
+        return {r[0]: tuple(r[1:]) for r in conn.execute(text(
+            "SELECT id, timestamp, value, metadata, job_id FROM observations WHERE source = 'prices'")).all()}
+
+
+def test_a_grown_csv_is_read_from_where_it_ended_with_its_lines_numbered_as_a_whole_read_numbers_them(
+        client, worker, write_sources, data_dir):
+    """Lines before the header, line breaks inside quoted fields, "\\r\\n" breaks, and bad rows before and
+    after the point the read starts from: a run reads only the new lines, finds their bad rows at the
+    lines a whole read finds them, and stores what a whole read stores."""
+    path = data_dir / "grown.csv"
+    write_sources(GROWN.format(format="csv", file="grown.csv", extra="skip_lines = 2"))
+    path.write_bytes(b"Prices export\r\nfrom the desk\r\nid,timestamp,px,note\r\n"
+                     b'a,2026-03-01T00:00:00Z,1,"two\r\nlines"\r\n'
+                     b"b,2026-03-01T01:00:00Z,n/a,plain\r\n"  # line 6: quarantined
+                     b'c,2026-03-01T02:00:00Z,3,"say ""hi"""\r\n')
+    first = run(client)
+    assert first["records_processed"] == 2 and set(quarantined()) == {6}
+    with path.open("ab") as fh:
+        fh.write(b'd,2026-03-01T03:00:00Z,4,"three\r\nline\r\nnote"\r\n'  # lines 8-10
+                 b"e,2026-03-01T04:00:00Z,oops,x\r\n"  # line 11: quarantined
+                 b"f,2026-03-01T05:00:00Z,6\r\n"  # line 12: a column short
+                 b"a,2026-03-01T06:00:00Z,7,corrected\r\n")  # line 13: a key seen before, past the cursor
+    grown = run(client)
+    assert "read from line 8 on" in grown_note(grown)
+    assert grown["records_processed"] == 2 and grown["records_failed"] == 2
+    held = quarantined()
+    assert {line: jobs for line, (_, _, jobs) in held.items()} == {6: {first["id"]}, 11: {grown["id"]},
+                                                                   12: {grown["id"]}}
+    assert "wrong number of columns" in held[12][0]
+    rows = all_stored()
+    assert rows["a"][1] == 7.0 and rows["d"][2] == {"note": "three\r\nline\r\nnote"}
+
+    # A forced run reads the whole file: it meets the same bad lines and finds every row as stored.
+    forced = run(client, mode="full", force=True)
+    assert "notes" not in forced["result"]["sources"]["prices"] or not any(
+        n.partition(": ")[2].startswith("grew") for n in forced["result"]["sources"]["prices"]["notes"])
+    again = quarantined()
+    assert set(again) == {6, 11, 12} and all(forced["id"] in jobs for _, _, jobs in again.values())
+    assert [again[line][:2] for line in (11, 12)] == [(held[line][0], 2) for line in (11, 12)]
+    assert all_stored() == rows
+
+
+def test_a_grown_json_lines_file_is_read_from_where_it_ended_by_a_full_run_after_a_full_one(
+        client, worker, write_sources, data_dir):
+    """A full run may read only a grown file's new lines when the last run read it whole; a JSON string's
+    escaped quote is no quoted field. A corrected row among the new lines replaces the stored one."""
+    path = data_dir / "grown.jsonl"
+    write_sources(GROWN.format(format="jsonl", file="grown.jsonl", extra=""))
+    path.write_text('{"id": "a", "timestamp": "2026-03-01T00:00:00Z", "px": 1, "note": "5\\" pipe"}\n'
+                    '{"id": "b", "timestamp": "2026-03-01T01:00:00Z", "px": 2}\n')
+    first = run(client, mode="full")
+    with path.open("a") as fh:
+        fh.write('{"id": "b", "timestamp": "2026-03-01T01:00:00Z", "px": 20}\n{"id": "c", "px": 3}\n'
+                 '{"id": "d", "timestamp": "2026-03-01T02:00:00Z", "px": 4}\n')
+    grown = run(client, mode="full")
+    assert "read from line 3 on" in grown_note(grown)
+    assert grown["records_processed"] == 2 and set(quarantined()) == {4}
+    rows = all_stored()
+    assert {k: v[1] for k, v in rows.items()} == {"a": 1.0, "b": 20.0, "d": 4.0}
+    assert rows["a"][3] == first["id"] and rows["b"][3] == rows["d"][3] == grown["id"]

@@ -21,9 +21,9 @@ import io
 import json
 import re
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, BinaryIO
+from typing import IO, BinaryIO, Protocol
 
 import numpy as np
 import pyarrow as pa
@@ -43,7 +43,7 @@ from pipelines.ingestion.sources.batches import (
     records_batch,
     records_table,
 )
-from pipelines.ingestion.sources.fingerprints import Seen
+from pipelines.ingestion.sources.fingerprints import Seen, Start
 from pipelines.ingestion.sources.lines import Block, LineStream, open_stream, stream_encoding
 from pipelines.ingestion.sources.registry import Registry, SourceConfig, SourceContentError, SourceError
 
@@ -54,10 +54,21 @@ _PHYSICAL_LINE = re.compile(r"[^\r\n]*(?:\r\n|\r|\n)|[^\r\n]+$")
 _EXACT_FLOAT_LIMIT = 2.0**53
 
 
-def read_file(source: SourceConfig, path: Path, batch_rows: int) -> Iterator[RawBatch]:
-    readers = {"csv": _read_lines, "parquet": _read_parquet, "jsonl": _read_json, "json": _read_json}
+# Formats whose files may be read from any line's start on (`fingerprints.Start`).
+LINE_FORMATS = frozenset({"csv", "jsonl"})
+
+
+def read_file(source: SourceConfig, path: Path, batch_rows: int, start: Start | None = None) -> Iterator[RawBatch]:
+    """PATH's rows as raw batches; from START on (for LINE_FORMATS: its header is read first) if given."""
+    if start is not None and source.format not in LINE_FORMATS:
+        raise ValueError(f"a {source.format} file is read whole")
     try:
-        yield from readers[source.format](source, path, batch_rows)
+        if source.format == "parquet":
+            yield from _read_parquet(source, path, batch_rows)
+        elif source.format == "csv":
+            yield from _read_lines(source, path, batch_rows, start)
+        else:
+            yield from _read_json(source, path, batch_rows, start)
     except (pa.ArrowInvalid, OSError, EOFError, UnicodeDecodeError, ValueError) as exc:
         raise SourceContentError(f"source '{source.id}': cannot read {path.name}: {exc}") from exc
 
@@ -99,23 +110,36 @@ def _joined(parts: list[RawBatch]) -> RawBatch:
                     parts[-1].fraction, [n for p in parts for n in p.notes])
 
 
-def _stream_batches(fh: BinaryIO, source: SourceConfig, size: int, batch_rows: int,
-                    parse: Callable[[Block, LineStream], tuple[pa.Table, np.ndarray, list[Reject]]]
-                    ) -> Iterator[RawBatch]:
-    """Blocks of FH's lines through PARSE, as raw batches of BATCH_ROWS rows with progress by FH's own bytes."""
-    yield from _regrouped(_blocks_parsed(fh, source, size, parse), batch_rows)
+class _Parser(Protocol):
+    def prime(self, stream: LineStream) -> None: ...
+
+    def parse(self, block: Block, stream: LineStream) -> tuple[pa.Table, np.ndarray, list[Reject]]: ...
 
 
-def _blocks_parsed(fh: BinaryIO, source: SourceConfig, size: int,
-                   parse: Callable[[Block, LineStream], tuple[pa.Table, np.ndarray, list[Reject]]]
-                   ) -> Iterator[RawBatch]:
-    opened = open_stream(fh)
-    stream = LineStream(opened, stream_encoding(opened, source.encoding), line_limit(source),
-                        get_settings().read_chunk_bytes)
-    seen_any = yielded = False
+def _stream_batches(fh: BinaryIO, source: SourceConfig, size: int, batch_rows: int, parser: _Parser,
+                    start: Start | None = None) -> Iterator[RawBatch]:
+    """Blocks of FH's lines (from START on, if given) through PARSER, as raw batches of BATCH_ROWS rows
+    with progress by FH's own bytes."""
+    yield from _regrouped(_blocks_parsed(fh, source, size, parser, start), batch_rows)
+
+
+# How much of a grown file's start is read for its header (more, if the header is longer).
+_PRIMING_BYTES = 1 << 16
+
+
+def _blocks_parsed(fh: BinaryIO, source: SourceConfig, size: int, parser: _Parser,
+                   start: Start | None) -> Iterator[RawBatch]:
+    opened = open_stream(fh)  # FH itself when there is a START: `fingerprints` gives one only for a plain file
+    encoding, limit = stream_encoding(opened, source.encoding), line_limit(source)
+    if start is not None:
+        parser.prime(LineStream(opened, encoding, limit, _PRIMING_BYTES))
+        opened.seek(start.offset)
+    stream = LineStream(opened, encoding, limit, get_settings().read_chunk_bytes,
+                        first_line=start.line if start else 1)
+    seen_any, yielded = start is not None, False
     for block in stream.blocks():
         seen_any = seen_any or len(block.data) > 0
-        table, lines, rejects = parse(block, stream)
+        table, lines, rejects = parser.parse(block, stream)
         rejects = stream.rejects + rejects
         stream.rejects = []
         # An input with no row at all still gives one (empty) batch: its columns are checked, and an
@@ -130,16 +154,16 @@ def _blocks_parsed(fh: BinaryIO, source: SourceConfig, size: int,
 # --- CSV ------------------------------------------------------------------------------------------
 
 
-def _read_lines(source: SourceConfig, path: Path, batch_rows: int) -> Iterator[RawBatch]:
+def _read_lines(source: SourceConfig, path: Path, batch_rows: int, start: Start | None) -> Iterator[RawBatch]:
     with path.open("rb") as fh:
         _not_another_format(source, path.name, fh)
-        yield from read_stream(source, fh, path.stat().st_size or 1, batch_rows)
+        yield from read_stream(source, fh, path.stat().st_size or 1, batch_rows, start)
 
 
 # --- JSON -----------------------------------------------------------------------------------------
 
 
-def _read_json(source: SourceConfig, path: Path, batch_rows: int) -> Iterator[RawBatch]:
+def _read_json(source: SourceConfig, path: Path, batch_rows: int, start: Start | None) -> Iterator[RawBatch]:
     """JSON Lines, read in blocks; or one JSON document, which is read whole: its records are the list
     at `records_path`, or the document itself, as for an HTTP page. A document is a file that opens
     with `[`, or that a source names a `records_path` for, or (declared `json`) one whose first line is
@@ -150,8 +174,10 @@ def _read_json(source: SourceConfig, path: Path, batch_rows: int) -> Iterator[Ra
         _not_another_format(source, path.name, fh)
         if not _one_document(source, open_stream(fh)):
             fh.seek(0)
-            yield from read_stream(source, fh, path.stat().st_size or 1, batch_rows)
+            yield from read_stream(source, fh, path.stat().st_size or 1, batch_rows, start)
             return
+        if start is not None:
+            raise ValueError("a JSON document is read whole")
         fh.seek(0)
         limit = source.max_response_bytes or get_settings().http_max_response_bytes
         opened = open_stream(fh)
@@ -250,10 +276,12 @@ def _not_another_format(source: SourceConfig, name: str, fh: BinaryIO) -> None:
             raise SourceContentError(f"source '{source.id}': {name} is not {kind}: it is {what}")
 
 
-def read_stream(source: SourceConfig, fh: BinaryIO, size: int, batch_rows: int) -> Iterator[RawBatch]:
-    """CSV or JSON Lines, as the source declares, from the binary stream FH (a file, or an HTTP body)."""
+def read_stream(source: SourceConfig, fh: BinaryIO, size: int, batch_rows: int,
+                start: Start | None = None) -> Iterator[RawBatch]:
+    """CSV or JSON Lines, as the source declares, from the binary stream FH (a file, or an HTTP body);
+    from START on, if given (FH a plain file)."""
     parser = _CsvParser(source) if source.format == "csv" else _JsonLinesParser(source)
-    yield from _stream_batches(fh, source, size, batch_rows, parser.parse)
+    yield from _stream_batches(fh, source, size, batch_rows, parser, start)
 
 
 class _CsvParser:
@@ -266,6 +294,15 @@ class _CsvParser:
 
     def _empty(self) -> pa.Table:
         return pa.table({name: pa.array([], pa.binary()) for name in self.names or []})
+
+    def prime(self, stream: LineStream) -> None:
+        """Read the header from STREAM, the input from its start: the rows parsed with it are dropped
+        (a grown file's reader starts after them)."""
+        for block in stream.blocks():
+            self.parse(block, stream)
+            if self.names is not None:
+                return
+        raise SourceError(f"source '{self.source.id}': the file has no header")
 
     def _no_rows(self, rejects: list[Reject] | None = None) -> tuple[pa.Table, np.ndarray, list[Reject]]:
         return self._empty(), np.empty(0, np.int64), rejects or []
@@ -468,6 +505,9 @@ class _JsonLinesParser:
         self.as_text: dict[str, pa.DataType] = {}  # columns Arrow would read as times: kept as text
         self.limit = line_limit(source)
 
+    def prime(self, stream: LineStream) -> None:
+        """JSON Lines have no header: a grown file's reader starts at its first new line."""
+
     def parse(self, block: Block, _stream: LineStream) -> tuple[pa.Table, np.ndarray, list[Reject]]:
         filled = block.ends > block.starts
         table = self._fast(block, int(filled.sum()))
@@ -549,19 +589,26 @@ def stream(source: SourceConfig, registry: Registry, batch_rows: int, resume: di
         if f_index < start_file:
             continue
         label = registry.display_path(path)
-        print_ = seen.changed(label, path) if seen is not None else None
-        if seen is not None and print_ is None:
+        reading = seen.changed(label, path, source.format if source.format in LINE_FORMATS else None) \
+            if seen is not None else None
+        if seen is not None and reading is None:
             continue  # unchanged since it was last read (whole, or past the same cursor)
+        print_, begin = (reading.fingerprint, reading.start) if reading is not None else (None, None)
         before = sum(sizes[:f_index])
         after_line = start_line if f_index == start_file else None
         last, line = None, after_line or 0
-        for b_index, raw in enumerate(read_file(source, path, batch_rows)):
+        note = None if begin is None else (f"grew since its last load: read from line {begin.line:,} on "
+                                           f"(byte {begin.offset:,}), what comes before it unchanged")
+        for b_index, raw in enumerate(read_file(source, path, batch_rows, begin)):
             if after_line is not None:
                 if (after := _after_line(raw, after_line)) is None:
                     continue
                 raw = after
             elif f_index == start_file and b_index < start_batch:
                 continue
+            if note is not None:
+                raw.notes.append(note)
+                note = None
             line = max([line, *raw.lines[-1:].tolist(), *(r.line for r in raw.rejects)])
             if last is not None:
                 yield last

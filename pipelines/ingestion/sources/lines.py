@@ -163,11 +163,13 @@ class LineStream:
     """Blocks of whole lines from a binary stream; see the module's text.
 
     A parser whose last record continues past a block hands its lines back with `push_back`; they
-    come first in the next block. Lines longer than LIMIT bytes land in `rejects` instead.
+    come first in the next block. Lines longer than LIMIT bytes land in `rejects` instead. FIRST_LINE:
+    the number of the stream's first line, when it starts inside a file (at a line's start).
     """
 
-    def __init__(self, fh: IO[bytes], encoding: str, limit: int, chunk_bytes: int):
+    def __init__(self, fh: IO[bytes], encoding: str, limit: int, chunk_bytes: int, first_line: int = 1):
         self.fh = fh
+        self.first_line = first_line
         self.encoding = codecs.lookup(encoding).name
         self.limit = limit
         self.chunk_bytes = max(chunk_bytes, 1)
@@ -208,7 +210,7 @@ class LineStream:
             buf = keep + chunk
 
     def blocks(self) -> Iterator[Block]:
-        partial, line, first = b"", 1, True
+        partial, line, first = b"", self.first_line, self.first_line == 1
         while True:
             chunk = self._read()
             if first and chunk.startswith(UTF8_BOM) and self.encoding in _UTF8:
