@@ -96,9 +96,14 @@ def metadata_json(columns: dict[str, pa.Array], n: int) -> pa.Array:
     return pc.binary_join_element_wise(*pieces, pa.scalar("}"), "")
 
 
-def _last_per_key(ids: pa.Array) -> np.ndarray | None:
-    """Row indices that keep the last occurrence of each id, or None if ids are already unique."""
-    if pc.count_distinct(ids).as_py() == len(ids):
+def _last_per_key(ids: pa.Array, hashes: np.ndarray | None = None) -> np.ndarray | None:
+    """Row indices that keep the last occurrence of each id, or None if ids are already unique.
+    HASHES, the ids' 64-bit hashes if known, tell faster: ids whose hashes all differ differ."""
+    if hashes is not None:
+        ordered = np.sort(hashes)
+        if not (ordered[1:] == ordered[:-1]).any():
+            return None
+    elif pc.count_distinct(ids).as_py() == len(ids):
         return None
     positions = pa.table({"id": ids, "i": pa.array(np.arange(len(ids)))})
     keep = positions.group_by("id").aggregate([("i", "max")]).column("i_max").to_numpy()
@@ -161,13 +166,21 @@ def _microseconds(timestamp: pa.Array) -> pa.Array:
 
 def deduplicated(batch: ValidBatch) -> tuple[pa.Array, dict[str, pa.Array], dict[str, pa.Array]]:
     """BATCH's ids, fields and metadata with one row per key: the last line wins."""
-    ids, fields, metadata = batch.ids, batch.fields, batch.metadata
-    keep = _last_per_key(ids) if batch.num_rows else None
+    ids, fields, metadata, _keys = _one_row_a_key(batch, batch.ids)
+    return ids, fields, metadata
+
+
+def _one_row_a_key(batch: ValidBatch, ids: pa.Array, keys: np.ndarray | None = None
+                   ) -> tuple[pa.Array, dict[str, pa.Array], dict[str, pa.Array], np.ndarray | None]:
+    """`deduplicated`, with the batch's IDS as given, and KEYS (their hashes, if known) kept alike."""
+    fields, metadata = batch.fields, batch.metadata
+    keep = _last_per_key(ids, keys) if batch.num_rows else None
     if keep is not None:
         ids = ids.take(keep)
         fields = {k: v.take(keep) for k, v in fields.items()}
         metadata = {k: v.take(keep) for k, v in metadata.items()}
-    return ids, fields, metadata
+        keys = None if keys is None else keys[keep]
+    return ids, fields, metadata, keys
 
 
 _MIX = np.uint64(0x100000001B3)
@@ -189,15 +202,19 @@ def _nulls(array: pa.Array) -> np.ndarray:
     return pc.is_null(array).to_numpy(zero_copy_only=False).astype(np.uint64)
 
 
-def row_hashes(arrays: dict[str, pa.Array]) -> tuple[np.ndarray, np.ndarray]:
-    """Per row: a hash of its key (`id`), and one of its key and content (timestamp, value, metadata as
-    written), both uint64."""
-    keys = hash_array(arrays["id"].to_numpy(zero_copy_only=False), categorize=False)
+def key_hashes(ids: pa.Array) -> np.ndarray:
+    """A 64-bit hash (uint64) of each id (text)."""
+    return hash_array(ids.to_numpy(zero_copy_only=False), categorize=False)
+
+
+def row_hashes(arrays: dict[str, pa.Array], keys: np.ndarray) -> np.ndarray:
+    """Per row, a hash (uint64) of its key (KEYS: `key_hashes` of its id) and content (timestamp, value,
+    metadata as written)."""
     rows = keys.copy()
     for name in ("timestamp", "value", "metadata"):
         rows ^= _column_hash(arrays[name])
         rows *= _MIX
-    return keys, rows
+    return rows
 
 
 def copy_payload(conn: psycopg.Connection, table: sql.Identifier, payload: Payload) -> None:
@@ -212,16 +229,20 @@ def copy_payload(conn: psycopg.Connection, table: sql.Identifier, payload: Paylo
 def prepare(source: str, job_id: str, batch: ValidBatch, bulk: bool = False, encode: bool = True) -> Payload:
     """BATCH as a COPY payload; BULK leaves out the columns a first load's table supplies. Not ENCODE:
     the rows are encoded when a COPY needs them (a merge that leaves most of them out)."""
-    ids, fields, metadata = deduplicated(batch)
+    ids = batch.ids.cast(pa.string())
+    keys = key_hashes(ids)
+    ids, fields, metadata, kept = _one_row_a_key(batch, ids, keys)
+    assert kept is not None
     n = len(ids)
     timestamp = fields.get("timestamp")
     arrays = {
-        "id": ids.cast(pa.string()),
+        "id": ids,
         "timestamp": pa.nulls(n, _COLUMNS.field("timestamp").type) if timestamp is None else _microseconds(timestamp),
         "value": fields.get("value", pa.nulls(n, pa.float64())).cast(pa.float64()),
         "metadata": metadata_json(metadata, n),
     }
-    keys, hashes = row_hashes(arrays)
+    keys = kept
+    hashes = row_hashes(arrays, keys)
     arrays["row_hash"] = pa.array(hashes.view(np.int64))
     if not bulk:
         arrays.update(source=pa.repeat(pa.scalar(source), n), job_id=pa.repeat(pa.scalar(job_id), n))
@@ -265,7 +286,7 @@ class StoredRows:
     def __init__(self, hashes: np.ndarray) -> None:
         hashes.sort()
         self.hashes = hashes
-        self.merged: list[np.ndarray] = []  # sorted, each
+        self.merged = np.empty(0, np.uint64)  # sorted
         self.unchanged_rows = 0
 
     @classmethod
@@ -311,16 +332,15 @@ class StoredRows:
         assert payload.keys is not None and payload.hashes is not None
         keys = payload.keys
         stored = payload.stored if payload.stored is not None else self.holds(payload.hashes)
-        for merged in self.merged:
-            stored &= ~_member(merged, keys)
+        if len(self.merged):
+            stored &= ~_member(self.merged, keys)
         self.unchanged_rows += int(stored.sum())
         return ~stored
 
     def merging(self, keys: np.ndarray) -> None:
         if len(keys):
-            self.merged.append(np.unique(keys))
-            if len(self.merged) > 8:  # a few arrays to look through, however long the run
-                self.merged = [np.unique(np.concatenate(self.merged))]
+            # Two sorted runs, which a stable sort (Timsort) merges in one pass, however many keys came before.
+            self.merged = np.sort(np.concatenate([self.merged, np.sort(keys)]), kind="stable")
 
 
 class Loader:
