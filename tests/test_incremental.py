@@ -39,10 +39,14 @@ def run(client, **options) -> dict:
     return job
 
 
+def notes(job: dict) -> list[str]:
+    """What JOB's run noted of the source's files, without the files' names."""
+    return [n.partition(": ")[2] for n in job["result"]["sources"]["prices"].get("notes", [])]
+
+
 def grown_note(job: dict) -> str:
     """What JOB's run said of a file it read from where the file's last load ended."""
-    notes = [n.partition(": ")[2] for n in job["result"]["sources"]["prices"].get("notes", [])]
-    return next(n for n in notes if n.startswith("grew"))
+    return next(n for n in notes(job) if n.startswith("grew"))
 
 
 def test_three_runs_over_a_growing_file_load_each_row_once(client, worker, write_sources, data_dir):
@@ -315,8 +319,7 @@ def test_a_grown_csv_is_read_from_where_it_ended_with_its_lines_numbered_as_a_wh
 
     # A forced run reads the whole file: it meets the same bad lines and finds every row as stored.
     forced = run(client, mode="full", force=True)
-    assert "notes" not in forced["result"]["sources"]["prices"] or not any(
-        n.partition(": ")[2].startswith("grew") for n in forced["result"]["sources"]["prices"]["notes"])
+    assert not any(note.startswith("grew") for note in notes(forced))
     again = quarantined()
     assert set(again) == {6, 11, 12} and all(forced["id"] in jobs for _, _, jobs in again.values())
     assert [again[line][:2] for line in (11, 12)] == [(held[line][0], 2) for line in (11, 12)]

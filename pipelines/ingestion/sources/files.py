@@ -147,6 +147,9 @@ def _blocks_parsed(fh: BinaryIO, source: SourceConfig, size: int, parser: _Parse
         if not (table.num_rows or rejects or (block.final and not yielded)):
             continue
         notes = [] if seen_any else ["the file is empty"]
+        if start is not None and not yielded:
+            notes.append(f"grew since its last load: read from line {start.line:,} on (byte {start.offset:,}), "
+                         "what comes before it unchanged")
         yielded = True
         yield RawBatch(table, lines, sorted(rejects, key=lambda r: r.line), min(fh.tell() / size, 1.0), notes)
 
@@ -176,8 +179,7 @@ def _read_json(source: SourceConfig, path: Path, batch_rows: int, start: Start |
             fh.seek(0)
             yield from read_stream(source, fh, path.stat().st_size or 1, batch_rows, start)
             return
-        if start is not None:
-            raise ValueError("a JSON document is read whole")
+        # One document is read whole, START or not (a JSON Lines source's file that holds an array).
         fh.seek(0)
         limit = source.max_response_bytes or get_settings().http_max_response_bytes
         opened = open_stream(fh)
@@ -589,16 +591,15 @@ def stream(source: SourceConfig, registry: Registry, batch_rows: int, resume: di
         if f_index < start_file:
             continue
         label = registry.display_path(path)
-        reading = seen.changed(label, path, source.format if source.format in LINE_FORMATS else None) \
-            if seen is not None else None
-        if seen is not None and reading is None:
-            continue  # unchanged since it was last read (whole, or past the same cursor)
-        print_, begin = (reading.fingerprint, reading.start) if reading is not None else (None, None)
+        print_, begin = None, None
+        if seen is not None:
+            reading = seen.changed(label, path, source.format if source.format in LINE_FORMATS else None)
+            if reading is None:
+                continue  # unchanged since it was last read (whole, or past the same cursor)
+            print_, begin = reading.fingerprint, reading.start
         before = sum(sizes[:f_index])
         after_line = start_line if f_index == start_file else None
         last, line = None, after_line or 0
-        note = None if begin is None else (f"grew since its last load: read from line {begin.line:,} on "
-                                           f"(byte {begin.offset:,}), what comes before it unchanged")
         for b_index, raw in enumerate(read_file(source, path, batch_rows, begin)):
             if after_line is not None:
                 if (after := _after_line(raw, after_line)) is None:
@@ -606,9 +607,6 @@ def stream(source: SourceConfig, registry: Registry, batch_rows: int, resume: di
                 raw = after
             elif f_index == start_file and b_index < start_batch:
                 continue
-            if note is not None:
-                raw.notes.append(note)
-                note = None
             line = max([line, *raw.lines[-1:].tolist(), *(r.line for r in raw.rejects)])
             if last is not None:
                 yield last
