@@ -93,8 +93,11 @@ def test_ctrl_c_stops_the_watching_not_the_job_and_says_so(api_url, admin_key, n
     write_csv(data_dir / "a.csv", 5)
     write_sources(sources_toml("prices", "a.csv"))
     env = {**os.environ, "INGOT_URL": api_url, "INGOT_API_KEY": admin_key}
+    # As at a terminal: Ctrl-C's signal acted on. A shell that starts a command in the background (as a
+    # CI runner may start this suite) has it ignored, and a child inherits that.
     watching = subprocess.Popen([sys.executable, "-m", "cli.main", "ingest", "prices", "--wait"], cwd=ROOT,
-                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         from cli.client import Client
 
