@@ -230,9 +230,8 @@ def prepare(source: str, job_id: str, batch: ValidBatch, bulk: bool = False, enc
     """BATCH as a COPY payload; BULK leaves out the columns a first load's table supplies. Not ENCODE:
     the rows are encoded when a COPY needs them (a merge that leaves most of them out)."""
     ids = batch.ids.cast(pa.string())
-    keys = key_hashes(ids)
-    ids, fields, metadata, kept = _one_row_a_key(batch, ids, keys)
-    assert kept is not None
+    ids, fields, metadata, keys = _one_row_a_key(batch, ids, key_hashes(ids))
+    assert keys is not None  # given, so kept
     n = len(ids)
     timestamp = fields.get("timestamp")
     arrays = {
@@ -241,7 +240,6 @@ def prepare(source: str, job_id: str, batch: ValidBatch, bulk: bool = False, enc
         "value": fields.get("value", pa.nulls(n, pa.float64())).cast(pa.float64()),
         "metadata": metadata_json(metadata, n),
     }
-    keys = kept
     hashes = row_hashes(arrays, keys)
     arrays["row_hash"] = pa.array(hashes.view(np.int64))
     if not bulk:
