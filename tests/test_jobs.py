@@ -1,7 +1,10 @@
 """The job state machine: transitions guarded in SQL, leases, heartbeats, the reaper."""
 
+import select
 import socket
+import time
 
+import psycopg
 import pytest
 from sqlalchemy import text
 
@@ -166,6 +169,37 @@ def test_an_attempt_ends_on_its_own_connection_and_on_a_fresh_one_if_that_died()
     assert attempt.execute(dropped, lose_connection) == "succeeded"
     job = state(dropped)
     assert (job.state, job.result, job.attempts) == ("succeeded", {"ok": 2}, 1)
+
+
+def test_the_pool_hands_out_a_live_connection_without_a_round_trip_and_replaces_one_the_server_closed(tmp_path):
+    """No ping before a checkout: a live connection is handed out with no message to the server, and
+    one whose server process ended while it sat in the pool is replaced before anyone uses it."""
+    engine = get_engine()
+    engine.dispose()  # one connection in the pool, so that the next checkout is that one
+    with engine.connect() as connection:
+        live = driver(connection)
+        pid = live.info.backend_pid
+    trace = tmp_path / "trace"
+    with open(trace, "w") as out:
+        live.pgconn.trace(out.fileno())
+        try:
+            with engine.connect() as connection:
+                assert driver(connection) is live  # the same connection, handed out again
+        finally:
+            live.pgconn.untrace()
+    assert trace.read_text() == ""  # not a byte sent or received
+
+    url = engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+    with psycopg.connect(url, autocommit=True) as other:  # not from the pool: that would be LIVE itself
+        other.execute("SELECT pg_terminate_backend(%s)", [pid])  # as a restart or a crash would
+    closed = select.poll()
+    closed.register(live.fileno(), select.POLLIN)
+    deadline = time.monotonic() + 10
+    while not closed.poll(50):
+        assert time.monotonic() < deadline, "the server never closed the connection"
+    with engine.connect() as connection:
+        assert connection.execute(text("SELECT pg_backend_pid()")).scalar() != pid
+        assert driver(connection) is not live
 
 
 def tick(waiting: dict[str, int]) -> tuple[dict, list]:

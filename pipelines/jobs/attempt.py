@@ -109,7 +109,7 @@ def finish(run: JobRun, state: JobState, *, result: dict | None = None, error: s
 
     A success also makes RUN's `final_writes`, in the same statement: both commit, or neither. The
     statement runs on the connection the attempt was claimed on, in autocommit (no second checkout or
-    pre-ping, no BEGIN and COMMIT around it); if that connection has died meanwhile (the database
+    check, no BEGIN and COMMIT around it); if that connection has died meanwhile (the database
     restarted) or the work left it unusable, on a fresh one from the pool. Trying again is safe: the end
     is guarded by the lease, so a first try that did commit makes the second a no-op."""
     def end(connection: Connection) -> Any:
