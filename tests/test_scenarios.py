@@ -269,6 +269,26 @@ def test_state_changes_are_admin_only_and_a_read_key_cannot_create_or_run(api_ur
         assert moved.status_code == 403
 
 
+def test_a_run_reads_its_scenario_with_its_claim_and_fails_clearly_if_it_is_gone(client, queued_run):
+    """The claim reads the run's scenario in the same statement: a run's statements are its claim and
+    its end (the curves come by COPY). A scenario deleted behind the API's back fails the run by name."""
+    from pipelines.core.roundtrips import RoundTrips
+    from worker.tasks.scenarios import run as run_task
+
+    scenario_id, run_id = queued_run
+    with RoundTrips() as trips:
+        assert run_task(run_id) == "failed"  # curve K has no points
+    assert trips.statements == 2
+    assert client.job(run_id)["error"] == "no base curve for K on its latest as-of date"
+
+    with get_engine().begin() as conn:  # the API refuses while a run is queued; SQL does not
+        conn.execute(text("DELETE FROM scenarios WHERE id = :s"), {"s": scenario_id})
+    moved = client.http.post(f"/api/v1/scenarios/runs/{run_id}/state", json={"state": "queued"})
+    assert moved.status_code == 200
+    assert run_task(run_id) == "failed"
+    assert client.job(run_id)["error"] == f"scenario {scenario_id} no longer exists"
+
+
 def _blocked_run(client, scenario_id: str, lock_conn) -> str:
     """Start a run while LOCK_CONN holds the curves table: the run claims its job, then waits on the lock."""
     from tests.helpers import wait_for

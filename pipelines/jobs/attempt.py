@@ -16,7 +16,7 @@ from typing import Any
 
 import psycopg
 import structlog
-from sqlalchemy import text
+from sqlalchemy import ColumnElement, text
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DataError, DBAPIError
 
@@ -57,6 +57,8 @@ class JobRun:
     checkpoint: dict[str, Any]
     attempts: int
     result: dict[str, Any] = field(default_factory=dict)
+    # What the claim read beside the job, when the work asked for it (`execute`'s SUBJECT).
+    subject: Any = None
     # Writes that belong with success (a scenario run's outputs): made by the statement that records it.
     final_writes: machine.SuccessWrites | None = None
     # Records counted at the end rather than batch by batch (work too small to report progress).
@@ -96,12 +98,14 @@ class JobRun:
                 raise JobStopped(self.id)
 
 
-def claim(job_id: str, owner: str, connection: Connection | None = None) -> JobRun | None:
-    """Take JOB_ID for a new attempt (see `machine.claim`)."""
-    taken = machine.claim(job_id, owner, connection)
+def claim(job_id: str, owner: str, connection: Connection | None = None,
+          subject: ColumnElement | None = None) -> JobRun | None:
+    """Take JOB_ID for a new attempt, reading SUBJECT with it (see `machine.claim`)."""
+    taken = machine.claim(job_id, owner, connection, subject)
     if taken is None:
         return None
-    return JobRun(job_id, taken.kind, taken.lease, taken.params, taken.checkpoint, taken.attempts, taken.result)
+    return JobRun(job_id, taken.kind, taken.lease, taken.params, taken.checkpoint, taken.attempts, taken.result,
+                  subject=taken.subject)
 
 
 def finish(run: JobRun, state: JobState, *, result: dict | None = None, error: str | None = None) -> bool:
@@ -168,10 +172,12 @@ def _internal(exc: Exception, job_id: str) -> str:
     return f"internal error ({type(exc).__name__}); the worker's log has the details of job {job_id}"
 
 
-def execute(job_id: str, work: Callable[[JobRun], dict], owner: str | None = None) -> Outcome:
-    """Run one attempt of JOB_ID: claim it, do WORK with a heartbeat, and record how it ended."""
+def execute(job_id: str, work: Callable[[JobRun], dict], owner: str | None = None,
+            subject: ColumnElement | None = None) -> Outcome:
+    """Run one attempt of JOB_ID: claim it (reading SUBJECT with it, for WORK's `JobRun.subject`), do
+    WORK with a heartbeat, and record how it ended."""
     with autocommit() as connection:
-        run = claim(job_id, owner or machine.owner_name(), connection)
+        run = claim(job_id, owner or machine.owner_name(), connection, subject)
         if run is None:
             return Outcome.SKIPPED
         run.connection = connection

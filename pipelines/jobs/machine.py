@@ -310,35 +310,49 @@ class Claim:
     checkpoint: dict[str, Any]
     attempts: int
     result: dict[str, Any]
+    subject: Any = None  # what the claim read beside the job, if it was asked to (see `claim`)
 
 
-def claim(job_id: str, owner: str, connection: Connection | None = None) -> Claim | None:
+@functools.cache
+def _claiming(subject: ColumnElement | None) -> tuple[Update, Update]:
+    """The claim and the take-over, returning SUBJECT as well when there is one."""
+    if subject is None:
+        return _CLAIM, _TAKE_OVER
+    return _CLAIM.returning(subject.label("subject")), _TAKE_OVER.returning(subject.label("subject"))
+
+
+def claim(job_id: str, owner: str, connection: Connection | None = None,
+          subject: ColumnElement | None = None) -> Claim | None:
     """Take JOB_ID for a new attempt, or None if another live attempt holds it or it has ended.
 
     A queued job is taken in one statement; only when that finds nothing is the job looked at, to
     take over from an attempt whose heartbeat stopped or whose process is gone. Each statement is
-    guarded on its own, so none needs a transaction around it."""
+    guarded on its own, so none needs a transaction around it. SUBJECT, an expression over the job's
+    row (a scalar subquery), is read by the statement that takes it: what the work needs first, in the
+    same round trip (a scenario run's scenario)."""
     if connection is None:
         with autocommit() as connection:
-            return claim(job_id, owner, connection)
+            return claim(job_id, owner, connection, subject)
     settings = get_settings()
     lease = uuid.uuid4().hex
-    row = connection.execute(_CLAIM, {"job": job_id, "lease": lease, "owner": owner}).one_or_none()
+    take, take_over = _claiming(subject)
+    row = connection.execute(take, {"job": job_id, "lease": lease, "owner": owner}).one_or_none()
     if row is None:
         current = connection.execute(select(Job.lease_owner).where(Job.id == job_id)).one_or_none()
         if current is None:
             log.warning("job %s does not exist; message dropped", job_id)
             return None
-        row = connection.execute(_TAKE_OVER, {"job": job_id, "lease": lease, "owner": owner,
-                                              "stale": settings.heartbeat_stale_seconds,
-                                              "dead": _dead_owner(current.lease_owner)}).one_or_none()
+        row = connection.execute(take_over, {"job": job_id, "lease": lease, "owner": owner,
+                                             "stale": settings.heartbeat_stale_seconds,
+                                             "dead": _dead_owner(current.lease_owner)}).one_or_none()
         if row is None:
             return None
     if row.attempts > settings.max_job_attempts:
         connection.execute(_GIVE_UP, {"job": job_id, "lease": lease, "error": (
             f"gave up after {row.attempts - 1} attempts: the worker running this job was lost each time")})
         return None
-    return Claim(lease, row.kind, row.params, row.checkpoint, row.attempts, dict(row.result or {}))
+    return Claim(lease, row.kind, row.params, row.checkpoint, row.attempts, dict(row.result or {}),
+                 row.subject if subject is not None else None)
 
 
 _PROGRESS = update(Job).where(*_HELD, Job.state == R).values(

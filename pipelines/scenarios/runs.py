@@ -42,7 +42,7 @@ from pipelines.auth import quotas
 from pipelines.core import pgarrays
 from pipelines.core.db import driver, on_commit, session_scope
 from pipelines.core.errors import Conflict, NotFound
-from pipelines.core.models import Job, JobKind, JobState, ScenarioMetric, ScenarioOutput
+from pipelines.core.models import Job, JobKind, JobState, Scenario, ScenarioMetric, ScenarioOutput
 from pipelines.core.pagination import Keyset
 from pipelines.jobs import machine
 from pipelines.jobs.attempt import JobFailed, JobRun
@@ -126,6 +126,8 @@ def _base_curves(conn: psycopg.Connection, keys: list[str], asof: dt.date | None
              "TO STDOUT (FORMAT csv)")
     with conn.cursor().copy(query, {"keys": keys, "asof": asof}) as copy:
         data = b"".join(bytes(block) for block in copy)
+    if not data:  # no points at all (Arrow's reader refuses an empty file): the caller names what is missing
+        return pa.schema(_BASE_TYPES).empty_table()
     return pacsv.read_csv(
         io.BytesIO(data),
         read_options=pacsv.ReadOptions(column_names=list(_BASE_TYPES)),
@@ -134,7 +136,11 @@ def _base_curves(conn: psycopg.Connection, keys: list[str], asof: dt.date | None
     ).combine_chunks()
 
 
-_SCENARIO = text("SELECT base, shocks FROM scenarios WHERE id = :id")
+# A run's scenario, read by the statement that claims the run (no round trip of its own): its base and
+# shocks, or NULL if it is gone. A scenario never changes once made, and cannot be deleted while a run
+# of it is queued or running.
+SCENARIO = select(func.jsonb_build_array(Scenario.base, Scenario.shocks)) \
+    .where(Scenario.id == Job.params["scenario_id"].astext).scalar_subquery()
 
 
 def run(job: JobRun) -> dict:
@@ -144,12 +150,12 @@ def run(job: JobRun) -> dict:
     its end (`JobRun.final_writes`): one statement, whose guarded UPDATE also stops a run cancelled
     meanwhile before anything is written."""
     scenario_id = job.params["scenario_id"]
+    if job.subject is None:  # claimed with SCENARIO (worker.tasks.scenarios), which found none
+        raise JobFailed(f"scenario {scenario_id} no longer exists")
+    definition, shocks = job.subject
+    keys = list(definition["curve_keys"])
+    asof = dt.date.fromisoformat(definition["asof_date"]) if definition.get("asof_date") else None
     with job.reading() as connection:
-        scenario = connection.execute(_SCENARIO, {"id": scenario_id}).one_or_none()
-        if scenario is None:
-            raise JobFailed(f"scenario {scenario_id} no longer exists")
-        keys, shocks = list(scenario.base["curve_keys"]), list(scenario.shocks)
-        asof = dt.date.fromisoformat(scenario.base["asof_date"]) if scenario.base.get("asof_date") else None
         base = _base_curves(driver(connection), keys, asof)
     curve_keys = base["curve_key"].to_numpy(zero_copy_only=False)
     missing = sorted(set(keys) - set(curve_keys))

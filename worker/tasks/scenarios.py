@@ -10,4 +10,4 @@ from worker.app import job_task
 
 @job_task(JobKind.SCENARIO_RUN)
 def run(job_id: str) -> str:
-    return attempt.execute(job_id, runs.run)
+    return attempt.execute(job_id, runs.run, subject=runs.SCENARIO)
