@@ -69,6 +69,29 @@ def test_endpoints_secrets_and_validation(client):
     assert len(client.request("GET", "/webhooks")["data"]["webhooks"]) == 1
 
 
+def test_a_job_end_writes_its_event_only_when_an_enabled_endpoint_subscribes_to_its_type(client, receiver):
+    """The outbox row is written for endpoints that will read it: with none subscribed to a job's event
+    (none at all, one deleted, one disabled, one for other events), its end writes nothing to relay."""
+    def ended(prefix: str) -> list[str]:
+        end_jobs(2, prefix)
+        with get_engine().connect() as conn:
+            return list(conn.execute(text("SELECT type FROM webhook_events WHERE job_id LIKE :p || '%' "
+                                          "ORDER BY job_id"), {"p": prefix}).scalars())
+
+    assert ended("job_none_") == []
+    other = register(client, f"{receiver.url}/a", ["export.completed"])
+    gone = register(client, f"{receiver.url}/b", ["ingestion.completed"])
+    assert client.http.delete(f"/api/v1/webhooks/{gone['id']}").status_code in (200, 204)
+    off = register(client, f"{receiver.url}/c", ["ingestion.completed"])
+    with get_engine().begin() as conn:
+        conn.execute(text("UPDATE webhooks SET enabled = false WHERE id = :id"), {"id": off["id"]})
+    assert ended("job_unheard_") == []
+    assert other["enabled"]
+
+    register(client, f"{receiver.url}/d", ["ingestion.failed", "ingestion.completed"])
+    assert ended("job_heard_") == ["ingestion.completed", "ingestion.completed"]
+
+
 def test_each_job_end_reaches_each_subscriber_once_signed(client, worker, write_sources, data_dir):
     both, failures, exports = Receiver(), Receiver(), Receiver()
     try:
