@@ -130,10 +130,10 @@ HEALTHY = [f"/n{i}" for i in range(7)]
 
 
 def neighbours(client, port: int, log_path: str, events: int, rate: float, first: int, bad: list[str]
-               ) -> tuple[list[float], int]:
+               ) -> tuple[list[float], list[float], int]:
     """EVENTS events at RATE to the 7 healthy endpoints (and to BAD ones): the healthy endpoints'
-    latencies from commit to receipt, in ms, once every one of them got every event exactly once, and
-    how many endpoints were paused by then."""
+    latencies from commit to receipt, in ms, once every one of them got every event exactly once; of
+    which from commit to the relay's delivery row; and how many endpoints were paused by then."""
     from sqlalchemy import text
 
     from pipelines.core.db import get_engine
@@ -151,15 +151,20 @@ def neighbours(client, port: int, log_path: str, events: int, rate: float, first
         committed = {i: t.timestamp() for i, t in conn.execute(text(
             "SELECT e.id, e.created_at FROM webhook_events e JOIN jobs j ON j.id = e.job_id "
             "WHERE j.id >= :lo AND j.id < :hi"), {"lo": _job_id(first), "hi": _job_id(first + events)})}
-    latencies = []
-    for path in HEALTHY:
+        # When the relay made each healthy endpoint's delivery of each event: to split the latency.
+        relayed = {(w, e): t.timestamp() for w, e, t in conn.execute(text(
+            "SELECT webhook_id, event_id, created_at FROM webhook_deliveries WHERE webhook_id = ANY(:hooks)"),
+            {"hooks": hooks[:len(HEALTHY)]})}
+    latencies, to_relay = [], []
+    for hook, path in zip(hooks[:len(HEALTHY)], HEALTHY, strict=True):
         arrivals = [(e, at) for e, at in received(log_path, path) if e in committed]
         once(arrivals, set(committed))
         latencies += [(at - committed[e]) * 1000 for e, at in arrivals]
+        to_relay += [(relayed[hook, e] - committed[e]) * 1000 for e, _ in arrivals if (hook, e) in relayed]
     paused = sum(h["paused"] for h in client.request("GET", "/webhooks")["data"]["webhooks"])
     for hook in hooks:
         client.request("DELETE", f"/webhooks/{hook}")
-    return sorted(latencies), paused
+    return sorted(latencies), sorted(to_relay), paused
 
 
 def _job_id(number: int) -> str:
@@ -219,7 +224,7 @@ def main() -> None:
         to_relay = sorted((relayed[e] - committed[e]) * 1000 for e, _at in steady if e in relayed)
         to_receipt = sorted((at - relayed[e]) * 1000 for e, at in steady if e in relayed)
         once(received(log_path), set(committed))
-        hooked = {}
+        hooked, split = {}, {}
         if args.neighbours:
             # 4. neighbours: the same healthy endpoints alone, then beside three bad ones
             first = 2 * args.burst + args.events
@@ -229,11 +234,11 @@ def main() -> None:
                 warm = min(500, args.neighbours)
                 neighbours(client, port, log_path, warm, args.neighbour_rate, first, [])
                 first += warm
-                hooked["alone"], _ = neighbours(client, port, log_path, args.neighbours, args.neighbour_rate,
-                                                first, [])
+                hooked["alone"], split["alone"], _ = neighbours(client, port, log_path, args.neighbours,
+                                                                args.neighbour_rate, first, [])
                 bad = [BadReceiver("trickle"), BadReceiver("hang"), BadReceiver("refuse")]
                 try:
-                    hooked["beside 3 bad endpoints"], paused = neighbours(
+                    hooked["beside 3 bad endpoints"], split["beside 3 bad endpoints"], paused = neighbours(
                         client, port, log_path, args.neighbours, args.neighbour_rate, first + args.neighbours,
                         [b.url for b in bad])
                 finally:
@@ -255,6 +260,9 @@ def main() -> None:
         print(f"neighbours, {args.neighbours:,} events at {args.neighbour_rate:g}/s to 7 healthy endpoints, {name}: "
               f"every one delivered once; p50 {rank(times, 0.5):.1f} ms, p99 {rank(times, 0.99):.1f} ms, "
               f"max {times[-1]:.1f} ms")
+        relay = split[name]
+        print(f"  of which commit to relay (delivery row): p50 {rank(relay, 0.5):.1f} ms, "
+              f"p99 {rank(relay, 0.99):.1f} ms")
     if len(hooked) == 2:
         alone, crowd = (rank(hooked[k], 0.99) for k in hooked)
         print(f"the healthy endpoints' p99 beside the bad ones: {crowd / alone:.2f}x alone (goal: at most 2x); "
