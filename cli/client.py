@@ -42,10 +42,13 @@ def _present(**params: Any) -> dict[str, Any]:
 class Client:
     def __init__(self, url: str = "http://127.0.0.1:8000", api_key: str | None = None, timeout: float = 30, *,
                  token: str | None = None, retries: int = 3, max_retry_wait: float = 60.0,
-                 sleep: Callable[[float], None] = time.sleep):
+                 sleep: Callable[[float], None] = time.sleep, on_retry: Callable[[str, float], None] | None = None):
+        """ON_RETRY(why, seconds), if given, hears of each wait before a call is tried again (a terminal
+        can say so rather than sit silent)."""
         headers = {"X-API-Key": api_key} if api_key else {"Authorization": f"Bearer {token}"} if token else {}
         self.http = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout)
         self.retries, self.max_retry_wait, self._sleep = retries, max_retry_wait, sleep
+        self._on_retry = on_retry
         self.rate_limit: dict[str, int] = {}  # the last X-RateLimit-* figures the server sent
 
     def close(self) -> None:
@@ -68,17 +71,18 @@ class Client:
             try:
                 request = self.http.build_request(method, url, **kwargs)
                 response = self.http.send(request, stream=stream)
-            except httpx.ConnectError:
+            except httpx.ConnectError as exc:
                 if attempt == self.retries:
                     raise
-                self._sleep(min(2.0 ** attempt, self.max_retry_wait))
+                self._wait(f"could not connect ({exc})", min(2.0 ** attempt, self.max_retry_wait))
                 continue
             self.rate_limit = {name[len("x-ratelimit-"):]: int(value) for name, value in response.headers.items()
                                if name.startswith("x-ratelimit-") and value.isdigit()}
             wait = retry_after(response, self.max_retry_wait)
             if response.status_code in (429, 503) and attempt < self.retries:
                 response.close()
-                self._sleep(wait if wait is not None else min(2.0 ** attempt, self.max_retry_wait))
+                self._wait(f"answered {response.status_code}",
+                           wait if wait is not None else min(2.0 ** attempt, self.max_retry_wait))
                 continue
             if response.is_error:
                 if stream:
@@ -86,6 +90,11 @@ class Client:
                 self._raise(response)
             return response
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _wait(self, why: str, seconds: float) -> None:
+        if self._on_retry is not None:
+            self._on_retry(why, seconds)
+        self._sleep(seconds)
 
     def request(self, method: str, path: str, **kwargs) -> dict[str, Any]:
         """The whole envelope of a call under /api/v1; IngotError for any error envelope."""

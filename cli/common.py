@@ -24,7 +24,13 @@ DEFAULT_URL = "http://127.0.0.1:8000"
 
 
 def client_for(url: str, api_key: str | None) -> Client:
-    return Client(url, api_key)
+    """A client whose waits before trying again are said on stderr as they begin, not sat through in
+    silence (an API not running costs 7 s of retries before the command gives up)."""
+    def say(why: str, seconds: float) -> None:
+        err.print(f"[yellow]waiting[/yellow] the Ingot API at {url} {why}; trying again in {seconds:g} s",
+                  highlight=False)
+
+    return Client(url, api_key, on_retry=say)
 
 
 def group_client(ctx: typer.Context, url: str, api_key: str | None) -> Client:

@@ -46,8 +46,12 @@ def test_an_api_that_cannot_be_reached_is_one_clear_line_not_a_traceback():
     address = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     answer = ingot("jobs", "--url", address, "--api-key", "ingot_x")
     assert answer.returncode == 1
-    assert f"cannot reach the Ingot API at {address}/" in answer.stderr and "ingot up" in answer.stderr
-    assert "Traceback" not in answer.stderr and len(answer.stderr.splitlines()) <= 3
+    said = " ".join(answer.stderr.split())  # as the terminal wrapped it
+    # Each wait before trying again is said as it begins (1, 2 and 4 s), then the one error.
+    assert [f"trying again in {s} s" in said for s in (1, 2, 4)] == [True] * 3
+    assert said.count("could not connect") == 3
+    assert f"cannot reach the Ingot API at {address}/" in said and "ingot up" in said
+    assert "Traceback" not in answer.stderr
 
 
 def test_a_refused_request_names_the_field_and_what_is_wrong(api_url, admin_key, tmp_path):

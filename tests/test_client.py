@@ -39,9 +39,22 @@ def test_a_503_is_tried_again_until_the_server_answers(api):
 
     api.routes["/api/v1/health"] = status
     waits: list[float] = []
-    with Client(api.url, sleep=waits.append) as client:
+    heard: list[tuple[str, float]] = []
+    with Client(api.url, sleep=waits.append, on_retry=lambda why, s: heard.append((why, s))) as client:
         assert client.health() == {"status": "healthy"}
     assert waits == [3.0, 1.0] and len(api.calls_to("/api/v1/health")) == 3
+    assert heard == [("answered 503", 3.0), ("answered 503", 1.0)]  # each wait told before it is slept
+
+
+def test_a_connection_refused_is_tried_again_and_each_wait_told_before_it_is_slept():
+    from tests.helpers import free_port
+
+    events: list[str] = []
+    with Client(f"http://127.0.0.1:{free_port()}", retries=2, sleep=lambda s: events.append(f"slept {s:g}"),
+                on_retry=lambda why, s: events.append(f"{why.split(' (')[0]}, {s:g} s")) as client:
+        with pytest.raises(httpx.ConnectError):
+            client.health()
+    assert events == ["could not connect, 1 s", "slept 1", "could not connect, 2 s", "slept 2"]
 
 
 def test_errors_carry_the_envelope_code_and_request_id(api_url):
