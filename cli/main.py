@@ -323,6 +323,10 @@ def ingest(
     colour = "green" if job["state"] == "succeeded" else "red"
     err.print(f"[{colour}]{job['id']} {job['state']}[/{colour}]: {job['records_processed']} records, "
               f"{job['records_failed']} quarantined" + (f"; {job['error']}" if job.get("error") else ""))
+    for source, outcome in ((job.get("result") or {}).get("sources") or {}).items():
+        # What the counts alone do not say: files skipped as unchanged, a grown file read from its end.
+        for note in (outcome or {}).get("notes") or ():
+            err.print(f"  {source}: {note}", highlight=False, markup=False)
     raise typer.Exit(0 if job["state"] == "succeeded" else 1)
 
 

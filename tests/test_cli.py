@@ -70,6 +70,10 @@ def test_ingest_wait_follows_the_job_and_reports_by_exit_code(api_url, admin_key
     done = ingot("ingest", "prices", "--wait", **env)
     assert done.returncode == 0, done.stderr
     assert "succeeded" in done.stderr and "27 records, 3 quarantined" in done.stderr
+    again = ingot("ingest", "prices", "--wait", **env)  # the file unchanged: the counts alone would say 0
+    said = " ".join(again.stderr.split())
+    assert again.returncode == 0 and "0 records, 0 quarantined" in said
+    assert "prices: 1 file(s) unchanged since their last load, skipped (force to read them again)" in said
     failed = ingot("ingest", "broken", "--wait", **env)
     assert failed.returncode == 1 and "failed" in failed.stderr and "missing required column" in failed.stderr
     listing = ingot("jobs", "--state", "succeeded", **env)
