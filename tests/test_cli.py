@@ -40,7 +40,7 @@ def test_keys_create_prints_only_the_key_then_list_and_revoke(api_url):
     assert bad.returncode == 2 and bad.stdout == ""
 
 
-def test_an_api_that_cannot_be_reached_is_one_clear_line_not_a_traceback():
+def test_an_api_that_cannot_be_reached_is_said_at_each_wait_then_in_one_error_not_a_traceback():
     from tests.helpers import free_port
 
     address = f"http://127.0.0.1:{free_port()}"  # nothing listens there
