@@ -328,6 +328,21 @@ def test_login_delay_grows_to_a_ceiling(failures, delay):
     assert login_delay(failures) == delay
 
 
+def test_an_accounts_wait_runs_from_the_moment_of_its_last_failure_not_its_whole_second():
+    """The fifth failure late in a second, a try early in the next: a second was not yet over (kept in
+    whole seconds, the record said it was, and the 1 s wait was none)."""
+    from pipelines.auth.limits import FREE_FAILURES, Account
+
+    account = Account.named("dana")
+    stored = dict((command[2], command[3]) for command in account.failed(100.9) if command[0] == "HSET")
+    reply = [str(FREE_FAILURES).encode(), str(stored["last"]).encode()]  # as Redis gives them back
+    assert Account.wait_left(reply, 101.05) == 1
+    assert Account.wait_left(reply, 101.89) == 1  # any part of a second left is a second in Retry-After
+    assert Account.wait_left(reply, 101.9) == 0
+    assert Account.wait_left([str(FREE_FAILURES).encode(), b"100"], 100.5) == 1  # a whole-second record
+    assert Account.wait_left([None, None], 100.0) == 0
+
+
 def test_without_redis_logging_in_is_503_and_keys_still_work(admin_key):
     from tests.helpers import api_processes, free_port
 

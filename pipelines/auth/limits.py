@@ -149,7 +149,9 @@ class Account:
         return ("HMGET", self.key, "count", "last")
 
     def failed(self, now: float) -> list[tuple]:
-        return [("HINCRBY", self.key, "count", 1), ("HSET", self.key, "last", int(now)),
+        # To the microsecond: kept in whole seconds, a failure late in one second and a try early in the
+        # next were a second apart by the record, and the first 1 s wait was no wait at all.
+        return [("HINCRBY", self.key, "count", 1), ("HSET", self.key, "last", f"{now:.6f}"),
                 ("EXPIRE", self.key, FORGET_AFTER)]
 
     def succeeded(self) -> list[tuple]:
@@ -158,5 +160,6 @@ class Account:
     @staticmethod
     def wait_left(reply: list, now: float) -> int:
         """Seconds until the account may try again, from READ's reply (0: now)."""
-        count, last = (int(v) if v is not None else 0 for v in reply)
-        return max(0, last + login_delay(count) - int(now)) if count else 0
+        count = int(reply[0]) if reply[0] is not None else 0
+        last = float(reply[1]) if reply[1] is not None else 0.0
+        return max(0, math.ceil(last + login_delay(count) - now)) if count else 0
