@@ -6,11 +6,14 @@ import datetime as dt
 import io
 import json
 import math
+import struct
 
+import pyarrow as pa
 import pytest
 from sqlalchemy import text
 
 from pipelines.core.db import get_engine, session_scope
+from pipelines.core.models import Job
 from pipelines.curves import synthetic
 from pipelines.curves.synthetic import DEMO
 from pipelines.scenarios import runs
@@ -269,9 +272,43 @@ def test_state_changes_are_admin_only_and_a_read_key_cannot_create_or_run(api_ur
         assert moved.status_code == 403
 
 
-def test_a_run_reads_its_scenario_with_its_claim_and_fails_clearly_if_it_is_gone(client, queued_run):
-    """The claim reads the run's scenario in the same statement: a run's statements are its claim and
-    its end (the curves come by COPY). A scenario deleted behind the API's back fails the run by name."""
+def _sent(trace) -> int:
+    """Round trips a libpq protocol trace saw begin: each statement ends with a Sync (extended protocol)
+    or is a Query (simple protocol, as a COPY is)."""
+    lines = trace.read_text().splitlines()
+    return sum(1 for line in lines if "\tF\t" in line and ("\tSync" in line or "\tQuery" in line))
+
+
+@pytest.fixture
+def traced(tmp_path):
+    """Each checkout of a pooled connection meanwhile traced (libpq's protocol trace), a file each."""
+    from sqlalchemy import event
+
+    traces, open_files = [], {}
+
+    def start(live, record, proxy):  # LIVE: the psycopg connection
+        traces.append(tmp_path / f"trace-{len(traces)}-{id(live)}")
+        open_files[id(live)] = out = open(traces[-1], "w")  # noqa: SIM115 (closed at check-in)
+        live.pgconn.trace(out.fileno())
+
+    def stop(live, record):
+        out = open_files.pop(id(live), None) if live is not None else None
+        if out is not None:
+            live.pgconn.untrace()
+            out.close()
+
+    engine = get_engine()
+    event.listen(engine, "checkout", start)
+    event.listen(engine, "checkin", stop)
+    yield traces
+    event.remove(engine, "checkout", start)
+    event.remove(engine, "checkin", stop)
+
+
+def test_a_run_is_two_round_trips_and_fails_clearly_if_its_scenario_is_gone(client, queued_run, traced):
+    """The claim reads the run's scenario and its base curves in the same statement: a run is two round
+    trips, its claim and its end (which writes the outputs). A scenario deleted behind the API's back
+    fails the run by name."""
     from pipelines.core.roundtrips import RoundTrips
     from worker.tasks.scenarios import run as run_task
 
@@ -281,27 +318,82 @@ def test_a_run_reads_its_scenario_with_its_claim_and_fails_clearly_if_it_is_gone
     assert trips.statements == 2
     assert client.job(run_id)["error"] == "no base curve for K on its latest as-of date"
 
+    with get_engine().begin() as conn:
+        conn.execute(text("INSERT INTO curves (curve_key, asof_date, contract_month, tenor_label, value, source) "
+                          "VALUES ('K', '2026-11-02', '2027-01-01', 'Jan27', 40.5, 't'), "
+                          "('K', '2026-11-02', '2027-02-01', 'Feb27', 41.25, 't')"))
+    assert client.http.post(f"/api/v1/scenarios/runs/{run_id}/state", json={"state": "queued"}).status_code == 200
+    traced.clear()
+    assert run_task(run_id) == "succeeded"
+    assert [_sent(live) for live in traced] == [2]  # one connection: the claim with the curves, the end
+    assert client.job(run_id)["result"]["points"] == 2
+    with get_engine().connect() as conn:
+        shocked = conn.execute(text("SELECT shocked FROM scenario_outputs WHERE run_id = :r"), {"r": run_id})
+        assert shocked.scalar_one() == [41.5, 42.25]
+
+    again = client.request("POST", f"/scenarios/{scenario_id}/run")["data"]["run_id"]
     with get_engine().begin() as conn:  # the API refuses while a run is queued; SQL does not
         conn.execute(text("DELETE FROM scenarios WHERE id = :s"), {"s": scenario_id})
-    moved = client.http.post(f"/api/v1/scenarios/runs/{run_id}/state", json={"state": "queued"})
-    assert moved.status_code == 200
-    assert run_task(run_id) == "failed"
-    assert client.job(run_id)["error"] == f"scenario {scenario_id} no longer exists"
+    assert run_task(again) == "failed"
+    assert client.job(again)["error"] == f"scenario {scenario_id} no longer exists"
 
 
-def _blocked_run(client, scenario_id: str, lock_conn) -> str:
-    """Start a run while LOCK_CONN holds the curves table: the run claims its job, then waits on the lock."""
+def test_the_points_a_claim_reads_are_the_stored_ones_bit_for_bit(client, no_worker):
+    """The base curves come with the claim as JSON arrays: every float (NaN and infinities, which JSON
+    cannot hold, among them), date and label reads back exactly as stored, in curve and month order,
+    each curve at its own latest as-of date unless the scenario fixes one."""
+    from sqlalchemy import select
+
+    values = [0.1 + 0.2, 1e308, -5e-324, math.nan, math.inf, -math.inf, 123456789.123456789, -0.0]
+    with get_engine().begin() as conn:
+        for key, asof in (("B,\"x\"", "2026-11-03"), ("A", "2026-11-02")):
+            conn.execute(text("INSERT INTO curve_index (curve_key, first_asof, last_asof) VALUES (:k, :d, :d)"),
+                         {"k": key, "d": asof})
+            for n, value in enumerate(values):  # months inserted last to first: the read must sort them
+                month = dt.date(2027 + (len(values) - n) // 12, (len(values) - n) % 12 + 1, 1)
+                conn.execute(text("INSERT INTO curves (curve_key, asof_date, contract_month, tenor_label, unit, "
+                                  "value, source) VALUES (:k, :d, :m, :l, :u, :v, 't'), (:k, '2026-10-01', :m, "
+                                  "'old', NULL, 0, 't')"),
+                             {"k": key, "d": asof, "m": month, "l": f"M{n}, \"q\"\n", "u": "$/MWh" if n else None,
+                              "v": value})
+        conn.execute(text("INSERT INTO curves (curve_key, asof_date, contract_month, value, source) "
+                          "VALUES ('A', '2026-11-02', '2030-01-01', NULL, 't')"))  # no value: not a point
+    latest = text("SELECT curve_key, asof_date, contract_month, tenor_label, unit, value FROM curves c "
+                  "WHERE asof_date = COALESCE(CAST(:fixed AS date), (SELECT last_asof FROM curve_index i "
+                  "WHERE i.curve_key = c.curve_key)) AND value IS NOT NULL ORDER BY curve_key, contract_month")
+    for fixed in (None, "2026-10-01"):
+        base = {"curve_keys": ["B,\"x\"", "A", "A"], **({"asof_date": fixed} if fixed else {})}
+        scenario = create(client, base=base, shocks=[{"type": "parallel", "value": 1}])
+        run_id = client.request("POST", f"/scenarios/{scenario['scenario_id']}/run")["data"]["run_id"]
+        with get_engine().connect() as conn:
+            expected = [tuple(row) for row in conn.execute(latest, {"fixed": fixed})]
+            _, _, columns = conn.execute(select(runs.SCENARIO).where(Job.id == run_id)).scalar_one()
+        read = runs._points(columns)
+        assert read.schema == pa.schema(runs._BASE_TYPES)
+        got = list(zip(*(read[name].to_pylist() for name in read.column_names), strict=True))
+        assert len(got) == len(expected) == (16 if fixed is None else 16)
+        for row, want in zip(got, expected, strict=True):
+            assert row[:5] == want[:5]
+            same = struct.pack("<d", row[5]) == struct.pack("<d", want[5])  # -0.0 too
+            assert same or (math.isnan(row[5]) and math.isnan(want[5]))
+
+
+def _blocked_run(client, scenario_id: str, lock_conn, table: str = "scenario_outputs") -> str:
+    """Start a run while LOCK_CONN holds TABLE. The outputs: the run claims its job (reading its curves
+    with it) and computes, then its end, which writes the outputs, waits on the lock. The curves: the
+    claim itself waits, the job still queued."""
     from tests.helpers import wait_for
 
-    lock_conn.execute(text("LOCK TABLE curves IN ACCESS EXCLUSIVE MODE"))
+    lock_conn.execute(text(f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE"))
     run_id = client.request("POST", f"/scenarios/{scenario_id}/run")["data"]["run_id"]
-    wait_for(lambda: client.job(run_id)["state"] == "running", timeout=30, message="the run to start")
+    statement = "INSERT INTO scenario_outputs" if table == "scenario_outputs" else "UPDATE jobs SET state"
+
     def waiting() -> int:  # a new transaction each time: pg_stat_activity is a snapshot per transaction
         with get_engine().connect() as conn:
             return conn.execute(text("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-                                     "AND query LIKE '%%curve_index i JOIN curves%%'")).scalar_one()
+                                     "AND query LIKE :q"), {"q": f"%{statement}%"}).scalar_one()
 
-    wait_for(waiting, timeout=30, message="the run to wait on the curves")
+    wait_for(waiting, timeout=30, message=f"the run to wait on {table}")
     return run_id
 
 
@@ -309,6 +401,7 @@ def test_a_running_run_stops_at_its_next_check_when_cancelled(client, curves):
     scenario = create(client)
     with get_engine().connect() as lock_conn, lock_conn.begin():
         run_id = _blocked_run(client, scenario["scenario_id"], lock_conn)
+        assert client.job(run_id)["state"] == "running"
         answer = client.http.post(f"/api/v1/scenarios/runs/{run_id}/cancel")
         assert answer.status_code == 202 and answer.json()["data"]["state"] == "cancelling"
     job = client.wait(run_id, timeout=60)
@@ -323,8 +416,10 @@ def test_a_worker_killed_mid_run_leaves_one_set_of_outputs_equal_to_an_undisturb
     scenario = create(client)
     calm = run(client, scenario["scenario_id"])
     with get_engine().connect() as lock_conn, lock_conn.begin():
-        run_id = _blocked_run(client, scenario["scenario_id"], lock_conn)
-        worker.kill()  # the whole worker, SIGKILL, while the run waits on the curves
+        run_id = _blocked_run(client, scenario["scenario_id"], lock_conn, "curves")
+        worker.kill()  # the whole worker, SIGKILL, while its claim waits on the curves
+    # Its server process, still waiting, takes the job for the dead worker once the lock goes: the
+    # worker started next finds its owner dead and takes it over.
     start_worker()
     job = client.wait(run_id, timeout=90)
     assert job["state"] == "succeeded" and job["attempts"] == 2

@@ -1,7 +1,7 @@
 """Scenario runs: jobs of kind `scenario_run` on the `scenarios` queue.
 
-A run reads its base curves (the scenario's as-of date, or each curve's latest when it starts),
-applies the shocks in order (NumPy over the Arrow columns it read), and computes per-curve and overall
+A run reads its base curves (the scenario's as-of date, or each curve's latest when it starts) with
+the statement that claims it, applies the shocks in order (NumPy over the Arrow columns it read), and computes per-curve and overall
 metrics. Its outputs and metrics are written by the very statement that records it succeeded
 (`JobRun.final_writes`), so a killed run leaves nothing behind and its retry writes them once; the same
 scenario over the same data gives the same outputs.
@@ -10,15 +10,12 @@ scenario over the same data gives the same outputs.
 from __future__ import annotations
 
 import datetime as dt
-import io
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
 import pandas as pd
-import psycopg
 import pyarrow as pa
-import pyarrow.csv as pacsv
 from sqlalchemy import (
     ColumnElement,
     Date,
@@ -40,9 +37,18 @@ from sqlalchemy.sql.elements import Grouping
 
 from pipelines.auth import quotas
 from pipelines.core import pgarrays
-from pipelines.core.db import driver, on_commit, session_scope
+from pipelines.core.db import on_commit, session_scope
 from pipelines.core.errors import Conflict, NotFound
-from pipelines.core.models import Job, JobKind, JobState, Scenario, ScenarioMetric, ScenarioOutput
+from pipelines.core.models import (
+    Curve,
+    CurveIndex,
+    Job,
+    JobKind,
+    JobState,
+    Scenario,
+    ScenarioMetric,
+    ScenarioOutput,
+)
 from pipelines.core.pagination import Keyset
 from pipelines.jobs import machine
 from pipelines.jobs.attempt import JobFailed, JobRun
@@ -116,47 +122,56 @@ _BASE_TYPES = {"curve_key": pa.string(), "asof_date": pa.date32(), "contract_mon
                "tenor_label": pa.string(), "unit": pa.string(), "value": pa.float64()}
 
 
-def _base_curves(conn: psycopg.Connection, keys: list[str], asof: dt.date | None) -> pa.Table:
-    """The base points of KEYS at ASOF (None: each curve's latest as-of date), in curve and month
-    order: one COPY, parsed by Arrow's CSV reader (no Python object per row)."""
-    query = ("COPY (SELECT c.curve_key, c.asof_date, c.contract_month, c.tenor_label, c.unit, c.value "
-             "FROM curve_index i JOIN curves c ON c.curve_key = i.curve_key "
-             "AND c.asof_date = COALESCE(%(asof)s::date, i.last_asof) "
-             "WHERE i.curve_key = ANY(%(keys)s) AND c.value IS NOT NULL ORDER BY c.curve_key, c.contract_month) "
-             "TO STDOUT (FORMAT csv)")
-    with conn.cursor().copy(query, {"keys": keys, "asof": asof}) as copy:
-        data = b"".join(bytes(block) for block in copy)
-    if not data:  # no points at all (Arrow's reader refuses an empty file): the caller names what is missing
-        return pa.schema(_BASE_TYPES).empty_table()
-    return pacsv.read_csv(
-        io.BytesIO(data),
-        read_options=pacsv.ReadOptions(column_names=list(_BASE_TYPES)),
-        convert_options=pacsv.ConvertOptions(column_types=_BASE_TYPES, strings_can_be_null=True,
-                                             quoted_strings_can_be_null=False),
-    ).combine_chunks()
-
-
-# A run's scenario, read by the statement that claims the run (no round trip of its own): its base and
-# shocks, or NULL if it is gone. A scenario never changes once made, and cannot be deleted while a run
-# of it is queued or running.
-SCENARIO = select(func.jsonb_build_array(Scenario.base, Scenario.shocks)) \
+# A run's scenario and its base points, read by the statement that claims the run (no round trip of
+# their own): [base, shocks, points], points an array a column (`_BASE_TYPES`'s, in curve and month
+# order), or NULL if the scenario is gone. A scenario never changes once made, and cannot be deleted
+# while a run of it is queued or running.
+_IN_BASE = CurveIndex.curve_key.in_(
+    select(func.jsonb_array_elements_text(Scenario.base["curve_keys"])).correlate(Scenario))
+_ON_DATE = func.coalesce(Scenario.base["asof_date"].astext.cast(Date), CurveIndex.last_asof)
+# Each array in curve and month order, the order of the sorted subquery they aggregate: one sort (an
+# ORDER BY in each aggregate sorts once per array before PostgreSQL 16). A correlated subquery with an
+# ORDER BY is neither merged into its parent nor run in parallel, so its rows reach them in order.
+_BASE_POINTS = select(Curve.curve_key, Curve.asof_date, Curve.contract_month, Curve.tenor_label, Curve.unit,
+                      Curve.value).join(CurveIndex, CurveIndex.curve_key == Curve.curve_key) \
+    .where(_IN_BASE, Curve.asof_date == _ON_DATE, Curve.value.is_not(None)) \
+    .order_by(Curve.curve_key, Curve.contract_month).correlate(Scenario).subquery("points")
+# The values as text, each its shortest exact form: a JSON number would read -0 back as 0, and JSON has
+# no NaN or infinity.
+_POINTS = select(func.json_build_array(*(func.array_agg(column) for column in _BASE_POINTS.c[:-1]),
+                                       func.array_agg(_BASE_POINTS.c.value.cast(Text)))).scalar_subquery()
+SCENARIO = select(func.json_build_array(Scenario.base, Scenario.shocks, _POINTS)) \
     .where(Scenario.id == Job.params["scenario_id"].astext).scalar_subquery()
+
+
+def _points(columns: list | None) -> pa.Table:
+    """The base points the claim read (`SCENARIO`) as a table of `_BASE_TYPES`."""
+    if columns is None or columns[0] is None:  # no points at all
+        return pa.schema(_BASE_TYPES).empty_table()
+    keys, asofs, months, labels, units, values = columns
+    return pa.table({
+        "curve_key": pa.array(keys, pa.string()),
+        "asof_date": pa.array(asofs, pa.string()).cast(pa.date32()),
+        "contract_month": pa.array(months, pa.string()).cast(pa.date32()),
+        "tenor_label": pa.array(labels, pa.string()), "unit": pa.array(units, pa.string()),
+        "value": pa.array(np.array(values, dtype=np.float64)),  # from text, exactly (NaN and -0 too)
+    })
 
 
 def run(job: JobRun) -> dict:
     """One scenario run: shocks over the base curves, outputs and metrics kept with the final state.
 
-    A run is small and quick, so it reports no progress on the way: it reads, computes, and writes with
-    its end (`JobRun.final_writes`): one statement, whose guarded UPDATE also stops a run cancelled
-    meanwhile before anything is written."""
+    A run is small and quick, so it reports no progress on the way. Its claim has read its scenario
+    and base curves (`SCENARIO`); it computes, and writes with its end (`JobRun.final_writes`): one
+    statement, whose guarded UPDATE also stops a run cancelled meanwhile before anything is written.
+    Two round trips in all."""
     scenario_id = job.params["scenario_id"]
     if job.subject is None:  # claimed with SCENARIO (worker.tasks.scenarios), which found none
         raise JobFailed(f"scenario {scenario_id} no longer exists")
-    definition, shocks = job.subject
+    definition, shocks, points = job.subject
     keys = list(definition["curve_keys"])
     asof = dt.date.fromisoformat(definition["asof_date"]) if definition.get("asof_date") else None
-    with job.reading() as connection:
-        base = _base_curves(driver(connection), keys, asof)
+    base = _points(points)
     curve_keys = base["curve_key"].to_numpy(zero_copy_only=False)
     missing = sorted(set(keys) - set(curve_keys))
     if missing:
