@@ -12,7 +12,7 @@ import pyarrow as pa
 import pytest
 from sqlalchemy import text
 
-from pipelines.core.db import get_engine, session_scope
+from pipelines.core.db import driver, get_engine, session_scope
 from pipelines.core.models import Job
 from pipelines.curves import synthetic
 from pipelines.curves.synthetic import DEMO
@@ -325,7 +325,7 @@ def test_a_run_is_two_round_trips_and_fails_clearly_if_its_scenario_is_gone(clie
     assert client.http.post(f"/api/v1/scenarios/runs/{run_id}/state", json={"state": "queued"}).status_code == 200
     traced.clear()
     assert run_task(run_id) == "succeeded"
-    assert [_sent(live) for live in traced] == [2]  # one connection: the claim with the curves, the end
+    assert [_sent(trace) for trace in traced] == [2]  # one connection: the claim with the curves, the end
     assert client.job(run_id)["result"]["points"] == 2
     with get_engine().connect() as conn:
         shocked = conn.execute(text("SELECT shocked FROM scenario_outputs WHERE run_id = :r"), {"r": run_id})
@@ -368,14 +368,39 @@ def test_the_points_a_claim_reads_are_the_stored_ones_bit_for_bit(client, no_wor
         with get_engine().connect() as conn:
             expected = [tuple(row) for row in conn.execute(latest, {"fixed": fixed})]
             _, _, columns = conn.execute(select(runs.SCENARIO).where(Job.id == run_id)).scalar_one()
-        read = runs._points(columns)
-        assert read.schema == pa.schema(runs._BASE_TYPES)
-        got = list(zip(*(read[name].to_pylist() for name in read.column_names), strict=True))
-        assert len(got) == len(expected) == (16 if fixed is None else 16)
-        for row, want in zip(got, expected, strict=True):
-            assert row[:5] == want[:5]
-            same = struct.pack("<d", row[5]) == struct.pack("<d", want[5])  # -0.0 too
-            assert same or (math.isnan(row[5]) and math.isnan(want[5]))
+            copied = runs._base_curves(driver(conn), base["curve_keys"], fixed and dt.date.fromisoformat(fixed))
+        for read in (runs._points(columns), copied):  # with the claim (a few curves), by COPY (many)
+            assert read.schema == pa.schema(runs._BASE_TYPES)
+            got = list(zip(*(read[name].to_pylist() for name in read.column_names), strict=True))
+            assert len(got) == len(expected) == 16
+            for row, want in zip(got, expected, strict=True):
+                assert row[:5] == want[:5]
+                same = struct.pack("<d", row[5]) == struct.pack("<d", want[5])  # -0.0 too
+                assert same or (math.isnan(row[5]) and math.isnan(want[5]))
+
+
+def test_a_run_over_many_curves_reads_them_by_copy(client, no_worker, traced):
+    """Past CLAIMED_CURVES curves the claim leaves the points out and the run reads them in one COPY:
+    three round trips, the same outputs."""
+    from worker.tasks.scenarios import run as run_task
+
+    keys = [f"C{n:03d}" for n in range(runs.CLAIMED_CURVES + 1)]
+    with get_engine().begin() as conn:
+        for n, key in enumerate(keys):
+            conn.execute(text("INSERT INTO curve_index (curve_key, first_asof, last_asof) VALUES (:k, :d, :d)"),
+                         {"k": key, "d": dt.date(2026, 11, 2)})
+            conn.execute(text("INSERT INTO curves (curve_key, asof_date, contract_month, tenor_label, value, "
+                              "source) VALUES (:k, '2026-11-02', '2027-01-01', 'Jan27', :v, 't')"),
+                         {"k": key, "v": float(n)})
+    scenario = create(client, base={"curve_keys": keys}, shocks=[{"type": "parallel", "value": 0.5}])
+    run_id = client.request("POST", f"/scenarios/{scenario['scenario_id']}/run")["data"]["run_id"]
+    traced.clear()
+    assert run_task(run_id) == "succeeded"
+    assert [_sent(trace) for trace in traced] == [3]  # the claim, the COPY, the end
+    with get_engine().connect() as conn:
+        shocked = dict(conn.execute(text("SELECT curve_key, shocked[1] FROM scenario_outputs WHERE run_id = :r"),
+                                    {"r": run_id}).all())
+    assert shocked == {key: n + 0.5 for n, key in enumerate(keys)}
 
 
 def _blocked_run(client, scenario_id: str, lock_conn, table: str = "scenario_outputs") -> str:

@@ -1,21 +1,24 @@
 """Scenario runs: jobs of kind `scenario_run` on the `scenarios` queue.
 
-A run reads its base curves (the scenario's as-of date, or each curve's latest when it starts) with
-the statement that claims it, applies the shocks in order (NumPy over the Arrow columns it read), and computes per-curve and overall
-metrics. Its outputs and metrics are written by the very statement that records it succeeded
-(`JobRun.final_writes`), so a killed run leaves nothing behind and its retry writes them once; the same
-scenario over the same data gives the same outputs.
+A run reads its base curves (the scenario's as-of date, or each curve's latest when it starts), with
+the statement that claims it when it names a few, applies the shocks in order (NumPy over the Arrow
+columns it read), and computes per-curve and overall metrics. Its outputs and metrics are written by
+the very statement that records it succeeded (`JobRun.final_writes`), so a killed run leaves nothing
+behind and its retry writes them once; the same scenario over the same data gives the same outputs.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import io
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
 import pandas as pd
+import psycopg
 import pyarrow as pa
+import pyarrow.csv as pacsv
 from sqlalchemy import (
     ColumnElement,
     Date,
@@ -24,6 +27,7 @@ from sqlalchemy import (
     Integer,
     Text,
     bindparam,
+    case,
     cast,
     func,
     insert,
@@ -37,7 +41,7 @@ from sqlalchemy.sql.elements import Grouping
 
 from pipelines.auth import quotas
 from pipelines.core import pgarrays
-from pipelines.core.db import on_commit, session_scope
+from pipelines.core.db import driver, on_commit, session_scope
 from pipelines.core.errors import Conflict, NotFound
 from pipelines.core.models import (
     Curve,
@@ -122,10 +126,36 @@ _BASE_TYPES = {"curve_key": pa.string(), "asof_date": pa.date32(), "contract_mon
                "tenor_label": pa.string(), "unit": pa.string(), "value": pa.float64()}
 
 
-# A run's scenario and its base points, read by the statement that claims the run (no round trip of
-# their own): [base, shocks, points], points an array a column (`_BASE_TYPES`'s, in curve and month
-# order), or NULL if the scenario is gone. A scenario never changes once made, and cannot be deleted
-# while a run of it is queued or running.
+def _base_curves(conn: psycopg.Connection, keys: list[str], asof: dt.date | None) -> pa.Table:
+    """The base points of KEYS at ASOF (None: each curve's latest as-of date), in curve and month
+    order: one COPY, parsed by Arrow's CSV reader (no Python object per point)."""
+    query = ("COPY (SELECT c.curve_key, c.asof_date, c.contract_month, c.tenor_label, c.unit, c.value "
+             "FROM curve_index i JOIN curves c ON c.curve_key = i.curve_key "
+             "AND c.asof_date = COALESCE(%(asof)s::date, i.last_asof) "
+             "WHERE i.curve_key = ANY(%(keys)s) AND c.value IS NOT NULL ORDER BY c.curve_key, c.contract_month) "
+             "TO STDOUT (FORMAT csv)")
+    with conn.cursor().copy(query, {"keys": keys, "asof": asof}) as copy:
+        data = b"".join(bytes(block) for block in copy)
+    if not data:  # no points at all (Arrow's reader refuses an empty file): the caller names what is missing
+        return pa.schema(_BASE_TYPES).empty_table()
+    return pacsv.read_csv(
+        io.BytesIO(data),
+        read_options=pacsv.ReadOptions(column_names=list(_BASE_TYPES)),
+        parse_options=pacsv.ParseOptions(newlines_in_values=True),  # a label may hold one
+        # NULL is an empty field, as COPY writes it; "NaN" is a float (Arrow's defaults read it as NULL).
+        convert_options=pacsv.ConvertOptions(column_types=_BASE_TYPES, null_values=[""], strings_can_be_null=True,
+                                             quoted_strings_can_be_null=False),
+    ).combine_chunks()
+
+
+# A run's scenario, read by the statement that claims the run (no round trip of its own), and its base
+# points too when it names at most CLAIMED_CURVES curves: [base, shocks, points], points an array a
+# column (`_BASE_TYPES`'s, in curve and month order) or NULL (none, or more curves than that), or NULL
+# if the scenario is gone. A scenario never changes once made, and cannot be deleted while a run of it
+# is queued or running. Few curves are most runs, and for them the round trip is most of the read; the
+# points of many are read by `_base_curves` (one COPY) instead, which costs PostgreSQL and the worker
+# less per point than these arrays do (measured: 0.6 s against 0.8 s for 1,000 curves of 120 months).
+CLAIMED_CURVES = 50
 _IN_BASE = CurveIndex.curve_key.in_(
     select(func.jsonb_array_elements_text(Scenario.base["curve_keys"])).correlate(Scenario))
 _ON_DATE = func.coalesce(Scenario.base["asof_date"].astext.cast(Date), CurveIndex.last_asof)
@@ -140,7 +170,8 @@ _BASE_POINTS = select(Curve.curve_key, Curve.asof_date, Curve.contract_month, Cu
 # no NaN or infinity.
 _POINTS = select(func.json_build_array(*(func.array_agg(column) for column in _BASE_POINTS.c[:-1]),
                                        func.array_agg(_BASE_POINTS.c.value.cast(Text)))).scalar_subquery()
-SCENARIO = select(func.json_build_array(Scenario.base, Scenario.shocks, _POINTS)) \
+SCENARIO = select(func.json_build_array(Scenario.base, Scenario.shocks, case(
+    (func.jsonb_array_length(Scenario.base["curve_keys"]) <= CLAIMED_CURVES, _POINTS)))) \
     .where(Scenario.id == Job.params["scenario_id"].astext).scalar_subquery()
 
 
@@ -161,17 +192,21 @@ def _points(columns: list | None) -> pa.Table:
 def run(job: JobRun) -> dict:
     """One scenario run: shocks over the base curves, outputs and metrics kept with the final state.
 
-    A run is small and quick, so it reports no progress on the way. Its claim has read its scenario
-    and base curves (`SCENARIO`); it computes, and writes with its end (`JobRun.final_writes`): one
-    statement, whose guarded UPDATE also stops a run cancelled meanwhile before anything is written.
-    Two round trips in all."""
+    A run is small and quick, so it reports no progress on the way. Its claim has read its scenario,
+    and its base curves when it names a few (`SCENARIO`); it computes, and writes with its end
+    (`JobRun.final_writes`): one statement, whose guarded UPDATE also stops a run cancelled meanwhile
+    before anything is written. Two round trips in all; three over many curves (their COPY)."""
     scenario_id = job.params["scenario_id"]
     if job.subject is None:  # claimed with SCENARIO (worker.tasks.scenarios), which found none
         raise JobFailed(f"scenario {scenario_id} no longer exists")
     definition, shocks, points = job.subject
     keys = list(definition["curve_keys"])
     asof = dt.date.fromisoformat(definition["asof_date"]) if definition.get("asof_date") else None
-    base = _points(points)
+    if len(keys) <= CLAIMED_CURVES:
+        base = _points(points)
+    else:
+        with job.reading() as connection:
+            base = _base_curves(driver(connection), keys, asof)
     curve_keys = base["curve_key"].to_numpy(zero_copy_only=False)
     missing = sorted(set(keys) - set(curve_keys))
     if missing:
