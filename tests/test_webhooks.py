@@ -430,6 +430,62 @@ def test_a_fan_out_by_key_reads_the_key_whatever_the_statistics_say():
     assert idx_after >= idx_before + 20
 
 
+def test_a_claim_reads_no_delivery_in_flight_but_those_it_asks_about():
+    """A relay's claim looks, for each endpoint, for deliveries whose claim ran out, and, for one held to a
+    few at a time (new, failing, paused), counts those still in flight. Both once read every delivery in
+    flight (off indexes of every pending delivery, or of an endpoint's: 12,000 entries a claim in
+    bench/webhooks.py, at 50 claims a second): an endpoint sent 3,000 at once made every relay read them
+    all until they were answered, and the entries of those answered until a vacuum. Migration 0028 gives
+    deliveries in flight an index by endpoint and claim: a claim reads what it asks for. Counted by
+    PostgreSQL's own counters (rows read by scans, entries read off indexes), in a database of its own."""
+    import os
+    import subprocess
+    import sys
+
+    import psycopg
+
+    from pipelines.webhooks import relay
+    from tests.helpers import ROOT, database_of_its_own
+
+    with database_of_its_own("claims") as database:
+        subprocess.run([sys.executable, "-c", "from pipelines.core.migrate import upgrade; upgrade()"], cwd=ROOT,
+                       env=dict(os.environ, INGOT_DATABASE_URL=database), check=True, timeout=120)
+        url = database.replace("postgresql+psycopg://", "postgresql://", 1)
+        with psycopg.connect(url, autocommit=True) as writer, psycopg.connect(url, autocommit=True) as listener:
+            writer.execute("INSERT INTO webhooks (id, url, events, enabled, secret_encrypted, answered_at) VALUES "
+                           "('wh_proven', 'http://a/', '{job.succeeded}', true, 'x', now()), "
+                           "('wh_new', 'http://b/', '{job.succeeded}', true, 'x', NULL)")
+
+            def add(prefix: str, endpoint: str, count: int, next_attempt: str, claimed_until: str) -> None:
+                writer.execute(f"INSERT INTO webhook_deliveries (id, webhook_id, event_id, state, attempts, "
+                               f"next_attempt_at, claimed_until) SELECT %s || g, %s, 'msg_' || %s || g, 'pending', "
+                               f"1, {next_attempt}, {claimed_until} FROM generate_series(1, %s) g",
+                               (prefix, endpoint, prefix, count))
+
+            flying, later = "NULL", "now() + interval '1 hour'"
+            add("dlv_answered_", "wh_proven", 3_000, flying, later)
+            writer.execute("UPDATE webhook_deliveries SET state = 'delivered'")  # answered: their entries linger
+            add("dlv_p", "wh_proven", 3_000, flying, later)  # sent at once, not answered yet
+            add("dlv_flying", "wh_new", 1, flying, later)
+            add("dlv_due", "wh_new", 4, "now() - interval '1 second' * g", "NULL")
+            writer.execute("ANALYZE webhook_deliveries")
+
+            def read() -> int:
+                listener.execute("SELECT pg_stat_force_next_flush()")  # its counts, at its next statement's end
+                listener.execute("SELECT 1")
+                writer.execute("SELECT pg_stat_clear_snapshot()")
+                return writer.execute(
+                    "SELECT t.seq_tup_read + (SELECT sum(i.idx_tup_read) FROM pg_stat_user_indexes i "
+                    "WHERE i.relid = t.relid) FROM pg_stat_user_tables t WHERE t.relname = 'webhook_deliveries'"
+                ).fetchone()[0]
+
+            before = read()
+            claimed = relay.claim(listener, per_endpoint=2)
+            after = read()
+    assert claimed == [("dlv_due4", "wh_new", True)]  # two in flight at most: one more, its oldest due
+    assert after - before < 100  # not the 3,000 in flight to the proven endpoint, nor the 3,000 answered
+
+
 def test_an_event_whose_notify_was_missed_is_relayed_when_the_wait_runs_out(client, start_worker, receiver):
     """The listener fans out by key what NOTIFYs name; an event none named (its notification lost while
     the listener reconnected, say: here a transaction as quiet as the listener's own) is found by the

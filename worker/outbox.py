@@ -30,7 +30,8 @@ def _libpq_url() -> str:
 
 
 # The earliest moment a delivery may be handed out: for each endpoint that is not paused, its
-# earliest retry or claim running out, read off ix_deliveries_endpoint_due whatever its backlog; else
+# earliest retry or claim running out, read off ix_deliveries_endpoint_due and ix_deliveries_in_flight
+# (migration 0028) whatever its backlog; else
 # a paused endpoint's probe (its other deliveries wait for the probe's answer, not for
 # the clock). An endpoint yet to prove it answers (new or failing) has one or two in flight at a time:
 # the rest of its due backlog waits for their answers, whose record wakes the relay (`delivery._record`),

@@ -330,10 +330,12 @@ class WebhookDelivery(Base):
 
     __table_args__ = (
         Index("uq_delivery_event", "webhook_id", "event_id", unique=True),
-        Index("ix_deliveries_due", "next_attempt_at", postgresql_where="state = 'pending'"),
         Index("ix_deliveries_webhook", "webhook_id", "created_at", "id"),
+        # An endpoint's deliveries given a time, and those in flight (migration 0028).
         Index("ix_deliveries_endpoint_due", "webhook_id", "next_attempt_at", "id",
-              postgresql_where="state = 'pending'"),
+              postgresql_where="state = 'pending' AND next_attempt_at IS NOT NULL"),
+        Index("ix_deliveries_in_flight", "webhook_id", "claimed_until",
+              postgresql_where="state = 'pending' AND next_attempt_at IS NULL"),
     )
 
 

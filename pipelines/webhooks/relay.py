@@ -95,7 +95,8 @@ NEW_ENDPOINT_CONCURRENCY = 2  # in flight to an endpoint that has not answered y
 # (`ingot_endpoint_proven`, migration 0024) gets all of its own; one that has never answered gets
 # `new_endpoint` at a time, one failing a single one, and one paused only its probe, once the probe
 # falls due: a bad endpoint's backlog waits in its own line, behind no one else's. Each endpoint's due
-# deliveries are read by `ingot_due_deliveries` off its own part of ix_deliveries_endpoint_due, so no
+# deliveries are read by `ingot_due_deliveries` off its own part of ix_deliveries_endpoint_due (retries)
+# and ix_deliveries_in_flight (claims that ran out; and its flight counted, if capped), so no
 # endpoint's backlog is read for another's sake (nor, in worker.outbox, to learn when the next falls due).
 _CLAIM = """
 WITH capped AS (
@@ -107,16 +108,15 @@ WITH capped AS (
     SELECT due.id FROM webhooks w CROSS JOIN LATERAL ingot_due_deliveries(w.id, 5000) due
     WHERE w.id NOT IN (SELECT id FROM capped)
     ORDER BY due.at NULLS FIRST LIMIT 5000
-), busy AS (
-    SELECT webhook_id, count(*) AS n FROM webhook_deliveries
-    WHERE webhook_id IN (SELECT id FROM capped) AND state = 'pending' AND next_attempt_at IS NULL
-      AND claimed_until >= now()
-    GROUP BY webhook_id
 ), held AS (  -- each capped endpoint's first few, those whose claim ran out first
-    SELECT first.id FROM capped c LEFT JOIN busy ON busy.webhook_id = c.id
+    SELECT first.id FROM capped c
+    CROSS JOIN LATERAL (  -- its own in flight, off its own part of the index (not everyone's in flight)
+        SELECT count(*) AS n FROM webhook_deliveries d
+        WHERE d.webhook_id = c.id AND d.state = 'pending' AND d.next_attempt_at IS NULL AND d.claimed_until >= now()
+    ) busy
     CROSS JOIN LATERAL (
-        SELECT due.id FROM ingot_due_deliveries(c.id, greatest(c.most - COALESCE(busy.n, 0), 0)) due
-        ORDER BY due.at NULLS FIRST, due.id LIMIT greatest(c.most - COALESCE(busy.n, 0), 0)
+        SELECT due.id FROM ingot_due_deliveries(c.id, greatest(c.most - busy.n, 0)) due
+        ORDER BY due.at NULLS FIRST, due.id LIMIT greatest(c.most - busy.n, 0)
     ) first
 ), chosen AS (
     SELECT id FROM free UNION ALL SELECT id FROM held
