@@ -25,7 +25,9 @@ from sqlalchemy import (
     Double,
     Insert,
     Integer,
+    Select,
     Text,
+    any_,
     bindparam,
     case,
     cast,
@@ -36,6 +38,7 @@ from sqlalchemy import (
     type_coerce,
 )
 from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy.dialects.postgresql.psycopg import PGDialect_psycopg as psycopg_dialect
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import Grouping
 
@@ -126,15 +129,26 @@ _BASE_TYPES = {"curve_key": pa.string(), "asof_date": pa.date32(), "contract_mon
                "tenor_label": pa.string(), "unit": pa.string(), "value": pa.float64()}
 
 
+def _base_points(keys: ColumnElement[bool], asof: Any) -> Select:
+    """Which points are a run's base, in `_BASE_TYPES`'s columns: those with a value of the curves KEYS
+    picks, at ASOF (NULL: each curve's latest as-of date), in curve and month order. One rule for both
+    ways a run reads them: with its claim (`SCENARIO`) or by COPY (`_base_curves`)."""
+    return select(Curve.curve_key, Curve.asof_date, Curve.contract_month, Curve.tenor_label, Curve.unit,
+                  Curve.value).join(CurveIndex, CurveIndex.curve_key == Curve.curve_key) \
+        .where(keys, Curve.asof_date == func.coalesce(asof, CurveIndex.last_asof), Curve.value.is_not(None)) \
+        .order_by(Curve.curve_key, Curve.contract_month)
+
+
+# Compiled once (the COPY takes its parameters bound by psycopg, client-side).
+_COPY_BASE = "COPY ({}) TO STDOUT (FORMAT csv)".format(_base_points(
+    CurveIndex.curve_key == any_(bindparam("keys", type_=ARRAY(Text))), bindparam("asof", type_=Date),
+).compile(dialect=psycopg_dialect()))
+
+
 def _base_curves(conn: psycopg.Connection, keys: list[str], asof: dt.date | None) -> pa.Table:
     """The base points of KEYS at ASOF (None: each curve's latest as-of date), in curve and month
     order: one COPY, parsed by Arrow's CSV reader (no Python object per point)."""
-    query = ("COPY (SELECT c.curve_key, c.asof_date, c.contract_month, c.tenor_label, c.unit, c.value "
-             "FROM curve_index i JOIN curves c ON c.curve_key = i.curve_key "
-             "AND c.asof_date = COALESCE(%(asof)s::date, i.last_asof) "
-             "WHERE i.curve_key = ANY(%(keys)s) AND c.value IS NOT NULL ORDER BY c.curve_key, c.contract_month) "
-             "TO STDOUT (FORMAT csv)")
-    with conn.cursor().copy(query, {"keys": keys, "asof": asof}) as copy:
+    with conn.cursor().copy(_COPY_BASE, {"keys": keys, "asof": asof}) as copy:
         data = b"".join(bytes(block) for block in copy)
     if not data:  # no points at all (Arrow's reader refuses an empty file): the caller names what is missing
         return pa.schema(_BASE_TYPES).empty_table()
@@ -156,16 +170,13 @@ def _base_curves(conn: psycopg.Connection, keys: list[str], asof: dt.date | None
 # points of many are read by `_base_curves` (one COPY) instead, which costs PostgreSQL and the worker
 # less per point than these arrays do (measured: 0.6 s against 0.8 s for 1,000 curves of 120 months).
 CLAIMED_CURVES = 50
-_IN_BASE = CurveIndex.curve_key.in_(
-    select(func.jsonb_array_elements_text(Scenario.base["curve_keys"])).correlate(Scenario))
-_ON_DATE = func.coalesce(Scenario.base["asof_date"].astext.cast(Date), CurveIndex.last_asof)
 # Each array in curve and month order, the order of the sorted subquery they aggregate: one sort (an
 # ORDER BY in each aggregate sorts once per array before PostgreSQL 16). A correlated subquery with an
 # ORDER BY is neither merged into its parent nor run in parallel, so its rows reach them in order.
-_BASE_POINTS = select(Curve.curve_key, Curve.asof_date, Curve.contract_month, Curve.tenor_label, Curve.unit,
-                      Curve.value).join(CurveIndex, CurveIndex.curve_key == Curve.curve_key) \
-    .where(_IN_BASE, Curve.asof_date == _ON_DATE, Curve.value.is_not(None)) \
-    .order_by(Curve.curve_key, Curve.contract_month).correlate(Scenario).subquery("points")
+_BASE_POINTS = _base_points(
+    CurveIndex.curve_key.in_(select(func.jsonb_array_elements_text(Scenario.base["curve_keys"])).correlate(Scenario)),
+    Scenario.base["asof_date"].astext.cast(Date),
+).correlate(Scenario).subquery("points")
 # The values as text, each its shortest exact form: a JSON number would read -0 back as 0, and JSON has
 # no NaN or infinity.
 _POINTS = select(func.json_build_array(*(func.array_agg(column) for column in _BASE_POINTS.c[:-1]),
