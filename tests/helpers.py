@@ -44,6 +44,24 @@ def database_of_its_own(suffix: str) -> Iterator[str]:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+@contextmanager
+def migrated_database_of_its_own(suffix: str) -> Iterator[str]:
+    """`database_of_its_own`, migrated to the head by a process of its own: its libpq URL."""
+    with database_of_its_own(suffix) as database:
+        subprocess.run([sys.executable, "-c", "from pipelines.core.migrate import upgrade; upgrade()"], cwd=ROOT,
+                       env=dict(os.environ, INGOT_DATABASE_URL=database), check=True, timeout=120)
+        yield database.replace("postgresql+psycopg://", "postgresql://", 1)
+
+
+def counted(reader, counting, query: str) -> Any:
+    """QUERY's row on READER, over PostgreSQL's statistics, once COUNTING (another connection) has
+    flushed its counts: for tests that hold a statement to what it reads rather than to a time."""
+    counting.execute("SELECT pg_stat_force_next_flush()")  # its counts, at its next statement's end
+    counting.execute("SELECT 1")
+    reader.execute("SELECT pg_stat_clear_snapshot()")
+    return reader.execute(query).fetchone()
+
+
 def watch_until_closed(http, job_id: str, headers: dict) -> tuple[list[str], float]:
     """Watch JOB_ID's event stream with HEADERS until the server closes it: the states it told, and how
     long it stayed open (seconds)."""

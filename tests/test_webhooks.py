@@ -391,19 +391,12 @@ def test_a_fan_out_by_key_reads_the_key_whatever_the_statistics_say():
     from then (a prepared statement's generic plan) read every event to find the few a NOTIFY named,
     more of them with every job, until autovacuum's next ANALYZE: the listener's fan-out by key is
     planned afresh each time. Counted by PostgreSQL's own scan counters, in a database of its own."""
-    import os
-    import subprocess
-    import sys
-
     import psycopg
 
     from pipelines.webhooks import relay
-    from tests.helpers import ROOT, database_of_its_own
+    from tests.helpers import counted, migrated_database_of_its_own
 
-    with database_of_its_own("plans") as database:
-        subprocess.run([sys.executable, "-c", "from pipelines.core.migrate import upgrade; upgrade()"], cwd=ROOT,
-                       env=dict(os.environ, INGOT_DATABASE_URL=database), check=True, timeout=120)
-        url = database.replace("postgresql+psycopg://", "postgresql://", 1)
+    with migrated_database_of_its_own("plans") as url:
         with psycopg.connect(url, autocommit=True) as writer, psycopg.connect(url, autocommit=True) as listener:
             def add(count: int, prefix: str) -> None:
                 writer.execute("INSERT INTO webhook_events (id, type, job_id, payload, dispatched_at) SELECT "
@@ -411,11 +404,8 @@ def test_a_fan_out_by_key_reads_the_key_whatever_the_statistics_say():
                                (prefix, count))
 
             def scans() -> tuple[int, int]:
-                listener.execute("SELECT pg_stat_force_next_flush()")  # its counts, at its next statement's end
-                listener.execute("SELECT 1")
-                writer.execute("SELECT pg_stat_clear_snapshot()")
-                return writer.execute("SELECT seq_scan, idx_scan FROM pg_stat_user_tables "
-                                      "WHERE relname = 'webhook_events'").fetchone()
+                return counted(writer, listener, "SELECT seq_scan, idx_scan FROM pg_stat_user_tables "
+                                                 "WHERE relname = 'webhook_events'")
 
             add(2, "msg_first_")
             writer.execute("ANALYZE webhook_events")  # as a new install's first autovacuum leaves it
@@ -438,19 +428,12 @@ def test_a_claim_reads_no_delivery_in_flight_but_those_it_asks_about():
     all until they were answered, and the entries of those answered until a vacuum. Migration 0028 gives
     deliveries in flight an index by endpoint and claim: a claim reads what it asks for. Counted by
     PostgreSQL's own counters (rows read by scans, entries read off indexes), in a database of its own."""
-    import os
-    import subprocess
-    import sys
-
     import psycopg
 
     from pipelines.webhooks import relay
-    from tests.helpers import ROOT, database_of_its_own
+    from tests.helpers import counted, migrated_database_of_its_own
 
-    with database_of_its_own("claims") as database:
-        subprocess.run([sys.executable, "-c", "from pipelines.core.migrate import upgrade; upgrade()"], cwd=ROOT,
-                       env=dict(os.environ, INGOT_DATABASE_URL=database), check=True, timeout=120)
-        url = database.replace("postgresql+psycopg://", "postgresql://", 1)
+    with migrated_database_of_its_own("claims") as url:
         with psycopg.connect(url, autocommit=True) as writer, psycopg.connect(url, autocommit=True) as listener:
             writer.execute("INSERT INTO webhooks (id, url, events, enabled, secret_encrypted, answered_at) VALUES "
                            "('wh_proven', 'http://a/', '{job.succeeded}', true, 'x', now()), "
@@ -471,13 +454,9 @@ def test_a_claim_reads_no_delivery_in_flight_but_those_it_asks_about():
             writer.execute("ANALYZE webhook_deliveries")
 
             def read() -> int:
-                listener.execute("SELECT pg_stat_force_next_flush()")  # its counts, at its next statement's end
-                listener.execute("SELECT 1")
-                writer.execute("SELECT pg_stat_clear_snapshot()")
-                return writer.execute(
-                    "SELECT t.seq_tup_read + (SELECT sum(i.idx_tup_read) FROM pg_stat_user_indexes i "
-                    "WHERE i.relid = t.relid) FROM pg_stat_user_tables t WHERE t.relname = 'webhook_deliveries'"
-                ).fetchone()[0]
+                return counted(writer, listener, "SELECT t.seq_tup_read + (SELECT sum(i.idx_tup_read) FROM "
+                               "pg_stat_user_indexes i WHERE i.relid = t.relid) FROM pg_stat_user_tables t "
+                               "WHERE t.relname = 'webhook_deliveries'")[0]
 
             before = read()
             claimed = relay.claim(listener, per_endpoint=2)
