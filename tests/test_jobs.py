@@ -131,7 +131,27 @@ def test_a_result_postgresql_cannot_store_fails_the_job_instead_of_leaving_it_ru
     assert attempt.execute(job_id, lambda run: {"figure": float("inf")}) == "failed"
     job = state(job_id)
     assert (job.state, job.result, job.attempts) == ("failed", {}, 1)
-    assert job.error.startswith("internal error (DataError)")
+    assert job.error.startswith("internal error (InvalidTextRepresentation)")  # PostgreSQL refused its JSON
+
+
+def test_a_prepared_statement_answers_as_the_same_statement_through_sqlalchemy():
+    """The claim and the end skip SQLAlchemy's work per execution (`db.Prepared`): the same statement,
+    given the same parameters, answers the same row either way, its enum and JSON parameters included;
+    and a statement whose SQL would be rewritten at every execution (an expanding list) is refused."""
+    from sqlalchemy import bindparam, literal, select, update
+    from sqlalchemy.dialects.postgresql import JSONB
+
+    from pipelines.core.db import Prepared, autocommit
+
+    statement = select(literal(JobState.RUNNING).label("state"), bindparam("doc", type_=JSONB).label("doc"),
+                       (bindparam("n") + 1).label("next"))
+    given = {"doc": {"a": [1, "b", None], "c": {"d": 1.5}}, "n": 41}
+    with autocommit() as connection:
+        prepared = Prepared(statement).execute(connection, given).fetchone()
+        through = connection.execute(statement, given).one()
+    assert (prepared.state, prepared.doc, prepared.next) == tuple(through) == ("running", given["doc"], 42)
+    with pytest.raises(ValueError, match="rewritten"):
+        Prepared(update(Job).where(Job.state.in_(["queued", "running"])).values(error="x"))
 
 
 def test_an_unplanned_error_names_its_kind_never_its_text():

@@ -6,16 +6,22 @@ import logging
 import select
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from functools import lru_cache
-from typing import cast
+from typing import Any, cast
 
 import psycopg
+from psycopg.rows import namedtuple_row
+from psycopg.types.json import Jsonb
 from sqlalchemy import create_engine, event, make_url
+from sqlalchemy.dialects.postgresql.psycopg import PGDialect_psycopg
 from sqlalchemy.engine import Connection, CursorResult, Engine, Result
 from sqlalchemy.exc import DisconnectionError, IllegalStateChangeError
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.elements import ClauseElement
+from sqlalchemy.types import JSON
 
 from pipelines.core import embedded, pgarrays
 from pipelines.core.settings import get_settings
@@ -215,3 +221,27 @@ def driver(connection: Connection) -> psycopg.Connection:
 def affected(result: Result) -> int:
     """How many rows an UPDATE or DELETE touched."""
     return cast(CursorResult, result).rowcount
+
+
+class Prepared:
+    """A SQLAlchemy statement compiled once for psycopg, for the few statements every job runs (its
+    claim and its end): executed on the connection's driver, with none of SQLAlchemy's work per
+    execution (its cache key, its parameters, its rows: a fifth of a small scenario run's CPU, measured).
+    Its rows are named tuples; its JSON parameters are sent as JSONB, as SQLAlchemy would."""
+
+    def __init__(self, statement: ClauseElement) -> None:
+        compiled = cast(SQLCompiler, statement.compile(dialect=PGDialect_psycopg()))
+        if compiled.post_compile_params:
+            raise ValueError("a prepared statement takes no list rewritten into it at execution")
+        self.sql = compiled.string
+        # The values the statement carries (an enum's own value); those without one come with each execution.
+        self.defaults = {name: getattr(bind.effective_value, "value", bind.effective_value)
+                         for bind, name in compiled.bind_names.items() if not bind.required}
+        self.json = frozenset(name for bind, name in compiled.bind_names.items() if isinstance(bind.type, JSON))
+
+    def execute(self, connection: Connection, params: Mapping[str, Any]) -> psycopg.Cursor[Any]:
+        values = {**self.defaults, **params}
+        for name in self.json:
+            if values[name] is not None:
+                values[name] = Jsonb(values[name])
+        return driver(connection).cursor(row_factory=namedtuple_row).execute(self.sql, values)

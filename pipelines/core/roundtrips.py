@@ -7,14 +7,14 @@ from __future__ import annotations
 import threading
 from typing import Any
 
+import psycopg
 from redis.connection import AbstractConnection as Connection
-from sqlalchemy import event
-from sqlalchemy.engine import Engine
 
 
 class RoundTrips:
-    """Statements (every engine in this process) and Redis commands (every redis-py connection in this
-    process, kombu's included) made by this thread while the block runs."""
+    """Statements (every psycopg connection in this process: SQLAlchemy's statements, and those sent
+    on its driver, `pipelines.core.db.Prepared`'s and COPYs) and Redis commands (every redis-py
+    connection in this process, kombu's included) made by this thread while the block runs."""
 
     _local = threading.local()
 
@@ -45,11 +45,16 @@ def _install() -> None:
         if _installed:
             return
 
-        @event.listens_for(Engine, "before_cursor_execute")
-        def _statement(*_args: Any, **_kwargs: Any) -> None:
-            counter = RoundTrips._current()
-            if counter is not None:
-                counter.statements += 1
+        def counting(method: Any) -> Any:
+            def wrapper(self: psycopg.Cursor, *args: Any, **kwargs: Any) -> Any:
+                counter = RoundTrips._current()
+                if counter is not None:
+                    counter.statements += 1
+                return method(self, *args, **kwargs)
+            return wrapper
+
+        for name in ("execute", "executemany", "copy"):
+            setattr(psycopg.Cursor, name, counting(getattr(psycopg.Cursor, name)))
 
         send = Connection.send_packed_command
 

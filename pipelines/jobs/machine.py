@@ -26,7 +26,6 @@ from psycopg import sql as psql
 from sqlalchemy import (
     ColumnElement,
     Insert,
-    Select,
     Update,
     bindparam,
     case,
@@ -42,7 +41,7 @@ from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
-from pipelines.core.db import autocommit, on_commit
+from pipelines.core.db import Prepared, autocommit, on_commit
 from pipelines.core.errors import Conflict
 from pipelines.core.models import Job, JobKind, JobState, new_id
 from pipelines.core.settings import get_settings
@@ -105,7 +104,8 @@ def _moving(moves: Mapping[JobState, JobState], *where: Any, **values: Any) -> U
     targets = set(moves.values())
     state = literal(targets.pop().value) if len(targets) == 1 else case(
         {source.value: target.value for source, target in moves.items()}, value=Job.state)
-    return update(Job).where(Job.state.in_([s.value for s in moves]), *where).values(state=state, **values)
+    # Each state a parameter of its own (an expanding list is rewritten into the SQL at every execution).
+    return update(Job).where(Job.state.in_([literal(s.value) for s in moves]), *where).values(state=state, **values)
 
 
 def _next_send(kind: Any) -> Any:
@@ -314,11 +314,12 @@ class Claim:
 
 
 @functools.cache
-def _claiming(subject: ColumnElement | None) -> tuple[Update, Update]:
-    """The claim and the take-over, returning SUBJECT as well when there is one."""
+def _claiming(subject: ColumnElement | None) -> tuple[Prepared, Update]:
+    """The claim (prepared: every job runs it) and the take-over, returning SUBJECT as well when there
+    is one."""
     if subject is None:
-        return _CLAIM, _TAKE_OVER
-    return _CLAIM.returning(subject.label("subject")), _TAKE_OVER.returning(subject.label("subject"))
+        return Prepared(_CLAIM), _TAKE_OVER
+    return Prepared(_CLAIM.returning(subject.label("subject"))), _TAKE_OVER.returning(subject.label("subject"))
 
 
 def claim(job_id: str, owner: str, connection: Connection | None = None,
@@ -336,7 +337,7 @@ def claim(job_id: str, owner: str, connection: Connection | None = None,
     settings = get_settings()
     lease = uuid.uuid4().hex
     take, take_over = _claiming(subject)
-    row = connection.execute(take, {"job": job_id, "lease": lease, "owner": owner}).one_or_none()
+    row: Any = take.execute(connection, {"job": job_id, "lease": lease, "owner": owner}).fetchone()
     if row is None:
         current = connection.execute(select(Job.lease_owner).where(Job.id == job_id)).one_or_none()
         if current is None:
@@ -389,7 +390,7 @@ def _ending(state: JobState) -> Update:
                                (Job.finished_at - Job.started_at).label("took"))
 
 
-_END = {state: _ending(state) for state in (S, F, C)}
+_END = {state: Prepared(_ending(state)) for state in (S, F, C)}
 
 
 @dataclass(frozen=True)
@@ -404,10 +405,10 @@ class SuccessWrites:
 
 
 @functools.cache
-def _ending_with(state: JobState, build: Callable[[ColumnElement[bool]], Sequence[Insert]]) -> Select:
-    ended = _END[state].cte("ended")
+def _ending_with(state: JobState, build: Callable[[ColumnElement[bool]], Sequence[Insert]]) -> Prepared:
+    ended = _ending(state).cte("ended")
     succeeded = exists().where(ended.c.state == S.value)
-    return select(ended).add_cte(*(write.cte(f"write_{i}") for i, write in enumerate(build(succeeded))))
+    return Prepared(select(ended).add_cte(*(write.cte(f"write_{i}") for i, write in enumerate(build(succeeded)))))
 
 
 def end(connection: Connection, job_id: str, lease: str, state: JobState, *, result: dict, error: str | None,
@@ -418,8 +419,8 @@ def end(connection: Connection, job_id: str, lease: str, state: JobState, *, res
     and its own transaction on an autocommit connection."""
     values = {"job": job_id, "lease": lease, "result": result, "error": error, "processed": processed}
     if writes is None:
-        return connection.execute(_END[state], values).one_or_none()
-    return connection.execute(_ending_with(state, writes.build), {**writes.params, **values}).one_or_none()
+        return _END[state].execute(connection, values).fetchone()
+    return _ending_with(state, writes.build).execute(connection, {**writes.params, **values}).fetchone()
 
 
 # --- the reaper's transitions ----------------------------------------------------------------------
