@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime as dt
 import io
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -145,21 +146,47 @@ _COPY_BASE = "COPY ({}) TO STDOUT (FORMAT csv)".format(_base_points(
 ).compile(dialect=psycopg_dialect()))
 
 
-def _base_curves(conn: psycopg.Connection, keys: list[str], asof: dt.date | None) -> pa.Table:
+@dataclass(frozen=True)
+class Points:
+    """A run's base points in curve and month order, a column each: the claim's JSON arrays (`_points`)
+    or the COPY's Arrow table (`_base_curves`) become the same NumPy arrays, which the run computes on
+    and sends back. (Arrow's kernels cost tens of µs each before their first value: most of a small
+    run's computation, measured.)"""
+
+    keys: np.ndarray  # object: str
+    asofs: np.ndarray  # datetime64[D]
+    months: np.ndarray  # datetime64[D]
+    labels: list[str | None]
+    units: np.ndarray  # object: str or None
+    values: np.ndarray  # float64
+
+    def rows(self) -> list[tuple]:
+        """The points as rows of `_BASE_TYPES`'s columns (dates as `datetime.date`)."""
+        return list(zip(self.keys.tolist(), self.asofs.tolist(), self.months.tolist(), self.labels,
+                        self.units.tolist(), self.values.tolist(), strict=True))
+
+
+def _base_curves(conn: psycopg.Connection, keys: list[str], asof: dt.date | None) -> Points:
     """The base points of KEYS at ASOF (None: each curve's latest as-of date), in curve and month
-    order: one COPY, parsed by Arrow's CSV reader (no Python object per point)."""
+    order: one COPY, parsed by Arrow's CSV reader (no Python object per number or date)."""
     with conn.cursor().copy(_COPY_BASE, {"keys": keys, "asof": asof}) as copy:
         data = b"".join(bytes(block) for block in copy)
     if not data:  # no points at all (Arrow's reader refuses an empty file): the caller names what is missing
-        return pa.schema(_BASE_TYPES).empty_table()
-    return pacsv.read_csv(
+        return _points(None)
+    table = pacsv.read_csv(
         io.BytesIO(data),
         read_options=pacsv.ReadOptions(column_names=list(_BASE_TYPES)),
         parse_options=pacsv.ParseOptions(newlines_in_values=True),  # a label may hold one
         # NULL is an empty field, as COPY writes it; "NaN" is a float (Arrow's defaults read it as NULL).
         convert_options=pacsv.ConvertOptions(column_types=_BASE_TYPES, null_values=[""], strings_can_be_null=True,
                                              quoted_strings_can_be_null=False),
-    ).combine_chunks()
+    )
+
+    def column(name: str) -> np.ndarray:
+        return table[name].to_numpy(zero_copy_only=False)
+
+    return Points(column("curve_key"), column("asof_date"), column("contract_month"), table["tenor_label"].to_pylist(),
+                  column("unit"), column("value"))
 
 
 # A run's scenario, read by the statement that claims the run (no round trip of its own), and its base
@@ -186,18 +213,14 @@ SCENARIO = select(func.json_build_array(Scenario.base, Scenario.shocks, case(
     .where(Scenario.id == Job.params["scenario_id"].astext).scalar_subquery()
 
 
-def _points(columns: list | None) -> pa.Table:
-    """The base points the claim read (`SCENARIO`) as a table of `_BASE_TYPES`."""
+def _points(columns: list | None) -> Points:
+    """The base points the claim read (`SCENARIO`), or none."""
     if columns is None or columns[0] is None:  # no points at all
-        return pa.schema(_BASE_TYPES).empty_table()
+        columns = [[]] * 6
     keys, asofs, months, labels, units, values = columns
-    return pa.table({
-        "curve_key": pa.array(keys, pa.string()),
-        "asof_date": pa.array(asofs, pa.string()).cast(pa.date32()),
-        "contract_month": pa.array(months, pa.string()).cast(pa.date32()),
-        "tenor_label": pa.array(labels, pa.string()), "unit": pa.array(units, pa.string()),
-        "value": pa.array(np.array(values, dtype=np.float64)),  # from text, exactly (NaN and -0 too)
-    })
+    return Points(np.array(keys, dtype=object), np.array(asofs, dtype="datetime64[D]"),
+                  np.array(months, dtype="datetime64[D]"), labels, np.array(units, dtype=object),
+                  np.array(values, dtype=np.float64))  # from text, exactly (NaN and -0 too)
 
 
 def run(job: JobRun) -> dict:
@@ -218,32 +241,29 @@ def run(job: JobRun) -> dict:
     else:
         with job.reading() as connection:
             base = _base_curves(driver(connection), keys, asof)
-    curve_keys = base["curve_key"].to_numpy(zero_copy_only=False)
-    missing = sorted(set(keys) - set(curve_keys))
+    curve_keys, values, months = base.keys, base.values, base.months
+    missing = sorted(set(keys) - set(curve_keys.tolist()))
     if missing:
         when = asof.isoformat() if asof else "its latest as-of date"
         raise JobFailed(f"no base curve for {', '.join(missing)} on {when}")
-    values = base["value"].to_numpy()
-    months = base["contract_month"].to_numpy(zero_copy_only=False)
+    starts, ends = compute.curve_bounds(curve_keys)
     with np.errstate(over="ignore", invalid="ignore"):  # overflow is found and named below
         shocked = compute.apply(values, months, shocks)
         change = shocked - values
         per_curve, total = compute.metrics(curve_keys, values, change)
-    starts, ends = compute.curve_bounds(curve_keys)
     if (overflow := compute.beyond_float(curve_keys, starts, months, values, shocked, change, per_curve,
                                          total)) is not None:
         raise JobFailed(overflow)
     job.processed = len(values)
-    firsts = pa.array(starts)
-    keys_used, asofs_used = curve_keys[starts].tolist(), base["asof_date"].take(firsts).to_pylist()
+    keys_used, asofs_used = curve_keys[starts].tolist(), base.asofs[starts].tolist()
     job.final_writes = machine.SuccessWrites(_outputs_and_metrics, {
         "run_id": job.id, "scenario_id": scenario_id,
         # A row per curve: its key, as-of date and unit, and where its points are (from 1, inclusive).
         "curve_keys": keys_used, "asof_dates": asofs_used,
-        "units": base["unit"].take(firsts).to_pylist(), "firsts": (starts + 1).tolist(), "lasts": ends.tolist(),
+        "units": base.units[starts].tolist(), "firsts": (starts + 1).tolist(), "lasts": ends.tolist(),
         # The points, in binary: as many as the run has (a list would be sent value by value).
-        "months": pgarrays.dates(base["contract_month"]),
-        "tenor_labels": pgarrays.text_groups(base["tenor_label"], np.r_[starts, len(values)]),  # one a curve
+        "months": pgarrays.dates(months),
+        "tenor_labels": pgarrays.text_groups(base.labels, [*starts.tolist(), len(values)]),  # one a curve
         "base": pgarrays.float8(values), "shocked": pgarrays.float8(shocked), "change": pgarrays.float8(change),
         # The metrics: a row per curve, then one over the run (no curve key); NaN as NULL.
         "metric_keys": [*keys_used, None],
