@@ -30,6 +30,21 @@ def test_floats_keep_every_value_including_nan_infinities_and_negative_zero(conn
     assert math.isnan(got[2])
 
 
+def test_floats_with_nulls_keep_null_apart_from_nan(conn):
+    got, kind, n = echo(conn, pgarrays.floats([1.5, None, math.nan, -math.inf, -0.0, 5e-324]))
+    assert kind == "double precision[]" and n == 6
+    assert got[:2] == [1.5, None] and math.isnan(got[2]) and got[3:] == [-math.inf, -0.0, 5e-324]
+    assert math.copysign(1, got[4]) == -1
+    assert echo(conn, pgarrays.floats([]))[0] == []
+
+
+def test_int4_arrays_hold_32_bits_and_refuse_more(conn):
+    got, kind, _ = echo(conn, pgarrays.int4(np.array([1, -(2**31), 2**31 - 1, 0])))
+    assert kind == "integer[]" and got == [1, -(2**31), 2**31 - 1, 0]
+    with pytest.raises(ValueError, match="32 bits"):
+        pgarrays.int4(np.array([2**31]))
+
+
 def test_dates_before_and_after_postgresqls_epoch(conn):
     days = [dt.date(2000, 1, 1), dt.date(1970, 1, 1), dt.date(1899, 12, 31), dt.date(2027, 12, 1),
             dt.date(9999, 12, 31)]

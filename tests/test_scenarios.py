@@ -137,14 +137,15 @@ def test_curves_of_different_lengths_and_odd_labels_keep_each_point_in_its_place
              for m in range(1, 8)]
     rows += [("C_THIRTY", asof, f"{2027 + m // 12}-{m % 12 + 1:02d}", f"M{m}", 0.0 if m == 4 else 10.0 + m, "USD",
               "USD/bbl", "oil", "X", "Y") for m in range(30)]
+    rows += [("D_ZERO", asof, "2027-01", "Jan-27", 0.0, "USD", "USD/t", "coal", "X", "Y")]  # no % change to take
     write_curves(data_dir / "odd.csv", rows)
     write_sources(CURVES_SOURCE.format(glob="odd.csv"))
     loaded = client.wait(client.start_ingestion(["curves"])["job_id"], timeout=60)
     assert loaded["state"] == "succeeded", loaded["error"]
-    scenario = create(client, base={"curve_keys": ["C_THIRTY", "A_ONE", "B_SEVEN"]},
+    scenario = create(client, base={"curve_keys": ["C_THIRTY", "A_ONE", "D_ZERO", "B_SEVEN"]},
                       shocks=[{"type": "parallel", "value": 1.5}])
     job = run(client, scenario["scenario_id"])
-    assert job["result"]["curves"] == 3 and job["result"]["points"] == 38
+    assert job["result"]["curves"] == 4 and job["result"]["points"] == 39
 
     expected = sorted((key, dt.date.fromisoformat(month + "-01"), label or None, value, value + 1.5, 1.5, unit or None)
                       for key, _, month, label, value, _, unit, *_ in rows)
@@ -152,8 +153,13 @@ def test_curves_of_different_lengths_and_odd_labels_keep_each_point_in_its_place
            in stored(job["id"])]
     assert got == expected
     metrics = client.request("GET", f"/scenarios/{scenario['scenario_id']}/metrics/latest")["data"]
-    assert sorted(m["curve_key"] for m in metrics["curves"]) == ["A_ONE", "B_SEVEN", "C_THIRTY"]
+    by_curve = {m["curve_key"]: m for m in metrics["curves"]}
+    assert sorted(by_curve) == ["A_ONE", "B_SEVEN", "C_THIRTY", "D_ZERO"]
     assert metrics["total"]["mean_change"] == 1.5 and metrics["total"]["max_abs_change"] == 1.5
+    # A curve whose every base is 0 has no percentage change or weight: NULL, not NaN, and kept apart
+    # from its neighbours' figures.
+    assert by_curve["D_ZERO"]["mean_pct_change"] is None and by_curve["D_ZERO"]["value_weighted_change"] is None
+    assert by_curve["D_ZERO"]["mean_change"] == 1.5 and by_curve["A_ONE"]["mean_pct_change"] == 100 * 1.5 / 3.25
 
 
 def test_a_curve_key_in_the_wrong_case_is_refused_pointing_at_the_stored_one(client, curves):

@@ -22,6 +22,7 @@ from psycopg.pq import Format
 _HEADER = struct.Struct(">iiIii")
 _LENGTH = struct.Struct(">i")
 _NULL = _LENGTH.pack(-1)
+_FLOAT8 = struct.Struct(">id")
 _POSTGRES_EPOCH_DAYS = 10_957  # 2000-01-01, where PostgreSQL counts dates from, in days since 1970-01-01
 
 
@@ -34,6 +35,10 @@ class BinaryArray(bytes):
 
 class Float8Array(BinaryArray):
     oid, element = 1022, 701
+
+
+class Int4Array(BinaryArray):
+    oid, element = 1007, 23
 
 
 class DateArray(BinaryArray):
@@ -56,6 +61,26 @@ def _fixed(kind: type[BinaryArray], values: np.ndarray, dtype: str) -> BinaryArr
 def float8(values: np.ndarray) -> Float8Array:
     """Float64 VALUES (NaN stays NaN, as float8 holds it)."""
     return _fixed(Float8Array, np.asarray(values, dtype="float64"), ">f8")  # type: ignore[return-value]
+
+
+def floats(values: Iterable[float | None]) -> Float8Array:
+    """Floats, None as NULL (NaN stays NaN): a value at a time, for short lists (a run's metrics)."""
+    parts, nulls = [], 0
+    for value in values:
+        if value is None:
+            parts.append(_NULL)
+            nulls = 1
+        else:
+            parts.append(_FLOAT8.pack(8, value))
+    return Float8Array(_HEADER.pack(1, nulls, Float8Array.element, len(parts), 1) + b"".join(parts))
+
+
+def int4(values: np.ndarray) -> Int4Array:
+    """Integer VALUES, each within 32 bits (ValueError otherwise)."""
+    wide = np.asarray(values, dtype=np.int64)
+    if len(wide) and (wide.min() < -2**31 or wide.max() >= 2**31):
+        raise ValueError("an int4 array parameter holds values within 32 bits")
+    return _fixed(Int4Array, wide, ">i4")  # type: ignore[return-value]
 
 
 def dates(values: np.ndarray) -> DateArray:
@@ -100,5 +125,5 @@ class _AsItIs(Dumper):
 
 def register(adapters: psycopg.adapt.AdaptersMap) -> None:
     """Let connections made with ADAPTERS (psycopg's global map, before any connection) send these."""
-    for kind in (Float8Array, DateArray, TextArray):
+    for kind in (Float8Array, Int4Array, DateArray, TextArray):
         adapters.register_dumper(kind, type(f"{kind.__name__}Dumper", (_AsItIs,), {"oid": kind.oid}))

@@ -255,23 +255,25 @@ def run(job: JobRun) -> dict:
                                          total)) is not None:
         raise JobFailed(overflow)
     job.processed = len(values)
-    keys_used, asofs_used = curve_keys[starts].tolist(), base.asofs[starts].tolist()
+    keys_used, asofs_used = curve_keys[starts].tolist(), base.asofs[starts]
+    # Every array in PostgreSQL's binary form (`pgarrays`): psycopg would dump a list value by value.
     job.final_writes = machine.SuccessWrites(_outputs_and_metrics, {
         "run_id": job.id, "scenario_id": scenario_id,
         # A row per curve: its key, as-of date and unit, and where its points are (from 1, inclusive).
-        "curve_keys": keys_used, "asof_dates": asofs_used,
-        "units": base.units[starts].tolist(), "firsts": (starts + 1).tolist(), "lasts": ends.tolist(),
-        # The points, in binary: as many as the run has (a list would be sent value by value).
+        "curve_keys": pgarrays.texts(keys_used), "asof_dates": pgarrays.dates(asofs_used),
+        "units": pgarrays.texts(base.units[starts].tolist()), "firsts": pgarrays.int4(starts + 1),
+        "lasts": pgarrays.int4(ends),
+        # The points.
         "months": pgarrays.dates(months),
         "tenor_labels": pgarrays.text_groups(base.labels, [*starts.tolist(), len(values)]),  # one a curve
         "base": pgarrays.float8(values), "shocked": pgarrays.float8(shocked), "change": pgarrays.float8(change),
         # The metrics: a row per curve, then one over the run (no curve key); NaN as NULL.
-        "metric_keys": [*keys_used, None],
-        **{f"metric_{name}": [*(None if v != v else v for v in per_curve[name].tolist()), total[name]]
+        "metric_keys": pgarrays.texts([*keys_used, None]),
+        **{f"metric_{name}": pgarrays.floats([*(None if v != v else v for v in per_curve[name].tolist()), total[name]])
            for name in METRICS},
     })
     return {"scenario_id": scenario_id,
-            "asof_dates": {key: day.isoformat() for key, day in zip(keys_used, asofs_used, strict=True)},
+            "asof_dates": {key: day.isoformat() for key, day in zip(keys_used, asofs_used.tolist(), strict=True)},
             "curves": len(starts), "points": len(values), "metrics": total}
 
 
