@@ -1,8 +1,8 @@
 """Scenario runs: jobs of kind `scenario_run` on the `scenarios` queue.
 
 A run reads its base curves (the scenario's as-of date, or each curve's latest when it starts), with
-the statement that claims it when it names a few, applies the shocks in order (NumPy over the Arrow
-columns it read), and computes per-curve and overall metrics. Its outputs and metrics are written by
+the statement that claims it when it names a few, applies the shocks in order (NumPy over the columns
+it read, `Points`), and computes per-curve and overall metrics. Its outputs and metrics are written by
 the very statement that records it succeeded (`JobRun.final_writes`), so a killed run leaves nothing
 behind and its retry writes them once; the same scenario over the same data gives the same outputs.
 """
