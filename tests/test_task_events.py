@@ -65,3 +65,34 @@ def test_a_worker_without_task_events_sends_them_once_a_monitor_asks(client, sta
         assert {"task-received", "task-started", "task-succeeded"} <= set(events.tasks()), events.tasks()
     finally:
         events.stop()
+
+
+def test_task_events_go_to_the_broker_a_batch_at_a_time_and_every_one_arrives(start_worker):
+    """A worker sends Flower's task events in one message for all those of a short while
+    (`worker.consumer`), not one message for every event or two: 40 tasks' 120 events in far fewer
+    PUBLISH commands on the real broker, and every event of every task received."""
+    from tests.helpers import broker
+    from worker.app import app
+    from worker.queues import JOB_TASKS
+
+    start_worker(concurrency=2, beat=False)
+    events = Events()
+    events.start()
+    redis = broker()
+
+    def publishes() -> int:
+        return int(redis.info("commandstats").get("cmdstat_publish", {}).get("calls", 0))
+
+    try:
+        wait_for(lambda: events.count("worker-heartbeat") >= 1, timeout=30, message="a worker heartbeat")
+        before = publishes()
+        name, queue = JOB_TASKS["scenario_run"]
+        # Runs of jobs that do not exist: each task finds no job and ends at once, its three events sent.
+        ids = [app.send_task(name, args=[f"job_none_{n}"], queue=queue.value).id for n in range(40)]
+        wait_for(lambda: all((kind, task) in events.seen for task in ids for kind in ("task-received", "task-started",
+                                                                                        "task-succeeded")),
+                 timeout=60, message="every task's three events")
+        sent = publishes() - before
+    finally:
+        events.stop()
+    assert sent < 40, f"{sent} PUBLISH commands for 120 task events"

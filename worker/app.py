@@ -53,6 +53,7 @@ def _config() -> dict:
         # Without Flower they cost a worker CPU for nobody (0.3-0.4 ms a job since worker.broker, 1.6 ms
         # before): INGOT_WORKER_TASK_EVENTS.
         worker_send_task_events=settings.worker_task_events,
+        worker_consumer="worker.consumer:Consumer",  # the events a batch at a time
         task_send_sent_event=False,
         task_track_started=True,
         worker_hijack_root_logger=False,
