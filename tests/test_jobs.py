@@ -137,7 +137,8 @@ def test_a_result_postgresql_cannot_store_fails_the_job_instead_of_leaving_it_ru
 def test_a_prepared_statement_answers_as_the_same_statement_through_sqlalchemy():
     """The claim and the end skip SQLAlchemy's work per execution (`db.Prepared`): the same statement,
     given the same parameters, answers the same row either way, its enum and JSON parameters included;
-    and a statement whose SQL would be rewritten at every execution (an expanding list) is refused."""
+    a statement whose SQL would be rewritten at every execution (an expanding list), or with a value
+    computed at each (a callable parameter), is refused."""
     from sqlalchemy import bindparam, literal, select, update
     from sqlalchemy.dialects.postgresql import JSONB
 
@@ -152,6 +153,8 @@ def test_a_prepared_statement_answers_as_the_same_statement_through_sqlalchemy()
     assert (prepared.state, prepared.doc, prepared.next) == tuple(through) == ("running", given["doc"], 42)
     with pytest.raises(ValueError, match="rewritten"):
         Prepared(update(Job).where(Job.state.in_(["queued", "running"])).values(error="x"))
+    with pytest.raises(ValueError, match="computed"):  # it would be computed once, when prepared
+        Prepared(select(bindparam("now", callable_=lambda: "a value of each execution")))
 
 
 def test_an_unplanned_error_names_its_kind_never_its_text():

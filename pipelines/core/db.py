@@ -233,6 +233,8 @@ class Prepared:
         compiled = cast(SQLCompiler, statement.compile(dialect=PGDialect_psycopg()))
         if compiled.post_compile_params:
             raise ValueError("a prepared statement takes no list rewritten into it at execution")
+        if any(bind.callable is not None for bind in compiled.bind_names):
+            raise ValueError("a prepared statement takes no value computed at execution")
         self.sql = compiled.string
         # The values the statement carries (an enum's own value); those without one come with each execution.
         self.defaults = {name: getattr(bind.effective_value, "value", bind.effective_value)
