@@ -33,7 +33,7 @@ def test_figures_match_a_group_by_over_random_curves_with_zero_bases():
     base = np.round(rng.normal(40, 30, len(keys)), 2)
     base[::9] = 0.0  # months whose base is 0 are left out of the percent change
     change = rng.normal(0, 3, len(keys))
-    per_curve, total = compute.metrics(keys, base, change)
+    per_curve, total = compute.metrics(*compute.curve_bounds(keys), base, change)
 
     frame = pd.DataFrame({"key": keys, "base": base, "change": change})
     frame["weight"] = frame["base"].abs()
@@ -56,8 +56,8 @@ def test_figures_match_a_group_by_over_random_curves_with_zero_bases():
 
 
 def test_a_curve_whose_every_base_is_zero_has_no_percent_or_weighted_figure():
-    per_curve, total = compute.metrics(np.array(["A", "A", "B"], dtype=object), np.array([0.0, 0.0, 5.0]),
-                                       np.array([1.0, -3.0, 1.0]))
+    per_curve, total = compute.metrics(*compute.curve_bounds(np.array(["A", "A", "B"], dtype=object)),
+                                       np.array([0.0, 0.0, 5.0]), np.array([1.0, -3.0, 1.0]))
     assert per_curve["max_abs_change"].tolist() == [3.0, 1.0]
     assert np.isnan(per_curve["mean_pct_change"][0]) and per_curve["mean_pct_change"][1] == pytest.approx(20.0)
     assert np.isnan(per_curve["value_weighted_change"][0])

@@ -36,16 +36,15 @@ def curve_bounds(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return starts, np.append(starts[1:], len(keys))
 
 
-def metrics(keys: np.ndarray, base: np.ndarray, change: np.ndarray
+def metrics(starts: np.ndarray, ends: np.ndarray, base: np.ndarray, change: np.ndarray
             ) -> tuple[dict[str, np.ndarray], dict[str, float | None]]:
-    """The four figures per curve (arrays in the order of the curves in KEYS, sorted) and over all
-    points; `mean_pct_change` leaves out months whose base is 0, and a figure with nothing to average
-    is NaN per curve and None in total."""
+    """The four figures per curve (arrays in the order of the curves, which begin at STARTS and end
+    before ENDS: `curve_bounds`) and over all points; `mean_pct_change` leaves out months whose base is
+    0, and a figure with nothing to average is NaN per curve and None in total."""
     change = change.astype("float64", copy=False)
     weight = np.abs(base.astype("float64", copy=False))
     nonzero = weight > 0
     pct = np.where(nonzero, 100 * change / np.where(nonzero, weight, 1.0), 0.0)
-    starts, ends = curve_bounds(keys)
 
     def per(values: np.ndarray, ufunc: np.ufunc = np.add) -> np.ndarray:
         return ufunc.reduceat(values, starts) if len(starts) else np.array([], dtype="float64")

@@ -39,13 +39,12 @@ from sqlalchemy import (
     type_coerce,
 )
 from sqlalchemy.dialects.postgresql import ARRAY
-from sqlalchemy.dialects.postgresql.psycopg import PGDialect_psycopg as psycopg_dialect
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import Grouping
 
 from pipelines.auth import quotas
 from pipelines.core import pgarrays
-from pipelines.core.db import driver, on_commit, session_scope
+from pipelines.core.db import Prepared, driver, on_commit, session_scope
 from pipelines.core.errors import Conflict, NotFound
 from pipelines.core.models import (
     Curve,
@@ -141,9 +140,9 @@ def _base_points(keys: ColumnElement[bool], asof: Any) -> Select:
 
 
 # Compiled once (the COPY takes its parameters bound by psycopg, client-side).
-_COPY_BASE = "COPY ({}) TO STDOUT (FORMAT csv)".format(_base_points(
+_COPY_BASE = "COPY ({}) TO STDOUT (FORMAT csv)".format(Prepared(_base_points(
     CurveIndex.curve_key == any_(bindparam("keys", type_=ARRAY(Text))), bindparam("asof", type_=Date),
-).compile(dialect=psycopg_dialect()))
+)).sql)
 
 
 @dataclass(frozen=True)
@@ -250,7 +249,7 @@ def run(job: JobRun) -> dict:
     with np.errstate(over="ignore", invalid="ignore"):  # overflow is found and named below
         shocked = compute.apply(values, months, shocks)
         change = shocked - values
-        per_curve, total = compute.metrics(curve_keys, values, change)
+        per_curve, total = compute.metrics(starts, ends, values, change)
     if (overflow := compute.beyond_float(curve_keys, starts, months, values, shocked, change, per_curve,
                                          total)) is not None:
         raise JobFailed(overflow)
@@ -281,16 +280,13 @@ def _outputs_and_metrics(succeeded: ColumnElement[bool]) -> tuple[Insert, Insert
     """A run's outputs (a row per curve: its slice of the points' arrays) and its metrics, inserted
     from array parameters (`run` names them) where SUCCEEDED holds: written with the run's success,
     which is final, so never twice for one run."""
-    def array(name: str, of: Any) -> Any:
-        return cast(bindparam(name), ARRAY(of))
-
-    curves = func.unnest(array("curve_keys", Text), array("asof_dates", Date), array("units", Text),
-                         array("firsts", Integer), array("lasts", Integer)
-                         ).table_valued("key", "asof", "unit", "first", "last", with_ordinality="n"
-                                        ).render_derived(name="curves")
-
     def sent(name: str, of: Any) -> Any:  # typed as sent (`pgarrays`): no cast, no bind processing of a list
         return type_coerce(Grouping(bindparam(name)), ARRAY(of))
+
+    curves = func.unnest(sent("curve_keys", Text), sent("asof_dates", Date), sent("units", Text),
+                         sent("firsts", Integer), sent("lasts", Integer)
+                         ).table_valued("key", "asof", "unit", "first", "last", with_ordinality="n"
+                                        ).render_derived(name="curves")
 
     points = [sent(name, of)[curves.c.first:curves.c.last]
               for name, of in (("base", Double), ("shocked", Double), ("change", Double))]
@@ -300,7 +296,7 @@ def _outputs_and_metrics(succeeded: ColumnElement[bool]) -> tuple[Insert, Insert
         select(bindparam("run_id"), bindparam("scenario_id"), curves.c.key, curves.c.asof, curves.c.unit,
                sent("months", Date)[curves.c.first:curves.c.last],
                cast(sent("tenor_labels", Text)[curves.c.n], ARRAY(Text)), *points).where(succeeded))
-    figures = func.unnest(array("metric_keys", Text), *(array(f"metric_{name}", Double) for name in METRICS)
+    figures = func.unnest(sent("metric_keys", Text), *(sent(f"metric_{name}", Double) for name in METRICS)
                           ).table_valued("key", *METRICS).render_derived(name="figures")
     metrics = insert(ScenarioMetric).from_select(
         ["run_id", "scenario_id", "curve_key", *METRICS],
